@@ -1,1 +1,384 @@
-//! placeholder
+//! shardgate's configuration: the TOML schema, its defaults and its validation.
+//!
+//! Parsing is strict: unknown keys are errors, and every error names the file and the
+//! line so an operator can fix it without guessing. This crate reads files and nothing else.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub general: General,
+    #[serde(default)]
+    pub users: Vec<User>,
+    #[serde(default)]
+    pub databases: Vec<Database>,
+}
+
+/// Process-wide settings.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct General {
+    /// Where clients connect.
+    pub listen: SocketAddr,
+    /// Prometheus endpoint (`/metrics`); none when absent.
+    pub metrics_listen: Option<SocketAddr>,
+    pub pool_mode: PoolMode,
+    /// Server connections per (database, user) pool, unless a database overrides it.
+    pub pool_size: usize,
+    /// How long a client waits for a server connection before it gets an error.
+    #[serde(with = "humantime_serde")]
+    pub checkout_timeout: Duration,
+    /// How long a client may take from TCP connect to a finished login.
+    #[serde(with = "humantime_serde")]
+    pub client_login_timeout: Duration,
+    /// How long opening and authenticating a server connection may take.
+    #[serde(with = "humantime_serde")]
+    pub server_connect_timeout: Duration,
+    /// Idle server connections older than this are closed.
+    #[serde(with = "humantime_serde")]
+    pub server_idle_timeout: Duration,
+    /// Largest message a client may send, in bytes.
+    pub max_client_message_size: usize,
+    /// Prepared statements kept per server connection before the oldest is closed.
+    pub server_prepared_statements: usize,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+}
+
+impl Default for General {
+    fn default() -> Self {
+        General {
+            listen: SocketAddr::from(([127, 0, 0, 1], 6432)),
+            metrics_listen: None,
+            pool_mode: PoolMode::Transaction,
+            pool_size: 20,
+            checkout_timeout: Duration::from_secs(30),
+            client_login_timeout: Duration::from_secs(15),
+            server_connect_timeout: Duration::from_secs(5),
+            server_idle_timeout: Duration::from_secs(600),
+            max_client_message_size: 64 << 20,
+            server_prepared_statements: 1000,
+            tls_cert: None,
+            tls_key: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is held from a transaction's first statement to its end.
+    Transaction,
+    /// A server connection is held for the client's whole session.
+    Session,
+}
+
+/// How a client proves who it is.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum AuthMethod {
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// A user clients log in as. The same name and password log in to the servers unless
+/// `server_user`/`server_password` say otherwise.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub password: Option<String>,
+    #[serde(default = "default_auth")]
+    pub auth: AuthMethod,
+    pub server_user: Option<String>,
+    pub server_password: Option<String>,
+    /// May use the admin console (database `shardgate`).
+    #[serde(default)]
+    pub admin: bool,
+}
+
+fn default_auth() -> AuthMethod {
+    AuthMethod::ScramSha256
+}
+
+impl User {
+    pub fn server_user(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+    pub fn server_password(&self) -> Option<&str> {
+        self.server_password.as_deref().or(self.password.as_deref())
+    }
+}
+
+/// A logical database: the name clients use and the shards behind it.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub name: String,
+    /// The database name on the servers (default: `name`).
+    pub server_database: Option<String>,
+    /// Overrides `general.pool_size` for this database.
+    pub pool_size: Option<usize>,
+    pub shards: Vec<Shard>,
+}
+
+impl Database {
+    pub fn server_database(&self) -> &str {
+        self.server_database.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// One shard: its hosts. Roles (primary, replica) are discovered, not configured.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub hosts: Vec<SocketAddr>,
+}
+
+/// What is wrong with a configuration, with the place to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Syntax {
+        path: String,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, span.start))
+                .unwrap_or((1, 1));
+            ConfigError::Syntax {
+                path: origin.to_string(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        config.validate(text, origin)?;
+        Ok(config)
+    }
+
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |needle: &str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            line: find_line(text, needle),
+            message,
+        };
+        if self.general.pool_size == 0 {
+            return Err(invalid("pool_size", "general.pool_size must be at least 1".into()));
+        }
+        if self.general.max_client_message_size < 1024 {
+            return Err(invalid(
+                "max_client_message_size",
+                "general.max_client_message_size must be at least 1024 bytes".into(),
+            ));
+        }
+        if self.general.tls_cert.is_some() != self.general.tls_key.is_some() {
+            return Err(invalid(
+                "tls_",
+                "general.tls_cert and general.tls_key must be set together".into(),
+            ));
+        }
+        if self.users.is_empty() {
+            return Err(invalid("[[users]]", "at least one [[users]] entry is required".into()));
+        }
+        for (i, user) in self.users.iter().enumerate() {
+            if self.users[..i].iter().any(|u| u.name == user.name) {
+                return Err(invalid(
+                    &format!("\"{}\"", user.name),
+                    format!("user \"{}\" is defined twice", user.name),
+                ));
+            }
+            if user.auth != AuthMethod::Trust && user.password.is_none() {
+                return Err(invalid(
+                    &format!("\"{}\"", user.name),
+                    format!(
+                        "user \"{}\" needs a password for auth = {:?} (or auth = \"trust\")",
+                        user.name, user.auth
+                    ),
+                ));
+            }
+        }
+        if self.databases.is_empty() {
+            return Err(invalid(
+                "[[databases]]",
+                "at least one [[databases]] entry is required".into(),
+            ));
+        }
+        for (i, db) in self.databases.iter().enumerate() {
+            if self.databases[..i].iter().any(|d| d.name == db.name) {
+                return Err(invalid(
+                    &format!("\"{}\"", db.name),
+                    format!("database \"{}\" is defined twice", db.name),
+                ));
+            }
+            if db.shards.is_empty() {
+                return Err(invalid(
+                    &format!("\"{}\"", db.name),
+                    format!("database \"{}\" needs at least one [[databases.shards]]", db.name),
+                ));
+            }
+            if db.pool_size == Some(0) {
+                return Err(invalid(
+                    "pool_size",
+                    format!("database \"{}\": pool_size must be at least 1", db.name),
+                ));
+            }
+            for shard in &db.shards {
+                if shard.hosts.is_empty() {
+                    return Err(invalid(
+                        "hosts",
+                        format!("database \"{}\": every shard needs at least one host", db.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+
+    pub fn database(&self, name: &str) -> Option<&Database> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = offset - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+    (line, column)
+}
+
+/// The first line that mentions `needle`, for semantic errors that serde gives no span for.
+fn find_line(text: &str, needle: &str) -> usize {
+    text.lines()
+        .position(|l| l.contains(needle))
+        .map(|i| i + 1)
+        .unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[general]
+listen = "127.0.0.1:7000"
+pool_size = 5
+checkout_timeout = "2s"
+
+[[users]]
+name = "app"
+password = "secret"
+
+[[databases]]
+name = "app"
+[[databases.shards]]
+hosts = ["127.0.0.1:5432", "127.0.0.1:5433"]
+"#;
+
+    #[test]
+    fn parses_a_good_file_with_defaults() {
+        let c = Config::parse(GOOD, "good.toml").expect("valid");
+        assert_eq!(c.general.pool_size, 5);
+        assert_eq!(c.general.checkout_timeout, Duration::from_secs(2));
+        assert_eq!(c.general.pool_mode, PoolMode::Transaction);
+        assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+        assert_eq!(c.users[0].server_password(), Some("secret"));
+        assert_eq!(c.databases[0].server_database(), "app");
+        assert_eq!(c.databases[0].shards[0].hosts.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_its_line() {
+        let text = GOOD.replace("pool_size = 5", "pool_size = 5\npool_sise = 6");
+        let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(err.starts_with("f.toml:5:"), "{err}");
+        assert!(err.contains("pool_sise"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_line() {
+        let text = GOOD.replace("pool_size = 5", "pool_size = \"five\"");
+        let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(err.starts_with("f.toml:4:"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_line() {
+        let text = GOOD.replace("pool_size = 5", "pool_size = 0");
+        let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert_eq!(err, "f.toml:4: general.pool_size must be at least 1");
+
+        let text = GOOD.replace("password = \"secret\"\n", "");
+        let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(err.contains("needs a password"), "{err}");
+
+        let text = GOOD.replace("hosts = [\"127.0.0.1:5432\", \"127.0.0.1:5433\"]", "hosts = []");
+        let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
+        assert!(err.starts_with("f.toml:14:"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_and_address_are_syntax_errors() {
+        let text = GOOD.replace("\"2s\"", "\"soon\"");
+        assert!(matches!(
+            Config::parse(&text, "f").unwrap_err(),
+            ConfigError::Syntax { line: 5, .. }
+        ));
+        let text = GOOD.replace("127.0.0.1:7000", "nowhere");
+        assert!(matches!(
+            Config::parse(&text, "f").unwrap_err(),
+            ConfigError::Syntax { line: 3, .. }
+        ));
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = Config::load(Path::new("/nonexistent/sg.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("/nonexistent/sg.toml:"), "{err}");
+    }
+}
