@@ -1,0 +1,375 @@
+//! What a statement does to the session it runs in.
+//!
+//! In transaction pooling a client's statements run on whichever server connection is free,
+//! so the proxy must know which statements change session state: settings it can replay on
+//! another connection (`SET`, `RESET`), and features bound to one server session (LISTEN,
+//! session advisory locks, temporary tables, `WITH HOLD` cursors, SQL `PREPARE`, settings it
+//! cannot track) for which it keeps the client on its connection ("pins" it) until released.
+
+use crate::scan::{statements, Tokens};
+
+/// Session-bound features; a client holding any stays on its server connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pins(u8);
+
+impl Pins {
+    pub const NONE: Pins = Pins(0);
+    pub const LISTEN: Pins = Pins(1);
+    pub const ADVISORY_LOCK: Pins = Pins(2);
+    pub const TEMP_OBJECT: Pins = Pins(4);
+    pub const HOLD_CURSOR: Pins = Pins(8);
+    pub const SQL_PREPARE: Pins = Pins(16);
+    /// Session state the proxy cannot replay (`set_config(...)`, `SET ... FROM CURRENT`,
+    /// `SET SESSION CHARACTERISTICS`): only `DISCARD ALL` releases it.
+    pub const UNTRACKED: Pins = Pins(32);
+    pub const ALL: Pins = Pins(63);
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+    pub fn contains(self, other: Pins) -> bool {
+        self.0 & other.0 == other.0
+    }
+    pub fn with(self, other: Pins) -> Pins {
+        Pins(self.0 | other.0)
+    }
+    pub fn without(self, other: Pins) -> Pins {
+        Pins(self.0 & !other.0)
+    }
+}
+
+/// One change to a replayable setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SettingChange {
+    /// `SET name = value`; `value` is the SQL text after `=`/`TO`, to be replayed verbatim.
+    Set { name: String, value: String },
+    Reset { name: String },
+    ResetAll,
+}
+
+/// Everything a statement (or a `;`-separated list of them) does to the session.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionEffects {
+    pub settings: Vec<SettingChange>,
+    pub pin: Pins,
+    pub unpin: Pins,
+    /// `DISCARD ALL`: settings, pins and prepared statements are all gone.
+    pub discard_all: bool,
+    /// `DEALLOCATE ALL`: every prepared statement of the session is gone.
+    pub deallocate_all: bool,
+}
+
+impl SessionEffects {
+    pub fn is_empty(&self) -> bool {
+        self.settings.is_empty()
+            && self.pin.is_empty()
+            && self.unpin.is_empty()
+            && !self.discard_all
+            && !self.deallocate_all
+    }
+}
+
+/// Classifies `sql`. Costs one pass over the text and allocates only for `SET`/`RESET`.
+pub fn classify(sql: &str) -> SessionEffects {
+    let mut effects = SessionEffects::default();
+    for stmt in statements(sql) {
+        classify_statement(stmt, &mut effects);
+    }
+    effects
+}
+
+fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
+    let mut toks = Tokens::new(stmt);
+    let Some(first) = toks.next() else { return };
+    let kw = |t: &str, k: &str| t.eq_ignore_ascii_case(k);
+    if kw(first, "set") {
+        classify_set(&mut toks, fx);
+    } else if kw(first, "reset") {
+        match toks.next() {
+            Some(t) if kw(t, "all") => fx.settings.push(SettingChange::ResetAll),
+            Some(t) => {
+                if let Some(name) = setting_name(t, &mut toks) {
+                    fx.settings.push(SettingChange::Reset { name });
+                }
+            }
+            None => {}
+        }
+    } else if kw(first, "discard") {
+        match toks.next() {
+            Some(t) if kw(t, "all") => {
+                fx.discard_all = true;
+                fx.settings.push(SettingChange::ResetAll);
+                fx.unpin = fx.unpin.with(Pins::ALL);
+                fx.pin = Pins::NONE;
+            }
+            Some(t) if kw(t, "temp") || kw(t, "temporary") => {
+                fx.unpin = fx.unpin.with(Pins::TEMP_OBJECT)
+            }
+            _ => {}
+        }
+    } else if kw(first, "listen") {
+        fx.pin = fx.pin.with(Pins::LISTEN);
+    } else if kw(first, "unlisten") {
+        if toks.next() == Some("*") {
+            fx.unpin = fx.unpin.with(Pins::LISTEN);
+        }
+    } else if kw(first, "create") {
+        // CREATE [OR REPLACE] [GLOBAL|LOCAL] {TEMP|TEMPORARY} ...
+        for t in toks.by_ref().take(4) {
+            if kw(t, "temp") || kw(t, "temporary") {
+                fx.pin = fx.pin.with(Pins::TEMP_OBJECT);
+                break;
+            }
+        }
+    } else if kw(first, "declare") {
+        let mut prev = "";
+        for t in toks.by_ref() {
+            if kw(prev, "with") && kw(t, "hold") {
+                fx.pin = fx.pin.with(Pins::HOLD_CURSOR);
+                break;
+            }
+            if kw(t, "for") {
+                break;
+            }
+            prev = t;
+        }
+    } else if kw(first, "close") {
+        if toks.next().is_some_and(|t| kw(t, "all")) {
+            fx.unpin = fx.unpin.with(Pins::HOLD_CURSOR);
+        }
+    } else if kw(first, "prepare") {
+        fx.pin = fx.pin.with(Pins::SQL_PREPARE);
+    } else if kw(first, "deallocate") {
+        let mut t = toks.next();
+        if t.is_some_and(|t| kw(t, "prepare")) {
+            t = toks.next();
+        }
+        if t.is_some_and(|t| kw(t, "all")) {
+            fx.deallocate_all = true;
+            fx.unpin = fx.unpin.with(Pins::SQL_PREPARE);
+        }
+    }
+    classify_calls(stmt, fx);
+}
+
+/// `SET [SESSION] name {TO|=} value`, `SET TIME ZONE value`; `SET LOCAL`, `SET TRANSACTION`
+/// and `SET CONSTRAINTS` end with the transaction and change nothing here.
+fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
+    let kw = |t: &str, k: &str| t.eq_ignore_ascii_case(k);
+    let mut t = toks.next();
+    if t.is_some_and(|t| kw(t, "session")) {
+        t = toks.next();
+        if t.is_some_and(|t| kw(t, "characteristics") || kw(t, "authorization")) {
+            if t.is_some_and(|t| kw(t, "authorization")) {
+                let value = toks.rest().to_string();
+                fx.settings.push(SettingChange::Set {
+                    name: "session_authorization".into(),
+                    value,
+                });
+            } else {
+                fx.pin = fx.pin.with(Pins::UNTRACKED);
+            }
+            return;
+        }
+    }
+    let Some(t) = t else { return };
+    if kw(t, "local") || kw(t, "transaction") || kw(t, "constraints") {
+        return;
+    }
+    if kw(t, "time") {
+        if toks.next().is_some_and(|z| kw(z, "zone")) {
+            let value = toks.rest().to_string();
+            fx.settings.push(SettingChange::Set {
+                name: "timezone".into(),
+                value,
+            });
+        }
+        return;
+    }
+    if kw(t, "role") {
+        let value = toks.rest().to_string();
+        fx.settings.push(SettingChange::Set {
+            name: "role".into(),
+            value,
+        });
+        return;
+    }
+    let Some(name) = setting_name(t, toks) else {
+        fx.pin = fx.pin.with(Pins::UNTRACKED);
+        return;
+    };
+    match toks.next() {
+        Some(op) if op == "=" || kw(op, "to") => {
+            let value = toks.rest().to_string();
+            if value.is_empty() {
+                return; // a syntax error; the server will say so
+            }
+            fx.settings.push(SettingChange::Set { name, value });
+        }
+        // SET name FROM CURRENT, or something we do not understand: keep the client on
+        // its connection rather than guess.
+        _ => fx.pin = fx.pin.with(Pins::UNTRACKED),
+    }
+}
+
+/// A setting name: `ident` or `ident.ident`, folded to lower case as Postgres does for
+/// unquoted names. Quoted names are kept only when they are plain identifiers.
+fn setting_name(first: &str, toks: &mut Tokens<'_>) -> Option<String> {
+    let mut name = ident(first)?;
+    let rest = toks.rest();
+    if rest.starts_with('.') {
+        toks.next();
+        let part = ident(toks.next()?)?;
+        name.push('.');
+        name.push_str(&part);
+    }
+    Some(name)
+}
+
+/// Setting names are case-insensitive in Postgres, quoted or not.
+fn ident(tok: &str) -> Option<String> {
+    let text = tok
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(tok);
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !text.as_bytes()[0].is_ascii_digit();
+    if !plain {
+        return None;
+    }
+    Some(text.to_ascii_lowercase())
+}
+
+/// Function calls that bind state to the session. Only statements with a `(` can call one,
+/// which keeps the common case to one `memchr`-like scan.
+fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
+    if !stmt.as_bytes().contains(&b'(') {
+        return;
+    }
+    let mut toks = Tokens::new(stmt);
+    while let Some(t) = toks.next() {
+        if !t.starts_with(|c: char| c.is_ascii_alphabetic()) {
+            continue;
+        }
+        let lower = |k: &str| t.eq_ignore_ascii_case(k);
+        if lower("pg_advisory_lock")
+            || lower("pg_advisory_lock_shared")
+            || lower("pg_try_advisory_lock")
+            || lower("pg_try_advisory_lock_shared")
+        {
+            fx.pin = fx.pin.with(Pins::ADVISORY_LOCK);
+        } else if lower("pg_advisory_unlock_all") {
+            fx.unpin = fx.unpin.with(Pins::ADVISORY_LOCK);
+        } else if lower("set_config") {
+            fx.pin = fx.pin.with(Pins::UNTRACKED);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(name: &str, value: &str) -> SettingChange {
+        SettingChange::Set {
+            name: name.into(),
+            value: value.into(),
+        }
+    }
+
+    #[test]
+    fn plain_statements_have_no_effects() {
+        for sql in [
+            "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+            "UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2",
+            "INSERT INTO t VALUES ('SET x = 1')",
+            "BEGIN",
+            "SET LOCAL statement_timeout = 5",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "select pg_advisory_xact_lock(1)",
+            "select 'pg_advisory_lock(1)'",
+            "",
+        ] {
+            assert!(classify(sql).is_empty(), "{sql}: {:?}", classify(sql));
+        }
+    }
+
+    #[test]
+    fn set_and_reset_are_tracked() {
+        let fx = classify("SET statement_timeout = 1");
+        assert_eq!(fx.settings, vec![set("statement_timeout", "1")]);
+        let fx = classify("set SESSION Search_Path TO x, 'y' ;");
+        assert_eq!(fx.settings, vec![set("search_path", "x, 'y'")]);
+        let fx = classify("SET TIME ZONE 'UTC'; RESET work_mem; reset all");
+        assert_eq!(
+            fx.settings,
+            vec![
+                set("timezone", "'UTC'"),
+                SettingChange::Reset {
+                    name: "work_mem".into()
+                },
+                SettingChange::ResetAll
+            ]
+        );
+        let fx = classify("SET shardgate.shard_key = 42");
+        assert_eq!(fx.settings, vec![set("shardgate.shard_key", "42")]);
+        let fx = classify("/* c */ SET \"work_mem\" = '64MB'");
+        assert_eq!(fx.settings, vec![set("work_mem", "'64MB'")]);
+        let fx = classify("SET ROLE app");
+        assert_eq!(fx.settings, vec![set("role", "app")]);
+    }
+
+    #[test]
+    fn untrackable_state_pins() {
+        assert_eq!(classify("SET search_path FROM CURRENT").pin, Pins::UNTRACKED);
+        assert_eq!(
+            classify("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").pin,
+            Pins::UNTRACKED
+        );
+        assert_eq!(
+            classify("SELECT set_config('work_mem', '1MB', false)").pin,
+            Pins::UNTRACKED
+        );
+    }
+
+    #[test]
+    fn session_bound_features_pin_and_release() {
+        assert_eq!(classify("LISTEN chan").pin, Pins::LISTEN);
+        assert_eq!(classify("UNLISTEN *").unpin, Pins::LISTEN);
+        assert!(classify("UNLISTEN chan").unpin.is_empty());
+        assert_eq!(classify("SELECT pg_advisory_lock(1)").pin, Pins::ADVISORY_LOCK);
+        assert_eq!(classify("select PG_TRY_ADVISORY_LOCK ( 7 )").pin, Pins::ADVISORY_LOCK);
+        assert_eq!(classify("SELECT pg_advisory_unlock_all()").unpin, Pins::ADVISORY_LOCK);
+        assert_eq!(classify("CREATE TEMP TABLE t (a int)").pin, Pins::TEMP_OBJECT);
+        assert_eq!(
+            classify("create global temporary table t (a int)").pin,
+            Pins::TEMP_OBJECT
+        );
+        assert!(classify("CREATE TABLE t (a int)").pin.is_empty());
+        assert_eq!(classify("DISCARD TEMP").unpin, Pins::TEMP_OBJECT);
+        assert_eq!(
+            classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").pin,
+            Pins::HOLD_CURSOR
+        );
+        assert!(classify("DECLARE c CURSOR FOR SELECT 'with hold'").pin.is_empty());
+        assert_eq!(classify("CLOSE ALL").unpin, Pins::HOLD_CURSOR);
+        assert_eq!(classify("PREPARE p AS SELECT 1").pin, Pins::SQL_PREPARE);
+        let fx = classify("DEALLOCATE ALL");
+        assert!(fx.deallocate_all);
+        assert_eq!(fx.unpin, Pins::SQL_PREPARE);
+        let fx = classify("DISCARD ALL");
+        assert!(fx.discard_all);
+        assert_eq!(fx.unpin, Pins::ALL);
+        assert_eq!(fx.settings, vec![SettingChange::ResetAll]);
+    }
+
+    #[test]
+    fn effects_accumulate_over_statements() {
+        let fx = classify("LISTEN a; SET work_mem = '1MB'; SELECT pg_advisory_lock(2)");
+        assert_eq!(fx.pin, Pins::LISTEN.with(Pins::ADVISORY_LOCK));
+        assert_eq!(fx.settings, vec![set("work_mem", "'1MB'")]);
+    }
+}
