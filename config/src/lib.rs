@@ -203,7 +203,10 @@ impl Config {
             message,
         };
         if self.general.pool_size == 0 {
-            return Err(invalid("pool_size", "general.pool_size must be at least 1".into()));
+            return Err(invalid(
+                "pool_size",
+                "general.pool_size must be at least 1".into(),
+            ));
         }
         if self.general.max_client_message_size < 1024 {
             return Err(invalid(
@@ -218,7 +221,10 @@ impl Config {
             ));
         }
         if self.users.is_empty() {
-            return Err(invalid("[[users]]", "at least one [[users]] entry is required".into()));
+            return Err(invalid(
+                "[[users]]",
+                "at least one [[users]] entry is required".into(),
+            ));
         }
         for (i, user) in self.users.iter().enumerate() {
             if self.users[..i].iter().any(|u| u.name == user.name) {
@@ -253,7 +259,10 @@ impl Config {
             if db.shards.is_empty() {
                 return Err(invalid(
                     &format!("\"{}\"", db.name),
-                    format!("database \"{}\" needs at least one [[databases.shards]]", db.name),
+                    format!(
+                        "database \"{}\" needs at least one [[databases.shards]]",
+                        db.name
+                    ),
                 ));
             }
             if db.pool_size == Some(0) {
@@ -266,7 +275,10 @@ impl Config {
                 if shard.hosts.is_empty() {
                     return Err(invalid(
                         "hosts",
-                        format!("database \"{}\": every shard needs at least one host", db.name),
+                        format!(
+                            "database \"{}\": every shard needs at least one host",
+                            db.name
+                        ),
                     ));
                 }
             }
@@ -357,7 +369,10 @@ hosts = ["127.0.0.1:5432", "127.0.0.1:5433"]
         let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
         assert!(err.contains("needs a password"), "{err}");
 
-        let text = GOOD.replace("hosts = [\"127.0.0.1:5432\", \"127.0.0.1:5433\"]", "hosts = []");
+        let text = GOOD.replace(
+            "hosts = [\"127.0.0.1:5432\", \"127.0.0.1:5433\"]",
+            "hosts = []",
+        );
         let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
         assert!(err.starts_with("f.toml:14:"), "{err}");
     }
@@ -378,7 +393,9 @@ hosts = ["127.0.0.1:5432", "127.0.0.1:5433"]
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = Config::load(Path::new("/nonexistent/sg.toml")).unwrap_err().to_string();
+        let err = Config::load(Path::new("/nonexistent/sg.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("/nonexistent/sg.toml:"), "{err}");
     }
 }

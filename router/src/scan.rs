@@ -181,19 +181,36 @@ mod tests {
     #[test]
     fn splits_outside_quotes_and_comments() {
         assert_eq!(split("SELECT 1; SELECT 2"), vec!["SELECT 1", "SELECT 2"]);
-        assert_eq!(split("SELECT ';'; SELECT 2;"), vec!["SELECT ';'", "SELECT 2"]);
+        assert_eq!(
+            split("SELECT ';'; SELECT 2;"),
+            vec!["SELECT ';'", "SELECT 2"]
+        );
         assert_eq!(split("SELECT \"a;b\" ; ;"), vec!["SELECT \"a;b\""]);
-        assert_eq!(split("SELECT $$;$$; SELECT $x$ ; $x$"), vec!["SELECT $$;$$", "SELECT $x$ ; $x$"]);
-        assert_eq!(split("SELECT 1 -- ; no\n; SELECT 2"), vec!["SELECT 1 -- ; no", "SELECT 2"]);
-        assert_eq!(split("/* a /* ; */ ; */ SELECT 1"), vec!["/* a /* ; */ ; */ SELECT 1"]);
-        assert_eq!(split("SELECT $1; SELECT 'it''s;'"), vec!["SELECT $1", "SELECT 'it''s;'"]);
+        assert_eq!(
+            split("SELECT $$;$$; SELECT $x$ ; $x$"),
+            vec!["SELECT $$;$$", "SELECT $x$ ; $x$"]
+        );
+        assert_eq!(
+            split("SELECT 1 -- ; no\n; SELECT 2"),
+            vec!["SELECT 1 -- ; no", "SELECT 2"]
+        );
+        assert_eq!(
+            split("/* a /* ; */ ; */ SELECT 1"),
+            vec!["/* a /* ; */ ; */ SELECT 1"]
+        );
+        assert_eq!(
+            split("SELECT $1; SELECT 'it''s;'"),
+            vec!["SELECT $1", "SELECT 'it''s;'"]
+        );
         assert_eq!(split("  ; -- only a comment"), Vec::<&str>::new());
         assert_eq!(split(""), Vec::<&str>::new());
     }
 
     #[test]
     fn unterminated_input_does_not_panic() {
-        for sql in ["'abc", "\"abc", "$a$ abc", "/* abc", "-- abc", "$", "E'\\", "/*/"] {
+        for sql in [
+            "'abc", "\"abc", "$a$ abc", "/* abc", "-- abc", "$", "E'\\", "/*/",
+        ] {
             let _ = split(sql);
             let _: Vec<_> = Tokens::new(sql).collect();
         }

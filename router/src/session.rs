@@ -42,8 +42,13 @@ impl Pins {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingChange {
     /// `SET name = value`; `value` is the SQL text after `=`/`TO`, to be replayed verbatim.
-    Set { name: String, value: String },
-    Reset { name: String },
+    Set {
+        name: String,
+        value: String,
+    },
+    Reset {
+        name: String,
+    },
     ResetAll,
 }
 
@@ -233,9 +238,7 @@ fn ident(tok: &str) -> Option<String> {
         .and_then(|t| t.strip_suffix('"'))
         .unwrap_or(tok);
     let plain = !text.is_empty()
-        && text
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && text.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         && !text.as_bytes()[0].is_ascii_digit();
     if !plain {
         return None;
@@ -324,7 +327,10 @@ mod tests {
 
     #[test]
     fn untrackable_state_pins() {
-        assert_eq!(classify("SET search_path FROM CURRENT").pin, Pins::UNTRACKED);
+        assert_eq!(
+            classify("SET search_path FROM CURRENT").pin,
+            Pins::UNTRACKED
+        );
         assert_eq!(
             classify("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").pin,
             Pins::UNTRACKED
@@ -340,10 +346,22 @@ mod tests {
         assert_eq!(classify("LISTEN chan").pin, Pins::LISTEN);
         assert_eq!(classify("UNLISTEN *").unpin, Pins::LISTEN);
         assert!(classify("UNLISTEN chan").unpin.is_empty());
-        assert_eq!(classify("SELECT pg_advisory_lock(1)").pin, Pins::ADVISORY_LOCK);
-        assert_eq!(classify("select PG_TRY_ADVISORY_LOCK ( 7 )").pin, Pins::ADVISORY_LOCK);
-        assert_eq!(classify("SELECT pg_advisory_unlock_all()").unpin, Pins::ADVISORY_LOCK);
-        assert_eq!(classify("CREATE TEMP TABLE t (a int)").pin, Pins::TEMP_OBJECT);
+        assert_eq!(
+            classify("SELECT pg_advisory_lock(1)").pin,
+            Pins::ADVISORY_LOCK
+        );
+        assert_eq!(
+            classify("select PG_TRY_ADVISORY_LOCK ( 7 )").pin,
+            Pins::ADVISORY_LOCK
+        );
+        assert_eq!(
+            classify("SELECT pg_advisory_unlock_all()").unpin,
+            Pins::ADVISORY_LOCK
+        );
+        assert_eq!(
+            classify("CREATE TEMP TABLE t (a int)").pin,
+            Pins::TEMP_OBJECT
+        );
         assert_eq!(
             classify("create global temporary table t (a int)").pin,
             Pins::TEMP_OBJECT
@@ -354,7 +372,9 @@ mod tests {
             classify("DECLARE c CURSOR WITH HOLD FOR SELECT 1").pin,
             Pins::HOLD_CURSOR
         );
-        assert!(classify("DECLARE c CURSOR FOR SELECT 'with hold'").pin.is_empty());
+        assert!(classify("DECLARE c CURSOR FOR SELECT 'with hold'")
+            .pin
+            .is_empty());
         assert_eq!(classify("CLOSE ALL").unpin, Pins::HOLD_CURSOR);
         assert_eq!(classify("PREPARE p AS SELECT 1").pin, Pins::SQL_PREPARE);
         let fx = classify("DEALLOCATE ALL");

@@ -1,0 +1,95 @@
+//! Query cancellation. Clients get proxy-issued BackendKeyData; a CancelRequest carrying it
+//! is forwarded to the server connection that client is using at that moment, if any.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use rand::Rng;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use crate::protocol::CANCEL_REQUEST;
+
+/// Where a client's running query can be cancelled: the server and its backend key.
+#[derive(Clone, Copy, Debug)]
+pub struct CancelTarget {
+    pub addr: SocketAddr,
+    pub pid: i32,
+    pub secret: i32,
+}
+
+pub struct CancelSlot {
+    secret: i32,
+    target: Mutex<Option<CancelTarget>>,
+}
+
+impl CancelSlot {
+    pub fn set(&self, target: Option<CancelTarget>) {
+        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    }
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    next_pid: AtomicI32,
+    slots: Mutex<HashMap<i32, Arc<CancelSlot>>>,
+}
+
+impl CancelRegistry {
+    /// A fresh (pid, secret) for a client and its slot.
+    pub fn register(&self) -> (i32, i32, Arc<CancelSlot>) {
+        let secret = rand::thread_rng().gen();
+        let slot = Arc::new(CancelSlot {
+            secret,
+            target: Mutex::new(None),
+        });
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            // Positive, non-zero, and not in use by a live client.
+            let pid = self.next_pid.fetch_add(1, Ordering::Relaxed) & 0x7fff_ffff;
+            if pid != 0 && !slots.contains_key(&pid) {
+                slots.insert(pid, slot.clone());
+                return (pid, secret, slot);
+            }
+        }
+    }
+
+    pub fn unregister(&self, pid: i32) {
+        self.slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pid);
+    }
+
+    /// Forwards a cancel if (pid, secret) belongs to a client with a query on a server.
+    pub async fn cancel(&self, pid: i32, secret: i32) {
+        let target = {
+            let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            match slots.get(&pid) {
+                Some(slot) if slot.secret == secret => {
+                    *slot.target.lock().unwrap_or_else(|e| e.into_inner())
+                }
+                _ => None,
+            }
+        };
+        let Some(t) = target else {
+            tracing::debug!(pid, "cancel request for no running query");
+            return;
+        };
+        let mut msg = [0u8; 16];
+        msg[0..4].copy_from_slice(&16i32.to_be_bytes());
+        msg[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+        msg[8..12].copy_from_slice(&t.pid.to_be_bytes());
+        msg[12..16].copy_from_slice(&t.secret.to_be_bytes());
+        match TcpStream::connect(t.addr).await {
+            Ok(mut s) => {
+                if let Err(e) = s.write_all(&msg).await {
+                    tracing::warn!(server = %t.addr, "forwarding cancel failed: {e}");
+                }
+            }
+            Err(e) => tracing::warn!(server = %t.addr, "forwarding cancel failed: {e}"),
+        }
+    }
+}

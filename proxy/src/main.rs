@@ -1,0 +1,175 @@
+//! `shardgate`: the proxy daemon and its command-line tools.
+
+mod app;
+mod auth;
+mod cancel;
+mod metrics;
+mod pool;
+mod protocol;
+mod server;
+mod session;
+mod settings;
+mod startup;
+mod stream;
+mod tls;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use shardgate_config::Config;
+use tokio::net::TcpListener;
+
+#[derive(Parser)]
+#[command(name = "shardgate", version, about = "Sharding-aware PostgreSQL proxy")]
+struct Cli {
+    /// Configuration file (TOML).
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a configuration file and exit (0 when valid).
+    CheckConfig {
+        /// The file to check (default: --config).
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.command {
+        Some(Command::CheckConfig { file }) => {
+            let Some(path) = file.or(cli.config) else {
+                eprintln!("shardgate check-config: no file given");
+                return ExitCode::from(2);
+            };
+            match Config::load(&path) {
+                Ok(_) => {
+                    println!("{}: ok", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        None => {
+            let Some(path) = cli.config else {
+                eprintln!("shardgate: --config FILE is required (see --help)");
+                return ExitCode::from(2);
+            };
+            let config = match Config::load(&path) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("shardgate: cannot start runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(serve(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("shardgate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHARDGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn serve(config: Config) -> Result<(), String> {
+    if let Some(addr) = config.general.metrics_listen {
+        metrics::install(addr)?;
+    }
+    let listen = config.general.listen;
+    let app = Arc::new(app::App::new(config)?);
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(%listen, "shardgate ready");
+    let login_timeout = app.config.general.client_login_timeout;
+    let accept = async {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let app = app.clone();
+            tokio::spawn(async move {
+                let login =
+                    tokio::time::timeout(login_timeout, Box::pin(startup::login(app, tcp))).await;
+                match login {
+                    Ok(Ok(session)) => session.run().await,
+                    Ok(Err(e)) => tracing::debug!(%peer, "login ended: {e}"),
+                    Err(_) => {
+                        tracing::info!(%peer, "client did not finish login in {login_timeout:?}")
+                    }
+                }
+            });
+        }
+    };
+    tokio::select! {
+        () = accept => Ok(()),
+        () = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

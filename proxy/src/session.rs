@@ -1,0 +1,1107 @@
+//! A logged-in client: the protocol loop.
+//!
+//! Read top-down: `run` waits for the client without holding buffers; `serve` handles a
+//! burst of activity: client messages are forwarded (rewritten where prepared statements
+//! need it) to the server connection the client holds for the current transaction, and
+//! server messages come back through `Expect`, a queue of what the server owes for each
+//! message sent. The queue is what lets shardgate add messages of its own (re-preparing a
+//! statement on a new connection, syncing settings) and answer some itself (a Parse of a
+//! statement the connection already has), while the client sees exactly the replies it
+//! asked for, in order.
+
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use shardgate_router::{classify, Pins, SessionEffects};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::app::App;
+use crate::cancel::{CancelSlot, CancelTarget};
+use crate::pool::{Checkout, Pool, PoolError};
+use crate::protocol::{self, body, frame_len, sqlstate, Reader};
+use crate::server::MAX_SERVER_MESSAGE;
+use crate::settings::Settings;
+use crate::stream::ClientStream;
+
+/// A statement prepared by the client, known by a proxy-global name on servers.
+struct Stmt {
+    /// The Parse body after the statement name: query text, parameter count and types.
+    tail: Bytes,
+    hash: u64,
+    /// `sg` + 16 hex digits of `hash`: the same text and types share one name everywhere.
+    name: [u8; 18],
+    effects: Option<Arc<SessionEffects>>,
+}
+
+impl Stmt {
+    fn new(tail: Bytes, hash: u64) -> Stmt {
+        let text = Reader::new(&tail).cstr().unwrap_or_default();
+        let effects = std::str::from_utf8(text)
+            .ok()
+            .map(classify)
+            .filter(|fx| !fx.is_empty())
+            .map(Arc::new);
+        Stmt {
+            tail,
+            hash,
+            name: global_name(hash),
+            effects,
+        }
+    }
+}
+
+fn global_name(hash: u64) -> [u8; 18] {
+    let mut name = *b"sg0000000000000000";
+    let hex = b"0123456789abcdef";
+    for i in 0..16 {
+        name[2 + i] = hex[((hash >> (60 - 4 * i)) & 0xf) as usize];
+    }
+    name
+}
+
+/// What the server owes for one message sent to it, or a reply shardgate makes itself.
+enum Expect {
+    /// `hidden`: sent by shardgate; the reply is swallowed. `prepared`: the statement hash
+    /// registered on the connection when sent, forgotten if the Parse fails or is skipped;
+    /// `client_name` likewise leaves the client's registry.
+    Parse {
+        hidden: bool,
+        prepared: Option<u64>,
+        client_name: Option<Bytes>,
+    },
+    Bind,
+    Describe,
+    Execute {
+        effects: Option<Arc<SessionEffects>>,
+    },
+    Close {
+        hidden: bool,
+    },
+    Sync,
+    /// A simple Query or FunctionCall: everything up to ReadyForQuery.
+    Query {
+        hidden: bool,
+        effects: Option<Arc<SessionEffects>>,
+    },
+    /// A reply shardgate produces; sent when it reaches the head of the queue.
+    Reply(Bytes),
+    /// A message shardgate could not read; the server answers it with an error.
+    Malformed,
+}
+
+impl Expect {
+    fn hidden(&self) -> bool {
+        matches!(
+            self,
+            Expect::Parse { hidden: true, .. }
+                | Expect::Close { hidden: true }
+                | Expect::Query { hidden: true, .. }
+        )
+    }
+}
+
+/// The server connection a client holds, and the exchange in progress on it.
+struct Attached {
+    server: Checkout,
+    expects: VecDeque<Expect>,
+    /// Extended-protocol messages sent since the last Sync: the server is mid-exchange.
+    unsynced: bool,
+    /// Transaction status from the last ReadyForQuery.
+    status: u8,
+    /// An error or a rollback happened in the current transaction: its settings changes
+    /// did not stick.
+    tx_failed: bool,
+    /// An error happened inside the simple Query at the head of the queue.
+    query_failed: bool,
+    /// Session effects of statements completed in the current transaction.
+    tx_effects: Vec<Arc<SessionEffects>>,
+}
+
+/// Buffers lent to a session only while it has work, so idle clients cost no buffer memory.
+pub struct Buffers {
+    /// Bytes read from the client, not yet handled.
+    cin: BytesMut,
+    /// Bytes for the client, written at the end of each burst.
+    cout: BytesMut,
+    /// Bytes for the server.
+    sout: BytesMut,
+    /// Extended-protocol messages held until Sync/Flush decides where they go.
+    held: Vec<Bytes>,
+}
+
+impl Buffers {
+    fn take() -> Buffers {
+        BUFFERS
+            .with(|b| b.borrow_mut().pop())
+            .unwrap_or_else(|| Buffers {
+                cin: BytesMut::with_capacity(8192),
+                cout: BytesMut::with_capacity(8192),
+                sout: BytesMut::with_capacity(8192),
+                held: Vec::new(),
+            })
+    }
+
+    fn give(mut self) {
+        // Keep only ordinary-sized buffers; a big COPY's buffer goes back to the allocator.
+        if self.cin.capacity() > 65536
+            || self.cout.capacity() > 65536
+            || self.sout.capacity() > 65536
+        {
+            return;
+        }
+        self.cin.clear();
+        self.cout.clear();
+        self.sout.clear();
+        self.held.clear();
+        BUFFERS.with(|b| {
+            let mut b = b.borrow_mut();
+            if b.len() < 64 {
+                b.push(self);
+            }
+        });
+    }
+}
+
+thread_local! {
+    static BUFFERS: std::cell::RefCell<Vec<Buffers>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+enum Flow {
+    /// Nothing in flight that needs buffers; wait for the client (and server) again.
+    Idle,
+    /// The session is over.
+    Exit,
+}
+
+pub struct Session {
+    app: Arc<App>,
+    client: ClientStream,
+    pool: Arc<Pool>,
+    pid: i32,
+    cancel: Arc<CancelSlot>,
+    settings: Arc<Settings>,
+    /// ParameterStatus values the client has seen.
+    reported: Arc<Vec<(String, String)>>,
+    statements: std::collections::HashMap<Bytes, Arc<Stmt>>,
+    unnamed: Option<Arc<Stmt>>,
+    /// Session effects of bound portals (only those that have any).
+    portal_effects: Vec<(Bytes, Arc<SessionEffects>)>,
+    pins: Pins,
+    /// After an error shardgate raised mid-batch, drop messages until Sync, as a server does.
+    skip_until_sync: bool,
+    attached: Option<Attached>,
+}
+
+impl Session {
+    pub fn new(
+        app: Arc<App>,
+        client: ClientStream,
+        pool: Arc<Pool>,
+        pid: i32,
+        cancel: Arc<CancelSlot>,
+        settings: Arc<Settings>,
+        reported: Arc<Vec<(String, String)>>,
+    ) -> Session {
+        app.metrics.clients.increment(1.0);
+        Session {
+            app,
+            client,
+            pool,
+            pid,
+            cancel,
+            settings,
+            reported,
+            statements: Default::default(),
+            unnamed: None,
+            portal_effects: Vec::new(),
+            pins: Pins::NONE,
+            skip_until_sync: false,
+            attached: None,
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            let ready = match &self.attached {
+                Some(a) => tokio::select! {
+                    r = self.client.readable() => r,
+                    r = a.server.conn.stream.readable() => r,
+                },
+                None => self.client.readable().await,
+            };
+            if ready.is_err() {
+                break;
+            }
+            let mut io = Buffers::take();
+            let flow = Box::pin(self.serve(&mut io)).await;
+            io.give();
+            match flow {
+                Flow::Idle => continue,
+                Flow::Exit => break,
+            }
+        }
+        self.finish().await;
+    }
+
+    /// One burst of activity: until nothing is in flight and no bytes are pending.
+    async fn serve(&mut self, io: &mut Buffers) -> Flow {
+        loop {
+            // Read from whichever side has something.
+            let got = match self.attached.as_mut() {
+                Some(a) => tokio::select! {
+                    r = self.client.read_buf(&mut io.cin) => Side::Client(r),
+                    r = a.server.conn.stream.read_buf(&mut a.server.conn.rbuf) => Side::Server(r),
+                },
+                None => Side::Client(self.client.read_buf(&mut io.cin).await),
+            };
+            match got {
+                Side::Client(Ok(0)) | Side::Client(Err(_)) => return Flow::Exit,
+                Side::Server(Ok(0)) | Side::Server(Err(_)) => {
+                    self.server_lost(io).await;
+                    return Flow::Exit;
+                }
+                Side::Client(Ok(_)) | Side::Server(Ok(_)) => {}
+            }
+            if let Err(flow) = self.handle_server_messages(io) {
+                let _ = self.flush(io).await;
+                return flow;
+            }
+            if let Err(flow) = self.handle_client_messages(io).await {
+                let _ = self.flush(io).await;
+                return flow;
+            }
+            if self.flush(io).await.is_err() {
+                return Flow::Exit;
+            }
+            if self.releasable() {
+                self.detach(true);
+            }
+            let nothing_pending = io.cin.is_empty() && io.held.is_empty() && !self.client.is_tls();
+            match &self.attached {
+                None if nothing_pending => return Flow::Idle,
+                // Idle in a transaction, pinned, or session pooling: wait without buffers.
+                Some(a) if nothing_pending && a.expects.is_empty() && !a.unsynced => {
+                    return Flow::Idle
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn flush(&mut self, io: &mut Buffers) -> std::io::Result<()> {
+        if !io.sout.is_empty() {
+            if let Some(a) = self.attached.as_mut() {
+                if let Err(e) = a.server.conn.stream.write_all(&io.sout).await {
+                    io.sout.clear();
+                    self.server_lost(io).await;
+                    return Err(e);
+                }
+            }
+            io.sout.clear();
+        }
+        if !io.cout.is_empty() {
+            self.client.write_all(&io.cout).await?;
+            if self.client.is_tls() {
+                self.client.flush().await?;
+            }
+            io.cout.clear();
+        }
+        Ok(())
+    }
+
+    // ---- client → server -------------------------------------------------------------
+
+    async fn handle_client_messages(&mut self, io: &mut Buffers) -> Result<(), Flow> {
+        let max = self.app.config.general.max_client_message_size;
+        loop {
+            let len = match frame_len(&io.cin, max) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.app.metrics.protocol_errors.increment(1);
+                    let msg = format!("invalid message from client: {e}");
+                    io.cout
+                        .extend_from_slice(&protocol::fatal(sqlstate::PROTOCOL_VIOLATION, &msg));
+                    return Err(Flow::Exit);
+                }
+            };
+            let msg = io.cin.split_to(len).freeze();
+            self.client_message(msg, io).await?;
+        }
+    }
+
+    async fn client_message(&mut self, msg: Bytes, io: &mut Buffers) -> Result<(), Flow> {
+        tracing::trace!(client = self.pid, tag = %(msg[0] as char), attached = self.attached.is_some(), "from client");
+        match msg[0] {
+            b'Q' | b'F' => {
+                if self.skip_until_sync {
+                    // A server skipping to Sync ignores a simple query too.
+                    return Ok(());
+                }
+                if !io.held.is_empty() {
+                    self.route_held(io).await?;
+                }
+                if self.attached.is_none() && !self.attach(io).await {
+                    protocol::ready_for_query(&mut io.cout, b'I');
+                    return Ok(());
+                }
+                let effects = if msg[0] == b'Q' {
+                    let text = Reader::new(body(&msg)).cstr().unwrap_or_default();
+                    let fx = std::str::from_utf8(text).map(classify).unwrap_or_default();
+                    (!fx.is_empty()).then(|| Arc::new(fx))
+                } else {
+                    None
+                };
+                self.app.metrics.queries.increment(1);
+                let a = self.attached.as_mut().expect("attached above");
+                // A simple query destroys the unnamed statement on the server.
+                a.server.conn.unnamed = None;
+                io.sout.extend_from_slice(&msg);
+                a.expects.push_back(Expect::Query {
+                    hidden: false,
+                    effects,
+                });
+            }
+            b'P' | b'B' | b'D' | b'E' | b'C' => {
+                if self.attached.is_some() && io.held.is_empty() {
+                    self.extended(msg, io);
+                } else {
+                    io.held.push(msg);
+                }
+            }
+            b'S' | b'H' => {
+                io.held.push(msg);
+                self.route_held(io).await?;
+            }
+            b'd' | b'c' | b'f' => {
+                // Copy traffic; a server outside COPY ignores it, and so do we when detached.
+                if self.attached.is_some() {
+                    io.sout.extend_from_slice(&msg);
+                }
+            }
+            b'X' => return Err(Flow::Exit),
+            other => {
+                self.app.metrics.protocol_errors.increment(1);
+                let m = format!("invalid frontend message type {}", other as char);
+                io.cout
+                    .extend_from_slice(&protocol::fatal(sqlstate::PROTOCOL_VIOLATION, &m));
+                return Err(Flow::Exit);
+            }
+        }
+        self.emit_replies(io);
+        Ok(())
+    }
+
+    /// Sends the held extended-protocol messages (ending in Sync or Flush) to a server, or
+    /// answers them here when no server is needed.
+    async fn route_held(&mut self, io: &mut Buffers) -> Result<(), Flow> {
+        if self.attached.is_none() {
+            let local = self.skip_until_sync || io.held.iter().all(|m| self.answerable_locally(m));
+            if local {
+                for m in std::mem::take(&mut io.held) {
+                    self.extended_local(&m, io);
+                }
+                return Ok(());
+            }
+            if !self.attach(io).await {
+                let ends_with_sync = io.held.last().is_some_and(|m| m[0] == b'S');
+                io.held.clear();
+                if ends_with_sync {
+                    protocol::ready_for_query(&mut io.cout, b'I');
+                } else {
+                    self.skip_until_sync = true;
+                }
+                return Ok(());
+            }
+        }
+        for m in std::mem::take(&mut io.held) {
+            self.extended(m, io);
+        }
+        Ok(())
+    }
+
+    /// Whether a detached client's message can be answered without a server: Sync, Flush,
+    /// closing a statement, and preparing a statement that already parsed on this pool's
+    /// servers (so a driver that prepares synchronously never waits for a connection only
+    /// to be told "ParseComplete"; pgbench -M prepared would otherwise deadlock a full pool).
+    fn answerable_locally(&self, msg: &[u8]) -> bool {
+        match msg[0] {
+            b'S' | b'H' => true,
+            b'C' => body(msg).first() == Some(&b'S'),
+            b'P' => {
+                let mut r = Reader::new(body(msg));
+                match r.cstr() {
+                    Some(name) if !name.is_empty() => {
+                        let tail = &body(msg)[r.position()..];
+                        self.pool
+                            .is_known_statement(self.app.statement_hasher.hash_one(tail))
+                    }
+                    _ => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Answers a message `answerable_locally` accepted, as Postgres would.
+    fn extended_local(&mut self, msg: &[u8], io: &mut Buffers) {
+        match msg[0] {
+            b'S' => {
+                self.skip_until_sync = false;
+                protocol::ready_for_query(&mut io.cout, b'I');
+            }
+            _ if self.skip_until_sync => {}
+            b'C' => {
+                forget_statement(&mut self.statements, &mut self.unnamed, msg);
+                protocol::empty_msg(&mut io.cout, b'3');
+            }
+            b'P' => {
+                let mut r = Reader::new(body(msg));
+                let name = r.cstr().unwrap_or_default();
+                if self.statements.contains_key(name) {
+                    duplicate_statement(&mut io.cout, name);
+                    self.skip_until_sync = true;
+                    return;
+                }
+                let tail = &body(msg)[r.position()..];
+                let hash = self.app.statement_hasher.hash_one(tail);
+                let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
+                self.statements.insert(Bytes::copy_from_slice(name), stmt);
+                protocol::empty_msg(&mut io.cout, b'1');
+            }
+            _ => {}
+        }
+    }
+
+    /// One extended-protocol message for the attached server.
+    fn extended(&mut self, msg: Bytes, io: &mut Buffers) {
+        let tag = msg[0];
+        if self.skip_until_sync {
+            if tag != b'S' {
+                return;
+            }
+            self.skip_until_sync = false;
+        }
+        let cap = self.app.config.general.server_prepared_statements;
+        let Some(a) = self.attached.as_mut() else {
+            return;
+        };
+        if tag != b'S' && tag != b'H' {
+            a.unsynced = true;
+        }
+        match tag {
+            b'P' => {
+                let b = body(&msg);
+                let mut r = Reader::new(b);
+                let Some(name) = r.cstr() else {
+                    return forward_malformed(a, &msg, io);
+                };
+                let tail_at = 5 + r.position();
+                if name.is_empty() {
+                    let hash = self.app.statement_hasher.hash_one(&msg[tail_at..]);
+                    if self.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
+                        let tail = Bytes::copy_from_slice(&msg[tail_at..]);
+                        self.unnamed = Some(Arc::new(Stmt::new(tail, hash)));
+                    }
+                    a.server.conn.unnamed = Some(hash);
+                    io.sout.extend_from_slice(&msg);
+                    a.expects.push_back(Expect::Parse {
+                        hidden: false,
+                        prepared: None,
+                        client_name: None,
+                    });
+                    return;
+                }
+                if self.statements.contains_key(name) {
+                    let mut e = BytesMut::new();
+                    duplicate_statement(&mut e, name);
+                    a.expects.push_back(Expect::Reply(e.freeze()));
+                    self.skip_until_sync = true;
+                    return;
+                }
+                let tail = &msg[tail_at..];
+                let hash = self.app.statement_hasher.hash_one(tail);
+                let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
+                let client_name = Bytes::copy_from_slice(name);
+                self.statements.insert(client_name.clone(), stmt.clone());
+                if a.server.conn.prepared.contains(hash) {
+                    let mut reply = BytesMut::with_capacity(5);
+                    protocol::empty_msg(&mut reply, b'1');
+                    a.expects.push_back(Expect::Reply(reply.freeze()));
+                } else {
+                    evict_if_full(a, cap, io);
+                    write_parse(&mut io.sout, &stmt.name, &stmt.tail);
+                    a.server.conn.prepared.insert(hash);
+                    a.expects.push_back(Expect::Parse {
+                        hidden: false,
+                        prepared: Some(hash),
+                        client_name: Some(client_name),
+                    });
+                }
+            }
+            b'B' => {
+                let b = body(&msg);
+                let mut r = Reader::new(b);
+                let (Some(portal), Some(stmt_name)) = (r.cstr(), r.cstr()) else {
+                    return forward_malformed(a, &msg, io);
+                };
+                let rest_at = 5 + r.position();
+                let portal = Bytes::copy_from_slice(portal);
+                let stmt = if stmt_name.is_empty() {
+                    self.unnamed.clone()
+                } else {
+                    self.statements.get(stmt_name).cloned()
+                };
+                match &stmt {
+                    Some(s) if stmt_name.is_empty() => {
+                        ensure_unnamed(a, s, io);
+                        io.sout.extend_from_slice(&msg);
+                    }
+                    Some(s) => {
+                        ensure_prepared(a, s, cap, io);
+                        protocol::write_msg(&mut io.sout, b'B', |o| {
+                            protocol::put_cstr(o, &portal);
+                            protocol::put_cstr(o, &s.name);
+                            o.put_slice(&msg[rest_at..]);
+                        });
+                    }
+                    // Unknown statement: the server gives the proper error.
+                    None => io.sout.extend_from_slice(&msg),
+                }
+                self.portal_effects.retain(|(p, _)| *p != portal);
+                if let Some(fx) = stmt.and_then(|s| s.effects.clone()) {
+                    self.portal_effects.push((portal, fx));
+                }
+                a.expects.push_back(Expect::Bind);
+            }
+            b'D' => {
+                let mut r = Reader::new(body(&msg));
+                let (Some(kind), Some(name)) = (r.u8(), r.cstr()) else {
+                    return forward_malformed(a, &msg, io);
+                };
+                let stmt = match (kind, name) {
+                    (b'S', b"") => self.unnamed.clone(),
+                    (b'S', n) => self.statements.get(n).cloned(),
+                    _ => None,
+                };
+                match stmt {
+                    Some(s) if name.is_empty() => {
+                        ensure_unnamed(a, &s, io);
+                        io.sout.extend_from_slice(&msg);
+                    }
+                    Some(s) => {
+                        ensure_prepared(a, &s, cap, io);
+                        protocol::write_msg(&mut io.sout, b'D', |o| {
+                            o.put_u8(b'S');
+                            protocol::put_cstr(o, &s.name);
+                        });
+                    }
+                    None => io.sout.extend_from_slice(&msg),
+                }
+                a.expects.push_back(Expect::Describe);
+            }
+            b'E' => {
+                let portal = Reader::new(body(&msg)).cstr().unwrap_or_default();
+                let effects = self
+                    .portal_effects
+                    .iter()
+                    .find(|(p, _)| **p == *portal)
+                    .map(|(_, fx)| fx.clone());
+                self.app.metrics.queries.increment(1);
+                io.sout.extend_from_slice(&msg);
+                a.expects.push_back(Expect::Execute { effects });
+            }
+            b'C' => {
+                let mut r = Reader::new(body(&msg));
+                if r.u8() == Some(b'S') {
+                    forget_statement(&mut self.statements, &mut self.unnamed, &msg);
+                    let mut reply = BytesMut::with_capacity(5);
+                    protocol::empty_msg(&mut reply, b'3');
+                    a.expects.push_back(Expect::Reply(reply.freeze()));
+                } else {
+                    io.sout.extend_from_slice(&msg);
+                    a.expects.push_back(Expect::Close { hidden: false });
+                }
+            }
+            b'S' => {
+                io.sout.extend_from_slice(&msg);
+                a.expects.push_back(Expect::Sync);
+                a.unsynced = false;
+            }
+            b'H' => io.sout.extend_from_slice(&msg),
+            _ => io.sout.extend_from_slice(&msg),
+        }
+    }
+
+    /// Sends replies shardgate makes itself once everything before them is answered.
+    fn emit_replies(&mut self, io: &mut Buffers) {
+        let Some(a) = self.attached.as_mut() else {
+            return;
+        };
+        while let Some(Expect::Reply(_)) = a.expects.front() {
+            if let Some(Expect::Reply(bytes)) = a.expects.pop_front() {
+                io.cout.extend_from_slice(&bytes);
+            }
+        }
+    }
+
+    // ---- server → client -------------------------------------------------------------
+
+    fn handle_server_messages(&mut self, io: &mut Buffers) -> Result<(), Flow> {
+        loop {
+            let Some(a) = self.attached.as_mut() else {
+                return Ok(());
+            };
+            let len = match frame_len(&a.server.conn.rbuf, MAX_SERVER_MESSAGE) {
+                Ok(Some(n)) => n,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    tracing::error!(server = %a.server.conn.addr, "server sent garbage: {e}");
+                    let m = format!("server sent an invalid message: {e}");
+                    io.cout
+                        .extend_from_slice(&protocol::fatal(sqlstate::CONNECTION_FAILURE, &m));
+                    if let Some(a) = self.attached.take() {
+                        a.server.discard();
+                    }
+                    return Err(Flow::Exit);
+                }
+            };
+            let msg = a.server.conn.rbuf.split_to(len);
+            self.server_message(&msg, io);
+            self.emit_replies(io);
+        }
+    }
+
+    fn server_message(&mut self, msg: &[u8], io: &mut Buffers) {
+        let Some(a) = self.attached.as_mut() else {
+            return;
+        };
+        let tag = msg[0];
+        let hidden = a.expects.front().is_some_and(Expect::hidden);
+        tracing::trace!(client = self.pid, tag = %(tag as char), hidden, expects = a.expects.len(), "from server");
+        match tag {
+            b'S' => {
+                a.server.conn.record_param(body(msg));
+                self.report_param(msg, io);
+                return;
+            }
+            b'N' | b'A' => {
+                if !hidden {
+                    io.cout.extend_from_slice(msg);
+                }
+                return;
+            }
+            _ => {}
+        }
+        match (tag, a.expects.front()) {
+            (b'E', Some(Expect::Query { .. } | Expect::Sync)) | (b'E', None) => {
+                if !hidden {
+                    a.query_failed = true;
+                    a.tx_failed = true;
+                    io.cout.extend_from_slice(msg);
+                } else {
+                    let f = protocol::parse_error_fields(body(msg));
+                    tracing::warn!(
+                        code = %String::from_utf8_lossy(f.code),
+                        "restoring session settings failed: {}",
+                        String::from_utf8_lossy(f.message)
+                    );
+                    a.server.conn.settings = None;
+                }
+            }
+            (b'E', Some(_)) => {
+                // The message at the head failed; the server now skips everything up to Sync.
+                a.tx_failed = true;
+                if let Some(failed) = a.expects.pop_front() {
+                    self.forget_failed(failed);
+                }
+                loop {
+                    let Some(a) = self.attached.as_mut() else {
+                        return;
+                    };
+                    if a.expects.front().is_none_or(|e| matches!(e, Expect::Sync)) {
+                        break;
+                    }
+                    if let Some(skipped) = a.expects.pop_front() {
+                        self.forget_failed(skipped);
+                    }
+                }
+                io.cout.extend_from_slice(msg);
+            }
+            (b'Z', _) => {
+                let status = msg.get(5).copied().unwrap_or(b'I');
+                let done = a.expects.pop_front();
+                if let Some(Expect::Query {
+                    hidden: false,
+                    effects: Some(fx),
+                }) = &done
+                {
+                    if !a.query_failed {
+                        self.apply_now(fx);
+                        let Some(a) = self.attached.as_mut() else {
+                            return;
+                        };
+                        a.tx_effects.push(fx.clone());
+                    }
+                }
+                let Some(a) = self.attached.as_mut() else {
+                    return;
+                };
+                a.query_failed = false;
+                if hidden {
+                    return;
+                }
+                a.status = status;
+                if status == b'I' {
+                    self.end_transaction();
+                }
+                io.cout.extend_from_slice(msg);
+            }
+            (b'1', Some(Expect::Parse { prepared, .. })) => {
+                if let Some(hash) = prepared {
+                    self.pool.mark_known_statement(*hash);
+                }
+                a.expects.pop_front();
+                if !hidden {
+                    io.cout.extend_from_slice(msg);
+                }
+            }
+            (b'2', Some(Expect::Bind))
+            | (b'3', Some(Expect::Close { .. }))
+            | (b'n' | b'T', Some(Expect::Describe))
+            | (b'I' | b's', Some(Expect::Execute { .. })) => {
+                a.expects.pop_front();
+                if !hidden {
+                    io.cout.extend_from_slice(msg);
+                }
+            }
+            (b'C', head) => {
+                if body(msg).starts_with(b"ROLLBACK") {
+                    a.tx_failed = true;
+                }
+                if let Some(Expect::Execute { .. }) = head {
+                    if let Some(Expect::Execute { effects: Some(fx) }) = a.expects.pop_front() {
+                        self.apply_now(&fx);
+                        if let Some(a) = self.attached.as_mut() {
+                            a.tx_effects.push(fx);
+                        }
+                    }
+                }
+                if !hidden {
+                    io.cout.extend_from_slice(msg);
+                }
+            }
+            _ => {
+                if !hidden {
+                    io.cout.extend_from_slice(msg);
+                }
+            }
+        }
+    }
+
+    /// A sent message failed or was skipped: undo what sending it registered.
+    fn forget_failed(&mut self, e: Expect) {
+        if let Expect::Parse {
+            prepared,
+            client_name,
+            ..
+        } = e
+        {
+            if let (Some(hash), Some(a)) = (prepared, self.attached.as_mut()) {
+                a.server.conn.prepared.remove(hash);
+            }
+            if let Some(name) = client_name {
+                self.statements.remove(&name);
+            }
+        }
+    }
+
+    /// Effects that hold as soon as the statement completes: pins and deallocation.
+    fn apply_now(&mut self, fx: &SessionEffects) {
+        self.pins = self.pins.with(fx.pin).without(fx.unpin);
+        if fx.discard_all || fx.deallocate_all {
+            self.statements.clear();
+            self.unnamed = None;
+            if let Some(a) = self.attached.as_mut() {
+                a.server.conn.prepared.clear();
+                a.server.conn.unnamed = None;
+            }
+        }
+    }
+
+    /// The transaction ended (ReadyForQuery 'I'): its settings changes stick unless it failed.
+    fn end_transaction(&mut self) {
+        let Some(a) = self.attached.as_mut() else {
+            return;
+        };
+        let effects = std::mem::take(&mut a.tx_effects);
+        let failed = std::mem::replace(&mut a.tx_failed, false);
+        let changes: Vec<_> = effects
+            .iter()
+            .flat_map(|fx| fx.settings.iter().cloned())
+            .collect();
+        if changes.is_empty() {
+            return;
+        }
+        if failed {
+            // Whether the server kept them (savepoints) is unknown: reset it before reuse.
+            a.server.conn.settings = None;
+            return;
+        }
+        let settings = self.pool.intern_settings(self.settings.apply(&changes));
+        a.server.conn.settings = Some(settings.clone());
+        self.settings = settings;
+    }
+
+    /// Forwards a ParameterStatus only if the client has not seen that value.
+    fn report_param(&mut self, msg: &[u8], io: &mut Buffers) {
+        let mut r = Reader::new(body(msg));
+        let (Some(name), Some(value)) = (r.cstr(), r.cstr()) else {
+            return;
+        };
+        let seen = self
+            .reported
+            .iter()
+            .any(|(n, v)| n.as_bytes() == name && v.as_bytes() == value);
+        if seen {
+            return;
+        }
+        let name = String::from_utf8_lossy(name).into_owned();
+        let value = String::from_utf8_lossy(value).into_owned();
+        let reported = Arc::make_mut(&mut self.reported);
+        match reported.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v = value,
+            None => reported.push((name, value)),
+        }
+        io.cout.extend_from_slice(msg);
+    }
+
+    // ---- holding and giving back a server connection -----------------------------------
+
+    /// Takes a server connection for the client; on failure the client has an ErrorResponse.
+    async fn attach(&mut self, io: &mut Buffers) -> bool {
+        let mut server = match self.pool.checkout(&self.settings).await {
+            Ok(s) => s,
+            Err(e) => {
+                let (code, message) = match &e {
+                    PoolError::Server(se) => {
+                        let (c, m) = se.client_error();
+                        (c.to_string(), m)
+                    }
+                    PoolError::Timeout { .. } => {
+                        (sqlstate::TOO_MANY_CONNECTIONS.to_string(), e.to_string())
+                    }
+                    PoolError::ConnectTimeout(_) => {
+                        (sqlstate::CONNECTION_FAILURE.to_string(), e.to_string())
+                    }
+                };
+                tracing::warn!(pool = %self.pool.name, "{message}");
+                protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+                return false;
+            }
+        };
+        self.app.metrics.transactions.increment(1);
+        self.cancel.set(Some(CancelTarget {
+            addr: server.conn.addr,
+            pid: server.conn.backend_pid,
+            secret: server.conn.backend_secret,
+        }));
+        let mut expects = VecDeque::new();
+        let current = server.conn.settings.as_ref();
+        let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
+        if !same {
+            if let Some(sql) = self.settings.sync_sql(current.map(|c| &**c)) {
+                protocol::query(&mut io.sout, &sql);
+                expects.push_back(Expect::Query {
+                    hidden: true,
+                    effects: None,
+                });
+            }
+            server.conn.settings = Some(self.settings.clone());
+        }
+        self.attached = Some(Attached {
+            server,
+            expects,
+            unsynced: false,
+            status: b'I',
+            tx_failed: false,
+            query_failed: false,
+            tx_effects: Vec::new(),
+        });
+        true
+    }
+
+    /// True when the connection can go back to the pool for another client.
+    fn releasable(&self) -> bool {
+        match &self.attached {
+            Some(a) => {
+                a.expects.is_empty()
+                    && !a.unsynced
+                    && a.status == b'I'
+                    && self.pins.is_empty()
+                    && !self.skip_until_sync
+                    && !self.app.session_pooling()
+            }
+            None => false,
+        }
+    }
+
+    /// Gives the server connection back (`clean`) or closes it.
+    fn detach(&mut self, clean: bool) {
+        if let Some(a) = self.attached.take() {
+            self.cancel.set(None);
+            self.portal_effects.clear();
+            if clean {
+                a.server.release();
+            } else {
+                a.server.discard();
+            }
+        }
+    }
+
+    async fn server_lost(&mut self, io: &mut Buffers) {
+        if let Some(a) = self.attached.take() {
+            tracing::warn!(server = %a.server.conn.addr, client = self.pid, "server connection lost");
+            a.server.discard();
+        }
+        self.cancel.set(None);
+        io.cout.extend_from_slice(&protocol::fatal(
+            sqlstate::CONNECTION_FAILURE,
+            "server closed the connection unexpectedly",
+        ));
+        let _ = self.client.write_all(&io.cout).await;
+        let _ = self.client.flush().await;
+        io.cout.clear();
+    }
+
+    /// The client is gone: return its server connection if it is clean, reset it if only
+    /// session state holds it, close it otherwise.
+    async fn finish(&mut self) {
+        self.app.metrics.clients.decrement(1.0);
+        self.app.cancels.unregister(self.pid);
+        let Some(a) = self.attached.as_mut() else {
+            return;
+        };
+        let idle = a.expects.is_empty() && !a.unsynced && a.status == b'I';
+        if idle && self.pins.is_empty() {
+            self.detach(true);
+            return;
+        }
+        if idle {
+            let reset = tokio::time::timeout(
+                self.app.config.general.server_connect_timeout,
+                a.server.conn.run("DISCARD ALL"),
+            )
+            .await;
+            if let Ok(Ok(None)) = reset {
+                a.server.conn.prepared.clear();
+                a.server.conn.unnamed = None;
+                a.server.conn.settings = Some(Settings::empty());
+                self.detach(true);
+                return;
+            }
+        }
+        self.detach(false);
+    }
+}
+
+enum Side {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+}
+
+/// Forgets a statement the client closes (`Close 'S'`); portals are the server's.
+fn forget_statement(
+    statements: &mut std::collections::HashMap<Bytes, Arc<Stmt>>,
+    unnamed: &mut Option<Arc<Stmt>>,
+    msg: &[u8],
+) {
+    let mut r = Reader::new(body(msg));
+    if r.u8() != Some(b'S') {
+        return;
+    }
+    match r.cstr() {
+        Some(b"") => *unnamed = None,
+        Some(name) => {
+            statements.remove(name);
+        }
+        None => {}
+    }
+}
+
+fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
+    let text = format!(
+        "prepared statement \"{}\" already exists",
+        String::from_utf8_lossy(name)
+    );
+    protocol::error_response(out, "ERROR", sqlstate::DUPLICATE_PSTATEMENT, &text);
+}
+
+fn forward_malformed(a: &mut Attached, msg: &[u8], io: &mut Buffers) {
+    // The server rejects it with the proper protocol error, then skips to Sync.
+    io.sout.extend_from_slice(msg);
+    a.expects.push_back(Expect::Malformed);
+}
+
+fn write_parse(out: &mut BytesMut, name: &[u8], tail: &[u8]) {
+    protocol::write_msg(out, b'P', |o| {
+        protocol::put_cstr(o, name);
+        o.put_slice(tail);
+    });
+}
+
+/// Makes the client's unnamed statement the connection's unnamed statement.
+fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {
+    if a.server.conn.unnamed != Some(s.hash) {
+        write_parse(&mut io.sout, b"", &s.tail);
+        a.server.conn.unnamed = Some(s.hash);
+        a.expects.push_back(Expect::Parse {
+            hidden: true,
+            prepared: None,
+            client_name: None,
+        });
+    }
+}
+
+/// Prepares the statement on the connection under its global name if it is not there yet.
+fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers) {
+    if a.server.conn.prepared.contains(s.hash) {
+        return;
+    }
+    evict_if_full(a, cap, io);
+    write_parse(&mut io.sout, &s.name, &s.tail);
+    a.server.conn.prepared.insert(s.hash);
+    a.expects.push_back(Expect::Parse {
+        hidden: true,
+        prepared: Some(s.hash),
+        client_name: None,
+    });
+}
+
+/// Keeps the number of statements on a connection bounded by closing the least used.
+fn evict_if_full(a: &mut Attached, cap: usize, io: &mut Buffers) {
+    while a.server.conn.prepared.len() >= cap.max(1) {
+        let Some(oldest) = a.server.conn.prepared.oldest() else {
+            return;
+        };
+        a.server.conn.prepared.remove(oldest);
+        protocol::write_msg(&mut io.sout, b'C', |o| {
+            o.put_u8(b'S');
+            protocol::put_cstr(o, &global_name(oldest));
+        });
+        a.expects.push_back(Expect::Close { hidden: true });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn global_names_are_fixed_width_hex() {
+        assert_eq!(&global_name(0), b"sg0000000000000000");
+        assert_eq!(&global_name(0xdead_beef_0123_4567), b"sgdeadbeef01234567");
+    }
+}

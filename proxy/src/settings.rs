@@ -1,0 +1,239 @@
+//! A client's session settings, as statements that recreate them on any server connection.
+//!
+//! Settings are immutable and shared (`Arc`): clients of one application usually carry the
+//! same ones, and comparing a connection's settings with a client's is then a pointer or
+//! hash comparison on the hot path.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, OnceLock};
+
+use shardgate_router::SettingChange;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// (lower-case name, SQL value text), sorted by name.
+    entries: Vec<(String, String)>,
+    hash: u64,
+}
+
+/// Startup parameters that are not settings.
+const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
+
+impl Settings {
+    pub fn empty() -> Arc<Settings> {
+        static EMPTY: OnceLock<Arc<Settings>> = OnceLock::new();
+        EMPTY
+            .get_or_init(|| Arc::new(Settings::new(Vec::new())))
+            .clone()
+    }
+
+    fn new(mut entries: Vec<(String, String)>) -> Settings {
+        entries.sort();
+        entries.dedup_by(|a, b| a.0 == b.0);
+        let mut h = DefaultHasher::new();
+        entries.hash(&mut h);
+        Settings {
+            entries,
+            hash: h.finish(),
+        }
+    }
+
+    /// Settings a client asked for in its StartupMessage, including `-c name=value` pairs in
+    /// `options`. Later values win, as on a real server.
+    pub fn from_startup(params: &[(String, String)]) -> Settings {
+        let mut entries: Vec<(String, String)> = Vec::new();
+        let mut put = |name: &str, value: &str| {
+            let name = name.to_ascii_lowercase();
+            if !valid_name(&name) {
+                return;
+            }
+            entries.retain(|(n, _)| *n != name);
+            entries.push((name, quote_literal(value)));
+        };
+        for (name, value) in params {
+            if name == "options" {
+                for (n, v) in parse_options(value) {
+                    put(&n, &v);
+                }
+            } else if !NOT_SETTINGS.contains(&name.as_str()) {
+                put(name, value);
+            }
+        }
+        Settings::new(entries)
+    }
+
+    pub fn hash(&self) -> u64 {
+        self.hash
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> &[(String, String)] {
+        &self.entries
+    }
+
+    /// These settings after `changes`.
+    pub fn apply(&self, changes: &[SettingChange]) -> Settings {
+        let mut entries = self.entries.clone();
+        for change in changes {
+            match change {
+                SettingChange::Set { name, value } => {
+                    entries.retain(|(n, _)| n != name);
+                    entries.push((name.clone(), value.clone()));
+                }
+                SettingChange::Reset { name } => entries.retain(|(n, _)| n != name),
+                SettingChange::ResetAll => entries.clear(),
+            }
+        }
+        Settings::new(entries)
+    }
+
+    /// SQL that takes a connection carrying `from` (`None`: unknown) to `self`, or `None`
+    /// when nothing needs to change.
+    pub fn sync_sql(&self, from: Option<&Settings>) -> Option<String> {
+        let mut sql = String::new();
+        match from {
+            Some(from) if from == self => return None,
+            Some(from) => {
+                for (name, _) in &from.entries {
+                    if !self.entries.iter().any(|(n, _)| n == name) {
+                        sql.push_str(&format!("RESET {name};"));
+                    }
+                }
+                for (name, value) in &self.entries {
+                    if !from.entries.iter().any(|(n, v)| n == name && v == value) {
+                        sql.push_str(&format!("SET {name} = {value};"));
+                    }
+                }
+            }
+            None => {
+                sql.push_str("RESET ALL;");
+                for (name, value) in &self.entries {
+                    sql.push_str(&format!("SET {name} = {value};"));
+                }
+            }
+        }
+        Some(sql)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('.')
+        && !name.ends_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'.')
+}
+
+pub fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// `-c name=value`, `-cname=value` and `--name=value` from the `options` parameter;
+/// `\ ` escapes a space.
+fn parse_options(options: &str) -> Vec<(String, String)> {
+    let mut words = Vec::new();
+    let mut word = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    word.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !word.is_empty() {
+                    words.push(std::mem::take(&mut word));
+                }
+            }
+            c => word.push(c),
+        }
+    }
+    if !word.is_empty() {
+        words.push(word);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let pair = if w == "-c" {
+            it.next()
+        } else if let Some(rest) = w.strip_prefix("--").or_else(|| w.strip_prefix("-c")) {
+            Some(rest.to_string())
+        } else {
+            None
+        };
+        if let Some((n, v)) = pair.as_deref().and_then(|p| p.split_once('=')) {
+            out.push((n.replace('-', "_"), v.to_string()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn startup(pairs: &[(&str, &str)]) -> Settings {
+        let v: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+        Settings::from_startup(&v)
+    }
+
+    #[test]
+    fn startup_params_become_quoted_settings() {
+        let s = startup(&[
+            ("user", "app"),
+            ("database", "app"),
+            ("application_name", "it's"),
+            ("DateStyle", "ISO"),
+            (
+                "options",
+                "-c statement_timeout=5s --work-mem=1MB -cfoo.bar=x\\ y",
+            ),
+        ]);
+        assert_eq!(
+            s.entries(),
+            &[
+                ("application_name".into(), "'it''s'".into()),
+                ("datestyle".into(), "'ISO'".into()),
+                ("foo.bar".into(), "'x y'".into()),
+                ("statement_timeout".into(), "'5s'".into()),
+                ("work_mem".into(), "'1MB'".into()),
+            ]
+        );
+    }
+
+    #[test]
+    fn sync_sql_goes_from_any_state_to_the_wanted_one() {
+        let a = Settings::empty().apply(&[SettingChange::Set {
+            name: "search_path".into(),
+            value: "x".into(),
+        }]);
+        let b = Settings::empty().apply(&[SettingChange::Set {
+            name: "statement_timeout".into(),
+            value: "1".into(),
+        }]);
+        assert_eq!(a.sync_sql(Some(&a)), None);
+        assert_eq!(
+            b.sync_sql(Some(&a)).as_deref(),
+            Some("RESET search_path;SET statement_timeout = 1;")
+        );
+        assert_eq!(
+            Settings::empty().sync_sql(Some(&a)).as_deref(),
+            Some("RESET search_path;")
+        );
+        assert_eq!(
+            a.sync_sql(None).as_deref(),
+            Some("RESET ALL;SET search_path = x;")
+        );
+        assert_ne!(a.hash(), b.hash());
+        assert_eq!(a.apply(&[SettingChange::ResetAll]), *Settings::empty());
+    }
+}
