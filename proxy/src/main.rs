@@ -124,10 +124,9 @@ async fn serve(config: Config) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
     tracing::info!(%listen, "shardgate ready");
-    let login_timeout = app.config.general.client_login_timeout;
     let accept = async {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let (tcp, _) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -137,18 +136,7 @@ async fn serve(config: Config) -> Result<(), String> {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let app = app.clone();
-            tokio::spawn(async move {
-                let login =
-                    tokio::time::timeout(login_timeout, Box::pin(startup::login(app, tcp))).await;
-                match login {
-                    Ok(Ok(session)) => session.run().await,
-                    Ok(Err(e)) => tracing::debug!(%peer, "login ended: {e}"),
-                    Err(_) => {
-                        tracing::info!(%peer, "client did not finish login in {login_timeout:?}")
-                    }
-                }
-            });
+            tokio::spawn(startup::serve_client(app.clone(), tcp));
         }
     };
     tokio::select! {

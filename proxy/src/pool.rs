@@ -47,7 +47,8 @@ pub struct Pool {
     server_database: String,
     opts: PoolOptions,
     slots: Arc<Semaphore>,
-    idle: Mutex<Vec<ServerConn>>,
+    #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
+    idle: Mutex<Vec<Box<ServerConn>>>,
     /// The latest login's settings and reported parameters: clients with equal ones share
     /// one allocation, which keeps an idle client small.
     interned: Mutex<Interned>,
@@ -69,7 +70,8 @@ struct Interned {
 /// A server connection lent to one client. Dropping it closes the connection; `release`
 /// gives it back.
 pub struct Checkout {
-    pub conn: ServerConn,
+    /// Boxed so that a session holding one stays small and moving it is a pointer copy.
+    pub conn: Box<ServerConn>,
     _permit: OwnedSemaphorePermit,
     pool: Arc<Pool>,
 }
@@ -147,13 +149,13 @@ impl Pool {
         self.metrics.connects.increment(1);
         self.metrics.active.increment(1.0);
         Ok(Checkout {
-            conn,
+            conn: Box::new(conn),
             _permit: permit,
             pool: self.clone(),
         })
     }
 
-    fn take_idle(&self, settings: &Settings) -> Option<ServerConn> {
+    fn take_idle(&self, settings: &Settings) -> Option<Box<ServerConn>> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
         let matching = idle.iter().rposition(|c| {
             c.settings
@@ -211,14 +213,6 @@ impl Pool {
         }
         known.insert(hash);
     }
-
-    pub fn size(&self) -> usize {
-        self.opts.size
-    }
-
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
-    }
 }
 
 impl Checkout {
@@ -243,9 +237,5 @@ impl Checkout {
     pub fn discard(self) {
         self.pool.metrics.active.decrement(1.0);
         self.pool.metrics.discards.increment(1);
-    }
-
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
     }
 }

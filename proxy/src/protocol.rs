@@ -2,7 +2,7 @@
 //! the 5-byte header, readers for the few message bodies shardgate inspects, and writers
 //! for the messages shardgate sends itself. Everything else is forwarded as bytes.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{BufMut, BytesMut};
 
 /// Protocol 3.0 in a StartupMessage.
 pub const PROTOCOL_3_0: i32 = 196_608;
@@ -20,10 +20,7 @@ pub mod sqlstate {
     pub const INVALID_AUTHORIZATION: &str = "28000";
     pub const UNKNOWN_DATABASE: &str = "3D000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
-    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
     pub const DUPLICATE_PSTATEMENT: &str = "42P05";
-    pub const ADMIN_SHUTDOWN: &str = "57P01";
-    pub const INTERNAL_ERROR: &str = "XX000";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -72,11 +69,6 @@ impl<'a> Reader<'a> {
         let b = self.buf.get(self.pos..self.pos + 4)?;
         self.pos += 4;
         Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    pub fn i16(&mut self) -> Option<i16> {
-        let b = self.buf.get(self.pos..self.pos + 2)?;
-        self.pos += 2;
-        Some(i16::from_be_bytes([b[0], b[1]]))
     }
     pub fn u8(&mut self) -> Option<u8> {
         let b = *self.buf.get(self.pos)?;
@@ -231,9 +223,6 @@ impl StartupParams {
     }
 }
 
-/// A message held for later, as shared bytes.
-pub type Msg = Bytes;
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,7 +260,7 @@ mod tests {
         assert_eq!(r.cstr(), None);
         assert_eq!(r.i32(), None);
         assert_eq!(r.bytes(usize::MAX), None);
-        assert_eq!(StartupParams::parse(b"user\0bob"), None);
+        assert!(StartupParams::parse(b"user\0bob").is_none());
         let p = StartupParams::parse(b"user\0bob\0database\0app\0\0").unwrap();
         assert_eq!(p.get("database"), Some("app"));
     }

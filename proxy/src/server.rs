@@ -108,7 +108,6 @@ pub struct ServerConn {
     /// before use).
     pub settings: Option<Arc<Settings>>,
     pub idle_since: Instant,
-    pub created: Instant,
 }
 
 pub struct Login<'a> {
@@ -134,7 +133,6 @@ impl ServerConn {
             unnamed: None,
             settings: Some(Settings::empty()),
             idle_since: Instant::now(),
-            created: Instant::now(),
         };
         conn.startup(login).await?;
         Ok(conn)

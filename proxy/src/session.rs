@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use shardgate_router::{classify, Pins, SessionEffects};
@@ -61,6 +62,32 @@ fn global_name(hash: u64) -> [u8; 18] {
     name
 }
 
+/// A client's prepared statements and bound portals.
+#[derive(Default)]
+struct Prepared {
+    named: std::collections::HashMap<Bytes, Arc<Stmt>>,
+    unnamed: Option<Arc<Stmt>>,
+    /// Session effects of bound portals (only those that have any).
+    portal_effects: Vec<(Bytes, Arc<SessionEffects>)>,
+}
+
+impl Prepared {
+    /// Forgets a statement the client closes (`Close 'S'`); portals are the server's.
+    fn close(&mut self, msg: &[u8]) {
+        let mut r = Reader::new(body(msg));
+        if r.u8() != Some(b'S') {
+            return;
+        }
+        match r.cstr() {
+            Some(b"") => self.unnamed = None,
+            Some(name) => {
+                self.named.remove(name);
+            }
+            None => {}
+        }
+    }
+}
+
 /// What the server owes for one message sent to it, or a reply shardgate makes itself.
 enum Expect {
     /// `hidden`: sent by shardgate; the reply is swallowed. `prepared`: the statement hash
@@ -105,7 +132,6 @@ impl Expect {
 /// The server connection a client holds, and the exchange in progress on it.
 struct Attached {
     server: Checkout,
-    expects: VecDeque<Expect>,
     /// Extended-protocol messages sent since the last Sync: the server is mid-exchange.
     unsynced: bool,
     /// Transaction status from the last ReadyForQuery.
@@ -129,6 +155,9 @@ pub struct Buffers {
     sout: BytesMut,
     /// Extended-protocol messages held until Sync/Flush decides where they go.
     held: Vec<Bytes>,
+    /// What the attached server owes. Empty whenever the session goes idle, so it lives
+    /// here rather than in the session.
+    expects: VecDeque<Expect>,
 }
 
 impl Buffers {
@@ -140,6 +169,7 @@ impl Buffers {
                 cout: BytesMut::with_capacity(8192),
                 sout: BytesMut::with_capacity(8192),
                 held: Vec::new(),
+                expects: VecDeque::new(),
             })
     }
 
@@ -155,6 +185,7 @@ impl Buffers {
         self.cout.clear();
         self.sout.clear();
         self.held.clear();
+        self.expects.clear();
         BUFFERS.with(|b| {
             let mut b = b.borrow_mut();
             if b.len() < 64 {
@@ -184,10 +215,8 @@ pub struct Session {
     settings: Arc<Settings>,
     /// ParameterStatus values the client has seen.
     reported: Arc<Vec<(String, String)>>,
-    statements: std::collections::HashMap<Bytes, Arc<Stmt>>,
-    unnamed: Option<Arc<Stmt>>,
-    /// Session effects of bound portals (only those that have any).
-    portal_effects: Vec<(Bytes, Arc<SessionEffects>)>,
+    /// Allocated on the first Parse: most idle clients never need it.
+    prepared: Option<Box<Prepared>>,
     pins: Pins,
     /// After an error shardgate raised mid-batch, drop messages until Sync, as a server does.
     skip_until_sync: bool,
@@ -213,36 +242,49 @@ impl Session {
             cancel,
             settings,
             reported,
-            statements: Default::default(),
-            unnamed: None,
-            portal_effects: Vec::new(),
+            prepared: None,
             pins: Pins::NONE,
             skip_until_sync: false,
             attached: None,
         }
     }
 
-    pub async fn run(mut self) {
+    pub async fn run(&mut self) {
+        // Everything but the wait for an idle client's socket is boxed: the task's size is
+        // what every idle client costs, and only this one wait is live while idle.
         loop {
-            let ready = match &self.attached {
-                Some(a) => tokio::select! {
-                    r = self.client.readable() => r,
-                    r = a.server.conn.stream.readable() => r,
-                },
-                None => self.client.readable().await,
-            };
+            let ready = std::future::poll_fn(|cx| {
+                // Idle in a transaction or pinned, the server may speak first (NOTIFY, FATAL).
+                if let Some(a) = &self.attached {
+                    if let Poll::Ready(r) = a.server.conn.stream.poll_read_ready(cx) {
+                        return Poll::Ready(r);
+                    }
+                }
+                self.client.poll_read_ready(cx)
+            })
+            .await;
             if ready.is_err() {
                 break;
             }
-            let mut io = Buffers::take();
-            let flow = Box::pin(self.serve(&mut io)).await;
-            io.give();
-            match flow {
+            match Box::pin(self.burst()).await {
                 Flow::Idle => continue,
                 Flow::Exit => break,
             }
         }
-        self.finish().await;
+        Box::pin(self.finish()).await;
+    }
+
+    async fn burst(&mut self) -> Flow {
+        let mut io = Buffers::take();
+        let flow = self.serve(&mut io).await;
+        if !io.expects.is_empty() {
+            // Left mid-exchange (the client went away): the connection is not reusable.
+            if let Some(a) = self.attached.as_mut() {
+                a.unsynced = true;
+            }
+        }
+        io.give();
+        flow
     }
 
     /// One burst of activity: until nothing is in flight and no bytes are pending.
@@ -275,14 +317,14 @@ impl Session {
             if self.flush(io).await.is_err() {
                 return Flow::Exit;
             }
-            if self.releasable() {
+            if self.releasable(io) {
                 self.detach(true);
             }
             let nothing_pending = io.cin.is_empty() && io.held.is_empty() && !self.client.is_tls();
             match &self.attached {
                 None if nothing_pending => return Flow::Idle,
                 // Idle in a transaction, pinned, or session pooling: wait without buffers.
-                Some(a) if nothing_pending && a.expects.is_empty() && !a.unsynced => {
+                Some(a) if nothing_pending && io.expects.is_empty() && !a.unsynced => {
                     return Flow::Idle
                 }
                 _ => {}
@@ -359,7 +401,7 @@ impl Session {
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
                 io.sout.extend_from_slice(&msg);
-                a.expects.push_back(Expect::Query {
+                io.expects.push_back(Expect::Query {
                     hidden: false,
                     effects,
                 });
@@ -454,13 +496,16 @@ impl Session {
             }
             _ if self.skip_until_sync => {}
             b'C' => {
-                forget_statement(&mut self.statements, &mut self.unnamed, msg);
+                if let Some(p) = self.prepared.as_mut() {
+                    p.close(msg);
+                }
                 protocol::empty_msg(&mut io.cout, b'3');
             }
             b'P' => {
+                let p = self.prepared.get_or_insert_with(Default::default);
                 let mut r = Reader::new(body(msg));
                 let name = r.cstr().unwrap_or_default();
-                if self.statements.contains_key(name) {
+                if p.named.contains_key(name) {
                     duplicate_statement(&mut io.cout, name);
                     self.skip_until_sync = true;
                     return;
@@ -468,7 +513,7 @@ impl Session {
                 let tail = &body(msg)[r.position()..];
                 let hash = self.app.statement_hasher.hash_one(tail);
                 let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
-                self.statements.insert(Bytes::copy_from_slice(name), stmt);
+                p.named.insert(Bytes::copy_from_slice(name), stmt);
                 protocol::empty_msg(&mut io.cout, b'1');
             }
             _ => {}
@@ -488,6 +533,7 @@ impl Session {
         let Some(a) = self.attached.as_mut() else {
             return;
         };
+        let p = self.prepared.get_or_insert_with(Default::default);
         if tag != b'S' && tag != b'H' {
             a.unsynced = true;
         }
@@ -496,28 +542,28 @@ impl Session {
                 let b = body(&msg);
                 let mut r = Reader::new(b);
                 let Some(name) = r.cstr() else {
-                    return forward_malformed(a, &msg, io);
+                    return forward_malformed(&msg, io);
                 };
                 let tail_at = 5 + r.position();
                 if name.is_empty() {
                     let hash = self.app.statement_hasher.hash_one(&msg[tail_at..]);
-                    if self.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
+                    if p.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
                         let tail = Bytes::copy_from_slice(&msg[tail_at..]);
-                        self.unnamed = Some(Arc::new(Stmt::new(tail, hash)));
+                        p.unnamed = Some(Arc::new(Stmt::new(tail, hash)));
                     }
                     a.server.conn.unnamed = Some(hash);
                     io.sout.extend_from_slice(&msg);
-                    a.expects.push_back(Expect::Parse {
+                    io.expects.push_back(Expect::Parse {
                         hidden: false,
                         prepared: None,
                         client_name: None,
                     });
                     return;
                 }
-                if self.statements.contains_key(name) {
+                if p.named.contains_key(name) {
                     let mut e = BytesMut::new();
                     duplicate_statement(&mut e, name);
-                    a.expects.push_back(Expect::Reply(e.freeze()));
+                    io.expects.push_back(Expect::Reply(e.freeze()));
                     self.skip_until_sync = true;
                     return;
                 }
@@ -525,16 +571,16 @@ impl Session {
                 let hash = self.app.statement_hasher.hash_one(tail);
                 let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
                 let client_name = Bytes::copy_from_slice(name);
-                self.statements.insert(client_name.clone(), stmt.clone());
+                p.named.insert(client_name.clone(), stmt.clone());
                 if a.server.conn.prepared.contains(hash) {
                     let mut reply = BytesMut::with_capacity(5);
                     protocol::empty_msg(&mut reply, b'1');
-                    a.expects.push_back(Expect::Reply(reply.freeze()));
+                    io.expects.push_back(Expect::Reply(reply.freeze()));
                 } else {
                     evict_if_full(a, cap, io);
                     write_parse(&mut io.sout, &stmt.name, &stmt.tail);
                     a.server.conn.prepared.insert(hash);
-                    a.expects.push_back(Expect::Parse {
+                    io.expects.push_back(Expect::Parse {
                         hidden: false,
                         prepared: Some(hash),
                         client_name: Some(client_name),
@@ -545,14 +591,14 @@ impl Session {
                 let b = body(&msg);
                 let mut r = Reader::new(b);
                 let (Some(portal), Some(stmt_name)) = (r.cstr(), r.cstr()) else {
-                    return forward_malformed(a, &msg, io);
+                    return forward_malformed(&msg, io);
                 };
                 let rest_at = 5 + r.position();
                 let portal = Bytes::copy_from_slice(portal);
                 let stmt = if stmt_name.is_empty() {
-                    self.unnamed.clone()
+                    p.unnamed.clone()
                 } else {
-                    self.statements.get(stmt_name).cloned()
+                    p.named.get(stmt_name).cloned()
                 };
                 match &stmt {
                     Some(s) if stmt_name.is_empty() => {
@@ -570,20 +616,20 @@ impl Session {
                     // Unknown statement: the server gives the proper error.
                     None => io.sout.extend_from_slice(&msg),
                 }
-                self.portal_effects.retain(|(p, _)| *p != portal);
+                p.portal_effects.retain(|(name, _)| *name != portal);
                 if let Some(fx) = stmt.and_then(|s| s.effects.clone()) {
-                    self.portal_effects.push((portal, fx));
+                    p.portal_effects.push((portal, fx));
                 }
-                a.expects.push_back(Expect::Bind);
+                io.expects.push_back(Expect::Bind);
             }
             b'D' => {
                 let mut r = Reader::new(body(&msg));
                 let (Some(kind), Some(name)) = (r.u8(), r.cstr()) else {
-                    return forward_malformed(a, &msg, io);
+                    return forward_malformed(&msg, io);
                 };
                 let stmt = match (kind, name) {
-                    (b'S', b"") => self.unnamed.clone(),
-                    (b'S', n) => self.statements.get(n).cloned(),
+                    (b'S', b"") => p.unnamed.clone(),
+                    (b'S', n) => p.named.get(n).cloned(),
                     _ => None,
                 };
                 match stmt {
@@ -600,34 +646,34 @@ impl Session {
                     }
                     None => io.sout.extend_from_slice(&msg),
                 }
-                a.expects.push_back(Expect::Describe);
+                io.expects.push_back(Expect::Describe);
             }
             b'E' => {
                 let portal = Reader::new(body(&msg)).cstr().unwrap_or_default();
-                let effects = self
+                let effects = p
                     .portal_effects
                     .iter()
-                    .find(|(p, _)| **p == *portal)
+                    .find(|(name, _)| **name == *portal)
                     .map(|(_, fx)| fx.clone());
                 self.app.metrics.queries.increment(1);
                 io.sout.extend_from_slice(&msg);
-                a.expects.push_back(Expect::Execute { effects });
+                io.expects.push_back(Expect::Execute { effects });
             }
             b'C' => {
                 let mut r = Reader::new(body(&msg));
                 if r.u8() == Some(b'S') {
-                    forget_statement(&mut self.statements, &mut self.unnamed, &msg);
+                    p.close(&msg);
                     let mut reply = BytesMut::with_capacity(5);
                     protocol::empty_msg(&mut reply, b'3');
-                    a.expects.push_back(Expect::Reply(reply.freeze()));
+                    io.expects.push_back(Expect::Reply(reply.freeze()));
                 } else {
                     io.sout.extend_from_slice(&msg);
-                    a.expects.push_back(Expect::Close { hidden: false });
+                    io.expects.push_back(Expect::Close { hidden: false });
                 }
             }
             b'S' => {
                 io.sout.extend_from_slice(&msg);
-                a.expects.push_back(Expect::Sync);
+                io.expects.push_back(Expect::Sync);
                 a.unsynced = false;
             }
             b'H' => io.sout.extend_from_slice(&msg),
@@ -637,11 +683,8 @@ impl Session {
 
     /// Sends replies shardgate makes itself once everything before them is answered.
     fn emit_replies(&mut self, io: &mut Buffers) {
-        let Some(a) = self.attached.as_mut() else {
-            return;
-        };
-        while let Some(Expect::Reply(_)) = a.expects.front() {
-            if let Some(Expect::Reply(bytes)) = a.expects.pop_front() {
+        while let Some(Expect::Reply(_)) = io.expects.front() {
+            if let Some(Expect::Reply(bytes)) = io.expects.pop_front() {
                 io.cout.extend_from_slice(&bytes);
             }
         }
@@ -679,8 +722,8 @@ impl Session {
             return;
         };
         let tag = msg[0];
-        let hidden = a.expects.front().is_some_and(Expect::hidden);
-        tracing::trace!(client = self.pid, tag = %(tag as char), hidden, expects = a.expects.len(), "from server");
+        let hidden = io.expects.front().is_some_and(Expect::hidden);
+        tracing::trace!(client = self.pid, tag = %(tag as char), hidden, expects = io.expects.len(), "from server");
         match tag {
             b'S' => {
                 a.server.conn.record_param(body(msg));
@@ -695,7 +738,7 @@ impl Session {
             }
             _ => {}
         }
-        match (tag, a.expects.front()) {
+        match (tag, io.expects.front()) {
             (b'E', Some(Expect::Query { .. } | Expect::Sync)) | (b'E', None) => {
                 if !hidden {
                     a.query_failed = true;
@@ -714,17 +757,14 @@ impl Session {
             (b'E', Some(_)) => {
                 // The message at the head failed; the server now skips everything up to Sync.
                 a.tx_failed = true;
-                if let Some(failed) = a.expects.pop_front() {
+                if let Some(failed) = io.expects.pop_front() {
                     self.forget_failed(failed);
                 }
                 loop {
-                    let Some(a) = self.attached.as_mut() else {
-                        return;
-                    };
-                    if a.expects.front().is_none_or(|e| matches!(e, Expect::Sync)) {
+                    if io.expects.front().is_none_or(|e| matches!(e, Expect::Sync)) {
                         break;
                     }
-                    if let Some(skipped) = a.expects.pop_front() {
+                    if let Some(skipped) = io.expects.pop_front() {
                         self.forget_failed(skipped);
                     }
                 }
@@ -732,7 +772,7 @@ impl Session {
             }
             (b'Z', _) => {
                 let status = msg.get(5).copied().unwrap_or(b'I');
-                let done = a.expects.pop_front();
+                let done = io.expects.pop_front();
                 if let Some(Expect::Query {
                     hidden: false,
                     effects: Some(fx),
@@ -763,7 +803,7 @@ impl Session {
                 if let Some(hash) = prepared {
                     self.pool.mark_known_statement(*hash);
                 }
-                a.expects.pop_front();
+                io.expects.pop_front();
                 if !hidden {
                     io.cout.extend_from_slice(msg);
                 }
@@ -772,7 +812,7 @@ impl Session {
             | (b'3', Some(Expect::Close { .. }))
             | (b'n' | b'T', Some(Expect::Describe))
             | (b'I' | b's', Some(Expect::Execute { .. })) => {
-                a.expects.pop_front();
+                io.expects.pop_front();
                 if !hidden {
                     io.cout.extend_from_slice(msg);
                 }
@@ -782,7 +822,7 @@ impl Session {
                     a.tx_failed = true;
                 }
                 if let Some(Expect::Execute { .. }) = head {
-                    if let Some(Expect::Execute { effects: Some(fx) }) = a.expects.pop_front() {
+                    if let Some(Expect::Execute { effects: Some(fx) }) = io.expects.pop_front() {
                         self.apply_now(&fx);
                         if let Some(a) = self.attached.as_mut() {
                             a.tx_effects.push(fx);
@@ -812,8 +852,8 @@ impl Session {
             if let (Some(hash), Some(a)) = (prepared, self.attached.as_mut()) {
                 a.server.conn.prepared.remove(hash);
             }
-            if let Some(name) = client_name {
-                self.statements.remove(&name);
+            if let (Some(name), Some(p)) = (client_name, self.prepared.as_mut()) {
+                p.named.remove(&name);
             }
         }
     }
@@ -822,8 +862,7 @@ impl Session {
     fn apply_now(&mut self, fx: &SessionEffects) {
         self.pins = self.pins.with(fx.pin).without(fx.unpin);
         if fx.discard_all || fx.deallocate_all {
-            self.statements.clear();
-            self.unnamed = None;
+            self.prepared = None;
             if let Some(a) = self.attached.as_mut() {
                 a.server.conn.prepared.clear();
                 a.server.conn.unnamed = None;
@@ -908,13 +947,13 @@ impl Session {
             pid: server.conn.backend_pid,
             secret: server.conn.backend_secret,
         }));
-        let mut expects = VecDeque::new();
+        debug_assert!(io.expects.is_empty());
         let current = server.conn.settings.as_ref();
         let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
         if !same {
             if let Some(sql) = self.settings.sync_sql(current.map(|c| &**c)) {
                 protocol::query(&mut io.sout, &sql);
-                expects.push_back(Expect::Query {
+                io.expects.push_back(Expect::Query {
                     hidden: true,
                     effects: None,
                 });
@@ -923,7 +962,6 @@ impl Session {
         }
         self.attached = Some(Attached {
             server,
-            expects,
             unsynced: false,
             status: b'I',
             tx_failed: false,
@@ -934,10 +972,10 @@ impl Session {
     }
 
     /// True when the connection can go back to the pool for another client.
-    fn releasable(&self) -> bool {
+    fn releasable(&self, io: &Buffers) -> bool {
         match &self.attached {
             Some(a) => {
-                a.expects.is_empty()
+                io.expects.is_empty()
                     && !a.unsynced
                     && a.status == b'I'
                     && self.pins.is_empty()
@@ -952,7 +990,9 @@ impl Session {
     fn detach(&mut self, clean: bool) {
         if let Some(a) = self.attached.take() {
             self.cancel.set(None);
-            self.portal_effects.clear();
+            if let Some(p) = self.prepared.as_mut() {
+                p.portal_effects.clear();
+            }
             if clean {
                 a.server.release();
             } else {
@@ -984,7 +1024,7 @@ impl Session {
         let Some(a) = self.attached.as_mut() else {
             return;
         };
-        let idle = a.expects.is_empty() && !a.unsynced && a.status == b'I';
+        let idle = !a.unsynced && a.status == b'I';
         if idle && self.pins.is_empty() {
             self.detach(true);
             return;
@@ -1012,25 +1052,6 @@ enum Side {
     Server(std::io::Result<usize>),
 }
 
-/// Forgets a statement the client closes (`Close 'S'`); portals are the server's.
-fn forget_statement(
-    statements: &mut std::collections::HashMap<Bytes, Arc<Stmt>>,
-    unnamed: &mut Option<Arc<Stmt>>,
-    msg: &[u8],
-) {
-    let mut r = Reader::new(body(msg));
-    if r.u8() != Some(b'S') {
-        return;
-    }
-    match r.cstr() {
-        Some(b"") => *unnamed = None,
-        Some(name) => {
-            statements.remove(name);
-        }
-        None => {}
-    }
-}
-
 fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
     let text = format!(
         "prepared statement \"{}\" already exists",
@@ -1039,10 +1060,10 @@ fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
     protocol::error_response(out, "ERROR", sqlstate::DUPLICATE_PSTATEMENT, &text);
 }
 
-fn forward_malformed(a: &mut Attached, msg: &[u8], io: &mut Buffers) {
+fn forward_malformed(msg: &[u8], io: &mut Buffers) {
     // The server rejects it with the proper protocol error, then skips to Sync.
     io.sout.extend_from_slice(msg);
-    a.expects.push_back(Expect::Malformed);
+    io.expects.push_back(Expect::Malformed);
 }
 
 fn write_parse(out: &mut BytesMut, name: &[u8], tail: &[u8]) {
@@ -1057,7 +1078,7 @@ fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {
     if a.server.conn.unnamed != Some(s.hash) {
         write_parse(&mut io.sout, b"", &s.tail);
         a.server.conn.unnamed = Some(s.hash);
-        a.expects.push_back(Expect::Parse {
+        io.expects.push_back(Expect::Parse {
             hidden: true,
             prepared: None,
             client_name: None,
@@ -1073,7 +1094,7 @@ fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers) {
     evict_if_full(a, cap, io);
     write_parse(&mut io.sout, &s.name, &s.tail);
     a.server.conn.prepared.insert(s.hash);
-    a.expects.push_back(Expect::Parse {
+    io.expects.push_back(Expect::Parse {
         hidden: true,
         prepared: Some(s.hash),
         client_name: None,
@@ -1091,7 +1112,7 @@ fn evict_if_full(a: &mut Attached, cap: usize, io: &mut Buffers) {
             o.put_u8(b'S');
             protocol::put_cstr(o, &global_name(oldest));
         });
-        a.expects.push_back(Expect::Close { hidden: true });
+        io.expects.push_back(Expect::Close { hidden: true });
     }
 }
 
@@ -1103,5 +1124,61 @@ mod tests {
     fn global_names_are_fixed_width_hex() {
         assert_eq!(&global_name(0), b"sg0000000000000000");
         assert_eq!(&global_name(0xdead_beef_0123_4567), b"sgdeadbeef01234567");
+    }
+}
+
+#[cfg(test)]
+mod footprint {
+    use super::*;
+
+    /// An idle client is the `run` future (holding the `Session`) plus its socket and task:
+    /// keep it well under the 1 KiB per idle client the proxy promises.
+    #[test]
+    fn idle_session_is_small() {
+        let session = std::mem::size_of::<Session>();
+        assert!(session <= 200, "Session is {session} bytes");
+        fn future_size<F: std::future::Future>(_: &F) -> usize {
+            std::mem::size_of::<F>()
+        }
+        // The run future of a session that is never polled (no socket needed).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            async fn tcp_for_task(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+                tokio::net::TcpStream::connect(addr).await.expect("connect")
+            }
+            let config = shardgate_config::Config::parse(
+                "[[users]]\nname = \"u\"\nauth = \"trust\"\n[[databases]]\nname = \"d\"\n[[databases.shards]]\nhosts = [\"127.0.0.1:1\"]\n",
+                "test",
+            )
+            .expect("config");
+            let app = Arc::new(App::new(config).expect("app"));
+            let pool = app.pools.values().next().expect("pool").clone();
+            let (pid, _, cancel) = app.cancels.register();
+            let s = Session::new(
+                app.clone(),
+                ClientStream::Plain(tcp),
+                pool,
+                pid,
+                cancel,
+                Settings::empty(),
+                Arc::new(Vec::new()),
+            );
+            let mut s = s;
+            let run = s.run();
+            let run_size = future_size(&run);
+            drop(run);
+            // The task a client runs in: login, then the session loop.
+            let task = crate::startup::serve_client(app.clone(), tcp_for_task(addr).await);
+            let task_size = future_size(&task);
+            eprintln!("session {session} B, run future {run_size} B, client task {task_size} B");
+            assert!(run_size <= 256, "run future is {run_size} bytes");
+            assert!(task_size <= 320, "client task is {task_size} bytes");
+        });
     }
 }

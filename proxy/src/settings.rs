@@ -71,7 +71,8 @@ impl Settings {
         self.entries.is_empty()
     }
 
-    pub fn entries(&self) -> &[(String, String)] {
+    #[cfg(test)]
+    fn entries(&self) -> &[(String, String)] {
         &self.entries
     }
 
@@ -162,10 +163,10 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
     while let Some(w) = it.next() {
         let pair = if w == "-c" {
             it.next()
-        } else if let Some(rest) = w.strip_prefix("--").or_else(|| w.strip_prefix("-c")) {
-            Some(rest.to_string())
         } else {
-            None
+            w.strip_prefix("--")
+                .or_else(|| w.strip_prefix("-c"))
+                .map(str::to_string)
         };
         if let Some((n, v)) = pair.as_deref().and_then(|p| p.split_once('=')) {
             out.push((n.replace('-', "_"), v.to_string()));

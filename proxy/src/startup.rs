@@ -27,6 +27,39 @@ pub enum LoginError {
     Cancel,
 }
 
+/// A client's whole life: login within `client_login_timeout`, then the session loop.
+/// The login is boxed: its state is large and dead once the session runs, and this future's
+/// size is what every idle client costs.
+pub async fn serve_client(app: Arc<App>, tcp: TcpStream) {
+    // The login writes the session into this slot rather than returning it, so the task
+    // holds one Session, not a second copy in a return value.
+    let mut slot = None;
+    Box::pin(login_in_time(app, tcp, &mut slot)).await;
+    if let Some(session) = slot.as_mut() {
+        session.run().await;
+    }
+}
+
+async fn login_in_time(app: Arc<App>, tcp: TcpStream, slot: &mut Option<Session>) {
+    *slot = login_outcome(app, tcp).await;
+}
+
+async fn login_outcome(app: Arc<App>, tcp: TcpStream) -> Option<Session> {
+    let timeout = app.config.general.client_login_timeout;
+    let peer = tcp.peer_addr().ok();
+    match tokio::time::timeout(timeout, login(app, tcp)).await {
+        Ok(Ok(session)) => Some(session),
+        Ok(Err(e)) => {
+            tracing::debug!(?peer, "login ended: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::info!(?peer, "client did not finish login in {timeout:?}");
+            None
+        }
+    }
+}
+
 /// Runs the whole login; on success the client has its ReadyForQuery.
 pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError> {
     let mut stream = ClientStream::Plain(tcp);

@@ -14,12 +14,14 @@ pub enum ClientStream {
 }
 
 impl ClientStream {
-    /// Waits until the socket has data (or EOF) without reading it, so an idle client holds
-    /// no buffer. Only plain sockets: TLS may hold decrypted bytes the socket no longer shows.
-    pub async fn readable(&self) -> io::Result<()> {
+    /// Ready when the socket has data (or EOF), without reading it, so an idle client holds
+    /// no buffer. Polled directly rather than through `readable()`, whose future is ~170
+    /// bytes that every idle client would carry. TLS is always "ready": it may hold
+    /// decrypted bytes the socket no longer shows.
+    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self {
-            ClientStream::Plain(s) => s.readable().await,
-            ClientStream::Tls(_) => Ok(()),
+            ClientStream::Plain(s) => s.poll_read_ready(cx),
+            ClientStream::Tls(_) => Poll::Ready(Ok(())),
         }
     }
 

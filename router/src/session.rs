@@ -252,8 +252,8 @@ fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
     if !stmt.as_bytes().contains(&b'(') {
         return;
     }
-    let mut toks = Tokens::new(stmt);
-    while let Some(t) = toks.next() {
+    let toks = Tokens::new(stmt);
+    for t in toks {
         if !t.starts_with(|c: char| c.is_ascii_alphabetic()) {
             continue;
         }
