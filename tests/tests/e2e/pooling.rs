@@ -1,0 +1,366 @@
+//! Transaction pooling with prepared statements: named statements (tokio-postgres and
+//! raw, same name with different text on different clients) and the unnamed statement
+//! across round trips all survive server-connection switches.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use shardgate_e2e::{
+    connect, direct_mode, simple_value, unique_name, Cluster, Msg, Proxy, RawConn,
+};
+use tokio_postgres::types::Type;
+
+fn seed() -> u64 {
+    let seed = std::env::var("SHARDGATE_E2E_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (set SHARDGATE_E2E_SEED to replay)");
+    seed
+}
+
+/// One client prepares once and executes 1,000 times while 20 others churn a pool of 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prepared_statement_survives_churn_on_small_pool() {
+    let proxy = Proxy::builder().pool_size(2).start().await;
+    let url = proxy.url();
+    let t = unique_name("e2e_churn");
+    let setup = connect(&url).await.unwrap();
+    setup
+        .batch_execute(&format!("CREATE TABLE {t} (client int, k int)"))
+        .await
+        .unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut churners = Vec::new();
+    for c in 0..20i32 {
+        let url = url.clone();
+        let stop = stop.clone();
+        let t = t.clone();
+        churners.push(tokio::spawn(async move {
+            let mut client = connect(&url).await.expect("churner connect");
+            let mut inserted = 0i64;
+            let mut k = 0i32;
+            while !stop.load(Ordering::Relaxed) && k < 5000 {
+                match k % 4 {
+                    0 => {
+                        let v = simple_value(&client, &format!("SELECT {k} + {c}"))
+                            .await
+                            .expect("simple");
+                        assert_eq!(v, (k + c).to_string());
+                    }
+                    1 => {
+                        let row = client
+                            .query_one("SELECT $1::int4 + 1", &[&k])
+                            .await
+                            .expect("prepare+execute");
+                        assert_eq!(row.get::<_, i32>(0), k + 1);
+                    }
+                    2 => {
+                        let tx = client.transaction().await.expect("begin");
+                        tx.execute(&format!("INSERT INTO {t} VALUES ($1, $2)"), &[&c, &k])
+                            .await
+                            .expect("insert");
+                        let n: i64 = tx
+                            .query_one(
+                                &format!("SELECT count(*) FROM {t} WHERE client = $1"),
+                                &[&c],
+                            )
+                            .await
+                            .expect("count")
+                            .get(0);
+                        inserted += 1;
+                        assert_eq!(
+                            n, inserted,
+                            "client {c} sees its own rows in its transaction"
+                        );
+                        tx.commit().await.expect("commit");
+                    }
+                    _ => {
+                        let s = format!("c{c}k{k}");
+                        let row = client
+                            .query_typed_one("SELECT $1::text || '!'", &[(&s, Type::TEXT)])
+                            .await
+                            .expect("unnamed statement");
+                        assert_eq!(row.get::<_, String>(0), format!("{s}!"));
+                    }
+                }
+                k += 1;
+            }
+            (c, inserted, k)
+        }));
+    }
+
+    let client = connect(&url).await.unwrap();
+    let stmt = client
+        .prepare("SELECT $1::int8 * 2, $2::text || '?'")
+        .await
+        .unwrap();
+    for i in 0..1000i64 {
+        let s = format!("v{i}");
+        let row = client
+            .query_one(&stmt, &[&i, &s])
+            .await
+            .unwrap_or_else(|e| panic!("execution {i} of the prepared statement: {e}"));
+        assert_eq!(row.get::<_, i64>(0), i * 2, "execution {i}");
+        assert_eq!(row.get::<_, String>(1), format!("v{i}?"), "execution {i}");
+    }
+    stop.store(true, Ordering::Relaxed);
+
+    let mut total_iterations = 0;
+    for h in churners {
+        let (c, inserted, k) = h.await.expect("churner panicked");
+        total_iterations += k;
+        let n: i64 = setup
+            .query_one(
+                &format!("SELECT count(*) FROM {t} WHERE client = $1"),
+                &[&c],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, inserted, "client {c}: committed rows");
+    }
+    assert!(
+        total_iterations > 20,
+        "churners barely ran ({total_iterations})"
+    );
+    setup
+        .batch_execute(&format!("DROP TABLE {t}"))
+        .await
+        .unwrap();
+}
+
+/// Many tokio-postgres clients, each with shared-text and own-text named statements,
+/// re-preparing as they go, over a pool of 2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn named_statements_survive_pool_switches() {
+    let proxy = Proxy::builder().pool_size(2).start().await;
+    let seed = seed();
+    let mut tasks = Vec::new();
+    for c in 0..12u64 {
+        let url = proxy.url();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = StdRng::seed_from_u64(seed ^ c);
+            let client = connect(&url).await.expect("connect");
+            let shared = client
+                .prepare("SELECT $1::int4 + 100")
+                .await
+                .expect("prepare shared");
+            let mut own = client
+                .prepare(&format!("SELECT $1::text || '-{c}'"))
+                .await
+                .expect("prepare own");
+            let typed = client
+                .prepare_typed("SELECT $1 * 3", &[Type::INT8])
+                .await
+                .expect("prepare typed");
+            for i in 0..150i32 {
+                match rng.gen_range(0..4) {
+                    0 => {
+                        let r: i32 = client
+                            .query_one(&shared, &[&i])
+                            .await
+                            .expect("shared")
+                            .get(0);
+                        assert_eq!(r, i + 100);
+                    }
+                    1 => {
+                        let s = format!("x{i}");
+                        let r: String = client.query_one(&own, &[&s]).await.expect("own").get(0);
+                        assert_eq!(r, format!("x{i}-{c}"));
+                    }
+                    2 => {
+                        let v = i as i64;
+                        let r: i64 = client.query_one(&typed, &[&v]).await.expect("typed").get(0);
+                        assert_eq!(r, v * 3);
+                    }
+                    _ => {
+                        // Drop (Close) and prepare again, with a new text this time.
+                        own = client
+                            .prepare(&format!("SELECT $1::text || '-{c}' || '/{i}'"))
+                            .await
+                            .expect("re-prepare");
+                        let s = format!("y{i}");
+                        let r: String =
+                            client.query_one(&own, &[&s]).await.expect("new own").get(0);
+                        assert_eq!(r, format!("y{i}-{c}/{i}"));
+                        // Later uses of `own` expect the old suffix: re-prepare that one.
+                        own = client
+                            .prepare(&format!("SELECT $1::text || '-{c}'"))
+                            .await
+                            .expect("re-prepare");
+                    }
+                }
+                if rng.gen_bool(0.3) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("client task panicked");
+    }
+}
+
+fn command_tags(msgs: &[Msg]) -> Vec<char> {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+/// Raw clients all use the statement name `stmt` for different texts, close it and
+/// parse it again with another text; every execution sees its own client's text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn same_statement_name_on_many_clients() {
+    let proxy = Proxy::builder().pool_size(2).start().await;
+    let port = proxy.port();
+    let mut tasks = Vec::new();
+    for c in 0..8i32 {
+        tasks.push(tokio::spawn(async move {
+            let mut conn = RawConn::login(port, "app", Some("app"), "app").await;
+            conn.parse("stmt", &format!("SELECT {c}::int AS c, $1::text AS v"), &[]);
+            conn.sync();
+            let r = conn.round_trip().await.expect("parse");
+            assert_eq!(command_tags(&r), ['1', 'Z'], "Parse: {r:?}");
+            for i in 0..60 {
+                let base = if i < 30 { c } else { c + 1000 };
+                if i == 30 {
+                    conn.close(b'S', "stmt");
+                    conn.parse(
+                        "stmt",
+                        &format!("SELECT {}::int AS c, $1::text AS v", c + 1000),
+                        &[],
+                    );
+                    conn.sync();
+                    let r = conn.round_trip().await.expect("close+parse");
+                    assert_eq!(command_tags(&r), ['3', '1', 'Z'], "Close+Parse: {r:?}");
+                }
+                let v = format!("c{c}i{i}");
+                conn.bind_text("", "stmt", &[Some(&v)]);
+                conn.execute("", 0);
+                conn.sync();
+                let r = conn.round_trip().await.expect("bind/execute");
+                assert!(Msg::first_error(&r).is_none(), "client {c} step {i}: {r:?}");
+                assert_eq!(
+                    Msg::rows(&r),
+                    vec![vec![Some(base.to_string()), Some(v.clone())]],
+                    "client {c} step {i}"
+                );
+                if i % 3 == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            conn.terminate().await;
+        }));
+    }
+    for t in tasks {
+        t.await.expect("raw client panicked");
+    }
+}
+
+/// Parse/Describe/Sync of the unnamed statement, then (after the pool has moved on)
+/// Bind/Execute/Sync of it on another server connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unnamed_statement_across_round_trips() {
+    let proxy = Proxy::builder().pool_size(2).start().await;
+    let cluster = Cluster::shared();
+    let observer = connect(&cluster.primary_url(0, "app")).await.unwrap();
+    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let b = connect(&proxy.url()).await.unwrap();
+    let c = connect(&proxy.url()).await.unwrap();
+
+    let mut switched = 0;
+    let mut parse_pid_known = 0;
+    for round in 0..10i32 {
+        let marker = unique_name("unnamed");
+        let sql = format!("SELECT $1::int4 + 1 AS r, pg_backend_pid() AS pid /* {marker} */");
+        a.parse("", &sql, &[]);
+        a.describe(b'S', "");
+        a.sync();
+        let r = a.round_trip().await.expect("parse/describe");
+        assert_eq!(
+            command_tags(&r),
+            ['1', 't', 'T', 'Z'],
+            "Parse/Describe: {r:?}"
+        );
+
+        // Which server backend saw the Parse (if nothing ran there since)?
+        let parse_pid: Option<i32> = observer
+            .query_opt(
+                "SELECT pid FROM pg_stat_activity WHERE query = $1 AND pid <> pg_backend_pid()",
+                &[&sql],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get(0));
+
+        // Occupy both server connections, then free the one that did not see the Parse.
+        b.batch_execute("BEGIN").await.unwrap();
+        let b_pid: i32 = b
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        c.batch_execute("BEGIN").await.unwrap();
+        let c_pid: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        let release_b = match parse_pid {
+            Some(p) if p == b_pid => false,
+            Some(p) if p == c_pid => true,
+            _ => round % 2 == 0,
+        };
+        let (released, held) = if release_b { (&b, &c) } else { (&c, &b) };
+        let released_pid = if release_b { b_pid } else { c_pid };
+        released.batch_execute("COMMIT").await.unwrap();
+
+        a.bind_text("", "", &[Some(&round.to_string())]);
+        a.execute("", 0);
+        a.sync();
+        let r = a.round_trip().await.expect("bind/execute");
+        assert!(Msg::first_error(&r).is_none(), "round {round}: {r:?}");
+        let rows = Msg::rows(&r);
+        assert_eq!(rows.len(), 1, "round {round}: {r:?}");
+        assert_eq!(
+            rows[0][0].as_deref(),
+            Some((round + 1).to_string().as_str())
+        );
+        let exec_pid: i32 = rows[0][1].as_deref().unwrap().parse().unwrap();
+        held.batch_execute("COMMIT").await.unwrap();
+
+        if !direct_mode() {
+            assert_ne!(
+                b_pid, c_pid,
+                "two open transactions share a server connection"
+            );
+            assert_eq!(
+                exec_pid, released_pid,
+                "round {round}: ran on a busy connection?"
+            );
+            if let Some(p) = parse_pid {
+                parse_pid_known += 1;
+                if p != exec_pid {
+                    switched += 1;
+                }
+            }
+        }
+    }
+    if !direct_mode() {
+        eprintln!(
+            "unnamed statement: Parse's connection known in {parse_pid_known} of 10 rounds, \
+             executed elsewhere in {switched}"
+        );
+        if parse_pid_known == 0 {
+            eprintln!("note: the Parse's server connection was never identifiable");
+        } else {
+            assert!(
+                switched > 0,
+                "the unnamed statement never ran on another connection"
+            );
+        }
+    }
+    a.terminate().await;
+}
