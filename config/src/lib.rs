@@ -50,6 +50,41 @@ pub struct General {
     pub server_prepared_statements: usize,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    /// Plain reads may go to the primary even when a replica is healthy.
+    pub primary_reads: bool,
+    /// After a client's write commits, its reads go only to replicas that replayed it.
+    pub read_your_writes: bool,
+    /// Replicas further behind the primary than this (WAL bytes) get no reads.
+    pub max_replica_lag_bytes: u64,
+    /// Replicas whose last replayed transaction is older than this get no reads (optional:
+    /// on an idle primary the replay age grows without real lag).
+    #[serde(with = "humantime_serde")]
+    pub max_replica_lag_time: Option<Duration>,
+    pub load_balance: LoadBalance,
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub health_check_timeout: Duration,
+    /// How long a host that failed stays out of rotation before it is tried again.
+    #[serde(with = "humantime_serde")]
+    pub ban_time: Duration,
+    /// How long writes wait for a primary (during a failover) before they fail.
+    #[serde(with = "humantime_serde")]
+    pub failover_timeout: Duration,
+    /// Promote the most caught-up replica when the primary is gone for `auto_promote_after`.
+    pub auto_promote: bool,
+    #[serde(with = "humantime_serde")]
+    pub auto_promote_after: Duration,
+    /// The user health checks log in as (default: the first user with a password).
+    pub health_check_user: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalance {
+    /// The replica with the fewest transactions in flight (ties: round robin).
+    LeastOutstanding,
+    RoundRobin,
 }
 
 impl Default for General {
@@ -67,6 +102,18 @@ impl Default for General {
             server_prepared_statements: 1000,
             tls_cert: None,
             tls_key: None,
+            primary_reads: false,
+            read_your_writes: true,
+            max_replica_lag_bytes: 16 << 20,
+            max_replica_lag_time: None,
+            load_balance: LoadBalance::LeastOutstanding,
+            health_check_interval: Duration::from_millis(500),
+            health_check_timeout: Duration::from_secs(2),
+            ban_time: Duration::from_secs(10),
+            failover_timeout: Duration::from_secs(30),
+            auto_promote: false,
+            auto_promote_after: Duration::from_secs(5),
+            health_check_user: None,
         }
     }
 }
@@ -220,6 +267,14 @@ impl Config {
                 "general.tls_cert and general.tls_key must be set together".into(),
             ));
         }
+        if let Some(name) = &self.general.health_check_user {
+            if self.user(name).is_none() {
+                return Err(invalid(
+                    "health_check_user",
+                    format!("general.health_check_user \"{name}\" is not a [[users]] entry"),
+                ));
+            }
+        }
         if self.users.is_empty() {
             return Err(invalid(
                 "[[users]]",
@@ -288,6 +343,14 @@ impl Config {
 
     pub fn user(&self, name: &str) -> Option<&User> {
         self.users.iter().find(|u| u.name == name)
+    }
+
+    /// The user health checks log in as.
+    pub fn health_check_user(&self) -> Option<&User> {
+        match &self.general.health_check_user {
+            Some(name) => self.user(name),
+            None => self.users.iter().find(|u| u.server_password().is_some()),
+        }
     }
 
     pub fn database(&self, name: &str) -> Option<&Database> {

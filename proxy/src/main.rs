@@ -3,15 +3,18 @@
 mod app;
 mod auth;
 mod cancel;
+mod health;
 mod metrics;
 mod pool;
 mod protocol;
+mod roles;
 mod server;
 mod session;
 mod settings;
 mod startup;
 mod stream;
 mod tls;
+mod topology;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -120,6 +123,7 @@ async fn serve(config: Config) -> Result<(), String> {
     }
     let listen = config.general.listen;
     let app = Arc::new(app::App::new(config)?);
+    start_health_checks(&app).await;
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -144,6 +148,23 @@ async fn serve(config: Config) -> Result<(), String> {
         () = shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())
+        }
+    }
+}
+
+/// Checks every host once (so the first clients are routed by facts, not by config order),
+/// then keeps checking in the background.
+async fn start_health_checks(app: &Arc<app::App>) {
+    for (db, shards) in &app.topologies {
+        let Some(opts) = app.health_options(db) else {
+            tracing::warn!(database = %db, "no user with a password for health checks: roles are taken from config order");
+            continue;
+        };
+        let opts = Arc::new(opts);
+        for shard in shards {
+            let mut clients: Vec<_> = shard.hosts.iter().map(|_| None).collect();
+            health::check_once(shard, &mut clients, &opts).await;
+            health::spawn(shard.clone(), opts.clone(), clients);
         }
     }
 }

@@ -1,11 +1,15 @@
-//! Server connection pools: one per (database, user), capped, with clients queueing for a
-//! connection up to `checkout_timeout`.
+//! Server connection pools.
 //!
-//! The idle list is a plain `Mutex<Vec<_>>`, never held across an await. A checkout prefers
-//! the most recently used idle connection that already carries the client's settings (so no
-//! `SET` round trip is needed), else the most recently used one.
+//! A `Pool` holds connections to one host for one (database, user): capped, with clients
+//! queueing up to `checkout_timeout`. Its idle list is a plain `Mutex<Vec<_>>`, never held
+//! across an await; a checkout prefers the most recently used idle connection that already
+//! carries the client's settings (no `SET` round trip), else the most recently used one.
+//!
+//! `UserPools` is what a client session sees: for each shard, a pool per host, and the
+//! choice of host by role (primary for writes, a replica for reads) from the topology.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +18,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::metrics::PoolMetrics;
 use crate::server::{Login, ServerConn, ServerError};
 use crate::settings::Settings;
+use crate::topology::{Host, ReadPolicy, ShardTopology};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolError {
@@ -29,6 +34,18 @@ pub enum PoolError {
     Server(#[from] ServerError),
     #[error("timed out connecting to server {0}")]
     ConnectTimeout(SocketAddr),
+    #[error("shard {shard} has no primary (waited {waited:?} for a failover)")]
+    NoPrimary { shard: usize, waited: Duration },
+}
+
+impl PoolError {
+    /// A connection problem with the host, as opposed to a full pool or a refusal.
+    fn host_unreachable(&self) -> bool {
+        matches!(
+            self,
+            PoolError::ConnectTimeout(_) | PoolError::Server(ServerError::Connect { .. })
+        )
+    }
 }
 
 pub struct PoolOptions {
@@ -39,9 +56,9 @@ pub struct PoolOptions {
 }
 
 pub struct Pool {
-    /// "database/user", for errors, logs and metrics.
+    /// "database/user@host", for errors, logs and metrics.
     pub name: String,
-    pub addr: SocketAddr,
+    pub host: Arc<Host>,
     server_user: String,
     server_password: Option<String>,
     server_database: String,
@@ -49,22 +66,7 @@ pub struct Pool {
     slots: Arc<Semaphore>,
     #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
     idle: Mutex<Vec<Box<ServerConn>>>,
-    /// The latest login's settings and reported parameters: clients with equal ones share
-    /// one allocation, which keeps an idle client small.
-    interned: Mutex<Interned>,
-    /// Hashes of statements (text + parameter types) that parsed without error on this
-    /// pool's servers.
-    known_statements: Mutex<std::collections::HashSet<u64>>,
     pub metrics: PoolMetrics,
-}
-
-/// Bound on `known_statements`; past it the set starts over.
-const MAX_KNOWN_STATEMENTS: usize = 100_000;
-
-#[derive(Default)]
-struct Interned {
-    settings: Option<Arc<Settings>>,
-    reported: Option<Arc<Vec<(String, String)>>>,
 }
 
 /// A server connection lent to one client. Dropping it closes the connection; `release`
@@ -79,7 +81,7 @@ pub struct Checkout {
 impl Pool {
     pub fn new(
         name: String,
-        addr: SocketAddr,
+        host: Arc<Host>,
         login: (String, Option<String>, String),
         opts: PoolOptions,
     ) -> Pool {
@@ -88,14 +90,12 @@ impl Pool {
         Pool {
             slots: Arc::new(Semaphore::new(opts.size)),
             name,
-            addr,
+            host,
             server_user: login.0,
             server_password: login.1,
             server_database: login.2,
             opts,
             idle: Mutex::new(Vec::new()),
-            interned: Mutex::new(Interned::default()),
-            known_statements: Mutex::new(Default::default()),
             metrics,
         }
     }
@@ -127,12 +127,7 @@ impl Pool {
         while let Some(conn) = self.take_idle(settings) {
             self.metrics.idle.decrement(1.0);
             if conn.idle_since.elapsed() < self.opts.idle_timeout && conn.looks_alive() {
-                self.metrics.active.increment(1.0);
-                return Ok(Checkout {
-                    conn,
-                    _permit: permit,
-                    pool: self.clone(),
-                });
+                return Ok(self.lend(conn, permit));
             }
         }
         let login = Login {
@@ -142,17 +137,22 @@ impl Pool {
         };
         let conn = tokio::time::timeout(
             self.opts.connect_timeout,
-            ServerConn::connect(self.addr, &login),
+            ServerConn::connect(self.host.addr, &login),
         )
         .await
-        .map_err(|_| PoolError::ConnectTimeout(self.addr))??;
+        .map_err(|_| PoolError::ConnectTimeout(self.host.addr))??;
         self.metrics.connects.increment(1);
+        Ok(self.lend(Box::new(conn), permit))
+    }
+
+    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Checkout {
         self.metrics.active.increment(1.0);
-        Ok(Checkout {
-            conn: Box::new(conn),
+        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
+        Checkout {
+            conn,
             _permit: permit,
             pool: self.clone(),
-        })
+        }
     }
 
     fn take_idle(&self, settings: &Settings) -> Option<Box<ServerConn>> {
@@ -165,6 +165,145 @@ impl Pool {
         match matching {
             Some(i) => Some(idle.swap_remove(i)),
             None => idle.pop(),
+        }
+    }
+
+    /// Closes idle connections (the host failed or was replaced).
+    pub fn drain_idle(&self) {
+        let drained = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        self.metrics.idle.decrement(drained.len() as f64);
+    }
+}
+
+impl Checkout {
+    /// Returns a clean connection to the pool.
+    pub fn release(self) {
+        let Checkout {
+            mut conn,
+            _permit,
+            pool,
+        } = self;
+        conn.idle_since = Instant::now();
+        pool.metrics.active.decrement(1.0);
+        pool.metrics.idle.increment(1.0);
+        pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+        pool.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        // The permit drops here, after the connection is back, so a waiter finds it.
+    }
+
+    /// Closes the connection (it is in a state no other client may inherit).
+    pub fn discard(self) {
+        self.pool.metrics.active.decrement(1.0);
+        self.pool.metrics.discards.increment(1);
+        self.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Which server a transaction needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Writes, and anything that must see the latest data.
+    Primary,
+    /// Plain reads; `min_lsn` is how far a replica must have replayed (read-your-writes).
+    Replica { min_lsn: u64 },
+}
+
+/// Routing options shared by every pool of a database.
+pub struct RouteOptions {
+    pub read: ReadPolicy,
+    pub failover_timeout: Duration,
+    pub ban_time: Duration,
+}
+
+/// The pools of one shard: one per host, indexed like the topology's hosts.
+pub struct ShardPools {
+    pub topology: Arc<ShardTopology>,
+    pub hosts: Vec<Arc<Pool>>,
+}
+
+/// Everything a session of one (database, user) checks out connections from.
+pub struct UserPools {
+    /// "database/user".
+    pub name: String,
+    pub shards: Vec<ShardPools>,
+    pub route: Arc<RouteOptions>,
+    /// The latest login's settings and reported parameters: clients with equal ones share
+    /// one allocation, which keeps an idle client small.
+    interned: Mutex<Interned>,
+    /// Hashes of statements (text + parameter types) that parsed without error on this
+    /// database's servers as this user.
+    known_statements: Mutex<std::collections::HashSet<u64>>,
+}
+
+/// Bound on `known_statements`; past it the set starts over.
+const MAX_KNOWN_STATEMENTS: usize = 100_000;
+
+#[derive(Default)]
+struct Interned {
+    settings: Option<Arc<Settings>>,
+    reported: Option<Arc<Vec<(String, String)>>>,
+}
+
+impl UserPools {
+    pub fn new(name: String, shards: Vec<ShardPools>, route: Arc<RouteOptions>) -> UserPools {
+        UserPools {
+            name,
+            shards,
+            route,
+            interned: Mutex::new(Interned::default()),
+            known_statements: Mutex::new(Default::default()),
+        }
+    }
+
+    /// A connection on `shard` for `want`: the primary (waiting out a failover), or a
+    /// replica that qualifies, else the primary. A host that cannot be reached is banned
+    /// and the next candidate tried.
+    pub async fn checkout(
+        &self,
+        shard: usize,
+        want: Want,
+        settings: &Settings,
+    ) -> Result<Checkout, PoolError> {
+        let sp = &self.shards[shard];
+        let topo = &sp.topology;
+        let mut excluded = 0u64;
+        let deadline = tokio::time::Instant::now() + self.route.failover_timeout;
+        loop {
+            let replica = match want {
+                Want::Replica { min_lsn } => topo.pick_replica(&self.route.read, min_lsn, excluded),
+                Want::Primary => None,
+            };
+            let host = match replica {
+                Some(h) => h,
+                None => {
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match topo.wait_primary(left).await {
+                        Some(p) => p,
+                        None => {
+                            return Err(PoolError::NoPrimary {
+                                shard,
+                                waited: self.route.failover_timeout,
+                            })
+                        }
+                    }
+                }
+            };
+            match sp.hosts[host].checkout(settings).await {
+                Ok(c) => return Ok(c),
+                Err(e) if e.host_unreachable() => {
+                    tracing::warn!(pool = %self.name, "{e}");
+                    topo.ban(host, self.route.ban_time);
+                    sp.hosts[host].drain_idle();
+                    excluded |= 1 << (host % 64);
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 
@@ -212,30 +351,5 @@ impl Pool {
             known.clear();
         }
         known.insert(hash);
-    }
-}
-
-impl Checkout {
-    /// Returns a clean connection to the pool.
-    pub fn release(self) {
-        let Checkout {
-            mut conn,
-            _permit,
-            pool,
-        } = self;
-        conn.idle_since = Instant::now();
-        pool.metrics.active.decrement(1.0);
-        pool.metrics.idle.increment(1.0);
-        pool.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
-        // The permit drops here, after the connection is back, so a waiter finds it.
-    }
-
-    /// Closes the connection (it is in a state no other client may inherit).
-    pub fn discard(self) {
-        self.pool.metrics.active.decrement(1.0);
-        self.pool.metrics.discards.increment(1);
     }
 }

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::App;
 use crate::cancel::{CancelSlot, CancelTarget};
-use crate::pool::{Checkout, Pool, PoolError};
+use crate::pool::{Checkout, PoolError, UserPools, Want};
 use crate::protocol::{self, body, frame_len, sqlstate, Reader};
 use crate::server::MAX_SERVER_MESSAGE;
 use crate::settings::Settings;
@@ -34,21 +34,23 @@ struct Stmt {
     /// `sg` + 16 hex digits of `hash`: the same text and types share one name everywhere.
     name: [u8; 18],
     effects: Option<Arc<SessionEffects>>,
+    /// Must run on the primary (a write, or a read that locks).
+    primary: bool,
 }
 
 impl Stmt {
     fn new(tail: Bytes, hash: u64) -> Stmt {
         let text = Reader::new(&tail).cstr().unwrap_or_default();
-        let effects = std::str::from_utf8(text)
-            .ok()
-            .map(classify)
-            .filter(|fx| !fx.is_empty())
-            .map(Arc::new);
+        let text = std::str::from_utf8(text).ok();
+        let effects = text.map(classify).filter(|fx| !fx.is_empty()).map(Arc::new);
+        let primary = text.is_none_or(crate::roles::needs_primary)
+            || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
         Stmt {
             tail,
             hash,
             name: global_name(hash),
             effects,
+            primary,
         }
     }
 }
@@ -116,6 +118,8 @@ enum Expect {
     Reply(Bytes),
     /// A message shardgate could not read; the server answers it with an error.
     Malformed,
+    /// `SELECT pg_current_wal_lsn()` after a write committed, for read-your-writes.
+    WriteLsn,
 }
 
 impl Expect {
@@ -125,6 +129,7 @@ impl Expect {
             Expect::Parse { hidden: true, .. }
                 | Expect::Close { hidden: true }
                 | Expect::Query { hidden: true, .. }
+                | Expect::WriteLsn
         )
     }
 }
@@ -143,6 +148,8 @@ struct Attached {
     query_failed: bool,
     /// Session effects of statements completed in the current transaction.
     tx_effects: Vec<Arc<SessionEffects>>,
+    /// Attached for writes: when the transaction ends, learn the WAL position it reached.
+    wrote: bool,
 }
 
 /// Buffers lent to a session only while it has work, so idle clients cost no buffer memory.
@@ -209,7 +216,7 @@ enum Flow {
 pub struct Session {
     app: Arc<App>,
     client: ClientStream,
-    pool: Arc<Pool>,
+    pools: Arc<UserPools>,
     pid: i32,
     cancel: Arc<CancelSlot>,
     settings: Arc<Settings>,
@@ -221,13 +228,16 @@ pub struct Session {
     /// After an error shardgate raised mid-batch, drop messages until Sync, as a server does.
     skip_until_sync: bool,
     attached: Option<Attached>,
+    /// WAL position of this client's last committed write: replicas serve its reads only
+    /// once they have replayed it.
+    last_write_lsn: u64,
 }
 
 impl Session {
     pub fn new(
         app: Arc<App>,
         client: ClientStream,
-        pool: Arc<Pool>,
+        pools: Arc<UserPools>,
         pid: i32,
         cancel: Arc<CancelSlot>,
         settings: Arc<Settings>,
@@ -237,7 +247,7 @@ impl Session {
         Session {
             app,
             client,
-            pool,
+            pools,
             pid,
             cancel,
             settings,
@@ -246,6 +256,7 @@ impl Session {
             pins: Pins::NONE,
             skip_until_sync: false,
             attached: None,
+            last_write_lsn: 0,
         }
     }
 
@@ -385,19 +396,31 @@ impl Session {
                 if !io.held.is_empty() {
                     self.route_held(io).await?;
                 }
-                if self.attached.is_none() && !self.attach(io).await {
-                    protocol::ready_for_query(&mut io.cout, b'I');
-                    return Ok(());
-                }
-                let effects = if msg[0] == b'Q' {
+                let (effects, primary) = if msg[0] == b'Q' {
                     let text = Reader::new(body(&msg)).cstr().unwrap_or_default();
-                    let fx = std::str::from_utf8(text).map(classify).unwrap_or_default();
-                    (!fx.is_empty()).then(|| Arc::new(fx))
+                    match std::str::from_utf8(text) {
+                        Ok(sql) => {
+                            let fx = classify(sql);
+                            let primary = !fx.pin.is_empty() || crate::roles::needs_primary(sql);
+                            ((!fx.is_empty()).then(|| Arc::new(fx)), primary)
+                        }
+                        Err(_) => (None, true),
+                    }
                 } else {
-                    None
+                    (None, true)
                 };
+                if self.attached.is_none() {
+                    let want = self.want(primary);
+                    if !self.attach(io, want).await {
+                        protocol::ready_for_query(&mut io.cout, b'I');
+                        return Ok(());
+                    }
+                }
                 self.app.metrics.queries.increment(1);
-                let a = self.attached.as_mut().expect("attached above");
+                let Some(a) = self.attached.as_mut() else {
+                    return Ok(());
+                };
+                a.wrote |= primary;
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
                 io.sout.extend_from_slice(&msg);
@@ -447,7 +470,8 @@ impl Session {
                 }
                 return Ok(());
             }
-            if !self.attach(io).await {
+            let want = self.want(self.held_needs_primary(io));
+            if !self.attach(io, want).await {
                 let ends_with_sync = io.held.last().is_some_and(|m| m[0] == b'S');
                 io.held.clear();
                 if ends_with_sync {
@@ -464,6 +488,51 @@ impl Session {
         Ok(())
     }
 
+    /// Primary for writes (and everything in session pooling), else a replica that has
+    /// replayed this client's last write.
+    fn want(&self, primary: bool) -> Want {
+        if primary || self.app.session_pooling() {
+            Want::Primary
+        } else if self.app.config.general.read_your_writes {
+            Want::Replica {
+                min_lsn: self.last_write_lsn,
+            }
+        } else {
+            Want::Replica { min_lsn: 0 }
+        }
+    }
+
+    /// Whether any statement in the held batch needs the primary.
+    fn held_needs_primary(&self, io: &Buffers) -> bool {
+        io.held.iter().any(|m| {
+            let mut r = Reader::new(body(m));
+            match m[0] {
+                b'P' => {
+                    let _name = r.cstr();
+                    let text = r.cstr().unwrap_or_default();
+                    match std::str::from_utf8(text) {
+                        Ok(sql) => {
+                            crate::roles::needs_primary(sql) || !classify(sql).pin.is_empty()
+                        }
+                        Err(_) => true,
+                    }
+                }
+                b'B' => {
+                    let _portal = r.cstr();
+                    let name = r.cstr().unwrap_or_default();
+                    let p = self.prepared.as_deref();
+                    let stmt = if name.is_empty() {
+                        p.and_then(|p| p.unnamed.as_ref())
+                    } else {
+                        p.and_then(|p| p.named.get(name))
+                    };
+                    stmt.is_none_or(|s| s.primary)
+                }
+                _ => false,
+            }
+        })
+    }
+
     /// Whether a detached client's message can be answered without a server: Sync, Flush,
     /// closing a statement, and preparing a statement that already parsed on this pool's
     /// servers (so a driver that prepares synchronously never waits for a connection only
@@ -477,7 +546,7 @@ impl Session {
                 match r.cstr() {
                     Some(name) if !name.is_empty() => {
                         let tail = &body(msg)[r.position()..];
-                        self.pool
+                        self.pools
                             .is_known_statement(self.app.statement_hasher.hash_one(tail))
                     }
                     _ => false,
@@ -617,6 +686,7 @@ impl Session {
                     None => io.sout.extend_from_slice(&msg),
                 }
                 p.portal_effects.retain(|(name, _)| *name != portal);
+                a.wrote |= stmt.as_ref().is_none_or(|s| s.primary);
                 if let Some(fx) = stmt.and_then(|s| s.effects.clone()) {
                     p.portal_effects.push((portal, fx));
                 }
@@ -795,13 +865,33 @@ impl Session {
                 }
                 a.status = status;
                 if status == b'I' {
+                    if a.wrote && self.app.config.general.read_your_writes {
+                        // The commit is acknowledged (the ReadyForQuery goes out with this
+                        // burst); learning its WAL position costs the client no wait.
+                        a.wrote = false;
+                        protocol::query(&mut io.sout, "SELECT pg_current_wal_lsn()");
+                        io.expects.push_back(Expect::WriteLsn);
+                    }
                     self.end_transaction();
                 }
                 io.cout.extend_from_slice(msg);
             }
+            (b'D', Some(Expect::WriteLsn)) => {
+                let mut r = Reader::new(body(msg));
+                let lsn = match (r.u8(), r.u8(), r.i32()) {
+                    (Some(0), Some(1), Some(len)) if len > 0 => r
+                        .bytes(len as usize)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .and_then(crate::topology::parse_lsn),
+                    _ => None,
+                };
+                if let Some(lsn) = lsn {
+                    self.last_write_lsn = self.last_write_lsn.max(lsn);
+                }
+            }
             (b'1', Some(Expect::Parse { prepared, .. })) => {
                 if let Some(hash) = prepared {
-                    self.pool.mark_known_statement(*hash);
+                    self.pools.mark_known_statement(*hash);
                 }
                 io.expects.pop_front();
                 if !hidden {
@@ -889,7 +979,7 @@ impl Session {
             a.server.conn.settings = None;
             return;
         }
-        let settings = self.pool.intern_settings(self.settings.apply(&changes));
+        let settings = self.pools.intern_settings(self.settings.apply(&changes));
         a.server.conn.settings = Some(settings.clone());
         self.settings = settings;
     }
@@ -920,8 +1010,8 @@ impl Session {
     // ---- holding and giving back a server connection -----------------------------------
 
     /// Takes a server connection for the client; on failure the client has an ErrorResponse.
-    async fn attach(&mut self, io: &mut Buffers) -> bool {
-        let mut server = match self.pool.checkout(&self.settings).await {
+    async fn attach(&mut self, io: &mut Buffers, want: Want) -> bool {
+        let mut server = match self.pools.checkout(0, want, &self.settings).await {
             Ok(s) => s,
             Err(e) => {
                 let (code, message) = match &e {
@@ -932,11 +1022,11 @@ impl Session {
                     PoolError::Timeout { .. } => {
                         (sqlstate::TOO_MANY_CONNECTIONS.to_string(), e.to_string())
                     }
-                    PoolError::ConnectTimeout(_) => {
+                    PoolError::ConnectTimeout(_) | PoolError::NoPrimary { .. } => {
                         (sqlstate::CONNECTION_FAILURE.to_string(), e.to_string())
                     }
                 };
-                tracing::warn!(pool = %self.pool.name, "{message}");
+                tracing::warn!(pool = %self.pools.name, "{message}");
                 protocol::error_response(&mut io.cout, "ERROR", &code, &message);
                 return false;
             }
@@ -967,6 +1057,7 @@ impl Session {
             tx_failed: false,
             query_failed: false,
             tx_effects: Vec::new(),
+            wrote: false,
         });
         true
     }

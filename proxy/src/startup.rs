@@ -150,11 +150,17 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
     // Apply the client's startup settings on a real server and report what it reports, so
     // values arrive normalised exactly as Postgres would send them.
     let settings = pool.intern_settings(Settings::from_startup(&params.0));
-    let mut server = match pool.checkout(&settings).await {
+    let mut server = match pool
+        .checkout(0, crate::pool::Want::Replica { min_lsn: 0 }, &settings)
+        .await
+    {
         Ok(s) => s,
         Err(e) => {
             let (code, msg) = match &e {
                 crate::pool::PoolError::Server(se) => se.client_error(),
+                crate::pool::PoolError::Timeout { .. } => {
+                    (sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
+                }
                 other => (sqlstate::CONNECTION_FAILURE, other.to_string()),
             };
             let code = code.to_string();
