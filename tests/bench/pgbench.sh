@@ -1,0 +1,805 @@
+#!/usr/bin/env bash
+# tests/bench/pgbench.sh: throughput and memory benchmark.
+#
+# Compares direct Postgres, PgBouncer (Debian package) and shardgate:
+#   * throughput: every (scenario, target) pair once per round, targets in a
+#     rotating order per round; reports median TPS, ratio to direct, each
+#     proxy's CPU-µs per transaction (utime+stime from /proc) and failed tx;
+#   * memory: RSS of PgBouncer and shardgate holding 1,000 and 10,000 idle
+#     authenticated (SCRAM-SHA-256) clients.
+#
+# Everything runs on 127.0.0.1 in a private temp dir; Postgres comes from
+# deploy/local/cluster.sh (a small initdb/pg_ctl fallback is used if that
+# script is absent). Not part of tests/run.sh. See tests/bench/README.md.
+#
+# Adding a scenario: call add_scenario in define_scenarios (id, title,
+# pgbench arguments, targets). Adding a target: give it a start_<name>
+# function that sets TARGET_PORT/TARGET_PID and list it in ALL_TARGETS.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$HERE/../.." && pwd)
+
+usage() {
+    cat <<'EOF'
+Usage: tests/bench/pgbench.sh [options]
+
+Options (each also settable by the environment variable in brackets):
+  --rounds N          rounds of the interleaved throughput run [ROUNDS=3]
+  --duration S        seconds per pgbench run [DURATION=10]
+  --scale N           pgbench -i scale factor [SCALE=10]
+  --pool-size N       server connections per pool, both proxies [POOL_SIZE=20]
+  --clients LIST      client counts for the throughput scenarios [CLIENTS=16,64]
+  --threads N         pgbench -j for throughput runs [THREADS=2]
+  --idle-clients LIST idle client counts for the memory run [IDLE_CLIENTS=1000,10000]
+  --only LIST         targets to run [ONLY=direct,pgbouncer,shardgate]
+  --skip-memory       skip the memory run [SKIP_MEMORY=1]
+  --skip-throughput   skip the throughput run [SKIP_THROUGHPUT=1]
+  --out FILE          also write the markdown report to FILE [OUT]
+  -h, --help          this text
+
+Other environment: PG_PORT (25432), PGBOUNCER_PORT (26432),
+SHARDGATE_PORT (27432), SHARDGATE_BIN (default target/release/shardgate,
+brought up to date with cargo build --release unless SHARDGATE_BUILD=0),
+SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
+temp dir with every pgbench log and the proxies' configs and logs).
+EOF
+}
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+SCALE=${SCALE:-10}
+POOL_SIZE=${POOL_SIZE:-20}
+CLIENTS=${CLIENTS:-16,64}
+THREADS=${THREADS:-2}
+IDLE_CLIENTS=${IDLE_CLIENTS:-1000,10000}
+ONLY=${ONLY:-direct,pgbouncer,shardgate}
+SKIP_MEMORY=${SKIP_MEMORY:-0}
+SKIP_THROUGHPUT=${SKIP_THROUGHPUT:-0}
+OUT=${OUT:-}
+# Below the kernel's ephemeral range (32768-60999 by default): a listen port in
+# that range can be taken by the TIME_WAIT leftovers of the 10,000 clients.
+PG_PORT=${PG_PORT:-25432}
+PGBOUNCER_PORT=${PGBOUNCER_PORT:-26432}
+SHARDGATE_PORT=${SHARDGATE_PORT:-27432}
+SHARDGATE_BIN=${SHARDGATE_BIN:-$REPO/target/release/shardgate}
+SHARDGATE_BUILD=${SHARDGATE_BUILD:-1}
+SHARDGATE_LOG=${SHARDGATE_LOG:-warn}
+KEEP_TMP=${KEEP_TMP:-0}
+
+while (($#)); do
+    case $1 in
+        --rounds) ROUNDS=$2; shift ;;
+        --duration) DURATION=$2; shift ;;
+        --scale) SCALE=$2; shift ;;
+        --pool-size) POOL_SIZE=$2; shift ;;
+        --clients) CLIENTS=$2; shift ;;
+        --threads) THREADS=$2; shift ;;
+        --idle-clients) IDLE_CLIENTS=$2; shift ;;
+        --only) ONLY=$2; shift ;;
+        --skip-memory) SKIP_MEMORY=1 ;;
+        --skip-throughput) SKIP_THROUGHPUT=1 ;;
+        --out) OUT=$2; shift ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "unknown option: $1" >&2; usage >&2; exit 2 ;;
+    esac
+    shift
+done
+
+CLIENTS=${CLIENTS//,/ }
+IDLE_CLIENTS=${IDLE_CLIENTS//,/ }
+ONLY=" ${ONLY//,/ } "
+for v in ROUNDS DURATION SCALE POOL_SIZE THREADS PG_PORT PGBOUNCER_PORT SHARDGATE_PORT; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a number, got '${!v}'" >&2; exit 2; }
+done
+for c in $CLIENTS $IDLE_CLIENTS; do
+    [[ $c =~ ^[0-9]+$ ]] || { echo "client counts must be numbers, got '$c'" >&2; exit 2; }
+done
+
+export PGPASSWORD=app PGUSER=app PGDATABASE=app PGHOST=127.0.0.1 PGSSLMODE=disable
+export PGCONNECT_TIMEOUT=30
+
+# ---------------------------------------------------------------------------
+# helpers
+
+log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+die() { log "ERROR: $*"; exit 1; }
+selected() { [[ $ONLY == *" $1 "* ]]; }
+now_ms() { local t; t=$(date +%s%N); echo $((t / 1000000)); }
+
+# Runs "$@" as $RUN_USER (postgres when we are root: neither Postgres nor
+# PgBouncer runs as root). setpriv execs, so "$!" of a background
+# "${RUN_AS[@]}" cmd & is the PID of cmd itself.
+run_as_prefix() { # user -> RUN_AS array
+    RUN_AS=()
+    if [[ $(id -u) -eq 0 && $1 != root ]]; then
+        RUN_AS=(setpriv "--reuid=$1" "--regid=$1" --init-groups --)
+    fi
+}
+as_run_user() {
+    local RUN_AS
+    run_as_prefix "$RUN_USER"
+    "${RUN_AS[@]}" "$@"
+}
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Established TCP connections whose local port is $1 (the server side of a
+# proxy's clients). /proc/net/tcp: local address is field 2 (hex port after
+# the colon), state is field 4 (01 = ESTABLISHED). Only IPv4: we use 127.0.0.1.
+established() {
+    awk -v p=":$(printf '%04X' "$1")" 'substr($2, length($2) - 4) == p && $4 == "01" { n++ }
+        END { print n + 0 }' /proc/net/tcp
+}
+
+# utime+stime of a whole process (all threads), in clock ticks. Fields 14 and
+# 15 of /proc/PID/stat; the comm field (2) may hold spaces, so cut after ')'.
+cpu_ticks() {
+    local s
+    s=$(<"/proc/$1/stat") || return 1
+    s=${s##*) }
+    awk '{ print $12 + $13 }' <<<"$s"
+}
+
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+
+# Stops a process we started, by PID: SIGTERM, then SIGKILL after a deadline.
+stop_pid() {
+    local pid=$1 deadline
+    alive "$pid" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    deadline=$(($(now_ms) + 15000))
+    while alive "$pid" && (($(now_ms) < deadline)); do sleep 0.05; done
+    if alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
+    wait "$pid" 2>/dev/null || true
+}
+
+# Runs "$@" in the background and waits for it, so that a signal reaches our
+# traps at once (bash defers traps while a foreground command runs) and
+# cleanup can stop it by PID.
+run_waited() {
+    local rc=0
+    "$@" &
+    BG_PID=$!
+    wait "$BG_PID" || rc=$?
+    BG_PID=
+    return "$rc"
+}
+
+wait_port() { # port deadline_s pid
+    local deadline=$(($(now_ms) + $2 * 1000))
+    while (($(now_ms) < deadline)); do
+        port_open "$1" && return 0
+        [[ -n ${3:-} ]] && ! alive "$3" && return 1
+        sleep 0.05
+    done
+    return 1
+}
+
+pg_bindir() {
+    local d
+    if d=$(pg_config --bindir 2>/dev/null) && [[ -x $d/initdb ]]; then echo "$d"; return; fi
+    d=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n1)
+    [[ -x $d/initdb ]] && { echo "$d"; return; }
+    d=$(dirname "$(command -v initdb)") && echo "$d"
+}
+
+psql_direct() { psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PG_PORT" -At "$@"; }
+
+median() { # numbers on stdin, NA ignored; prints NA if none
+    { grep -v '^NA$' || true; } | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR == 0) { print "NA"; exit }
+        if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# ---------------------------------------------------------------------------
+# setup: temp dir, limits, packages
+
+WORK=$(mktemp -d /tmp/shardgate-bench.XXXXXX)
+chmod 755 "$WORK"
+cd "$WORK"
+RUN_USER=$(id -un)
+if [[ $(id -u) -eq 0 ]]; then
+    getent passwd postgres >/dev/null || die "running as root needs a 'postgres' OS user (install postgresql)"
+    RUN_USER=postgres
+fi
+
+declare -A TARGET_PORT=() TARGET_PID=() TARGET_NOTE=()
+CLUSTER_MODE=
+BG_PID=
+
+# Our own stdout/stderr, for cleanup: a trap may fire inside a redirected call.
+exec {OUT_FD}>&1 {ERR_FD}>&2
+
+cleanup() {
+    local rc=$? t pidfile pid deadline
+    trap - EXIT INT TERM
+    exec 1>&"$OUT_FD" 2>&"$ERR_FD"
+    stop_pid "$BG_PID"
+    for t in "${!TARGET_PID[@]}"; do stop_pid "${TARGET_PID[$t]}"; done
+    if [[ $CLUSTER_MODE == cluster.sh ]]; then
+        if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+            cluster_sh down >/dev/null 2>&1 || log "cluster.sh down failed"
+        else
+            cluster_sh down --purge >/dev/null 2>&1 || log "cluster.sh down failed"
+        fi
+    fi
+    # Whatever postmaster is still running under our home: fast shutdown by PID.
+    if [[ -d $WORK/cluster ]]; then
+        while IFS= read -r pidfile; do
+            pid=$(head -n1 "$pidfile" 2>/dev/null) || continue
+            if ! [[ $pid =~ ^[0-9]+$ && $(cat "/proc/$pid/comm" 2>/dev/null) == postgres ]]; then
+                continue
+            fi
+            kill -INT "$pid" 2>/dev/null || true
+            deadline=$(($(now_ms) + 30000))
+            while alive "$pid" && (($(now_ms) < deadline)); do sleep 0.1; done
+        done < <(find -L "$WORK/cluster" -name postmaster.pid 2>/dev/null)
+    fi
+    if [[ $KEEP_TMP == 1 || $rc -ne 0 ]]; then
+        log "temp dir kept: $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# Enough descriptors for 10,000 idle clients (pgbench and the proxies inherit).
+ulimit -Hn 65536 2>/dev/null || true
+HARD_NOFILE=$(ulimit -Hn)
+if [[ $HARD_NOFILE == unlimited ]] || ((HARD_NOFILE >= 65536)); then
+    ulimit -Sn 65536
+else
+    ulimit -Sn "$HARD_NOFILE"
+fi
+NOFILE=$(ulimit -Sn)
+
+if ! command -v pgbench >/dev/null || ! command -v psql >/dev/null; then
+    # A fresh machine: cluster.sh knows how to install PostgreSQL.
+    if [[ -f $REPO/deploy/local/cluster.sh ]]; then
+        bash "$REPO/deploy/local/cluster.sh" install >&2
+    fi
+    d=$(pg_bindir) && PATH=$d:$PATH
+fi
+for tool in pgbench psql setpriv awk getconf; do
+    command -v "$tool" >/dev/null || die "missing $tool"
+done
+
+PGBOUNCER=
+if selected pgbouncer; then
+    PGBOUNCER=$(command -v pgbouncer || true)
+    [[ -z $PGBOUNCER && -x /usr/sbin/pgbouncer ]] && PGBOUNCER=/usr/sbin/pgbouncer
+    if [[ -z $PGBOUNCER ]]; then
+        [[ $(id -u) -eq 0 ]] || die "pgbouncer is not installed (apt-get install pgbouncer)"
+        log "installing pgbouncer (apt-get)"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
+        apt-get -o DPkg::Lock::Timeout=600 install -y -qq pgbouncer >&2
+        PGBOUNCER=/usr/sbin/pgbouncer
+    fi
+fi
+
+# ---------------------------------------------------------------------------
+# Postgres
+
+MAX_CLIENTS=0
+for c in $CLIENTS; do ((c > MAX_CLIENTS)) && MAX_CLIENTS=$c; done
+# direct clients + both proxies' pools (they keep idle server connections
+# while the other targets run) + psql and headroom.
+NEED_CONNECTIONS=$((MAX_CLIENTS + 2 * POOL_SIZE + 20))
+((NEED_CONNECTIONS < 100)) && NEED_CONNECTIONS=100
+
+cluster_sh() {
+    SHARDGATE_HOME=$WORK/cluster SHARDGATE_PG_PORT=$PG_PORT SHARDGATE_SHARDS=1 \
+        SHARDGATE_REPLICAS=0 bash "$REPO/deploy/local/cluster.sh" "$@"
+}
+
+# Minimal stand-in used only when deploy/local/cluster.sh is absent: same
+# contract (database app, user app/app, scram over TCP, 127.0.0.1 only).
+fallback_cluster_up() {
+    local bindir data=$WORK/cluster/pg$PG_PORT sock=$WORK/cluster/sock
+    bindir=$(pg_bindir) || die "initdb not found"
+    mkdir -p "$WORK/cluster" "$sock"
+    [[ $(id -u) -eq 0 ]] && chown -R "$RUN_USER" "$WORK/cluster"
+    as_run_user "$bindir/initdb" -D "$data" -U postgres -E UTF8 --no-sync \
+        --auth-local=trust --auth-host=scram-sha-256 >"$WORK/cluster/initdb.log" 2>&1 ||
+        { cat "$WORK/cluster/initdb.log" >&2; die "initdb failed"; }
+    cat >>"$data/postgresql.conf" <<EOF
+listen_addresses = '127.0.0.1'
+port = $PG_PORT
+unix_socket_directories = '$sock'
+max_connections = $NEED_CONNECTIONS
+password_encryption = 'scram-sha-256'
+EOF
+    as_run_user "$bindir/pg_ctl" -D "$data" -l "$WORK/cluster/postgres.log" -w -t 60 start >/dev/null ||
+        { cat "$WORK/cluster/postgres.log" >&2; die "postgres did not start"; }
+    as_run_user "$bindir/psql" -X -q -v ON_ERROR_STOP=1 -h "$sock" -p "$PG_PORT" -U postgres -d postgres \
+        -c "CREATE ROLE app LOGIN PASSWORD 'app'" -c "CREATE DATABASE app OWNER app" >/dev/null
+}
+
+# Raises max_connections of the (cluster.sh) server if it is too low:
+# ALTER SYSTEM over the unix socket, then pg_ctl restart with the same options.
+ensure_max_connections() {
+    local cur pidfile data sock bindir owner
+    cur=$(psql_direct -c 'SHOW max_connections')
+    ((cur >= NEED_CONNECTIONS)) && return 0
+    log "raising max_connections $cur -> $NEED_CONNECTIONS"
+    pidfile=$(find -L "$WORK/cluster" -name postmaster.pid -exec awk -v p="$PG_PORT" \
+        'FNR == 4 && $1 == p { print FILENAME }' {} + | head -n1)
+    [[ -n $pidfile ]] || die "no postmaster.pid for port $PG_PORT under $WORK/cluster"
+    data=$(dirname "$pidfile")
+    sock=$(sed -n 5p "$pidfile")
+    owner=$(stat -c %U "$data")
+    bindir=$(dirname "$(head -n1 "$data/postmaster.opts" | awk '{ print $1 }')")
+    [[ -x $bindir/pg_ctl ]] || bindir=$(pg_bindir)
+    if ! RUN_USER=$owner as_run_user "$bindir/psql" -X -q -h "$sock" -p "$PG_PORT" -U postgres -d postgres \
+        -c "ALTER SYSTEM SET max_connections = $NEED_CONNECTIONS" >/dev/null 2>&1; then
+        echo "max_connections = $NEED_CONNECTIONS" >>"$data/postgresql.auto.conf"
+    fi
+    RUN_USER=$owner as_run_user "$bindir/pg_ctl" -D "$data" -w -t 120 -m fast restart >/dev/null
+    cur=$(psql_direct -c 'SHOW max_connections')
+    ((cur >= NEED_CONNECTIONS)) || die "max_connections is still $cur (need $NEED_CONNECTIONS)"
+}
+
+start_postgres() {
+    port_open "$PG_PORT" && die "port $PG_PORT is already in use (set PG_PORT)"
+    if [[ -f $REPO/deploy/local/cluster.sh ]]; then
+        log "starting Postgres with deploy/local/cluster.sh on port $PG_PORT"
+        CLUSTER_MODE=cluster.sh
+        cluster_sh up >"$WORK/cluster-up.log" 2>&1 ||
+            { cat "$WORK/cluster-up.log" >&2; die "cluster.sh up failed"; }
+    else
+        log "deploy/local/cluster.sh not found: using the initdb/pg_ctl fallback on port $PG_PORT"
+        CLUSTER_MODE=fallback
+        fallback_cluster_up
+    fi
+    local deadline=$(($(now_ms) + 60000))
+    until psql_direct -c 'SELECT 1' >/dev/null 2>&1; do
+        (($(now_ms) < deadline)) || die "cannot log in to 127.0.0.1:$PG_PORT as app"
+        sleep 0.1
+    done
+    ensure_max_connections
+    PG_VERSION=$(psql_direct -c 'SHOW server_version')
+    TARGET_PORT[direct]=$PG_PORT
+}
+
+# ---------------------------------------------------------------------------
+# targets: each start_<name> sets TARGET_PORT[name], TARGET_PID[name]
+
+ALL_TARGETS=(direct pgbouncer shardgate)
+MEM_TARGETS=(pgbouncer shardgate)
+
+start_direct() { TARGET_PORT[direct]=$PG_PORT; }
+
+start_pgbouncer() {
+    local dir=$WORK/pgbouncer pid
+    mkdir -p "$dir"
+    printf '"app" "app"\n' >"$dir/userlist.txt"
+    cat >"$dir/pgbouncer.ini" <<EOF
+[databases]
+app = host=127.0.0.1 port=$PG_PORT dbname=app
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGBOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $dir/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL_SIZE
+min_pool_size = 0
+reserve_pool_size = 0
+max_client_conn = 20000
+max_db_connections = 0
+logfile = $dir/pgbouncer.log
+log_connections = 0
+log_disconnections = 0
+log_pooler_errors = 1
+server_login_retry = 1
+EOF
+    [[ $(id -u) -eq 0 ]] && chown -R "$RUN_USER" "$dir"
+    # Our own process and ini; the Debian package's service is never used.
+    run_as_prefix "$RUN_USER"
+    "${RUN_AS[@]}" "$PGBOUNCER" "$dir/pgbouncer.ini" >>"$dir/stderr.log" 2>&1 &
+    pid=$!
+    TARGET_PID[pgbouncer]=$pid
+    TARGET_PORT[pgbouncer]=$PGBOUNCER_PORT
+    wait_port "$PGBOUNCER_PORT" 30 "$pid" ||
+        { tail -n 20 "$dir/pgbouncer.log" "$dir/stderr.log" >&2; die "pgbouncer did not start"; }
+}
+
+# The default binary is (re)built with cargo, a no-op when it is up to date,
+# so a stale build is never measured by accident. If the build fails, an
+# existing binary is used with a warning.
+ensure_shardgate_bin() {
+    if [[ $SHARDGATE_BUILD == 1 && $SHARDGATE_BIN == "$REPO/target/release/shardgate" ]] &&
+        command -v cargo >/dev/null; then
+        log "building shardgate (cargo build --release -p shardgate)"
+        if ! run_waited cargo build --release -p shardgate --manifest-path "$REPO/Cargo.toml" \
+            >"$WORK/cargo-build.log" 2>&1; then
+            tail -n 30 "$WORK/cargo-build.log" >&2
+            if [[ -x $SHARDGATE_BIN ]]; then
+                log "warning: cargo build failed; using the existing (older) $SHARDGATE_BIN"
+                SHARDGATE_STALE=" (stale: cargo build failed)"
+            else
+                TARGET_NOTE[shardgate]="cargo build failed"
+                return 1
+            fi
+        fi
+    fi
+    [[ -x $SHARDGATE_BIN ]] || { TARGET_NOTE[shardgate]="binary missing ($SHARDGATE_BIN)"; return 1; }
+}
+
+git_rev() {
+    local rev
+    rev=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null) || { echo '?'; return; }
+    if [[ -n $(git -C "$REPO" status --porcelain -- proxy config router shardmap Cargo.toml Cargo.lock 2>/dev/null) ]]; then
+        rev+="+uncommitted changes"
+    fi
+    echo "$rev"
+}
+
+start_shardgate() {
+    local dir=$WORK/shardgate pid
+    mkdir -p "$dir"
+    cat >"$dir/shardgate.toml" <<EOF
+[general]
+listen = "127.0.0.1:$SHARDGATE_PORT"
+pool_mode = "transaction"
+pool_size = $POOL_SIZE
+checkout_timeout = "30s"
+client_login_timeout = "60s"
+
+[[users]]
+name = "app"
+password = "app"
+auth = "scram-sha-256"
+
+[[databases]]
+name = "app"
+[[databases.shards]]
+hosts = ["127.0.0.1:$PG_PORT"]
+EOF
+    RUST_LOG=$SHARDGATE_LOG "$SHARDGATE_BIN" --config "$dir/shardgate.toml" >>"$dir/shardgate.log" 2>&1 &
+    pid=$!
+    TARGET_PID[shardgate]=$pid
+    TARGET_PORT[shardgate]=$SHARDGATE_PORT
+    if ! wait_port "$SHARDGATE_PORT" 30 "$pid"; then
+        tail -n 20 "$dir/shardgate.log" >&2
+        mark_down shardgate "did not start (see log above)"
+        return 1
+    fi
+}
+
+stop_target() {
+    local t=$1
+    [[ -n ${TARGET_PID[$t]:-} ]] || return 0
+    stop_pid "${TARGET_PID[$t]}"
+    unset "TARGET_PID[$t]"
+}
+
+mark_down() { # target note: stopped and left out of the remaining runs
+    stop_target "$1"
+    unset "TARGET_PORT[$1]"
+    TARGET_NOTE[$1]=$2
+}
+
+# Starts a target and checks that app can log in and see the pgbench tables.
+start_target() {
+    local t=$1
+    if port_open "$2"; then
+        mark_down "$t" "port $2 is already in use"
+        return 1
+    fi
+    "start_$t" || return 1
+    if ! psql -X -At -h 127.0.0.1 -p "${TARGET_PORT[$t]}" -c 'SELECT count(*) FROM pgbench_branches' \
+        >"$WORK/check-$t.log" 2>&1; then
+        cat "$WORK/check-$t.log" >&2
+        mark_down "$t" "login or query through it failed"
+        return 1
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# scenarios: id -> title, pgbench arguments, targets
+
+SCEN_IDS=()
+declare -A SCEN_TITLE=() SCEN_ARGS=() SCEN_TARGETS=()
+
+add_scenario() { # id title "pgbench args" ["targets"]
+    SCEN_IDS+=("$1")
+    SCEN_TITLE[$1]=$2
+    SCEN_ARGS[$1]=$3
+    SCEN_TARGETS[$1]=${4:-${ALL_TARGETS[*]}}
+}
+
+define_scenarios() {
+    local c
+    for c in $CLIENTS; do
+        add_scenario "select-only-c$c" "select-only (-S), extended protocol, $c clients" \
+            "-S -M extended -c $c -j $THREADS"
+    done
+    for c in $CLIENTS; do
+        add_scenario "tpcb-like-c$c" "tpcb-like, extended protocol, $c clients" \
+            "-M extended -c $c -j $THREADS"
+    done
+}
+
+# Before every run, on the direct server: what pgbench's own vacuum step does
+# (we pass -n so pgbench never vacuums through a proxy).
+prepare_run() {
+    psql_direct -c 'VACUUM pgbench_branches' -c 'VACUUM pgbench_tellers' \
+        -c 'TRUNCATE pgbench_history' >/dev/null
+}
+
+RAW=$WORK/raw.tsv # scenario round target tps tx failed latency_ms cpu_us_per_tx
+
+run_one() { # scenario round target
+    local s=$1 r=$2 t=$3 port pid logf clients c0 c1 deadline rc=0 tps tx failed lat cpu=NA
+    port=${TARGET_PORT[$t]}
+    pid=${TARGET_PID[$t]:-}
+    logf=$WORK/runs/$s.$r.$t.log
+    mkdir -p "$WORK/runs"
+    prepare_run
+    clients=$(awk '{ for (i = 1; i < NF; i++) if ($i == "-c") print $(i + 1) }' <<<"${SCEN_ARGS[$s]}")
+    # shellcheck disable=SC2086 # the scenario's arguments are words
+    pgbench -n -h 127.0.0.1 -p "$port" -T "$DURATION" ${SCEN_ARGS[$s]} app >"$logf" 2>&1 &
+    BG_PID=$!
+    if [[ -n $pid ]]; then
+        # Start counting the proxy's CPU once all clients are connected, so
+        # the SCRAM logins are not charged to the transactions.
+        deadline=$(($(now_ms) + 60000))
+        while alive "$BG_PID" && (($(established "$port") < clients)) && (($(now_ms) < deadline)); do
+            sleep 0.02
+        done
+        c0=$(cpu_ticks "$pid")
+    fi
+    wait "$BG_PID" || rc=$?
+    BG_PID=
+    [[ -n $pid ]] && c1=$(cpu_ticks "$pid")
+    tps=$(awk '/^tps = / && /(without|excluding)/ { print $3 }' "$logf")
+    tx=$(awk -F': ' '/^number of transactions actually processed/ { split($2, a, "/"); print a[1] }' "$logf")
+    failed=$(awk '/^number of failed transactions/ { print $5 }' "$logf")
+    lat=$(awk '/^latency average/ { print $4 }' "$logf")
+    [[ -n $tps && -n $tx && $rc -eq 0 ]] || {
+        log "pgbench failed (rc=$rc) for $s/$t, log $logf:"
+        tail -n 5 "$logf" >&2
+        [[ -n $tps ]] || tps=NA
+        [[ -n $tx ]] || tx=NA
+    }
+    [[ -n $failed ]] || failed=0
+    [[ -n $lat ]] || lat=NA
+    if [[ -n $pid && $tx != NA && $tx -gt 0 ]]; then
+        cpu=$(awk -v d=$((c1 - c0)) -v hz="$CLK_TCK" -v n="$tx" 'BEGIN { printf "%.1f", d / hz * 1e6 / n }')
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$s" "$r" "$t" "$tps" "$tx" "$failed" "$lat" "$cpu" >>"$RAW"
+    log "  $t: tps=$tps tx=$tx failed=$failed latency=${lat}ms cpu_us_per_tx=$cpu"
+}
+
+run_throughput() {
+    local r s t i n order
+    : >"$RAW"
+    for ((r = 1; r <= ROUNDS; r++)); do
+        for s in "${SCEN_IDS[@]}"; do
+            # Targets of this scenario that are up, rotated by the round number.
+            order=()
+            for t in ${SCEN_TARGETS[$s]}; do
+                [[ -n ${TARGET_PORT[$t]:-} ]] && order+=("$t")
+            done
+            n=${#order[@]}
+            ((n > 0)) || continue
+            log "round $r/$ROUNDS: $s (pgbench ${SCEN_ARGS[$s]} -T $DURATION)"
+            for ((i = 0; i < n; i++)); do
+                run_one "$s" "$r" "${order[$(((i + r - 1) % n))]}"
+            done
+        done
+    done
+}
+
+# ---------------------------------------------------------------------------
+# memory: RSS of a fresh proxy before and while N idle authenticated clients
+# are connected (pgbench clients that only run "\sleep").
+
+# Waits (up to 60 s) until process $1 stays near idle for 1 s: at most one
+# clock tick of CPU in each of five 0.2 s intervals (a login storm uses ~all).
+wait_quiet() {
+    local prev c quiet=0 deadline=$(($(now_ms) + 60000))
+    prev=$(cpu_ticks "$1")
+    while ((quiet < 5)) && (($(now_ms) < deadline)); do
+        sleep 0.2
+        c=$(cpu_ticks "$1")
+        if ((c - prev <= 1)); then quiet=$((quiet + 1)); else quiet=0; fi
+        prev=$c
+    done
+}
+
+MEM=$WORK/mem.tsv # target clients rss_before_kib rss_after_kib note
+
+measure_idle() { # target clients
+    local t=$1 n=$2 pid port before after deadline c note=
+    stop_target "$t"
+    "start_$t" || { printf '%s\t%s\tNA\tNA\tstart failed\n' "$t" "$n" >>"$MEM"; return; }
+    pid=${TARGET_PID[$t]}
+    port=${TARGET_PORT[$t]}
+    # One real query first, so the pool and the server parameters exist.
+    psql -X -At -h 127.0.0.1 -p "$port" -c 'SELECT 1' >/dev/null
+    deadline=$(($(now_ms) + 10000))
+    while (($(established "$port") > 0)) && (($(now_ms) < deadline)); do sleep 0.05; done
+    before=$(rss_kib "$pid")
+    log "memory: $t with $n idle clients (RSS before: ${before} KiB)"
+    pgbench -n -h 127.0.0.1 -p "$port" -c "$n" -j 2 -T 3600 -f "$WORK/idle.sql" app \
+        >"$WORK/idle-$t-$n.log" 2>&1 &
+    BG_PID=$!
+    # Wait until all N are connected and the proxy is quiet (the last logins
+    # are done). Counting sockets while they churn is approximate, so count
+    # again once quiet.
+    deadline=$(($(now_ms) + 900000))
+    while alive "$BG_PID" && (($(now_ms) < deadline)); do
+        if (($(established "$port") >= n)); then
+            wait_quiet "$pid"
+            (($(established "$port") >= n)) && break
+        fi
+        sleep 0.2
+    done
+    c=$(established "$port")
+    if ((c < n)); then
+        note="only $c of $n connected"
+        log "memory: $note"
+        tail -n 5 "$WORK/idle-$t-$n.log" >&2
+    fi
+    after=$(rss_kib "$pid")
+    alive "$BG_PID" || note="${note:+$note; }pgbench exited early"
+    stop_pid "$BG_PID"
+    BG_PID=
+    log "memory: $t with $n idle clients: RSS ${after} KiB"
+    printf '%s\t%s\t%s\t%s\t%s\n' "$t" "$n" "$before" "$after" "$note" >>"$MEM"
+    stop_target "$t"
+    # Let the closed connections drain before the next measurement.
+    deadline=$(($(now_ms) + 30000))
+    while (($(established "$port") > 0)) && (($(now_ms) < deadline)); do sleep 0.1; done
+}
+
+run_memory() {
+    local n t
+    : >"$MEM"
+    printf '\\sleep 3600 s\n' >"$WORK/idle.sql"
+    for n in $IDLE_CLIENTS; do
+        if ((n + 100 > NOFILE)); then
+            log "memory: skipping $n clients: ulimit -n is $NOFILE"
+            continue
+        fi
+        for t in "${MEM_TARGETS[@]}"; do
+            selected "$t" || continue
+            if [[ -n ${TARGET_NOTE[$t]:-} ]]; then
+                printf '%s\t%s\tNA\tNA\t%s\n' "$t" "$n" "${TARGET_NOTE[$t]}" >>"$MEM"
+                continue
+            fi
+            measure_idle "$t" "$n"
+        done
+    done
+}
+
+# ---------------------------------------------------------------------------
+# report
+
+report() {
+    local s t tps med_direct med cpu failed ratio
+    echo "# shardgate benchmark: direct Postgres vs PgBouncer vs shardgate"
+    echo
+    echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host: $(nproc) CPUs, $(uname -r); load average at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "- Postgres $PG_VERSION ($CLUSTER_MODE, 127.0.0.1:$PG_PORT), $(pgbench --version)"
+    echo "- PgBouncer: ${PGBOUNCER_VERSION:-not run}; shardgate: ${SHARDGATE_VERSION:-not run}"
+    echo "- rounds $ROUNDS × ${DURATION}s per run, scale $SCALE, pool size $POOL_SIZE (transaction pooling, SCRAM-SHA-256), pgbench -j $THREADS, ulimit -n $NOFILE"
+    for t in "${ALL_TARGETS[@]}"; do
+        [[ -n ${TARGET_NOTE[$t]:-} ]] && echo "- $t skipped: ${TARGET_NOTE[$t]}"
+    done
+    echo "- TPS excludes connection time; CPU-µs/tx = proxy utime+stime (all threads) during the run / transactions; medians over rounds"
+    echo
+    if [[ -s ${RAW:-} ]]; then
+        for s in "${SCEN_IDS[@]}"; do
+            echo "## ${SCEN_TITLE[$s]}"
+            echo
+            echo "\`pgbench -n ${SCEN_ARGS[$s]} -T $DURATION\`"
+            echo
+            echo "| target | TPS (median) | ratio to direct | CPU-µs/tx | failed tx |"
+            echo "|---|---:|---:|---:|---:|"
+            med_direct=$(awk -F'\t' -v s="$s" '$1 == s && $3 == "direct" { print $4 }' "$RAW" | median)
+            for t in ${SCEN_TARGETS[$s]}; do
+                if ! grep -q -P "^\Q$s\E\t[0-9]+\t$t\t" "$RAW"; then
+                    echo "| $t | skipped | | | |"
+                    continue
+                fi
+                med=$(awk -F'\t' -v s="$s" -v t="$t" '$1 == s && $3 == t { print $4 }' "$RAW" | median)
+                cpu=$(awk -F'\t' -v s="$s" -v t="$t" '$1 == s && $3 == t { print $8 }' "$RAW" | median)
+                [[ $cpu != NA ]] && cpu=$(printf '%.1f' "$cpu")
+                failed=$(awk -F'\t' -v s="$s" -v t="$t" '$1 == s && $3 == t { n += $6; if ($4 == "NA") bad++ }
+                    END { printf "%d%s", n, bad ? " (" bad " run(s) failed)" : "" }' "$RAW")
+                ratio=NA
+                if [[ $med != NA && $med_direct != NA ]]; then
+                    ratio=$(awk -v a="$med" -v b="$med_direct" 'BEGIN { printf "%.2f", a / b }')
+                fi
+                [[ $med != NA ]] && med=$(printf '%.0f' "$med")
+                [[ $t == direct ]] && cpu=–
+                echo "| $t | $med | $ratio | $cpu | $failed |"
+            done
+            echo
+        done
+        echo "### Raw results per round"
+        echo
+        echo "| scenario | round | target | TPS | transactions | failed | latency avg (ms) | CPU-µs/tx |"
+        echo "|---|---:|---|---:|---:|---:|---:|---:|"
+        awk -F'\t' '{ printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $5, $6, $7, $8 }' "$RAW"
+        echo
+    fi
+    if [[ -s ${MEM:-} ]]; then
+        echo "## Memory: idle authenticated clients (SCRAM-SHA-256)"
+        echo
+        echo "RSS (VmRSS) of a freshly started proxy after one query, then with N idle clients connected."
+        echo
+        echo "| proxy | idle clients | RSS before (KiB) | RSS with clients (KiB) | per client (bytes) | note |"
+        echo "|---|---:|---:|---:|---:|---|"
+        awk -F'\t' '{
+            per = ($3 == "NA" || $4 == "NA") ? "NA" : sprintf("%.0f", ($4 - $3) * 1024 / $2)
+            printf "| %s | %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, per, $5 }' "$MEM"
+        echo
+    fi
+}
+
+# ---------------------------------------------------------------------------
+# main
+
+CLK_TCK=$(getconf CLK_TCK)
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+read -r EPH_LO EPH_HI </proc/sys/net/ipv4/ip_local_port_range
+for p in "$PG_PORT" "$PGBOUNCER_PORT" "$SHARDGATE_PORT"; do
+    if ((p >= EPH_LO && p <= EPH_HI)); then
+        log "warning: port $p is inside the ephemeral port range $EPH_LO-$EPH_HI; a bind may fail after the idle-client runs"
+    fi
+done
+log "work dir $WORK, ulimit -n $NOFILE, targets:${ONLY% }"
+start_postgres
+
+log "pgbench -i -s $SCALE on the direct server"
+run_waited pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" app >"$WORK/pgbench-init.log" 2>&1 ||
+    { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+
+if selected pgbouncer; then
+    PGBOUNCER_VERSION=$("$PGBOUNCER" --version 2>&1 | head -n1)
+    start_target pgbouncer "$PGBOUNCER_PORT" || die "pgbouncer: ${TARGET_NOTE[pgbouncer]}"
+fi
+if selected shardgate; then
+    if ensure_shardgate_bin; then
+        SHARDGATE_VERSION="$SHARDGATE_BIN (git $(git_rev))${SHARDGATE_STALE:-}"
+        start_target shardgate "$SHARDGATE_PORT" || log "shardgate skipped: ${TARGET_NOTE[shardgate]}"
+    else
+        log "shardgate skipped: ${TARGET_NOTE[shardgate]}"
+    fi
+fi
+selected direct || unset 'TARGET_PORT[direct]'
+for t in "${ALL_TARGETS[@]}"; do
+    selected "$t" || TARGET_NOTE[$t]="not selected (ONLY)"
+done
+
+define_scenarios
+if [[ $SKIP_THROUGHPUT != 1 ]]; then
+    run_throughput
+else
+    RAW=
+fi
+if [[ $SKIP_MEMORY != 1 ]]; then
+    run_memory
+else
+    MEM=
+fi
+
+if [[ -n $OUT ]]; then
+    report | tee "$OUT"
+else
+    report
+fi
