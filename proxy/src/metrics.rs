@@ -69,3 +69,47 @@ impl PoolMetrics {
         }
     }
 }
+
+/// Per-host handles, labelled `shard` and `host`.
+pub struct HostMetrics {
+    pub up: Gauge,
+    pub primary: Gauge,
+    pub banned: Gauge,
+    pub lag_bytes: Gauge,
+    pub lag_seconds: Gauge,
+}
+
+impl HostMetrics {
+    pub fn new(shard: usize, host: &str) -> HostMetrics {
+        let (s, h) = (shard.to_string(), host.to_string());
+        HostMetrics {
+            up: gauge!("shardgate_host_up", "shard" => s.clone(), "host" => h.clone()),
+            primary: gauge!("shardgate_host_primary", "shard" => s.clone(), "host" => h.clone()),
+            banned: gauge!("shardgate_host_banned", "shard" => s.clone(), "host" => h.clone()),
+            lag_bytes: gauge!("shardgate_replica_lag_bytes", "shard" => s.clone(), "host" => h.clone()),
+            lag_seconds: gauge!("shardgate_replica_lag_seconds", "shard" => s, "host" => h),
+        }
+    }
+}
+
+/// Per-shard handles.
+pub struct ShardMetrics {
+    pub failovers: Counter,
+    pub has_primary: Gauge,
+    pub reads_on_replica: Counter,
+    pub reads_on_primary: Counter,
+    pub writes: Counter,
+}
+
+impl ShardMetrics {
+    pub fn new(shard: usize) -> ShardMetrics {
+        let s = shard.to_string();
+        ShardMetrics {
+            failovers: counter!("shardgate_failovers_total", "shard" => s.clone()),
+            has_primary: gauge!("shardgate_shard_has_primary", "shard" => s.clone()),
+            reads_on_replica: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "replica"),
+            reads_on_primary: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "primary"),
+            writes: counter!("shardgate_writes_routed_total", "shard" => s),
+        }
+    }
+}

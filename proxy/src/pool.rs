@@ -292,7 +292,16 @@ impl UserPools {
                 }
             };
             match sp.hosts[host].checkout(settings).await {
-                Ok(c) => return Ok(c),
+                Ok(c) => {
+                    match want {
+                        Want::Primary => topo.metrics.writes.increment(1),
+                        _ if topo.primary() == Some(host) => {
+                            topo.metrics.reads_on_primary.increment(1)
+                        }
+                        _ => topo.metrics.reads_on_replica.increment(1),
+                    }
+                    return Ok(c);
+                }
                 Err(e) if e.host_unreachable() => {
                     tracing::warn!(pool = %self.name, "{e}");
                     topo.ban(host, self.route.ban_time);

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use shardgate_config::LoadBalance;
 use tokio::sync::Notify;
 
+use crate::metrics::{HostMetrics, ShardMetrics};
+
 const NONE: usize = usize::MAX;
 
 /// One configured server of a shard.
@@ -31,11 +33,13 @@ pub struct Host {
     fenced: AtomicBool,
     /// Whether any health check has answered yet.
     checked: AtomicBool,
+    metrics: HostMetrics,
 }
 
 impl Host {
-    fn new(addr: SocketAddr, index: usize) -> Host {
+    fn new(shard: usize, addr: SocketAddr, index: usize) -> Host {
         Host {
+            metrics: HostMetrics::new(shard, &addr.to_string()),
             addr,
             index,
             up: AtomicBool::new(true),
@@ -89,6 +93,7 @@ pub struct ShardTopology {
     pub failovers: AtomicU64,
     /// When the primary was first seen down (ms after epoch; 0: it is up).
     primary_down_since_ms: AtomicU64,
+    pub metrics: ShardMetrics,
 }
 
 /// How reads pick a replica.
@@ -107,7 +112,7 @@ impl ShardTopology {
             hosts: addrs
                 .iter()
                 .enumerate()
-                .map(|(i, a)| Arc::new(Host::new(*a, i)))
+                .map(|(i, a)| Arc::new(Host::new(index, *a, i)))
                 .collect(),
             // Until the first check answers, the first host is taken as the primary.
             primary: AtomicUsize::new(0),
@@ -116,6 +121,7 @@ impl ShardTopology {
             epoch: Instant::now(),
             failovers: AtomicU64::new(0),
             primary_down_since_ms: AtomicU64::new(0),
+            metrics: ShardMetrics::new(index),
         }
     }
 
@@ -259,6 +265,7 @@ impl ShardTopology {
                         // to it again while another host is primary.
                         self.hosts[current].fenced.store(true, Ordering::Relaxed);
                         self.failovers.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.failovers.increment(1);
                         tracing::warn!(shard = self.index, old = %self.hosts[current].addr, new = %c.addr, "failover: new primary");
                     }
                     self.primary.store(c.index, Ordering::Release);
@@ -285,7 +292,26 @@ impl ShardTopology {
         if changed {
             self.changed.notify_waiters();
         }
+        self.publish_metrics();
         changed
+    }
+
+    fn publish_metrics(&self) {
+        let primary = self.primary();
+        let now = self.now_ms();
+        self.metrics
+            .has_primary
+            .set(if primary.is_some() { 1.0 } else { 0.0 });
+        for h in &self.hosts {
+            let flag = |b: bool| if b { 1.0 } else { 0.0 };
+            h.metrics.up.set(flag(h.is_up()));
+            h.metrics.primary.set(flag(primary == Some(h.index)));
+            h.metrics
+                .banned
+                .set(flag(h.banned_until_ms.load(Ordering::Relaxed) >= now));
+            h.metrics.lag_bytes.set(h.lag_bytes() as f64);
+            h.metrics.lag_seconds.set(h.lag().as_secs_f64());
+        }
     }
 
     /// The replica to promote when the primary is gone: reachable, most WAL replayed.
