@@ -294,6 +294,8 @@ impl Proxy {
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
+            // Plain text in the log file (tracing honours NO_COLOR).
+            .env("NO_COLOR", "1")
             .stdout(log)
             .stderr(log2)
             .spawn()
@@ -411,6 +413,38 @@ impl Proxy {
                 .map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']))
                 .unwrap_or(false),
             Err(_) => false,
+        }
+    }
+
+    /// The config file shardgate was started with (None in direct mode); rewrite it and
+    /// [`Proxy::signal`] `HUP` to test a reload.
+    pub fn config_path(&self) -> Option<PathBuf> {
+        self.dir.as_ref().map(|d| d.path().join("shardgate.toml"))
+    }
+
+    /// Sends a signal (`"TERM"`, `"INT"`, `"HUP"`, ...) to the process by PID.
+    pub fn signal(&self, name: &str) {
+        let Some(pid) = self.pid else { return };
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("cannot run kill: {e}"));
+        assert!(status.success(), "kill -{name} {pid} failed: {status}");
+    }
+
+    /// Waits up to `timeout` for the process to exit; returns its status if it did.
+    pub async fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        self.child.as_ref()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
