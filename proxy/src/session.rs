@@ -150,6 +150,8 @@ struct Attached {
     tx_effects: Vec<Arc<SessionEffects>>,
     /// Attached for writes: when the transaction ends, learn the WAL position it reached.
     wrote: bool,
+    /// The server answered something shardgate did not expect: close it, never reuse it.
+    poisoned: bool,
 }
 
 /// Buffers lent to a session only while it has work, so idle clients cost no buffer memory.
@@ -435,6 +437,16 @@ impl Session {
                 } else {
                     io.held.push(msg);
                 }
+            }
+            b'S' | b'H' | b'c' | b'X' if msg.len() != 5 => {
+                // These carry no body; one with a body is garbage the server would reject
+                // out of step with what shardgate expects.
+                self.app.metrics.protocol_errors.increment(1);
+                io.cout.extend_from_slice(&protocol::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "invalid message format",
+                ));
+                return Err(Flow::Exit);
             }
             b'S' | b'H' => {
                 io.held.push(msg);
@@ -809,7 +821,13 @@ impl Session {
             _ => {}
         }
         match (tag, io.expects.front()) {
-            (b'E', Some(Expect::Query { .. } | Expect::Sync)) | (b'E', None) => {
+            (b'E', None) => {
+                // An error nothing asked for: the connection's state is unknown.
+                a.poisoned = true;
+                a.tx_failed = true;
+                io.cout.extend_from_slice(msg);
+            }
+            (b'E', Some(Expect::Query { .. } | Expect::Sync | Expect::WriteLsn)) => {
                 if !hidden {
                     a.query_failed = true;
                     a.tx_failed = true;
@@ -818,7 +836,7 @@ impl Session {
                     let f = protocol::parse_error_fields(body(msg));
                     tracing::warn!(
                         code = %String::from_utf8_lossy(f.code),
-                        "restoring session settings failed: {}",
+                        "a statement shardgate issued failed: {}",
                         String::from_utf8_lossy(f.message)
                     );
                     a.server.conn.settings = None;
@@ -843,6 +861,13 @@ impl Session {
             (b'Z', _) => {
                 let status = msg.get(5).copied().unwrap_or(b'I');
                 let done = io.expects.pop_front();
+                if !matches!(
+                    done,
+                    Some(Expect::Sync | Expect::Query { .. } | Expect::WriteLsn)
+                ) {
+                    // A ReadyForQuery that answers nothing sent: never reuse this connection.
+                    a.poisoned = true;
+                }
                 if let Some(Expect::Query {
                     hidden: false,
                     effects: Some(fx),
@@ -1058,6 +1083,7 @@ impl Session {
             query_failed: false,
             tx_effects: Vec::new(),
             wrote: false,
+            poisoned: false,
         });
         true
     }
@@ -1068,6 +1094,7 @@ impl Session {
             Some(a) => {
                 io.expects.is_empty()
                     && !a.unsynced
+                    && !a.poisoned
                     && a.status == b'I'
                     && self.pins.is_empty()
                     && !self.skip_until_sync
@@ -1115,7 +1142,7 @@ impl Session {
         let Some(a) = self.attached.as_mut() else {
             return;
         };
-        let idle = !a.unsynced && a.status == b'I';
+        let idle = !a.unsynced && !a.poisoned && a.status == b'I';
         if idle && self.pins.is_empty() {
             self.detach(true);
             return;
@@ -1267,6 +1294,8 @@ mod footprint {
             // The task a client runs in: login, then the session loop.
             let task = crate::startup::serve_client(app.clone(), tcp_for_task(addr).await);
             let task_size = future_size(&task);
+            let login = crate::startup::login(app.clone(), tcp_for_task(addr).await);
+            eprintln!("login future {} B", future_size(&login));
             eprintln!("session {session} B, run future {run_size} B, client task {task_size} B");
             assert!(run_size <= 256, "run future is {run_size} bytes");
             assert!(task_size <= 320, "client task is {task_size} bytes");
