@@ -180,18 +180,20 @@ pub fn partition_hash(key: &KeyValue) -> u64 {
     key_hash(key, HASH_PARTITION_SEED).wrapping_add(HASH_COMBINE_ADD)
 }
 
-/// The slot of `key` among `slots` slots (a power of two): the remainder Postgres's
-/// `PARTITION BY HASH (k)` with `MODULUS slots` would put the row in.
-///
-/// # Panics
-/// Never for a power-of-two `slots`; a zero `slots` is a caller bug (debug assertion) and
-/// yields slot 0.
+/// The slot of `key` among `slots` slots: the remainder Postgres's `PARTITION BY HASH (k)`
+/// with `MODULUS slots` puts the row in. Right for any modulus; shard maps use powers of
+/// two (a mask instead of a division, and the short SQL of [`slot_sql`]). `slots` = 0
+/// is treated as 1.
 #[inline]
 pub fn slot_of(key: &KeyValue, slots: u32) -> u32 {
-    debug_assert!(slots.is_power_of_two(), "slots must be a power of two");
-    let mask = u64::from(slots.max(1) - 1);
-    // For a power of two, `mod slots` is the mask; the result fits u32 since slots does.
-    (partition_hash(key) & mask) as u32
+    let h = partition_hash(key);
+    let m = u64::from(slots.max(1));
+    // The result is below `slots`, so it fits u32.
+    if m.is_power_of_two() {
+        (h & (m - 1)) as u32
+    } else {
+        (h % m) as u32
+    }
 }
 
 /// `HASH_COMBINE_ADD mod slots`: the constant of the SQL slot expression.
@@ -199,25 +201,33 @@ pub fn combine_add_mod(slots: u32) -> u64 {
     HASH_COMBINE_ADD % u64::from(slots.max(1))
 }
 
-/// An SQL expression (bigint, 0..slots-1) computing the slot of `column` on a Postgres
-/// server, equal to [`slot_of`] for every value.
+/// An SQL expression (0..slots-1) computing the slot of `column` on a Postgres server,
+/// equal to [`slot_of`] for every value.
 ///
-/// `column` is inserted verbatim: pass a (quoted, if needed) column reference or any
-/// expression of the key's type. For `slots` = 4096 and int8 it reads
+/// `column` is inserted verbatim: pass a (quoted, if needed: [`quote_ident`]) column
+/// reference or any expression of the key's type. For `slots` = 4096 and int8 it reads
 /// `((hashint8extended(k, 8816678312871386365) % 4096) + 4096 + 2275) % 4096`.
 ///
 /// Why this shape: SQL's `%` on bigint keeps the dividend's sign, so `h % slots` lies in
 /// `(-slots, slots)`; adding `slots` makes it non-negative and adding
-/// `HASH_COMBINE_ADD mod slots` applies the combine step, and since `slots` divides 2^64,
-/// reducing the signed hash mod `slots` equals reducing its unsigned bits. The sum stays
-/// below `3 * slots`, so nothing overflows.
+/// `HASH_COMBINE_ADD mod slots` applies the combine step. Since a power-of-two `slots`
+/// divides 2^64, reducing the signed hash mod `slots` equals reducing its unsigned bits.
+/// The sum stays below `3 * slots`, so nothing overflows. Other moduli do not divide
+/// 2^64; for them the expression takes the detour through `numeric` (exact, slower).
 pub fn slot_sql(column: &str, key_type: KeyType, slots: u32) -> String {
     let seed = HASH_PARTITION_SEED as i64;
-    format!(
-        "(({func}({column}, {seed}) % {slots}) + {slots} + {add}) % {slots}",
-        func = key_type.pg_hash_function(),
-        add = combine_add_mod(slots),
-    )
+    let func = key_type.pg_hash_function();
+    let slots = slots.max(1);
+    if slots.is_power_of_two() {
+        let add = combine_add_mod(slots);
+        format!("(({func}({column}, {seed}) % {slots}) + {slots} + {add}) % {slots}")
+    } else {
+        // ((h mod 2^64) + C) mod 2^64 mod slots, in numeric to avoid bigint overflow.
+        let two64 = 1u128 << 64;
+        format!(
+            "(((({func}({column}, {seed})::numeric % {two64}) + {two64} + {HASH_COMBINE_ADD}) % {two64}) % {slots})::bigint"
+        )
+    }
 }
 
 /// An SQL predicate selecting the rows of `column` whose slot lies in `lo..=hi`
@@ -899,6 +909,30 @@ mod tests {
         for (s, slot) in UUID_SLOTS {
             assert_eq!(slot_of(&KeyValue::Uuid(uuid(s)), 4096), *slot, "{s}");
         }
+    }
+
+    #[test]
+    fn other_moduli_match_postgres_partitioning() {
+        // (key, remainder for MODULUS 1000, remainder for MODULUS 7) from
+        // satisfies_hash_partition on PostgreSQL 15.18; the numeric SQL expression agreed.
+        let cases: &[(i64, u32, u32)] = &[
+            (0, 768, 4),
+            (1, 40, 5),
+            (-1, 869, 0),
+            (42, 514, 0),
+            (-42, 650, 4),
+            (i64::MAX, 606, 3),
+            (i64::MIN, 119, 0),
+        ];
+        for &(v, m1000, m7) in cases {
+            assert_eq!(slot_of(&KeyValue::Int(v), 1000), m1000, "{v}");
+            assert_eq!(slot_of(&KeyValue::Int(v), 7), m7, "{v}");
+        }
+        assert_eq!(
+            slot_sql("k", KeyType::Int8, 1000),
+            "((((hashint8extended(k, 8816678312871386365)::numeric % 18446744073709551616) \
+             + 18446744073709551616 + 5305509591434766563) % 18446744073709551616) % 1000)::bigint"
+        );
     }
 
     #[test]

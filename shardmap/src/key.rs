@@ -400,29 +400,59 @@ mod tests {
         // Accepted by PostgreSQL 15.18 (checked with psql): ' +42 '::int8 = 42, '-0'::int2 = 0.
         assert_eq!(text(KeyType::Int8, " +42 "), Ok(KeyValue::Int(42)));
         assert_eq!(text(KeyType::Int2, "-0"), Ok(KeyValue::Int(0)));
-        assert_eq!(text(KeyType::Int8, "\t-9223372036854775808\n"), Ok(KeyValue::Int(i64::MIN)));
-        assert_eq!(text(KeyType::Int8, "9223372036854775807"), Ok(KeyValue::Int(i64::MAX)));
-        assert_eq!(text(KeyType::Int4, "-2147483648"), Ok(KeyValue::Int(-2_147_483_648)));
+        assert_eq!(
+            text(KeyType::Int8, "\t-9223372036854775808\n"),
+            Ok(KeyValue::Int(i64::MIN))
+        );
+        assert_eq!(
+            text(KeyType::Int8, "9223372036854775807"),
+            Ok(KeyValue::Int(i64::MAX))
+        );
+        assert_eq!(
+            text(KeyType::Int4, "-2147483648"),
+            Ok(KeyValue::Int(-2_147_483_648))
+        );
         assert_eq!(text(KeyType::Int2, "32767"), Ok(KeyValue::Int(32767)));
         assert_eq!(text(KeyType::Int8, "007"), Ok(KeyValue::Int(7)));
         // Rejected by the server as invalid syntax (PG 16 would take 1_000 and 0x10).
-        for bad in ["1_000", "0x10", "", " ", "+", "-", "4 2", "42.0", "1e3", "--1", "٣"] {
+        for bad in [
+            "1_000", "0x10", "", " ", "+", "-", "4 2", "42.0", "1e3", "--1", "٣",
+        ] {
             for ty in [KeyType::Int2, KeyType::Int4, KeyType::Int8] {
-                assert!(matches!(text(ty, bad), Err(KeyError::InvalidSyntax { .. })), "{ty} {bad:?}");
+                assert!(
+                    matches!(text(ty, bad), Err(KeyError::InvalidSyntax { .. })),
+                    "{ty} {bad:?}"
+                );
             }
         }
         // Out of range for the type.
-        assert!(matches!(text(KeyType::Int2, "32768"), Err(KeyError::OutOfRange { .. })));
-        assert!(matches!(text(KeyType::Int4, "2147483648"), Err(KeyError::OutOfRange { .. })));
-        assert!(matches!(text(KeyType::Int8, "9223372036854775808"), Err(KeyError::OutOfRange { .. })));
-        assert!(matches!(text(KeyType::Int8, "-9223372036854775809"), Err(KeyError::OutOfRange { .. })));
-        assert!(matches!(text(KeyType::Int8, "99999999999999999999999"), Err(KeyError::OutOfRange { .. })));
+        assert!(matches!(
+            text(KeyType::Int2, "32768"),
+            Err(KeyError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            text(KeyType::Int4, "2147483648"),
+            Err(KeyError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            text(KeyType::Int8, "9223372036854775808"),
+            Err(KeyError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            text(KeyType::Int8, "-9223372036854775809"),
+            Err(KeyError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            text(KeyType::Int8, "99999999999999999999999"),
+            Err(KeyError::OutOfRange { .. })
+        ));
     }
 
     #[test]
     fn uuids_parse_like_postgres() {
         let want = KeyValue::Uuid([
-            0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38, 0x0a, 0x11,
+            0xa0, 0xee, 0xbc, 0x99, 0x9c, 0x0b, 0x4e, 0xf8, 0xbb, 0x6d, 0x6b, 0xb9, 0xbd, 0x38,
+            0x0a, 0x11,
         ]);
         // All accepted by PostgreSQL 15.18 as the same value.
         for ok in [
@@ -445,7 +475,13 @@ mod tests {
             "g0eebc999c0b4ef8bb6d6bb9bd380a11",
             "",
         ] {
-            assert!(matches!(text(KeyType::Uuid, bad), Err(KeyError::InvalidSyntax { .. })), "{bad:?}");
+            assert!(
+                matches!(
+                    text(KeyType::Uuid, bad),
+                    Err(KeyError::InvalidSyntax { .. })
+                ),
+                "{bad:?}"
+            );
         }
         assert_eq!(want.to_string(), "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11");
     }
@@ -462,45 +498,87 @@ mod tests {
     #[test]
     fn binary_integers_of_any_width() {
         let k = KeyType::Int8;
-        assert_eq!(KeyValue::from_binary(k, 0, &42i64.to_be_bytes()), Ok(KeyValue::Int(42)));
-        assert_eq!(KeyValue::from_binary(k, oid::INT8, &(-7i64).to_be_bytes()), Ok(KeyValue::Int(-7)));
-        assert_eq!(KeyValue::from_binary(k, oid::INT4, &(-7i32).to_be_bytes()), Ok(KeyValue::Int(-7)));
-        assert_eq!(KeyValue::from_binary(k, oid::INT2, &(-7i16).to_be_bytes()), Ok(KeyValue::Int(-7)));
+        assert_eq!(
+            KeyValue::from_binary(k, 0, &42i64.to_be_bytes()),
+            Ok(KeyValue::Int(42))
+        );
+        assert_eq!(
+            KeyValue::from_binary(k, oid::INT8, &(-7i64).to_be_bytes()),
+            Ok(KeyValue::Int(-7))
+        );
+        assert_eq!(
+            KeyValue::from_binary(k, oid::INT4, &(-7i32).to_be_bytes()),
+            Ok(KeyValue::Int(-7))
+        );
+        assert_eq!(
+            KeyValue::from_binary(k, oid::INT2, &(-7i16).to_be_bytes()),
+            Ok(KeyValue::Int(-7))
+        );
         assert_eq!(
             KeyValue::from_binary(KeyType::Int4, 0, &(-7i32).to_be_bytes()),
             Ok(KeyValue::Int(-7))
         );
         assert_eq!(
             KeyValue::from_binary(k, 0, &[0, 0, 0, 42]),
-            Err(KeyError::BadLength { ty: KeyType::Int8, expected: 8, got: 4 })
+            Err(KeyError::BadLength {
+                ty: KeyType::Int8,
+                expected: 8,
+                got: 4
+            })
         );
         assert_eq!(
             KeyValue::from_binary(KeyType::Int2, 0, &[1]),
-            Err(KeyError::BadLength { ty: KeyType::Int2, expected: 2, got: 1 })
+            Err(KeyError::BadLength {
+                ty: KeyType::Int2,
+                expected: 2,
+                got: 1
+            })
         );
     }
 
     #[test]
     fn binary_text_uuid_and_mismatches() {
-        assert_eq!(KeyValue::from_binary(KeyType::Text, 0, b"abc"), Ok(KeyValue::text("abc")));
-        assert_eq!(KeyValue::from_binary(KeyType::Text, oid::VARCHAR, b"abc"), Ok(KeyValue::text("abc")));
-        assert_eq!(KeyValue::from_binary(KeyType::Uuid, 0, &[7; 16]), Ok(KeyValue::Uuid([7; 16])));
+        assert_eq!(
+            KeyValue::from_binary(KeyType::Text, 0, b"abc"),
+            Ok(KeyValue::text("abc"))
+        );
+        assert_eq!(
+            KeyValue::from_binary(KeyType::Text, oid::VARCHAR, b"abc"),
+            Ok(KeyValue::text("abc"))
+        );
+        assert_eq!(
+            KeyValue::from_binary(KeyType::Uuid, 0, &[7; 16]),
+            Ok(KeyValue::Uuid([7; 16]))
+        );
         assert!(matches!(
             KeyValue::from_binary(KeyType::Uuid, 0, &[7; 15]),
-            Err(KeyError::BadLength { expected: 16, got: 15, .. })
+            Err(KeyError::BadLength {
+                expected: 16,
+                got: 15,
+                ..
+            })
         ));
         assert_eq!(
             KeyValue::from_binary(KeyType::Uuid, oid::TEXT, b"x"),
-            Err(KeyError::TypeMismatch { key_type: KeyType::Uuid, param_oid: oid::TEXT })
+            Err(KeyError::TypeMismatch {
+                key_type: KeyType::Uuid,
+                param_oid: oid::TEXT
+            })
         );
         assert_eq!(
             KeyValue::from_binary(KeyType::Int8, oid::TEXT, b"42"),
-            Err(KeyError::TypeMismatch { key_type: KeyType::Int8, param_oid: oid::TEXT })
+            Err(KeyError::TypeMismatch {
+                key_type: KeyType::Int8,
+                param_oid: oid::TEXT
+            })
         );
         // bpchar (1042) compares with different semantics (trailing blanks): not decoded.
         assert_eq!(
             KeyValue::from_binary(KeyType::Text, 1042, b"a "),
-            Err(KeyError::TypeMismatch { key_type: KeyType::Text, param_oid: 1042 })
+            Err(KeyError::TypeMismatch {
+                key_type: KeyType::Text,
+                param_oid: 1042
+            })
         );
     }
 
@@ -511,7 +589,10 @@ mod tests {
             assert_eq!(t.sql_name().parse::<KeyType>(), Ok(t));
         }
         assert_eq!("BIGINT".parse::<KeyType>(), Ok(KeyType::Int8));
-        assert_eq!("character  varying".parse::<KeyType>(), Ok(KeyType::Varchar));
+        assert_eq!(
+            "character  varying".parse::<KeyType>(),
+            Ok(KeyType::Varchar)
+        );
         assert_eq!("int".parse::<KeyType>(), Ok(KeyType::Int4));
         assert!("numeric".parse::<KeyType>().is_err());
         assert_eq!(KeyType::from_oid(1700), None);

@@ -15,6 +15,10 @@
 
 pub mod hash;
 pub mod key;
+pub mod map;
+pub mod placement;
+pub mod plan;
+pub mod rebalance;
 
 pub use hash::{
     hash_bytes_extended, hashint2extended, hashint4extended, hashint8extended, hashtextextended,
@@ -22,3 +26,12 @@ pub use hash::{
     HASH_COMBINE_ADD, HASH_PARTITION_SEED,
 };
 pub use key::{KeyError, KeyType, KeyValue};
+pub use map::{
+    MapError, RangeRef, ShardMap, ShardSpec, SlotRange, DEFAULT_SLOTS, MAX_SHARDS, MAX_SLOTS,
+};
+pub use placement::VNODES_PER_WEIGHT;
+pub use plan::{MovePlan, PlanError, SlotMove};
+pub use rebalance::{
+    hot_shards, max_mean_ratio, plan_rebalance, shard_loads, HotTracker, RebalanceConfig,
+    RebalanceError, RebalancePlan,
+};
