@@ -159,6 +159,12 @@ impl KeyValue {
     /// Decodes a value sent in text format (a literal's text, or a Bind parameter with
     /// format code 0) for a key of type `ty`, accepting exactly what the type's input
     /// function in Postgres 15 accepts.
+    ///
+    /// Text keys are hashed as given, so two things are the caller's to get right: the
+    /// bytes must be in the server encoding (a client with another `client_encoding`
+    /// sends bytes the server converts before hashing), and a value stored into a
+    /// `varchar(n)` column loses trailing blanks beyond `n` on the way in (Postgres
+    /// routes the row by the truncated value).
     pub fn from_text(ty: KeyType, bytes: &[u8]) -> Result<KeyValue, KeyError> {
         match ty {
             KeyType::Int2 | KeyType::Int4 | KeyType::Int8 => {

@@ -7,7 +7,9 @@
 //! * [`map`]: the versioned slot → shard table ([`ShardMap`]): O(1) lookup, validation,
 //!   byte-stable TOML, display helpers.
 //! * [`placement`]: the initial map and add/remove-shard plans from a weighted
-//!   consistent-hash ring (`hashring`), used at planning time only.
+//!   consistent-hash ring (`hashring`), used at planning time only; and a count-balancing
+//!   alternative (`initial_contiguous`, `plan_*_balanced`) that is exact and keeps the
+//!   table a handful of ranges.
 //! * [`plan`]: slot moves, plans, diffs, applying a plan (next version).
 //! * [`rebalance`]: the hot-shard planner: per-slot load in, a bounded [`MovePlan`] out.
 //!
@@ -32,6 +34,6 @@ pub use map::{
 pub use placement::VNODES_PER_WEIGHT;
 pub use plan::{MovePlan, PlanError, SlotMove};
 pub use rebalance::{
-    hot_shards, max_mean_ratio, plan_rebalance, shard_loads, HotTracker, RebalanceConfig,
-    RebalanceError, RebalancePlan,
+    dense_loads, hot_shards, max_mean_ratio, max_mean_ratio_weighted, plan_rebalance, shard_loads,
+    HotTracker, RebalanceConfig, RebalanceError, RebalancePlan,
 };

@@ -1,4 +1,24 @@
 //! The slot → shard table: versioned, validated, serialised as human-editable TOML.
+//!
+//! The file a DBA reads and edits:
+//!
+//! ```toml
+//! version = 3
+//! slots = 4096
+//! shards = 2
+//! weights = [1, 1]    # optional (default 1 each); used only when planning placement
+//!
+//! ranges = [
+//!   { lo = 0, hi = 2047, shard = 0 },
+//!   { lo = 2048, hi = 4095, shard = 1 },
+//! ]
+//! ```
+//!
+//! `[[ranges]]` tables (`lo = 0` / `hi = 2047` / `shard = 0` on separate lines) are
+//! accepted as well; [`ShardMap::to_toml`] writes one line per range, the maximal runs in
+//! slot order, so the same map always gives the same bytes. Ranges are inclusive, may come
+//! in any order and must cover every slot exactly once; errors name the offending entry
+//! by position, line and values.
 
 use std::fmt;
 use std::fmt::Write as _;
