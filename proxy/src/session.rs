@@ -229,7 +229,8 @@ pub struct Session {
     pins: Pins,
     /// After an error shardgate raised mid-batch, drop messages until Sync, as a server does.
     skip_until_sync: bool,
-    attached: Option<Attached>,
+    /// Boxed: an idle client holds no connection, and every idle byte counts.
+    attached: Option<Box<Attached>>,
     /// WAL position of this client's last committed write: replicas serve its reads only
     /// once they have replayed it.
     last_write_lsn: u64,
@@ -303,6 +304,41 @@ impl Session {
     /// One burst of activity: until nothing is in flight and no bytes are pending.
     async fn serve(&mut self, io: &mut Buffers) -> Flow {
         loop {
+            // Nothing in flight: the wake-up may come from stale readiness (a socket whose last
+            // read did not drain it), so read without waiting and go idle, buffers returned,
+            // if there is nothing after all.
+            let quiet = io.cin.is_empty()
+                && io.held.is_empty()
+                && io.expects.is_empty()
+                && self.attached.as_ref().is_none_or(|a| !a.unsynced);
+            if quiet {
+                if let ClientStream::Plain(tcp) = &self.client {
+                    let got = match tcp.try_read_buf(&mut io.cin) {
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            match self.attached.as_mut() {
+                                Some(a) => {
+                                    match a.server.conn.stream.try_read_buf(&mut a.server.conn.rbuf)
+                                    {
+                                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                                            return Flow::Idle
+                                        }
+                                        r => Side::Server(r),
+                                    }
+                                }
+                                None => return Flow::Idle,
+                            }
+                        }
+                        r => Side::Client(r),
+                    };
+                    if !self.after_read(got, io).await {
+                        return Flow::Exit;
+                    }
+                    if let Some(flow) = self.process(io).await {
+                        return flow;
+                    }
+                    continue;
+                }
+            }
             // Read from whichever side has something.
             let got = match self.attached.as_mut() {
                 Some(a) => tokio::select! {
@@ -311,37 +347,50 @@ impl Session {
                 },
                 None => Side::Client(self.client.read_buf(&mut io.cin).await),
             };
-            match got {
-                Side::Client(Ok(0)) | Side::Client(Err(_)) => return Flow::Exit,
-                Side::Server(Ok(0)) | Side::Server(Err(_)) => {
-                    self.server_lost(io).await;
-                    return Flow::Exit;
-                }
-                Side::Client(Ok(_)) | Side::Server(Ok(_)) => {}
-            }
-            if let Err(flow) = self.handle_server_messages(io) {
-                let _ = self.flush(io).await;
-                return flow;
-            }
-            if let Err(flow) = self.handle_client_messages(io).await {
-                let _ = self.flush(io).await;
-                return flow;
-            }
-            if self.flush(io).await.is_err() {
+            if !self.after_read(got, io).await {
                 return Flow::Exit;
             }
-            if self.releasable(io) {
-                self.detach(true);
+            if let Some(flow) = self.process(io).await {
+                return flow;
             }
-            let nothing_pending = io.cin.is_empty() && io.held.is_empty() && !self.client.is_tls();
-            match &self.attached {
-                None if nothing_pending => return Flow::Idle,
-                // Idle in a transaction, pinned, or session pooling: wait without buffers.
-                Some(a) if nothing_pending && io.expects.is_empty() && !a.unsynced => {
-                    return Flow::Idle
-                }
-                _ => {}
+        }
+    }
+
+    /// False when the read ended the session (EOF or error on either side).
+    async fn after_read(&mut self, got: Side, io: &mut Buffers) -> bool {
+        match got {
+            Side::Client(Ok(0)) | Side::Client(Err(_)) => false,
+            Side::Server(Ok(0)) | Side::Server(Err(_)) => {
+                self.server_lost(io).await;
+                false
             }
+            Side::Client(Ok(_)) | Side::Server(Ok(_)) => true,
+        }
+    }
+
+    /// Handles what was read, writes what is due, gives the server back when the exchange
+    /// is over; `Some` ends the burst.
+    async fn process(&mut self, io: &mut Buffers) -> Option<Flow> {
+        if let Err(flow) = self.handle_server_messages(io) {
+            let _ = self.flush(io).await;
+            return Some(flow);
+        }
+        if let Err(flow) = self.handle_client_messages(io).await {
+            let _ = self.flush(io).await;
+            return Some(flow);
+        }
+        if self.flush(io).await.is_err() {
+            return Some(Flow::Exit);
+        }
+        if self.releasable(io) {
+            self.detach(true);
+        }
+        let nothing_pending = io.cin.is_empty() && io.held.is_empty() && !self.client.is_tls();
+        match &self.attached {
+            None if nothing_pending => Some(Flow::Idle),
+            // Idle in a transaction, pinned, or session pooling: wait without buffers.
+            Some(a) if nothing_pending && io.expects.is_empty() && !a.unsynced => Some(Flow::Idle),
+            _ => None,
         }
     }
 
@@ -1075,7 +1124,7 @@ impl Session {
             }
             server.conn.settings = Some(self.settings.clone());
         }
-        self.attached = Some(Attached {
+        self.attached = Some(Box::new(Attached {
             server,
             unsynced: false,
             status: b'I',
@@ -1084,7 +1133,7 @@ impl Session {
             tx_effects: Vec::new(),
             wrote: false,
             poisoned: false,
-        });
+        }));
         true
     }
 
@@ -1254,7 +1303,7 @@ mod footprint {
     #[test]
     fn idle_session_is_small() {
         let session = std::mem::size_of::<Session>();
-        assert!(session <= 200, "Session is {session} bytes");
+        assert!(session <= 112, "Session is {session} bytes");
         fn future_size<F: std::future::Future>(_: &F) -> usize {
             std::mem::size_of::<F>()
         }
@@ -1291,14 +1340,15 @@ mod footprint {
             let run = s.run();
             let run_size = future_size(&run);
             drop(run);
-            // The task a client runs in: login, then the session loop.
-            let task = crate::startup::serve_client(app.clone(), tcp_for_task(addr).await);
+            let mut s = s;
+            // The task an idle client runs in: the session loop.
+            let task = async move { s.run().await };
             let task_size = future_size(&task);
             let login = crate::startup::login(app.clone(), tcp_for_task(addr).await);
             eprintln!("login future {} B", future_size(&login));
             eprintln!("session {session} B, run future {run_size} B, client task {task_size} B");
             assert!(run_size <= 256, "run future is {run_size} bytes");
-            assert!(task_size <= 320, "client task is {task_size} bytes");
+            assert!(task_size <= 176, "client task is {task_size} bytes");
         });
     }
 }

@@ -27,21 +27,13 @@ pub enum LoginError {
     Cancel,
 }
 
-/// A client's whole life: login within `client_login_timeout`, then the session loop.
-/// The login is boxed: its state is large and dead once the session runs, and this future's
-/// size is what every idle client costs.
+/// A client's whole life: login within `client_login_timeout`, then the session loop in a
+/// task of its own, so the login's state (and this future's copies of its arguments) is
+/// freed: the session task's size is what every idle client costs.
 pub async fn serve_client(app: Arc<App>, tcp: TcpStream) {
-    // The login writes the session into this slot rather than returning it, so the task
-    // holds one Session, not a second copy in a return value.
-    let mut slot = None;
-    Box::pin(login_in_time(app, tcp, &mut slot)).await;
-    if let Some(session) = slot.as_mut() {
-        session.run().await;
+    if let Some(mut session) = Box::pin(login_outcome(app, tcp)).await {
+        tokio::spawn(async move { session.run().await });
     }
-}
-
-async fn login_in_time(app: Arc<App>, tcp: TcpStream, slot: &mut Option<Session>) {
-    *slot = login_outcome(app, tcp).await;
 }
 
 async fn login_outcome(app: Arc<App>, tcp: TcpStream) -> Option<Session> {
