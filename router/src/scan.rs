@@ -69,7 +69,7 @@ pub fn skip_trivia(bytes: &[u8], mut i: usize) -> usize {
 }
 
 /// Skips one token (or one byte of punctuation) starting at `i`, which is not trivia.
-fn skip_token(bytes: &[u8], i: usize) -> usize {
+pub(crate) fn skip_token(bytes: &[u8], i: usize) -> usize {
     match bytes[i] {
         b'\'' => skip_quoted(bytes, i, b'\''),
         b'"' => skip_quoted(bytes, i, b'"'),
@@ -87,7 +87,7 @@ fn skip_token(bytes: &[u8], i: usize) -> usize {
     }
 }
 
-fn skip_quoted(bytes: &[u8], i: usize, quote: u8) -> usize {
+pub(crate) fn skip_quoted(bytes: &[u8], i: usize, quote: u8) -> usize {
     let mut j = i + 1;
     while j < bytes.len() {
         if bytes[j] == quote {
@@ -110,7 +110,7 @@ fn skip_quoted(bytes: &[u8], i: usize, quote: u8) -> usize {
 
 /// `$tag$ ... $tag$` (tag may be empty). A `$` that does not open a dollar quote (`$1`) is
 /// a single byte.
-fn skip_dollar(bytes: &[u8], i: usize) -> usize {
+pub(crate) fn skip_dollar(bytes: &[u8], i: usize) -> usize {
     let mut j = i + 1;
     while j < bytes.len() && (bytes[j].is_ascii_alphanumeric() || bytes[j] == b'_') {
         if j == i + 1 && bytes[j].is_ascii_digit() {
@@ -132,7 +132,7 @@ fn skip_dollar(bytes: &[u8], i: usize) -> usize {
     bytes.len()
 }
 
-fn is_word_byte(c: u8) -> bool {
+pub(crate) fn is_word_byte(c: u8) -> bool {
     c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80
 }
 

@@ -1,0 +1,763 @@
+//! The merge plan for a read that runs on several shards, and the SQL rewrite it needs.
+//!
+//! Supported: ORDER BY (positions, output names, expressions; keys not in the select list
+//! become hidden trailing columns), LIMIT/OFFSET/FETCH FIRST (pushed down as
+//! `LIMIT limit+offset`), DISTINCT, count/sum/min/max/avg (avg via hidden sum and count
+//! columns), GROUP BY (groups combined; group keys not in the select list become hidden
+//! columns). Grouping by a shard key keeps every group on one shard, so then nothing needs
+//! combining and everything the shard computes (HAVING, DISTINCT aggregates, expressions
+//! over aggregates) is final.
+//!
+//! Refused (0A000): window functions, DISTINCT ON, HAVING and expressions over aggregates
+//! when groups must be combined, DISTINCT aggregates, other aggregates (string_agg, ...),
+//! GROUPING SETS/ROLLUP/CUBE, FETCH ... WITH TIES, ORDER BY ... USING, LIMIT expressions
+//! other than constants and parameters, set operations.
+
+use std::ops::ControlFlow;
+
+use sqlparser::ast::{
+    CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function, FunctionArguments,
+    GroupByExpr, LimitClause, ObjectNamePart, Offset, OffsetRows, OrderByKind, OrderBySort, Query,
+    Select, SelectItem, SetExpr, Statement, Value, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+
+use crate::analyze::{norm_ident, param_number};
+use crate::types::{AggMerge, ColumnRef, MergePlan, Refusal, RowCount, SortKey};
+
+pub(crate) struct Merge {
+    pub plan: MergePlan,
+    pub rewritten: Option<String>,
+}
+
+fn refuse(what: &str) -> Refusal {
+    Refusal::unsupported(format!(
+        "{what} is not supported across shards; add a shard key condition or a /* shardgate: shard=N */ hint"
+    ))
+}
+
+/// Plans the merge of `q`'s rows from several shards. `is_key` tells whether an expression
+/// is the shard key of a table of the top-level query.
+pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Merge, Refusal> {
+    let sel = match &*q.body {
+        SetExpr::Select(s) => s,
+        SetExpr::SetOperation { op, .. } => {
+            return Err(refuse(&format!("{op} over sharded tables")));
+        }
+        SetExpr::Table(_)
+            if q.order_by.is_none() && q.limit_clause.is_none() && q.fetch.is_none() =>
+        {
+            return Ok(Merge {
+                plan: MergePlan::default(),
+                rewritten: None,
+            });
+        }
+        _ => return Err(refuse("this query form")),
+    };
+    check_clauses(q, sel)?;
+
+    let mut nq = q.clone();
+    let mut hidden: Vec<(Expr, AggMerge)> = Vec::new();
+
+    let items = items(sel);
+    let wildcard = items.iter().any(|i| i.expr.is_none());
+
+    // Windows anywhere in this query level.
+    let mut scan = Scan::default();
+    for it in &items {
+        if let Some(e) = it.expr {
+            scan.expr(e);
+        }
+    }
+    if let Some(h) = &sel.having {
+        scan.expr(h);
+    }
+    let order: Vec<&sqlparser::ast::OrderByExpr> = match &q.order_by {
+        None => Vec::new(),
+        Some(ob) => match &ob.kind {
+            OrderByKind::Expressions(v) => v.iter().collect(),
+            OrderByKind::All(_) => return Err(refuse("ORDER BY ALL")),
+        },
+    };
+    for o in &order {
+        scan.expr(&o.expr);
+    }
+    if scan.window {
+        return Err(refuse("a window function"));
+    }
+
+    let group_exprs: &[Expr] = match &sel.group_by {
+        GroupByExpr::All(_) => return Err(refuse("GROUP BY ALL")),
+        GroupByExpr::Expressions(g, modifiers) => {
+            if !modifiers.is_empty() {
+                return Err(refuse("GROUP BY with ROLLUP/CUBE/GROUPING SETS"));
+            }
+            g
+        }
+    };
+    for g in group_exprs {
+        if matches!(g, Expr::Rollup(_) | Expr::Cube(_) | Expr::GroupingSets(_)) {
+            return Err(refuse("GROUPING SETS/ROLLUP/CUBE"));
+        }
+    }
+    let groups_local = group_exprs.iter().any(|g| {
+        let effective = match group_target(g, &items) {
+            Some(k) => items[k].expr,
+            None => Some(g),
+        };
+        effective.is_some_and(is_key)
+    });
+    let aggregating = scan.agg || sel.having.is_some() || !group_exprs.is_empty();
+    let distinct = match &sel.distinct {
+        None | Some(Distinct::All) => false,
+        Some(Distinct::Distinct) => true,
+        Some(Distinct::On(_)) => return Err(refuse("DISTINCT ON")),
+    };
+    let (limit, offset) = limit_offset(q)?;
+
+    let mut plan = MergePlan {
+        distinct,
+        limit,
+        offset,
+        ..MergePlan::default()
+    };
+
+    if aggregating && !groups_local {
+        // Partial aggregates are combined per group.
+        if wildcard {
+            return Err(refuse("SELECT * with GROUP BY or aggregates"));
+        }
+        if sel.having.is_some() {
+            return Err(refuse(
+                "HAVING (groups are combined after the shards answer)",
+            ));
+        }
+        if scan.distinct_agg {
+            return Err(refuse("a DISTINCT aggregate"));
+        }
+        if let Some(f) = &scan.unsupported_agg {
+            return Err(refuse(&format!("the aggregate {f}()")));
+        }
+        let mut aggs: Vec<AggMerge> = Vec::with_capacity(items.len());
+        for it in &items {
+            let Some(e) = it.expr else {
+                return Err(refuse("SELECT * with GROUP BY or aggregates"));
+            };
+            aggs.push(column_merge(e, items.len(), &mut hidden)?);
+        }
+        for g in group_exprs {
+            let col = match group_target(g, &items) {
+                Some(k) => ColumnRef::Visible(k),
+                None => hidden_col(&mut hidden, g.clone(), AggMerge::None, items.len()),
+            };
+            plan.group_by.push(col);
+        }
+        for o in &order {
+            let (desc, nulls_first) = sort_options(o)?;
+            let col = match order_target(&o.expr, &items) {
+                Some(OrderTarget::Visible(k)) => ColumnRef::Visible(k),
+                Some(OrderTarget::CopyOf(k)) => {
+                    let e = items[k]
+                        .expr
+                        .cloned()
+                        .unwrap_or(Expr::Value(Value::Null.into()));
+                    let m = column_merge(&e, items.len(), &mut hidden)?;
+                    hidden_col(&mut hidden, e, m, items.len())
+                }
+                None => {
+                    if let Some(pos) = group_exprs.iter().position(|g| g == &o.expr) {
+                        plan.group_by[pos]
+                    } else {
+                        let m = column_merge(&o.expr, items.len(), &mut hidden)?;
+                        hidden_col(&mut hidden, o.expr.clone(), m, items.len())
+                    }
+                }
+            };
+            plan.order_by.push(SortKey {
+                column: col,
+                descending: desc,
+                nulls_first,
+            });
+        }
+        // The shards return whole groups' partials: no ORDER BY or LIMIT there.
+        nq.order_by = None;
+        nq.limit_clause = None;
+        nq.fetch = None;
+        aggs.extend(hidden.iter().map(|(_, m)| *m));
+        plan.aggregates = aggs;
+    } else {
+        for o in &order {
+            let (desc, nulls_first) = sort_options(o)?;
+            let col = match order_target(&o.expr, &items) {
+                Some(OrderTarget::Visible(k)) => ColumnRef::Visible(k),
+                Some(OrderTarget::CopyOf(k)) => {
+                    let e = items[k]
+                        .expr
+                        .cloned()
+                        .unwrap_or(Expr::Value(Value::Null.into()));
+                    if distinct {
+                        return Err(refuse("this ORDER BY with SELECT DISTINCT"));
+                    }
+                    hidden_col(&mut hidden, e, AggMerge::None, items.len())
+                }
+                None => {
+                    if distinct {
+                        return Err(refuse(
+                            "an ORDER BY expression that is not in the select list of a SELECT DISTINCT",
+                        ));
+                    }
+                    hidden_col(&mut hidden, o.expr.clone(), AggMerge::None, items.len())
+                }
+            };
+            plan.order_by.push(SortKey {
+                column: col,
+                descending: desc,
+                nulls_first,
+            });
+        }
+        push_down_limit(&mut nq, limit, offset);
+    }
+
+    plan.hidden_columns = hidden.len();
+    if let SetExpr::Select(ns) = &mut *nq.body {
+        for (e, _) in &hidden {
+            ns.projection.push(SelectItem::UnnamedExpr(e.clone()));
+        }
+    }
+    let rewritten = if nq != *q {
+        let text = nq.to_string();
+        // The rewrite must read back as exactly the query we built.
+        let back = Parser::parse_sql(&PostgreSqlDialect {}, &text)
+            .map_err(|_| refuse("this query's rewrite"))?;
+        match back.as_slice() {
+            [Statement::Query(b)] if **b == nq => Some(text),
+            _ => return Err(refuse("this query's rewrite")),
+        }
+    } else {
+        None
+    };
+    Ok(Merge { plan, rewritten })
+}
+
+fn check_clauses(q: &Query, s: &Select) -> Result<(), Refusal> {
+    if q.fetch.as_ref().is_some_and(|f| f.with_ties || f.percent) {
+        return Err(refuse("FETCH ... WITH TIES / PERCENT"));
+    }
+    if let Some(LimitClause::LimitOffset { limit_by, .. }) = &q.limit_clause {
+        if !limit_by.is_empty() {
+            return Err(refuse("LIMIT BY"));
+        }
+    }
+    if matches!(q.limit_clause, Some(LimitClause::OffsetCommaLimit { .. })) {
+        return Err(refuse("LIMIT offset, count"));
+    }
+    if q.for_clause.is_some() || q.settings.is_some() || q.format_clause.is_some() {
+        return Err(refuse("this query clause"));
+    }
+    if !q.pipe_operators.is_empty() {
+        return Err(refuse("pipe operators"));
+    }
+    if s.into.is_some() {
+        return Err(refuse("SELECT INTO"));
+    }
+    if !s.named_window.is_empty() || s.qualify.is_some() {
+        return Err(refuse("a window function"));
+    }
+    if s.top.is_some()
+        || !s.lateral_views.is_empty()
+        || s.prewhere.is_some()
+        || !s.connect_by.is_empty()
+        || !s.cluster_by.is_empty()
+        || !s.distribute_by.is_empty()
+        || !s.sort_by.is_empty()
+        || s.value_table_mode.is_some()
+        || s.exclude.is_some()
+    {
+        return Err(refuse("this SELECT clause"));
+    }
+    Ok(())
+}
+
+/// A select-list item: its expression (`None` for `*`), its output name, and its column
+/// index when known (no `*` before it).
+struct Item<'a> {
+    expr: Option<&'a Expr>,
+    name: Option<String>,
+    index: Option<usize>,
+}
+
+fn items(sel: &Select) -> Vec<Item<'_>> {
+    let mut out = Vec::with_capacity(sel.projection.len());
+    let mut known = true;
+    for (k, it) in sel.projection.iter().enumerate() {
+        let index = known.then_some(k);
+        match it {
+            SelectItem::UnnamedExpr(e) => out.push(Item {
+                expr: Some(e),
+                name: output_name(e),
+                index,
+            }),
+            SelectItem::ExprWithAlias { expr, alias } => out.push(Item {
+                expr: Some(expr),
+                name: Some(norm_ident(alias)),
+                index,
+            }),
+            SelectItem::ExprWithAliases { expr, .. } => out.push(Item {
+                expr: Some(expr),
+                name: None,
+                index,
+            }),
+            SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {
+                known = false;
+                out.push(Item {
+                    expr: None,
+                    name: None,
+                    index: None,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// The column name Postgres gives an unaliased expression, where it is a name.
+fn output_name(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Identifier(id) => Some(norm_ident(id)),
+        Expr::CompoundIdentifier(parts) => parts.last().map(norm_ident),
+        Expr::Cast { expr, .. } => output_name(expr),
+        Expr::Nested(inner) => output_name(inner),
+        Expr::Function(f) => f
+            .name
+            .0
+            .last()
+            .and_then(ObjectNamePart::as_ident)
+            .map(norm_ident),
+        _ => None,
+    }
+}
+
+enum OrderTarget {
+    /// A visible column at a known index.
+    Visible(usize),
+    /// The same value as item k, whose index is not known (after a `*`): copy it.
+    CopyOf(usize),
+}
+
+/// Postgres's ORDER BY rules: a constant integer is a position; a bare name is an output
+/// column name first; anything else is matched against the select-list expressions.
+fn order_target(e: &Expr, items: &[Item<'_>]) -> Option<OrderTarget> {
+    if let Some(p) = position(e) {
+        // Positions count output columns, `*` expanded: the index is p-1 either way.
+        return Some(OrderTarget::Visible(p - 1));
+    }
+    if let Expr::Identifier(id) = e {
+        let name = norm_ident(id);
+        let hits: Vec<usize> = (0..items.len())
+            .filter(|&k| items[k].name.as_deref() == Some(name.as_str()))
+            .collect();
+        if let [k] = hits.as_slice() {
+            return Some(match items[*k].index {
+                Some(i) => OrderTarget::Visible(i),
+                None => OrderTarget::CopyOf(*k),
+            });
+        }
+        if hits.len() > 1 {
+            return None; // ambiguous: the server decides (and errs) on the shards
+        }
+    }
+    let k = items.iter().position(|it| it.expr == Some(e))?;
+    Some(match items[k].index {
+        Some(i) => OrderTarget::Visible(i),
+        None => OrderTarget::CopyOf(k),
+    })
+}
+
+/// GROUP BY rules: a position, an expression equal to an item, or (failing an input column,
+/// which the router cannot see) an output name. Returns the item.
+fn group_target(g: &Expr, items: &[Item<'_>]) -> Option<usize> {
+    if let Some(p) = position(g) {
+        return (p <= items.len() && items[..p].iter().all(|i| i.expr.is_some())).then(|| p - 1);
+    }
+    if let Some(k) = items.iter().position(|it| it.expr == Some(g)) {
+        return Some(k);
+    }
+    if let Expr::Identifier(id) = g {
+        let name = norm_ident(id);
+        let hits: Vec<usize> = (0..items.len())
+            .filter(|&k| items[k].name.as_deref() == Some(name.as_str()))
+            .collect();
+        if let [k] = hits.as_slice() {
+            return Some(*k);
+        }
+    }
+    None
+}
+
+/// A positive integer constant (a position in ORDER BY / GROUP BY).
+fn position(e: &Expr) -> Option<usize> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse::<usize>().ok().filter(|&p| p > 0),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn sort_options(o: &sqlparser::ast::OrderByExpr) -> Result<(bool, bool), Refusal> {
+    if o.with_fill.is_some() {
+        return Err(refuse("ORDER BY ... WITH FILL"));
+    }
+    let desc = match &o.options.sort {
+        None | Some(OrderBySort::Asc) => false,
+        Some(OrderBySort::Desc) => true,
+        Some(OrderBySort::Using(_)) => return Err(refuse("ORDER BY ... USING")),
+    };
+    Ok((desc, o.options.nulls_first.unwrap_or(desc)))
+}
+
+fn hidden_col(
+    hidden: &mut Vec<(Expr, AggMerge)>,
+    e: Expr,
+    m: AggMerge,
+    _visible: usize,
+) -> ColumnRef {
+    if let Some(i) = hidden.iter().position(|(h, hm)| *h == e && *hm == m) {
+        return ColumnRef::Hidden(i);
+    }
+    hidden.push((e, m));
+    ColumnRef::Hidden(hidden.len() - 1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AggKind {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+/// A supported aggregate call standing alone.
+fn bare_aggregate(e: &Expr) -> Option<(AggKind, &Function)> {
+    let Expr::Function(f) = e else { return None };
+    if f.over.is_some()
+        || !f.within_group.is_empty()
+        || f.null_treatment.is_some()
+        || f.uses_odbc_syntax
+        || !matches!(f.parameters, FunctionArguments::None)
+    {
+        return None;
+    }
+    let name = function_name(f)?;
+    let kind = match name.as_str() {
+        "count" => AggKind::Count,
+        "sum" => AggKind::Sum,
+        "min" => AggKind::Min,
+        "max" => AggKind::Max,
+        "avg" => AggKind::Avg,
+        _ => return None,
+    };
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    if matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct))
+        || list.args.len() != 1
+    {
+        return None;
+    }
+    // No aggregate inside the arguments (invalid SQL anyway).
+    let mut s = Scan::default();
+    for a in &list.args {
+        if let sqlparser::ast::FunctionArg::Unnamed(sqlparser::ast::FunctionArgExpr::Expr(x)) = a {
+            s.expr(x);
+        }
+    }
+    (!s.agg && !s.window).then_some((kind, f))
+}
+
+fn function_name(f: &Function) -> Option<String> {
+    f.name
+        .0
+        .last()
+        .and_then(ObjectNamePart::as_ident)
+        .map(|i| i.value.to_ascii_lowercase())
+}
+
+/// How column `e` of a grouped query combines; adds avg's hidden columns.
+fn column_merge(
+    e: &Expr,
+    visible: usize,
+    hidden: &mut Vec<(Expr, AggMerge)>,
+) -> Result<AggMerge, Refusal> {
+    match bare_aggregate(e) {
+        Some((AggKind::Count, _)) => Ok(AggMerge::Count),
+        Some((AggKind::Sum, _)) => Ok(AggMerge::Sum),
+        Some((AggKind::Min, _)) => Ok(AggMerge::Min),
+        Some((AggKind::Max, _)) => Ok(AggMerge::Max),
+        Some((AggKind::Avg, f)) => {
+            let mut sum = f.clone();
+            rename(&mut sum, "sum");
+            let mut count = f.clone();
+            rename(&mut count, "count");
+            let s = hidden_col(hidden, Expr::Function(sum), AggMerge::Sum, visible);
+            let c = hidden_col(hidden, Expr::Function(count), AggMerge::Count, visible);
+            Ok(AggMerge::Avg { sum: s, count: c })
+        }
+        None => {
+            let mut s = Scan::default();
+            s.expr(e);
+            if s.agg {
+                Err(refuse(
+                    "an expression over aggregates (e.g. sum(x)/count(*)) when groups span shards",
+                ))
+            } else {
+                Ok(AggMerge::None)
+            }
+        }
+    }
+}
+
+fn rename(f: &mut Function, name: &str) {
+    f.name = sqlparser::ast::ObjectName(vec![ObjectNamePart::Identifier(
+        sqlparser::ast::Ident::new(name),
+    )]);
+}
+
+fn count_of(e: &Expr) -> Result<Option<RowCount>, Refusal> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n
+                .parse::<u64>()
+                .map(|v| Some(RowCount::Value(v)))
+                .map_err(|_| refuse("this LIMIT/OFFSET value")),
+            Value::Null => Ok(None),
+            Value::Placeholder(p) => param_number(p)
+                .map(|n| Some(RowCount::Param(n)))
+                .ok_or_else(|| refuse("this LIMIT/OFFSET parameter")),
+            _ => Err(refuse("this LIMIT/OFFSET value")),
+        },
+        Expr::Nested(inner) => count_of(inner),
+        Expr::Cast {
+            expr, data_type, ..
+        } if matches!(&**expr, Expr::Value(v) if matches!(v.value, Value::Placeholder(_)))
+            && matches!(
+                data_type,
+                DataType::BigInt(_) | DataType::Int(_) | DataType::Integer(_) | DataType::Int8(_)
+            ) =>
+        {
+            count_of(expr)
+        }
+        _ => Err(refuse("a LIMIT/OFFSET expression")),
+    }
+}
+
+fn limit_offset(q: &Query) -> Result<(Option<RowCount>, Option<RowCount>), Refusal> {
+    let (mut limit, mut offset) = (None, None);
+    if let Some(LimitClause::LimitOffset {
+        limit: l,
+        offset: o,
+        ..
+    }) = &q.limit_clause
+    {
+        if let Some(l) = l {
+            limit = count_of(l)?;
+        }
+        if let Some(o) = o {
+            offset = count_of(&o.value)?;
+        }
+    }
+    if let Some(f) = &q.fetch {
+        if limit.is_some() {
+            return Err(refuse("LIMIT together with FETCH"));
+        }
+        limit = match &f.quantity {
+            Some(e) => count_of(e)?,
+            None => Some(RowCount::Value(1)),
+        };
+    }
+    if offset == Some(RowCount::Value(0)) {
+        offset = None;
+    }
+    Ok((limit, offset))
+}
+
+fn number(n: u64) -> Expr {
+    Expr::Value(Value::Number(n.to_string(), false).into())
+}
+
+fn as_bigint(n: usize) -> Expr {
+    Expr::Cast {
+        kind: CastKind::DoubleColon,
+        expr: Box::new(Expr::Value(Value::Placeholder(format!("${n}")).into())),
+        data_type: DataType::BigInt(None),
+        format: None,
+    }
+}
+
+fn count_expr(c: RowCount) -> Expr {
+    match c {
+        RowCount::Value(v) => number(v),
+        RowCount::Param(n) => as_bigint(n),
+    }
+}
+
+/// Shards get `LIMIT limit+offset` and no OFFSET (the merge applies both). Parameters stay
+/// referenced so the statement keeps its parameter list.
+fn push_down_limit(nq: &mut Query, limit: Option<RowCount>, offset: Option<RowCount>) {
+    if limit.is_none() && offset.is_none() {
+        return;
+    }
+    let new_limit = match (limit, offset) {
+        (Some(RowCount::Value(l)), None) => Some(number(l)),
+        (Some(RowCount::Value(l)), Some(RowCount::Value(o))) => l.checked_add(o).map(number),
+        (Some(l), None) => Some(count_expr(l)),
+        (Some(l), Some(o)) => Some(Expr::BinaryOp {
+            left: Box::new(count_expr(l)),
+            op: sqlparser::ast::BinaryOperator::Plus,
+            right: Box::new(count_expr(o)),
+        }),
+        (None, _) => None,
+    };
+    // OFFSET $n without LIMIT: keep $n referenced, as a zero offset.
+    let new_offset = match (limit, offset) {
+        (None, Some(RowCount::Param(n))) => Some(Offset {
+            value: Expr::BinaryOp {
+                left: Box::new(as_bigint(n)),
+                op: sqlparser::ast::BinaryOperator::Multiply,
+                right: Box::new(number(0)),
+            },
+            rows: OffsetRows::None,
+        }),
+        _ => None,
+    };
+    nq.fetch = None;
+    nq.limit_clause = if new_limit.is_none() && new_offset.is_none() {
+        None
+    } else {
+        Some(LimitClause::LimitOffset {
+            limit: new_limit,
+            offset: new_offset,
+            limit_by: vec![],
+        })
+    };
+}
+
+/// Aggregate and window calls in an expression, not counting subqueries.
+#[derive(Default)]
+struct Scan {
+    depth: usize,
+    agg: bool,
+    window: bool,
+    distinct_agg: bool,
+    unsupported_agg: Option<String>,
+}
+
+impl Scan {
+    fn expr(&mut self, e: &Expr) {
+        let _ = e.visit(self);
+    }
+}
+
+impl Visitor for Scan {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth += 1;
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<()> {
+        self.depth -= 1;
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if self.depth > 0 {
+            return ControlFlow::Continue(());
+        }
+        if let Expr::Function(f) = e {
+            if f.over.is_some() {
+                self.window = true;
+                return ControlFlow::Continue(());
+            }
+            let Some(name) = function_name(f) else {
+                return ControlFlow::Continue(());
+            };
+            if is_aggregate(&name) {
+                self.agg = true;
+                if let FunctionArguments::List(l) = &f.args {
+                    if matches!(l.duplicate_treatment, Some(DuplicateTreatment::Distinct)) {
+                        self.distinct_agg = true;
+                    }
+                }
+                let supported = matches!(name.as_str(), "count" | "sum" | "min" | "max" | "avg")
+                    && f.within_group.is_empty();
+                if !supported && self.unsupported_agg.is_none() {
+                    self.unsupported_agg = Some(name);
+                }
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Postgres's built-in aggregate functions.
+fn is_aggregate(name: &str) -> bool {
+    matches!(
+        name,
+        "count"
+            | "sum"
+            | "min"
+            | "max"
+            | "avg"
+            | "array_agg"
+            | "string_agg"
+            | "bool_and"
+            | "bool_or"
+            | "every"
+            | "bit_and"
+            | "bit_or"
+            | "bit_xor"
+            | "json_agg"
+            | "jsonb_agg"
+            | "json_agg_strict"
+            | "jsonb_agg_strict"
+            | "json_object_agg"
+            | "jsonb_object_agg"
+            | "json_object_agg_strict"
+            | "jsonb_object_agg_strict"
+            | "json_object_agg_unique"
+            | "jsonb_object_agg_unique"
+            | "json_objectagg"
+            | "json_arrayagg"
+            | "xmlagg"
+            | "stddev"
+            | "stddev_pop"
+            | "stddev_samp"
+            | "variance"
+            | "var_pop"
+            | "var_samp"
+            | "corr"
+            | "covar_pop"
+            | "covar_samp"
+            | "regr_avgx"
+            | "regr_avgy"
+            | "regr_count"
+            | "regr_intercept"
+            | "regr_r2"
+            | "regr_slope"
+            | "regr_sxx"
+            | "regr_sxy"
+            | "regr_syy"
+            | "mode"
+            | "percentile_cont"
+            | "percentile_disc"
+            | "any_value"
+            | "range_agg"
+            | "range_intersect_agg"
+            | "grouping"
+    )
+}
