@@ -135,6 +135,12 @@ if (( ${#missing[@]} > 0 )); then
 fi
 # PostgreSQL (postgresql-15, postgresql-contrib) is installed by cluster.sh when missing.
 "$CLUSTER_SH" install || { failed "PostgreSQL 15 could not be installed"; finish; }
+# Prometheus and promtool (Debian package `prometheus`) for tests/tests/deploy_kit.rs,
+# which skips its Prometheus checks with a note when they are missing.
+if ! { command -v prometheus && command -v promtool; } >/dev/null && [[ $EUID -eq 0 ]] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >&2 \
+        || echo "warning: could not install prometheus: the deploy kit tests will skip their Prometheus checks" >&2
+fi
 passed
 
 # --- 2. rustfmt --------------------------------------------------------------------------------
