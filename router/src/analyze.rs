@@ -106,6 +106,7 @@ impl Visitor for InventoryVisitor<'_> {
         ) {
             self.inv.dml = true;
         }
+        table_commands(&q.body, &mut self.raw_relations);
         ControlFlow::Continue(())
     }
 
@@ -146,6 +147,25 @@ impl Visitor for InventoryVisitor<'_> {
             self.function(&f.name);
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// `TABLE name` commands in a query body (the visitor reports no relation for them).
+fn table_commands(body: &SetExpr, out: &mut Vec<(Option<String>, String)>) {
+    match body {
+        SetExpr::Table(t) => {
+            if let Some(name) = &t.table_name {
+                out.push((
+                    t.schema_name.as_ref().map(|s| s.value.to_ascii_lowercase()),
+                    name.value.to_ascii_lowercase(),
+                ));
+            }
+        }
+        SetExpr::SetOperation { left, right, .. } => {
+            table_commands(left, out);
+            table_commands(right, out);
+        }
+        _ => {}
     }
 }
 
@@ -219,6 +239,9 @@ struct Entry {
 pub(crate) struct Block {
     pub parent: Option<usize>,
     entries: Vec<Entry>,
+    /// A JOIN ... USING / NATURAL JOIN merges same-named columns (COALESCE for FULL
+    /// joins): unqualified names are not resolved in this block.
+    merged_columns: bool,
 }
 
 pub(crate) struct Analyzer<'c> {
@@ -244,6 +267,7 @@ impl<'c> Analyzer<'c> {
         self.blocks.push(Block {
             parent,
             entries: Vec::new(),
+            merged_columns: false,
         });
         self.blocks.len() - 1
     }
@@ -699,7 +723,9 @@ impl<'c> Analyzer<'c> {
                     self.conjuncts(b, e, restricting);
                     self.expr(e, b);
                 }
+                Some(JoinConstraint::Natural) => self.blocks[b].merged_columns = true,
                 Some(JoinConstraint::Using(cols)) => {
+                    self.blocks[b].merged_columns = true;
                     for c in cols {
                         let Some(col) = c.0.last().and_then(|p| p.as_ident()).map(norm_ident)
                         else {
@@ -1070,6 +1096,9 @@ impl<'c> Analyzer<'c> {
         match e {
             Expr::Nested(inner) => self.key_ref(b, inner),
             Expr::Identifier(id) => {
+                if self.blocks[b].merged_columns {
+                    return None;
+                }
                 let col = norm_ident(id);
                 let mut found = self.blocks[b]
                     .entries
@@ -1228,15 +1257,11 @@ fn any_values(e: &Expr, ty: KeyType) -> Option<Vec<KeyExpr>> {
             format: None,
             ..
         } => {
+            use sqlparser::ast::{ArrayElemTypeDef as A, DataType as D};
             let elem_ok = match data_type {
-                sqlparser::ast::DataType::Array(def) => match def {
-                    sqlparser::ast::ArrayElemTypeDef::SquareBracket(inner, _)
-                    | sqlparser::ast::ArrayElemTypeDef::AngleBracket(inner)
-                    | sqlparser::ast::ArrayElemTypeDef::Parenthesis(inner) => {
-                        cast_keeps_key(inner, ty)
-                    }
-                    _ => false,
-                },
+                D::Array(
+                    A::SquareBracket(inner, _) | A::AngleBracket(inner) | A::Parenthesis(inner),
+                ) => cast_keeps_key(inner, ty),
                 _ => false,
             };
             if !elem_ok {

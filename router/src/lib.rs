@@ -6,6 +6,7 @@
 //! or replica, which shard(s), and how to merge rows from several shards.
 
 mod analyze;
+mod cache;
 pub mod catalog;
 mod fast;
 pub mod hint;
@@ -16,11 +17,14 @@ pub mod normalize;
 mod planner;
 pub mod scan;
 pub mod session;
+mod split;
 pub mod types;
 
+pub use cache::{PlanCache, SimplePlan};
 pub use catalog::{Catalog, KeyType, ShardedTable};
 pub use keys::parse_uuid;
 pub use normalize::{normalize, Literal, Normalized};
 pub use planner::{plan, plan_many, plan_with_hint};
 pub use session::{classify, Pins, SessionEffects, SettingChange};
+pub use split::{split_insert, InsertPart, SplitError};
 pub use types::*;

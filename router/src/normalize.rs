@@ -76,22 +76,19 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                     by_list: parent.by_list,
                 });
             }
-            TokKind::Punct if matches!(bytes[t.start], b')' | b']') => {
-                if frames.len() > 1 {
-                    frames.pop();
-                }
+            TokKind::Punct if matches!(bytes[t.start], b')' | b']') && frames.len() > 1 => {
+                frames.pop();
             }
-            TokKind::Word => {
+            TokKind::Word
                 if t.is_word(sql, "by")
                     && prev.is_some_and(|p| {
                         p.is_word(sql, "order")
                             || p.is_word(sql, "group")
                             || p.is_word(sql, "partition")
-                    })
-                {
-                    if let Some(f) = frames.last_mut() {
-                        f.by_list = true;
-                    }
+                    }) =>
+            {
+                if let Some(f) = frames.last_mut() {
+                    f.by_list = true;
                 }
             }
             TokKind::Str | TokKind::Number => {

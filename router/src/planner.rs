@@ -19,7 +19,7 @@ use crate::hint::parse_hint;
 use crate::lex::{split_statements, split_statements_legacy, Lexer, TokKind};
 use crate::merge::plan_merge;
 use crate::types::{
-    CopyFormat, CopyInfo, Hint, KeyExpr, Kind, MergePlan, Plan, Refusal, Role, Target,
+    CopyFormat, CopyInfo, Hint, KeyExpr, Kind, MergePlan, Plan, Refusal, Role, Target, TxControl,
 };
 
 /// Plans one statement or a `;`-separated simple-query string (see [`Plan`]).
@@ -173,7 +173,11 @@ fn neutral(p: &Plan) -> bool {
 
 /// One plan for a multi-statement simple query: the whole string goes to one place.
 fn combine(plans: Vec<Plan>) -> Plan {
-    let role = if plans.iter().any(|p| p.role == Role::Primary) {
+    // COMMIT/ROLLBACK/SAVEPOINT run wherever the transaction runs; BEGIN decides.
+    let role = if plans.iter().any(|p| {
+        p.role == Role::Primary
+            && (p.kind != Kind::Transaction || matches!(p.tx, Some(TxControl::Begin { .. })))
+    }) {
         Role::Primary
     } else {
         Role::Replica
@@ -211,7 +215,7 @@ fn combine(plans: Vec<Plan>) -> Plan {
     };
     let targets: Vec<&Plan> = plans.iter().filter(|p| !neutral(p)).collect();
     if targets.is_empty() {
-        out.target = if plans.iter().all(|p| p.target == Target::Any) {
+        out.target = if plans.iter().any(|p| p.target == Target::Any) {
             Target::Any
         } else {
             Target::Default
@@ -305,6 +309,24 @@ fn touch(inv: &Inventory, catalog: &Catalog) -> Touch {
         }
     }
     t
+}
+
+/// A WITH query named like a distributed table: the router cannot tell which references
+/// mean the table.
+fn shadowing(inv: &Inventory, catalog: &Catalog) -> Option<Refusal> {
+    inv.ctes
+        .iter()
+        .find(|c| {
+            !matches!(
+                catalog.classify(None, c),
+                TableClass::Unsharded | TableClass::System
+            )
+        })
+        .map(|c| {
+            Refusal::unsupported(format!(
+                "a WITH query named like sharded or reference table {c} is not supported; rename it"
+            ))
+        })
 }
 
 fn draft(kind: Kind, role: Role, target: Target, t: &Touch) -> Draft {
@@ -468,6 +490,9 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
         Role::Replica
     };
     let kind = if writes { Kind::Write } else { Kind::Read };
+    if let Some(r) = shadowing(&inv, catalog) {
+        return draft(kind, role, Target::Default, &t).soft(r);
+    }
     let dml_targets = dml_targets(q);
     let writes_reference = dml_targets
         .iter()
@@ -496,16 +521,6 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
     if writes_reference {
         return d.soft(Refusal::unsupported(
             "a statement that writes a reference table and reads a sharded table is not supported",
-        ));
-    }
-    if inv.ctes.iter().any(|c| {
-        !matches!(
-            catalog.classify(None, c),
-            TableClass::Unsharded | TableClass::System
-        )
-    }) {
-        return d.soft(Refusal::unsupported(
-            "a WITH query named like a sharded or reference table is not supported",
         ));
     }
     let mut an = Analyzer::new(catalog);
@@ -631,6 +646,9 @@ fn plan_update_delete(stmt: &Statement, catalog: &Catalog) -> Draft {
         },
         _ => (None, stmt),
     };
+    if let Some(r) = shadowing(&inv, catalog) {
+        return draft(Kind::Write, Role::Primary, Target::Default, &t).soft(r);
+    }
     let mut an = Analyzer::new(catalog);
     walk_with(&mut an, with);
     let (block, target_name, key_update) = match inner {
@@ -753,6 +771,9 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
     let inv = inventory(stmt, catalog);
     let t = touch(&inv, catalog);
     let mut d = draft(Kind::Write, Role::Primary, Target::Default, &t);
+    if let Some(r) = shadowing(&inv, catalog) {
+        return d.soft(r);
+    }
     let table = match &ins.table {
         sqlparser::ast::TableObject::TableName(n) => Some(n),
         _ => None,
@@ -1108,6 +1129,41 @@ fn copy_options(info: &mut CopyInfo, options: &[CopyOption], legacy: &[CopyLegac
     }
 }
 
+/// Tables named by utility statements whose names the visitor does not report.
+fn table_names(stmt: &Statement) -> Vec<&ObjectName> {
+    use sqlparser::ast::{CommentObject, GrantObjects, ObjectType};
+    fn objects(o: &Option<GrantObjects>) -> Vec<&ObjectName> {
+        match o {
+            Some(GrantObjects::Tables(v) | GrantObjects::Views(v)) => v.iter().collect(),
+            _ => Vec::new(),
+        }
+    }
+    match stmt {
+        Statement::Drop {
+            object_type: ObjectType::Table | ObjectType::View | ObjectType::MaterializedView,
+            names,
+            ..
+        } => names.iter().collect(),
+        Statement::Grant(g) => objects(&g.objects),
+        Statement::Revoke(r) => objects(&r.objects),
+        Statement::Comment {
+            object_type:
+                CommentObject::Table | CommentObject::View | CommentObject::MaterializedView,
+            object_name,
+            ..
+        } => vec![object_name],
+        Statement::Comment {
+            object_type: CommentObject::Column,
+            object_name,
+            ..
+        } if object_name.0.len() >= 2 => {
+            // table.column: the table part is checked by the word scan below.
+            Vec::new()
+        }
+        _ => Vec::new(),
+    }
+}
+
 /// DDL and other utility statements: every shard when they name a sharded or reference
 /// table or no table at all (functions, types, roles, ...: schemas must match); the default
 /// shard when they name only unsharded tables.
@@ -1126,28 +1182,17 @@ fn plan_utility(stmt: &Statement, text: &str, catalog: &Catalog) -> Draft {
     // Names the AST does not report as relations (DROP TABLE x, GRANT ... ON x, ...).
     let mut named_tables = !inv.relations.is_empty();
     let mut distributed = !t.sharded.is_empty() || !t.reference.is_empty();
-    if let Statement::Drop {
-        object_type, names, ..
-    } = stmt
-    {
-        use sqlparser::ast::ObjectType;
-        if matches!(
-            object_type,
-            ObjectType::Table | ObjectType::View | ObjectType::MaterializedView
+    for n in table_names(stmt) {
+        named_tables = true;
+        let (s, name) = split_name(n);
+        if !t.names.contains(&name) {
+            t.names.push(name.clone());
+        }
+        if !matches!(
+            catalog.classify(s.as_deref(), &name),
+            TableClass::Unsharded | TableClass::System
         ) {
-            named_tables = true;
-            for n in names {
-                let (s, name) = split_name(n);
-                if !t.names.contains(&name) {
-                    t.names.push(name.clone());
-                }
-                if !matches!(
-                    catalog.classify(s.as_deref(), &name),
-                    TableClass::Unsharded | TableClass::System
-                ) {
-                    distributed = true;
-                }
-            }
+            distributed = true;
         }
     }
     if !distributed {
