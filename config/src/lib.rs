@@ -77,6 +77,10 @@ pub struct General {
     pub auto_promote_after: Duration,
     /// The user health checks log in as (default: the first user with a password).
     pub health_check_user: Option<String>,
+    /// Threads serving clients. 0 (the default) means a quarter of the CPUs, at least one:
+    /// the proxy usually shares the machine with Postgres or the application, and on a small
+    /// box one thread spends the least CPU per transaction (fewer wake-ups across threads).
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -114,6 +118,7 @@ impl Default for General {
             auto_promote: false,
             auto_promote_after: Duration::from_secs(5),
             health_check_user: None,
+            workers: 0,
         }
     }
 }

@@ -118,12 +118,18 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn serve(config: Config) -> Result<(), String> {
-    if let Some(addr) = config.general.metrics_listen {
-        metrics::install(addr)?;
-    }
+    // The recorder goes in before any handle is registered, or the handles are no-ops.
+    let metrics_handle = match config.general.metrics_listen {
+        Some(_) => Some(metrics::install()?),
+        None => None,
+    };
     let listen = config.general.listen;
     let app = Arc::new(app::App::new(config)?);
     start_health_checks(&app).await;
+    if let (Some(addr), Some(handle)) = (app.config.general.metrics_listen, metrics_handle) {
+        let shards = app.topologies.values().flatten().cloned().collect();
+        metrics::serve(addr, handle, shards).await?;
+    }
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {listen}: {e}"))?;

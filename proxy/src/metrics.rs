@@ -1,17 +1,204 @@
-//! Prometheus metrics. Handles are registered once and kept, so the data path pays an
-//! atomic increment, not a registry lookup.
+//! Prometheus metrics and the HTTP endpoint that serves them (`/metrics`), liveness
+//! (`/health`) and readiness (`/ready`: every shard has a reachable primary).
+//!
+//! Handles are registered once and kept, so the data path pays an atomic increment, not a
+//! registry lookup. The endpoint is a few lines of HTTP/1.0 over tokio rather than a web
+//! framework: it serves three fixed paths to a scraper.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use metrics::{counter, gauge, Counter, Gauge};
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, Counter, Gauge, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
-/// Installs the exporter with its HTTP listener (`/metrics`). Must run inside the runtime.
-pub fn install(addr: SocketAddr) -> Result<(), String> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
-        .install()
-        .map_err(|e| format!("cannot start metrics endpoint on {addr}: {e}"))
+use crate::topology::ShardTopology;
+
+/// Latency buckets in seconds (histograms, not summaries, so they aggregate across proxies).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the recorder; returns the handle that renders the exposition text.
+pub fn install() -> Result<PrometheusHandle, String> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| format!("cannot install the metrics recorder: {e}"))?;
+    describe();
+    gauge!("shardgate_up").set(1.0);
+    gauge!("shardgate_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    Ok(handle)
+}
+
+/// Serves `/metrics`, `/health` and `/ready` on `addr` until the process ends.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    shards: Vec<Arc<ShardTopology>>,
+) -> Result<(), String> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
+    let shards = Arc::new(shards);
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let handle = handle.clone();
+            let shards = shards.clone();
+            tokio::spawn(async move {
+                let mut req = [0u8; 2048];
+                let mut n = 0;
+                // Read the request head (bounded in size and time); the path is all we need.
+                let read = tokio::time::timeout(Duration::from_secs(5), async {
+                    while n < req.len() {
+                        match sock.read(&mut req[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                        if req[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                if read.is_err() {
+                    return;
+                }
+                let line = req[..n].split(|b| *b == b'\n').next().unwrap_or_default();
+                let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
+                let (status, ctype, body) = match path {
+                    b"/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                    b"/health" => ("200 OK", "text/plain", "ok\n".to_string()),
+                    b"/ready" => {
+                        let missing: Vec<usize> = shards
+                            .iter()
+                            .filter(|s| s.primary().is_none())
+                            .map(|s| s.index)
+                            .collect();
+                        if missing.is_empty() {
+                            ("200 OK", "text/plain", "ready\n".to_string())
+                        } else {
+                            (
+                                "503 Service Unavailable",
+                                "text/plain",
+                                format!("no reachable primary for shard(s) {missing:?}\n"),
+                            )
+                        }
+                    }
+                    _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                };
+                let head = format!(
+                    "HTTP/1.0 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = sock.write_all(head.as_bytes()).await;
+                let _ = sock.write_all(body.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn describe() {
+    describe_gauge!("shardgate_up", "1 while the process runs");
+    describe_gauge!("shardgate_build_info", "Build information (value 1)");
+    describe_gauge!(
+        "shardgate_client_connections",
+        "Client connections logged in"
+    );
+    describe_counter!("shardgate_client_logins_total", "Successful client logins");
+    describe_counter!(
+        "shardgate_client_login_failures_total",
+        "Client logins refused (unknown user, wrong password)"
+    );
+    describe_counter!(
+        "shardgate_client_protocol_errors_total",
+        "Client connections closed for malformed protocol messages"
+    );
+    describe_counter!(
+        "shardgate_errors_total",
+        "Errors shardgate itself sent to clients, by SQLSTATE class"
+    );
+    describe_counter!(
+        "shardgate_queries_total",
+        "Statements forwarded (simple queries and Execute messages)"
+    );
+    describe_counter!(
+        "shardgate_transactions_total",
+        "Server connections attached to clients (one per transaction in transaction pooling)"
+    );
+    describe_gauge!(
+        "shardgate_pool_size",
+        "Configured server connections per pool"
+    );
+    describe_gauge!(
+        "shardgate_pool_active_connections",
+        "Server connections lent to clients"
+    );
+    describe_gauge!("shardgate_pool_idle_connections", "Idle server connections");
+    describe_gauge!(
+        "shardgate_pool_waiting_clients",
+        "Clients waiting for a server connection"
+    );
+    describe_counter!(
+        "shardgate_pool_checkouts_total",
+        "Server connections checked out of the pool"
+    );
+    describe_counter!(
+        "shardgate_server_connections_opened_total",
+        "Server connections opened"
+    );
+    describe_counter!(
+        "shardgate_server_connections_discarded_total",
+        "Server connections closed instead of returned (dirty, broken)"
+    );
+    describe_histogram!(
+        "shardgate_pool_checkout_wait_seconds",
+        Unit::Seconds,
+        "Time a client waited for a server connection"
+    );
+    describe_gauge!(
+        "shardgate_host_up",
+        "1 when the last health check reached the host"
+    );
+    describe_gauge!(
+        "shardgate_host_primary",
+        "1 for the host shardgate writes to"
+    );
+    describe_gauge!("shardgate_host_banned", "1 while a host is out of rotation");
+    describe_gauge!(
+        "shardgate_replica_lag_bytes",
+        Unit::Bytes,
+        "WAL bytes a replica is behind its primary"
+    );
+    describe_gauge!(
+        "shardgate_replica_lag_seconds",
+        Unit::Seconds,
+        "Age of the last transaction a replica replayed"
+    );
+    describe_counter!(
+        "shardgate_failovers_total",
+        "Primary changes seen per shard"
+    );
+    describe_gauge!(
+        "shardgate_shard_has_primary",
+        "1 when the shard has a usable primary"
+    );
+    describe_counter!(
+        "shardgate_reads_routed_total",
+        "Read transactions routed, by where they went"
+    );
+    describe_counter!("shardgate_writes_routed_total", "Write transactions routed");
 }
 
 /// Process-wide handles.
@@ -44,7 +231,13 @@ impl Default for Metrics {
     }
 }
 
-/// Per-pool handles, labelled `pool="database/user"`.
+/// Counts an error shardgate sends a client, by SQLSTATE class (the first two characters).
+pub fn count_error(sqlstate: &str) {
+    let class = sqlstate.get(..2).unwrap_or("XX").to_string();
+    counter!("shardgate_errors_total", "class" => class).increment(1);
+}
+
+/// Per-pool handles, labelled `pool="database/user@host"`.
 pub struct PoolMetrics {
     pub size: Gauge,
     pub active: Gauge,
@@ -69,7 +262,6 @@ impl PoolMetrics {
         }
     }
 }
-
 /// Per-host handles, labelled `shard` and `host`.
 pub struct HostMetrics {
     pub up: Gauge,

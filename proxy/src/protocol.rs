@@ -110,7 +110,9 @@ pub fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
     buf.put_u8(0);
 }
 
+/// Every error shardgate raises itself goes through here, so this is where it is counted.
 pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    crate::metrics::count_error(code);
     write_msg(buf, b'E', |b| {
         b.put_u8(b'S');
         put_cstr(b, severity.as_bytes());

@@ -304,48 +304,27 @@ impl Session {
     /// One burst of activity: until nothing is in flight and no bytes are pending.
     async fn serve(&mut self, io: &mut Buffers) -> Flow {
         loop {
-            // Nothing in flight: the wake-up may come from stale readiness (a socket whose last
-            // read did not drain it), so read without waiting and go idle, buffers returned,
-            // if there is nothing after all.
+            // Nothing in flight: a wake-up may find nothing to read; then go idle and give
+            // the buffers back rather than wait holding them.
             let quiet = io.cin.is_empty()
                 && io.held.is_empty()
                 && io.expects.is_empty()
                 && self.attached.as_ref().is_none_or(|a| !a.unsynced);
-            if quiet {
-                if let ClientStream::Plain(tcp) = &self.client {
-                    let got = match tcp.try_read_buf(&mut io.cin) {
-                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                            match self.attached.as_mut() {
-                                Some(a) => {
-                                    match a.server.conn.stream.try_read_buf(&mut a.server.conn.rbuf)
-                                    {
-                                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                                            return Flow::Idle
-                                        }
-                                        r => Side::Server(r),
-                                    }
-                                }
-                                None => return Flow::Idle,
-                            }
-                        }
-                        r => Side::Client(r),
-                    };
-                    if !self.after_read(got, io).await {
-                        return Flow::Exit;
+            let got = match &self.client {
+                ClientStream::Plain(tcp) => {
+                    let server = self.attached.as_mut().map(|a| &mut a.server.conn);
+                    match read_plain(tcp, &mut io.cin, server, !quiet).await {
+                        Some(side) => side,
+                        None => return Flow::Idle,
                     }
-                    if let Some(flow) = self.process(io).await {
-                        return flow;
-                    }
-                    continue;
                 }
-            }
-            // Read from whichever side has something.
-            let got = match self.attached.as_mut() {
-                Some(a) => tokio::select! {
-                    r = self.client.read_buf(&mut io.cin) => Side::Client(r),
-                    r = a.server.conn.stream.read_buf(&mut a.server.conn.rbuf) => Side::Server(r),
+                ClientStream::Tls(_) => match self.attached.as_mut() {
+                    Some(a) => tokio::select! {
+                        r = self.client.read_buf(&mut io.cin) => Side::Client(r),
+                        r = a.server.conn.stream.read_buf(&mut a.server.conn.rbuf) => Side::Server(r),
+                    },
+                    None => Side::Client(self.client.read_buf(&mut io.cin).await),
                 },
-                None => Side::Client(self.client.read_buf(&mut io.cin).await),
             };
             if !self.after_read(got, io).await {
                 return Flow::Exit;
@@ -1211,6 +1190,47 @@ impl Session {
             }
         }
         self.detach(false);
+    }
+}
+
+/// One read from whichever of the client and the server has data. With `wait` false,
+/// `None` when neither has any right now.
+async fn read_plain(
+    client: &tokio::net::TcpStream,
+    cin: &mut BytesMut,
+    mut server: Option<&mut Box<crate::server::ServerConn>>,
+    wait: bool,
+) -> Option<Side> {
+    use crate::stream::read_drained;
+    use std::io::ErrorKind::WouldBlock;
+    loop {
+        match read_drained(client, cin) {
+            Err(e) if e.kind() == WouldBlock => {}
+            r => return Some(Side::Client(r)),
+        }
+        if let Some(s) = server.as_deref_mut() {
+            match read_drained(&s.stream, &mut s.rbuf) {
+                Err(e) if e.kind() == WouldBlock => {}
+                r => return Some(Side::Server(r)),
+            }
+        }
+        if !wait {
+            return None;
+        }
+        let server_stream = server.as_deref().map(|s| &s.stream);
+        let ready = std::future::poll_fn(|cx| {
+            if let Poll::Ready(r) = client.poll_read_ready(cx) {
+                return Poll::Ready(r);
+            }
+            match server_stream {
+                Some(s) => s.poll_read_ready(cx),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        if let Err(e) = ready {
+            return Some(Side::Client(Err(e)));
+        }
     }
 }
 

@@ -4,7 +4,10 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use std::os::fd::AsRawFd;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
@@ -65,5 +68,43 @@ impl AsyncWrite for ClientStream {
             ClientStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+/// Reads what a socket has into `buf` without waiting (`WouldBlock` when it has nothing).
+///
+/// When the read returns less than it asked for, the socket is drained for now: tokio is
+/// told so (its readiness is cleared), which saves the extra `recv` returning EAGAIN that a
+/// plain `try_read` would need before the task can sleep. Tokio's readiness ticks keep
+/// this race-free: data arriving after the `recv` raises a new readiness event.
+pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(8192);
+    }
+    let fd = tcp.as_raw_fd();
+    let mut got = 0usize;
+    let r = tcp.try_io(Interest::READABLE, || {
+        let spare = buf.spare_capacity_mut();
+        let want = spare.len();
+        // SAFETY: `spare` is writable memory of `want` bytes owned by `buf`; recv writes at
+        // most `want` bytes into it, and only the bytes it reports are marked initialised.
+        let n = unsafe { libc::recv(fd, spare.as_mut_ptr().cast(), want, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        // SAFETY: recv initialised the first `n` bytes of the spare capacity.
+        unsafe { buf.set_len(buf.len() + n) };
+        got = n;
+        if n > 0 && n < want {
+            // Drained: report WouldBlock so tokio clears readiness; `got` carries the data.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    match r {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        Err(e) => Err(e),
     }
 }
