@@ -81,6 +81,10 @@ pub struct General {
     /// the proxy usually shares the machine with Postgres or the application, and on a small
     /// box one thread spends the least CPU per transaction (fewer wake-ups across threads).
     pub workers: usize,
+    /// On SIGTERM, how long transactions in flight may take to finish before the remaining
+    /// clients are disconnected.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -119,6 +123,7 @@ impl Default for General {
             auto_promote_after: Duration::from_secs(5),
             health_check_user: None,
             workers: 0,
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }

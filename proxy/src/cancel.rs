@@ -22,7 +22,10 @@ pub struct CancelTarget {
 
 pub struct CancelSlot {
     secret: i32,
+    /// The client's socket, so a draining proxy can end idle sessions (see `poke_idle`).
+    fd: std::os::fd::RawFd,
     target: Mutex<Option<CancelTarget>>,
+    poked: std::sync::atomic::AtomicBool,
 }
 
 impl CancelSlot {
@@ -31,19 +34,24 @@ impl CancelSlot {
     }
 }
 
+/// Every logged-in client, by the pid shardgate gave it.
 #[derive(Default)]
 pub struct CancelRegistry {
     next_pid: AtomicI32,
     slots: Mutex<HashMap<i32, Arc<CancelSlot>>>,
+    /// Set on SIGTERM: sessions end at their next idle moment with 57P01.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl CancelRegistry {
     /// A fresh (pid, secret) for a client and its slot.
-    pub fn register(&self) -> (i32, i32, Arc<CancelSlot>) {
+    pub fn register(&self, fd: std::os::fd::RawFd) -> (i32, i32, Arc<CancelSlot>) {
         let secret = rand::thread_rng().gen();
         let slot = Arc::new(CancelSlot {
             secret,
+            fd,
             target: Mutex::new(None),
+            poked: Default::default(),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -61,6 +69,36 @@ impl CancelRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&pid);
+    }
+
+    pub fn live(&self) -> usize {
+        self.slots.lock().map(|s| s.len()).unwrap_or(0)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Wakes every session that holds no server connection by shutting down the read side
+    /// of its socket: the session sees EOF, and being draining, answers 57P01 and ends.
+    /// Sessions in a transaction are left to finish it. Holding the map lock keeps each fd
+    /// valid: a session unregisters before its socket closes.
+    pub fn poke_idle(&self) {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        for slot in slots.values() {
+            let idle = slot.target.lock().map(|t| t.is_none()).unwrap_or(false);
+            if idle && !slot.poked.swap(true, Ordering::Relaxed) {
+                // SAFETY: the fd belongs to a live session (see above); SHUT_RD only stops
+                // further reads on it.
+                unsafe {
+                    libc::shutdown(slot.fd, libc::SHUT_RD);
+                }
+            }
+        }
     }
 
     /// Forwards a cancel if (pid, secret) belongs to a client with a query on a server.

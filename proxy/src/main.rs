@@ -149,11 +149,43 @@ async fn serve(config: Config) -> Result<(), String> {
             tokio::spawn(startup::serve_client(app.clone(), tcp));
         }
     };
-    tokio::select! {
-        () = accept => Ok(()),
-        () = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
+    let shutdown = tokio::select! {
+        () = accept => return Ok(()),
+        s = shutdown_signal() => s,
+    };
+    drop(listener);
+    match shutdown {
+        Shutdown::Fast => tracing::info!("SIGINT: shutting down now"),
+        Shutdown::Graceful => drain(&app).await,
+    }
+    Ok(())
+}
+
+/// SIGTERM: no new clients; sessions end as their transactions finish (idle ones at once,
+/// with 57P01); whatever remains after `shutdown_timeout` is disconnected.
+async fn drain(app: &Arc<app::App>) {
+    let timeout = app.config.general.shutdown_timeout;
+    tracing::info!(
+        clients = app.cancels.live(),
+        "SIGTERM: draining for up to {timeout:?}"
+    );
+    app.cancels.start_draining();
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
+    loop {
+        tick.tick().await;
+        app.cancels.poke_idle();
+        let live = app.cancels.live();
+        if live == 0 {
+            tracing::info!("all clients done");
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                clients = live,
+                "shutdown_timeout reached: disconnecting the rest"
+            );
+            return;
         }
     }
 }
@@ -175,7 +207,13 @@ async fn start_health_checks(app: &Arc<app::App>) {
     }
 }
 
-async fn shutdown_signal() {
+enum Shutdown {
+    Graceful,
+    Fast,
+}
+
+/// SIGTERM drains, SIGINT stops at once.
+async fn shutdown_signal() -> Shutdown {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
@@ -184,7 +222,7 @@ async fn shutdown_signal() {
         return std::future::pending().await;
     };
     tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+        _ = term.recv() => Shutdown::Graceful,
+        _ = int.recv() => Shutdown::Fast,
     }
 }

@@ -21,6 +21,7 @@ pub mod sqlstate {
     pub const UNKNOWN_DATABASE: &str = "3D000";
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const DUPLICATE_PSTATEMENT: &str = "42P05";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

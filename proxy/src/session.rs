@@ -280,7 +280,18 @@ impl Session {
             if ready.is_err() {
                 break;
             }
-            match Box::pin(self.burst()).await {
+            let flow = Box::pin(self.burst()).await;
+            if self.app.cancels.draining() && self.attached.is_none() {
+                // Shutting down and between transactions: end the session cleanly.
+                let bye = protocol::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection due to administrator command",
+                );
+                let _ = self.client.write_all(&bye).await;
+                let _ = self.client.flush().await;
+                break;
+            }
+            match flow {
                 Flow::Idle => continue,
                 Flow::Exit => break,
             }
@@ -363,6 +374,9 @@ impl Session {
         }
         if self.releasable(io) {
             self.detach(true);
+            if self.app.cancels.draining() {
+                return Some(Flow::Idle);
+            }
         }
         let nothing_pending = io.cin.is_empty() && io.held.is_empty() && !self.client.is_tls();
         match &self.attached {
@@ -1346,7 +1360,7 @@ mod footprint {
             .expect("config");
             let app = Arc::new(App::new(config).expect("app"));
             let pool = app.pools.values().next().expect("pool").clone();
-            let (pid, _, cancel) = app.cancels.register();
+            let (pid, _, cancel) = app.cancels.register(-1);
             let s = Session::new(
                 app.clone(),
                 ClientStream::Plain(tcp),

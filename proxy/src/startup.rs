@@ -181,7 +181,11 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
     let reported = pool.intern_reported(server.conn.params.clone());
     server.release();
 
-    let (pid, secret, cancel) = app.cancels.register();
+    let fd = match &stream {
+        ClientStream::Plain(s) => std::os::fd::AsRawFd::as_raw_fd(s),
+        ClientStream::Tls(s) => std::os::fd::AsRawFd::as_raw_fd(s.get_ref().0),
+    };
+    let (pid, secret, cancel) = app.cancels.register(fd);
     protocol::backend_key_data(&mut out, pid, secret);
     protocol::ready_for_query(&mut out, b'I');
     stream.write_all(&out).await?;
