@@ -56,8 +56,10 @@ pub async fn check_once(
     shard.observe(&results);
 }
 
+/// Checks `shard` every interval for as long as a configuration generation uses it (the
+/// task holds it weakly and ends once a reload replaced it).
 pub fn spawn(
-    shard: Arc<ShardTopology>,
+    shard: std::sync::Weak<ShardTopology>,
     opts: Arc<HealthOptions>,
     mut clients: Vec<Option<Client>>,
 ) {
@@ -66,6 +68,9 @@ pub fn spawn(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
+            let Some(shard) = shard.upgrade() else {
+                return;
+            };
             check_once(&shard, &mut clients, &opts).await;
             if opts.auto_promote {
                 maybe_promote(&shard, &mut clients, &opts).await;

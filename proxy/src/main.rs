@@ -93,7 +93,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(serve(config)) {
+            match runtime.block_on(serve(config, path)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     tracing::error!("{e}");
@@ -117,15 +117,18 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn serve(config: Config) -> Result<(), String> {
+async fn serve(config: Config, path: PathBuf) -> Result<(), String> {
     // The recorder goes in before any handle is registered, or the handles are no-ops.
     let metrics_handle = match config.general.metrics_listen {
         Some(_) => Some(metrics::install()?),
         None => None,
     };
     let listen = config.general.listen;
-    let app = Arc::new(app::App::new(config)?);
-    start_health_checks(&app).await;
+    let process = app::Process::new(path);
+    let app = process.start(config)?;
+    let dbs: Vec<String> = app.topologies.keys().cloned().collect();
+    start_health_checks(&app, &dbs).await;
+    spawn_reload_on_sighup(process.clone());
     if let (Some(addr), Some(handle)) = (app.config.general.metrics_listen, metrics_handle) {
         let shards = app.topologies.values().flatten().cloned().collect();
         metrics::serve(addr, handle, shards).await?;
@@ -146,7 +149,8 @@ async fn serve(config: Config) -> Result<(), String> {
                 }
             };
             let _ = tcp.set_nodelay(true);
-            tokio::spawn(startup::serve_client(app.clone(), tcp));
+            let current = process.current().unwrap_or_else(|| app.clone());
+            tokio::spawn(startup::serve_client(current, tcp));
         }
     };
     let shutdown = tokio::select! {
@@ -166,16 +170,16 @@ async fn serve(config: Config) -> Result<(), String> {
 async fn drain(app: &Arc<app::App>) {
     let timeout = app.config.general.shutdown_timeout;
     tracing::info!(
-        clients = app.cancels.live(),
+        clients = app.process.cancels.live(),
         "SIGTERM: draining for up to {timeout:?}"
     );
-    app.cancels.start_draining();
+    app.process.cancels.start_draining();
     let deadline = tokio::time::Instant::now() + timeout;
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(20));
     loop {
         tick.tick().await;
-        app.cancels.poke_idle();
-        let live = app.cancels.live();
+        app.process.cancels.poke_idle();
+        let live = app.process.cancels.live();
         if live == 0 {
             tracing::info!("all clients done");
             return;
@@ -190,10 +194,37 @@ async fn drain(app: &Arc<app::App>) {
     }
 }
 
+/// SIGHUP re-reads the configuration; a broken file is logged and changes nothing.
+fn spawn_reload_on_sighup(process: Arc<app::Process>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: reload with the admin console");
+        return;
+    };
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            if let Err(e) = reload(&process).await {
+                tracing::error!("reload failed, configuration unchanged: {e}");
+            }
+        }
+    });
+}
+
+/// Applies the configuration file again (SIGHUP or admin RELOAD).
+pub async fn reload(process: &Arc<app::Process>) -> Result<(), String> {
+    let (app, fresh) = process.reload()?;
+    start_health_checks(&app, &fresh).await;
+    Ok(())
+}
+
 /// Checks every host once (so the first clients are routed by facts, not by config order),
 /// then keeps checking in the background.
-async fn start_health_checks(app: &Arc<app::App>) {
-    for (db, shards) in &app.topologies {
+async fn start_health_checks(app: &Arc<app::App>, databases: &[String]) {
+    for (db, shards) in app
+        .topologies
+        .iter()
+        .filter(|(db, _)| databases.contains(db))
+    {
         let Some(opts) = app.health_options(db) else {
             tracing::warn!(database = %db, "no user with a password for health checks: roles are taken from config order");
             continue;
@@ -202,7 +233,7 @@ async fn start_health_checks(app: &Arc<app::App>) {
         for shard in shards {
             let mut clients: Vec<_> = shard.hosts.iter().map(|_| None).collect();
             health::check_once(shard, &mut clients, &opts).await;
-            health::spawn(shard.clone(), opts.clone(), clients);
+            health::spawn(Arc::downgrade(shard), opts.clone(), clients);
         }
     }
 }

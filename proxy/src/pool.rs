@@ -59,10 +59,12 @@ pub struct Pool {
     /// "database/user@host", for errors, logs and metrics.
     pub name: String,
     pub host: Arc<Host>,
-    server_user: String,
-    server_password: Option<String>,
-    server_database: String,
+    /// (server user, password, server database).
+    login: (String, Option<String>, String),
     opts: PoolOptions,
+    /// The configured size; a reload changes it in place.
+    size: std::sync::atomic::AtomicUsize,
+    pub checkouts: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
     #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
     idle: Mutex<Vec<Box<ServerConn>>>,
@@ -89,11 +91,11 @@ impl Pool {
         metrics.size.set(opts.size as f64);
         Pool {
             slots: Arc::new(Semaphore::new(opts.size)),
+            size: std::sync::atomic::AtomicUsize::new(opts.size),
+            checkouts: std::sync::atomic::AtomicU64::new(0),
             name,
             host,
-            server_user: login.0,
-            server_password: login.1,
-            server_database: login.2,
+            login,
             opts,
             idle: Mutex::new(Vec::new()),
             metrics,
@@ -117,13 +119,14 @@ impl Pool {
                         return Err(PoolError::Timeout {
                             pool: self.name.clone(),
                             waited: self.opts.checkout_timeout,
-                            size: self.opts.size,
+                            size: self.size(),
                         })
                     }
                 }
             }
         };
         self.metrics.checkouts.increment(1);
+        self.checkouts.fetch_add(1, Ordering::Relaxed);
         while let Some(conn) = self.take_idle(settings) {
             self.metrics.idle.decrement(1.0);
             if conn.idle_since.elapsed() < self.opts.idle_timeout && conn.looks_alive() {
@@ -131,9 +134,9 @@ impl Pool {
             }
         }
         let login = Login {
-            user: &self.server_user,
-            password: self.server_password.as_deref(),
-            database: &self.server_database,
+            user: &self.login.0,
+            password: self.login.1.as_deref(),
+            database: &self.login.2,
         };
         let conn = tokio::time::timeout(
             self.opts.connect_timeout,
@@ -165,6 +168,47 @@ impl Pool {
         match matching {
             Some(i) => Some(idle.swap_remove(i)),
             None => idle.pop(),
+        }
+    }
+
+    pub fn login(&self) -> &(String, Option<String>, String) {
+        &self.login
+    }
+
+    pub fn size(&self) -> usize {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Server connections lent to clients right now.
+    pub fn active(&self) -> usize {
+        self.size().saturating_sub(self.slots.available_permits())
+    }
+
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+    }
+
+    /// Changes the pool size in place. Growing adds permits at once; shrinking takes
+    /// permits as connections come back, so no client loses its connection.
+    pub fn resize(&self, new: usize) {
+        let old = self.size.swap(new, Ordering::Relaxed);
+        self.metrics.size.set(new as f64);
+        if new > old {
+            self.slots.add_permits(new - old);
+        } else if new < old {
+            let slots = self.slots.clone();
+            let fewer = (old - new) as u32;
+            tokio::spawn(async move {
+                if let Ok(p) = slots.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+            // Idle connections beyond the new size are closed.
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            while idle.len() > new {
+                idle.remove(0);
+                self.metrics.idle.decrement(1.0);
+            }
         }
     }
 
@@ -228,6 +272,8 @@ pub struct ShardPools {
 pub struct UserPools {
     /// "database/user".
     pub name: String,
+    pub database: String,
+    pub user: String,
     pub shards: Vec<ShardPools>,
     pub route: Arc<RouteOptions>,
     /// The latest login's settings and reported parameters: clients with equal ones share
@@ -248,9 +294,17 @@ struct Interned {
 }
 
 impl UserPools {
-    pub fn new(name: String, shards: Vec<ShardPools>, route: Arc<RouteOptions>) -> UserPools {
+    pub fn new(
+        name: String,
+        database: String,
+        user: String,
+        shards: Vec<ShardPools>,
+        route: Arc<RouteOptions>,
+    ) -> UserPools {
         UserPools {
             name,
+            database,
+            user,
             shards,
             route,
             interned: Mutex::new(Interned::default()),

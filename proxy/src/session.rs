@@ -281,14 +281,9 @@ impl Session {
                 break;
             }
             let flow = Box::pin(self.burst()).await;
-            if self.app.cancels.draining() && self.attached.is_none() {
+            if self.app.process.cancels.draining() && self.attached.is_none() {
                 // Shutting down and between transactions: end the session cleanly.
-                let bye = protocol::fatal(
-                    sqlstate::ADMIN_SHUTDOWN,
-                    "terminating connection due to administrator command",
-                );
-                let _ = self.client.write_all(&bye).await;
-                let _ = self.client.flush().await;
+                Box::pin(self.goodbye()).await;
                 break;
             }
             match flow {
@@ -297,6 +292,15 @@ impl Session {
             }
         }
         Box::pin(self.finish()).await;
+    }
+
+    async fn goodbye(&mut self) {
+        let bye = protocol::fatal(
+            sqlstate::ADMIN_SHUTDOWN,
+            "terminating connection due to administrator command",
+        );
+        let _ = self.client.write_all(&bye).await;
+        let _ = self.client.flush().await;
     }
 
     async fn burst(&mut self) -> Flow {
@@ -374,7 +378,7 @@ impl Session {
         }
         if self.releasable(io) {
             self.detach(true);
-            if self.app.cancels.draining() {
+            if self.app.process.cancels.draining() {
                 return Some(Flow::Idle);
             }
         }
@@ -601,7 +605,7 @@ impl Session {
                     Some(name) if !name.is_empty() => {
                         let tail = &body(msg)[r.position()..];
                         self.pools
-                            .is_known_statement(self.app.statement_hasher.hash_one(tail))
+                            .is_known_statement(self.app.process.statement_hasher.hash_one(tail))
                     }
                     _ => false,
                 }
@@ -634,7 +638,7 @@ impl Session {
                     return;
                 }
                 let tail = &body(msg)[r.position()..];
-                let hash = self.app.statement_hasher.hash_one(tail);
+                let hash = self.app.process.statement_hasher.hash_one(tail);
                 let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
                 p.named.insert(Bytes::copy_from_slice(name), stmt);
                 protocol::empty_msg(&mut io.cout, b'1');
@@ -669,7 +673,7 @@ impl Session {
                 };
                 let tail_at = 5 + r.position();
                 if name.is_empty() {
-                    let hash = self.app.statement_hasher.hash_one(&msg[tail_at..]);
+                    let hash = self.app.process.statement_hasher.hash_one(&msg[tail_at..]);
                     if p.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
                         let tail = Bytes::copy_from_slice(&msg[tail_at..]);
                         p.unnamed = Some(Arc::new(Stmt::new(tail, hash)));
@@ -691,7 +695,7 @@ impl Session {
                     return;
                 }
                 let tail = &msg[tail_at..];
-                let hash = self.app.statement_hasher.hash_one(tail);
+                let hash = self.app.process.statement_hasher.hash_one(tail);
                 let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
                 let client_name = Bytes::copy_from_slice(name);
                 p.named.insert(client_name.clone(), stmt.clone());
@@ -1078,6 +1082,8 @@ impl Session {
 
     /// Takes a server connection for the client; on failure the client has an ErrorResponse.
     async fn attach(&mut self, io: &mut Buffers, want: Want) -> bool {
+        self.follow_reload();
+        self.app.process.wait_unpaused(&self.pools.database).await;
         let mut server = match self.pools.checkout(0, want, &self.settings).await {
             Ok(s) => s,
             Err(e) => {
@@ -1130,6 +1136,22 @@ impl Session {
         true
     }
 
+    /// Between transactions, moves the session to the newest configuration generation.
+    fn follow_reload(&mut self) {
+        let process = &self.app.process;
+        if process.generation() == self.app.generation {
+            return;
+        }
+        let Some(app) = process.current() else {
+            return;
+        };
+        let key = (self.pools.database.clone(), self.pools.user.clone());
+        if let Some(pools) = app.pools.get(&key) {
+            self.pools = pools.clone();
+        }
+        self.app = app;
+    }
+
     /// True when the connection can go back to the pool for another client.
     fn releasable(&self, io: &Buffers) -> bool {
         match &self.attached {
@@ -1180,7 +1202,7 @@ impl Session {
     /// session state holds it, close it otherwise.
     async fn finish(&mut self) {
         self.app.metrics.clients.decrement(1.0);
-        self.app.cancels.unregister(self.pid);
+        self.app.process.cancels.unregister(self.pid);
         let Some(a) = self.attached.as_mut() else {
             return;
         };
@@ -1358,9 +1380,10 @@ mod footprint {
                 "test",
             )
             .expect("config");
-            let app = Arc::new(App::new(config).expect("app"));
+            let process = crate::app::Process::new("test".into());
+            let app = process.start(config).expect("app");
             let pool = app.pools.values().next().expect("pool").clone();
-            let (pid, _, cancel) = app.cancels.register(-1);
+            let (pid, _, cancel) = app.process.cancels.register(-1);
             let s = Session::new(
                 app.clone(),
                 ClientStream::Plain(tcp),

@@ -80,7 +80,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
             }
             protocol::CANCEL_REQUEST => {
                 let (pid, secret) = (r.i32().unwrap_or(0), r.i32().unwrap_or(0));
-                app.cancels.cancel(pid, secret).await;
+                app.process.cancels.cancel(pid, secret).await;
                 return Err(LoginError::Cancel);
             }
             code if code >> 16 == 3 => {
@@ -185,7 +185,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
         ClientStream::Plain(s) => std::os::fd::AsRawFd::as_raw_fd(s),
         ClientStream::Tls(s) => std::os::fd::AsRawFd::as_raw_fd(s.get_ref().0),
     };
-    let (pid, secret, cancel) = app.cancels.register(fd);
+    let (pid, secret, cancel) = app.process.cancels.register(fd);
     protocol::backend_key_data(&mut out, pid, secret);
     protocol::ready_for_query(&mut out, b'I');
     stream.write_all(&out).await?;
