@@ -47,6 +47,8 @@ pub struct Process {
     any_paused: AtomicBool,
     resumed: Notify,
     reloading: Mutex<()>,
+    /// Admin SHUTDOWN: the main task drains as on SIGTERM.
+    pub shutdown: Notify,
 }
 
 impl Process {
@@ -62,6 +64,7 @@ impl Process {
             any_paused: AtomicBool::new(false),
             resumed: Notify::new(),
             reloading: Mutex::new(()),
+            shutdown: Notify::new(),
         })
     }
 
@@ -118,6 +121,10 @@ impl Process {
         self.install(app.clone());
         tracing::info!(generation = app.generation, "configuration reloaded");
         Ok((app, fresh))
+    }
+
+    pub fn request_shutdown(&self) {
+        self.shutdown.notify_one();
     }
 
     /// Holds new transactions on `database` (all when `None`) until `resume`.

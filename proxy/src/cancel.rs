@@ -22,6 +22,8 @@ pub struct CancelTarget {
 
 pub struct CancelSlot {
     secret: i32,
+    /// "database/user", for SHOW CLIENTS (shared with the pools, not copied).
+    label: Arc<str>,
     /// The client's socket, so a draining proxy can end idle sessions (see `poke_idle`).
     fd: std::os::fd::RawFd,
     target: Mutex<Option<CancelTarget>>,
@@ -35,6 +37,13 @@ impl CancelSlot {
 }
 
 /// Every logged-in client, by the pid shardgate gave it.
+pub struct ClientInfo {
+    pub pid: i32,
+    pub label: String,
+    pub server: Option<SocketAddr>,
+    pub backend_pid: Option<i32>,
+}
+
 #[derive(Default)]
 pub struct CancelRegistry {
     next_pid: AtomicI32,
@@ -45,10 +54,11 @@ pub struct CancelRegistry {
 
 impl CancelRegistry {
     /// A fresh (pid, secret) for a client and its slot.
-    pub fn register(&self, fd: std::os::fd::RawFd) -> (i32, i32, Arc<CancelSlot>) {
+    pub fn register(&self, fd: std::os::fd::RawFd, label: Arc<str>) -> (i32, i32, Arc<CancelSlot>) {
         let secret = rand::thread_rng().gen();
         let slot = Arc::new(CancelSlot {
             secret,
+            label,
             fd,
             target: Mutex::new(None),
             poked: Default::default(),
@@ -69,6 +79,25 @@ impl CancelRegistry {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&pid);
+    }
+
+    /// Every client now, for the admin console.
+    pub fn snapshot(&self) -> Vec<ClientInfo> {
+        let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<ClientInfo> = slots
+            .iter()
+            .map(|(pid, slot)| {
+                let target = *slot.target.lock().unwrap_or_else(|e| e.into_inner());
+                ClientInfo {
+                    pid: *pid,
+                    label: slot.label.to_string(),
+                    server: target.map(|t| t.addr),
+                    backend_pid: target.map(|t| t.pid),
+                }
+            })
+            .collect();
+        out.sort_by_key(|c| c.pid);
+        out
     }
 
     pub fn live(&self) -> usize {

@@ -1,5 +1,6 @@
 //! `shardgate`: the proxy daemon and its command-line tools.
 
+mod admin;
 mod app;
 mod auth;
 mod cancel;
@@ -156,6 +157,7 @@ async fn serve(config: Config, path: PathBuf) -> Result<(), String> {
     let shutdown = tokio::select! {
         () = accept => return Ok(()),
         s = shutdown_signal() => s,
+        () = process.shutdown.notified() => Shutdown::Graceful,
     };
     drop(listener);
     match shutdown {

@@ -65,6 +65,7 @@ pub struct Pool {
     /// The configured size; a reload changes it in place.
     size: std::sync::atomic::AtomicUsize,
     pub checkouts: std::sync::atomic::AtomicU64,
+    waiting: std::sync::atomic::AtomicUsize,
     slots: Arc<Semaphore>,
     #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
     idle: Mutex<Vec<Box<ServerConn>>>,
@@ -93,6 +94,7 @@ impl Pool {
             slots: Arc::new(Semaphore::new(opts.size)),
             size: std::sync::atomic::AtomicUsize::new(opts.size),
             checkouts: std::sync::atomic::AtomicU64::new(0),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             name,
             host,
             login,
@@ -107,12 +109,14 @@ impl Pool {
             Ok(p) => p,
             Err(_) => {
                 self.metrics.waiting.increment(1.0);
+                self.waiting.fetch_add(1, Ordering::Relaxed);
                 let waited = tokio::time::timeout(
                     self.opts.checkout_timeout,
                     self.slots.clone().acquire_owned(),
                 )
                 .await;
                 self.metrics.waiting.decrement(1.0);
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
                 match waited {
                     Ok(Ok(p)) => p,
                     _ => {
@@ -182,6 +186,17 @@ impl Pool {
     /// Server connections lent to clients right now.
     pub fn active(&self) -> usize {
         self.size().saturating_sub(self.slots.available_permits())
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    pub fn idle_backend_pids(&self) -> Vec<i32> {
+        self.idle
+            .lock()
+            .map(|i| i.iter().map(|c| c.backend_pid).collect())
+            .unwrap_or_default()
     }
 
     pub fn idle_count(&self) -> usize {
@@ -272,6 +287,10 @@ pub struct ShardPools {
 pub struct UserPools {
     /// "database/user".
     pub name: String,
+    /// The same, shared with each client's registry entry.
+    pub label: Arc<str>,
+    /// Statements forwarded for this (database, user), for SHOW STATS.
+    pub queries: std::sync::atomic::AtomicU64,
     pub database: String,
     pub user: String,
     pub shards: Vec<ShardPools>,
@@ -302,6 +321,8 @@ impl UserPools {
         route: Arc<RouteOptions>,
     ) -> UserPools {
         UserPools {
+            label: Arc::from(name.as_str()),
+            queries: std::sync::atomic::AtomicU64::new(0),
             name,
             database,
             user,

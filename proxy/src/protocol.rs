@@ -22,6 +22,10 @@ pub mod sqlstate {
     pub const TOO_MANY_CONNECTIONS: &str = "53300";
     pub const DUPLICATE_PSTATEMENT: &str = "42P05";
     pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const INSUFFICIENT_PRIVILEGE: &str = "42501";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const CONFIG_FILE_ERROR: &str = "F0000";
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -157,6 +161,36 @@ pub fn auth_request(buf: &mut BytesMut, code: i32, data: &[u8]) {
         b.put_i32(code);
         b.put_slice(data);
     });
+}
+
+/// A result set of text columns, as the admin console sends it.
+pub fn text_rows(buf: &mut BytesMut, columns: &[&str], rows: &[Vec<String>], tag: &str) {
+    write_msg(buf, b'T', |b| {
+        b.put_i16(columns.len() as i16);
+        for c in columns {
+            put_cstr(b, c.as_bytes());
+            b.put_i32(0); // table oid
+            b.put_i16(0); // column number
+            b.put_i32(25); // text
+            b.put_i16(-1);
+            b.put_i32(-1);
+            b.put_i16(0); // text format
+        }
+    });
+    for row in rows {
+        write_msg(buf, b'D', |b| {
+            b.put_i16(row.len() as i16);
+            for v in row {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
+            }
+        });
+    }
+    command_complete(buf, tag);
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    write_msg(buf, b'C', |b| put_cstr(b, tag.as_bytes()));
 }
 
 pub fn empty_msg(buf: &mut BytesMut, tag: u8) {

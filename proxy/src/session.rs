@@ -465,6 +465,9 @@ impl Session {
                     }
                 }
                 self.app.metrics.queries.increment(1);
+                self.pools
+                    .queries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(a) = self.attached.as_mut() else {
                     return Ok(());
                 };
@@ -784,6 +787,9 @@ impl Session {
                     .find(|(name, _)| **name == *portal)
                     .map(|(_, fx)| fx.clone());
                 self.app.metrics.queries.increment(1);
+                self.pools
+                    .queries
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 io.sout.extend_from_slice(&msg);
                 io.expects.push_back(Expect::Execute { effects });
             }
@@ -1383,7 +1389,7 @@ mod footprint {
             let process = crate::app::Process::new("test".into());
             let app = process.start(config).expect("app");
             let pool = app.pools.values().next().expect("pool").clone();
-            let (pid, _, cancel) = app.process.cancels.register(-1);
+            let (pid, _, cancel) = app.process.cancels.register(-1, pool.label.clone());
             let s = Session::new(
                 app.clone(),
                 ClientStream::Plain(tcp),

@@ -25,6 +25,9 @@ pub enum LoginError {
     Refused(String),
     #[error("cancel request handled")]
     Cancel,
+    /// An admin logged in to the admin console, which has run to its end.
+    #[error("admin console session ended")]
+    AdminDone,
 }
 
 /// A client's whole life: login within `client_login_timeout`, then the session loop in a
@@ -127,6 +130,14 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
         let msg = format!("password authentication failed for user \"{user_name}\"");
         return refuse(&mut stream, sqlstate::INVALID_PASSWORD, &msg).await;
     }
+    if database == crate::admin::DATABASE {
+        if !user.admin {
+            let msg = format!("permission denied: user \"{user_name}\" is not a shardgate admin");
+            return refuse(&mut stream, sqlstate::INSUFFICIENT_PRIVILEGE, &msg).await;
+        }
+        crate::admin::serve(app, stream, user_name).await;
+        return Err(LoginError::AdminDone);
+    }
     let Some(pool) = app
         .pools
         .get(&(database.clone(), user_name.clone()))
@@ -185,7 +196,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
         ClientStream::Plain(s) => std::os::fd::AsRawFd::as_raw_fd(s),
         ClientStream::Tls(s) => std::os::fd::AsRawFd::as_raw_fd(s.get_ref().0),
     };
-    let (pid, secret, cancel) = app.process.cancels.register(fd);
+    let (pid, secret, cancel) = app.process.cancels.register(fd, pool.label.clone());
     protocol::backend_key_data(&mut out, pid, secret);
     protocol::ready_for_query(&mut out, b'I');
     stream.write_all(&out).await?;

@@ -192,6 +192,10 @@ impl ShardTopology {
         best.map(|(i, _)| i)
     }
 
+    pub fn is_banned(&self, host: usize) -> bool {
+        self.hosts[host].banned_until_ms.load(Ordering::Relaxed) >= self.now_ms()
+    }
+
     /// Takes a host out of rotation (a connection to it failed).
     pub fn ban(&self, host: usize, for_: Duration) {
         let h = &self.hosts[host];
