@@ -26,7 +26,7 @@ use std::sync::Arc;
 use crate::catalog::{Catalog, KeyType};
 use crate::keys::{key_from_lit, unquote_plain, Lit};
 use crate::lex::{Lexer, TokKind};
-use crate::normalize::{normalize, substitute_params, Literal};
+use crate::normalize::{normalize_into, substitute_params, Literal, Scratch};
 use crate::planner::plan;
 use crate::types::{KeyExpr, KeyValue, Plan, RowCount, Target};
 
@@ -132,6 +132,7 @@ impl<V: Clone> Generations<V> {
 pub struct PlanCache {
     exact: Generations<Arc<Plan>>,
     shapes: Generations<Shape>,
+    scratch: Scratch,
 }
 
 impl PlanCache {
@@ -140,6 +141,7 @@ impl PlanCache {
         PlanCache {
             exact: Generations::new(capacity),
             shapes: Generations::new(capacity),
+            scratch: Scratch::default(),
         }
     }
 
@@ -171,17 +173,14 @@ impl PlanCache {
         if starts_with_session_keyword(sql) {
             return exact(self);
         }
-        let Some(n) = normalize(sql) else {
-            return exact(self);
-        };
-        if n.literals.is_empty() {
+        if !normalize_into(sql, &mut self.scratch) || self.scratch.literals.is_empty() {
             return exact(self);
         }
-        match self.shapes.get(&n.shape) {
+        match self.shapes.get(&self.scratch.shape) {
             Some(Shape::Plan(p)) => {
                 let sp = SimplePlan {
                     plan: p,
-                    literals: n.literals,
+                    literals: self.scratch.literals.clone(),
                 };
                 if keys_resolve(&sp, sql) {
                     return sp;
@@ -194,6 +193,10 @@ impl PlanCache {
             }
             Some(Shape::Unnormalizable) => exact(self),
             None => {
+                let n = crate::normalize::Normalized {
+                    shape: self.scratch.shape.clone(),
+                    literals: self.scratch.literals.clone(),
+                };
                 let shaped = plan(&n.shape, catalog);
                 let own = plan(sql, catalog);
                 if instantiate(&shaped, sql, &n.literals).as_ref() == Some(&own) {
@@ -251,7 +254,13 @@ fn starts_with_session_keyword(sql: &str) -> bool {
 
 fn keys_resolve(sp: &SimplePlan, sql: &str) -> bool {
     match &sp.plan.target {
-        Target::Keys { .. } | Target::SplitInsert { .. } => sp.key_values(sql).is_some(),
+        Target::Keys { key_type, keys }
+        | Target::SplitInsert {
+            key_type,
+            rows: keys,
+        } => keys
+            .iter()
+            .all(|k| sp.key_value(sql, k, *key_type).is_some()),
         _ => true,
     }
 }
@@ -347,18 +356,19 @@ mod tests {
     fn rewrites_get_their_constants_back() {
         let c = catalog();
         let mut cache = PlanCache::new(100);
-        let a = "SELECT name, id + 1 FROM users WHERE score > 10 ORDER BY id + 2 LIMIT 5";
+        let a = "SELECT name FROM users WHERE score > 10 AND tag = 'x' ORDER BY lower(name) LIMIT 5 OFFSET 1";
         let p = cache.plan_simple(a, &c);
         assert_eq!(p.literals.len(), 2, "{:?}", p.literals);
         assert_eq!(
             p.rewritten(a).as_deref(),
-            Some("SELECT name, id + 1, id + 2 FROM users WHERE score > 10 ORDER BY id + 2 LIMIT 5")
+            Some("SELECT name, lower(name) FROM users WHERE score > 10 AND tag = 'x' ORDER BY lower(name) LIMIT 6")
         );
-        let b = "SELECT name, id + 1 FROM users WHERE score > 99 ORDER BY id + 2 LIMIT 5";
+        let b = "SELECT name FROM users WHERE score > 99 AND tag = 'it''s' ORDER BY lower(name) LIMIT 5 OFFSET 1";
         let p = cache.plan_simple(b, &c);
+        assert_eq!(p.literals.len(), 2);
         assert_eq!(
             p.rewritten(b).as_deref(),
-            Some("SELECT name, id + 1, id + 2 FROM users WHERE score > 99 ORDER BY id + 2 LIMIT 5")
+            Some("SELECT name, lower(name) FROM users WHERE score > 99 AND tag = 'it''s' ORDER BY lower(name) LIMIT 6")
         );
     }
 

@@ -47,21 +47,50 @@ impl Normalized {
 /// Normalizes `sql`; `None` when it must not be (it has `$n` parameters, or a backslash in
 /// a plain string literal).
 pub fn normalize(sql: &str) -> Option<Normalized> {
+    let mut scratch = Scratch::default();
+    if !normalize_into(sql, &mut scratch) {
+        return None;
+    }
+    Some(Normalized {
+        shape: scratch.shape,
+        literals: scratch.literals,
+    })
+}
+
+/// Reusable buffers for [`normalize_into`].
+#[derive(Default)]
+pub(crate) struct Scratch {
+    toks: Vec<Tok>,
+    frames: Vec<Frame>,
+    pub shape: String,
+    pub literals: Vec<Literal>,
+}
+
+/// [`normalize`] into reused buffers: fills `scratch.shape` and `scratch.literals`; false
+/// when the text must not be normalized.
+pub(crate) fn normalize_into(sql: &str, scratch: &mut Scratch) -> bool {
+    let Scratch {
+        toks,
+        frames,
+        shape,
+        literals,
+    } = scratch;
+    toks.clear();
+    frames.clear();
+    shape.clear();
+    literals.clear();
     let mut lexer = Lexer::new(sql);
-    let mut toks: Vec<Tok> = Vec::with_capacity(32);
     for t in lexer.by_ref() {
         if t.kind == TokKind::Param {
-            return None;
+            return false;
         }
         toks.push(t);
     }
     if lexer.saw_plain_backslash {
-        return None;
+        return false;
     }
     let bytes = sql.as_bytes();
-    let mut frames: Vec<Frame> = Vec::with_capacity(8);
     frames.push(Frame::ROOT);
-    let mut literals: Vec<Literal> = Vec::new();
     for (idx, t) in toks.iter().enumerate() {
         let prev = idx.checked_sub(1).map(|i| toks[i]);
         match t.kind {
@@ -74,6 +103,7 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                 frames.push(Frame {
                     ok: parent.ok && opens_values(sql, prev),
                     by_list: parent.by_list,
+                    select_list: parent.select_list,
                 });
             }
             TokKind::Punct if matches!(bytes[t.start], b')' | b']') && frames.len() > 1 => {
@@ -91,28 +121,38 @@ pub fn normalize(sql: &str) -> Option<Normalized> {
                     f.by_list = true;
                 }
             }
+            TokKind::Word => {
+                let w = t.text(sql);
+                if let Some(f) = frames.last_mut() {
+                    if w.eq_ignore_ascii_case("select") {
+                        f.select_list = true;
+                    } else if SELECT_LIST_END.iter().any(|k| w.eq_ignore_ascii_case(k)) {
+                        f.select_list = false;
+                    }
+                }
+            }
             TokKind::Str | TokKind::Number => {
                 let frame = frames.last().copied().unwrap_or(Frame::ROOT);
-                if !frame.ok || frame.by_list {
+                if !frame.ok || frame.by_list || frame.select_list {
                     continue;
                 }
-                if let Some(lit) = literal_at(sql, &toks, idx) {
+                if let Some(lit) = literal_at(sql, toks, idx) {
                     literals.push(lit);
                 }
             }
             _ => {}
         }
     }
-    let mut shape = String::with_capacity(sql.len() + 2 * literals.len());
+    shape.reserve(sql.len() + 2 * literals.len());
     let mut at = 0;
     for (k, lit) in literals.iter().enumerate() {
         shape.push_str(&sql[at..lit.start]);
         shape.push('$');
-        push_usize(&mut shape, k + 1);
+        push_usize(shape, k + 1);
         at = lit.end;
     }
     shape.push_str(&sql[at..]);
-    Some(Normalized { shape, literals })
+    true
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -121,14 +161,36 @@ struct Frame {
     ok: bool,
     /// Inside an ORDER BY / GROUP BY / PARTITION BY list: constants may be positions.
     by_list: bool,
+    /// Inside a select list: its expressions are matched against ORDER BY / GROUP BY
+    /// expressions (which keep their constants), so they keep theirs too.
+    select_list: bool,
 }
 
 impl Frame {
     const ROOT: Frame = Frame {
         ok: true,
         by_list: false,
+        select_list: false,
     };
 }
+
+/// Keywords that end a select list.
+const SELECT_LIST_END: &[&str] = &[
+    "from",
+    "into",
+    "where",
+    "group",
+    "having",
+    "window",
+    "order",
+    "limit",
+    "offset",
+    "fetch",
+    "for",
+    "union",
+    "intersect",
+    "except",
+];
 
 /// Keywords after which a constant is a value.
 const VALUE_KEYWORDS: &[&str] = &[
@@ -233,10 +295,15 @@ fn literal_at(sql: &str, toks: &[Tok], idx: usize) -> Option<Literal> {
             if t.start > 0 && bytes[t.start - 1] == b'.' {
                 return None;
             }
-            // A unary minus glued to the number: `= -5`, `(-5`, `+ -5`.
-            if let Some(minus) = prev.filter(|p| p.is_punct(sql, b'-') && p.end == t.start) {
+            // A unary minus: glued to the number (`= -5`, `(-5`, `+ -5`) it is part of the
+            // constant; apart from it (`= - 5`) the number stays, so that `- $1` never stands
+            // where the text had the constant -5.
+            if let Some(minus) = prev.filter(|p| p.is_punct(sql, b'-')) {
                 let before = idx.checked_sub(2).map(|i| toks[i]);
                 if unary_minus(sql, toks, idx - 1) && value_context(sql, before) {
+                    if minus.end != t.start {
+                        return None;
+                    }
                     return Some(Literal {
                         start: minus.start,
                         end: t.end,
@@ -381,6 +448,7 @@ mod tests {
         );
         let (s, lits) =
             shape("select * from t where name = 'it''s' and x in (1, 2.5,-3) and y=-4").unwrap();
+        // Select lists keep their constants (they are matched against ORDER BY).
         assert_eq!(
             s,
             "select * from t where name = $1 and x in ($2, $3,$4) and y=$5"
@@ -398,11 +466,12 @@ mod tests {
                 .0,
             "SELECT x FROM t WHERE id IN (SELECT y FROM u WHERE z = $1 GROUP BY 1) AND w = $2"
         );
+        // Select lists keep their constants (they are matched against ORDER BY).
         assert_eq!(
-            shape("SELECT 1; SELECT a FROM t GROUP BY 1; SELECT 2")
+            shape("SELECT 1, a + 2 FROM t WHERE b = 3; SELECT a FROM t GROUP BY 1 HAVING a > 4; SELECT 5")
                 .unwrap()
                 .0,
-            "SELECT $1; SELECT a FROM t GROUP BY 1; SELECT $2"
+            "SELECT 1, a + 2 FROM t WHERE b = $1; SELECT a FROM t GROUP BY 1 HAVING a > 4; SELECT 5"
         );
         assert_eq!(
             shape("SELECT * FROM t WHERE x = '5'::int8").unwrap().0,
@@ -450,21 +519,17 @@ mod tests {
 
     #[test]
     fn minus_is_glued_only_when_unary() {
-        assert_eq!(
-            shape("SELECT a -5 FROM t").unwrap().0,
-            "SELECT a -$1 FROM t"
-        );
-        assert_eq!(
-            shape("SELECT a - 5 FROM t").unwrap().0,
-            "SELECT a - $1 FROM t"
-        );
-        assert_eq!(shape("SELECT x*-5").unwrap().1, vec!["-5"]);
-        assert_eq!(shape("SELECT x>=-5").unwrap().1, vec!["-5"]);
-        assert_eq!(shape("SELECT -5").unwrap().1, vec!["-5"]);
+        let w = |cond: &str| shape(&format!("SELECT * FROM t WHERE {cond}")).unwrap();
+        assert_eq!(w("a -5 = b").0, "SELECT * FROM t WHERE a -$1 = b");
+        assert_eq!(w("a - 5 = b").0, "SELECT * FROM t WHERE a - $1 = b");
+        assert_eq!(w("x*-5 = 1").1, vec!["-5", "1"]);
+        assert_eq!(w("x>=-5").1, vec!["-5"]);
+        assert_eq!(w("-5 = x").1, vec!["-5"]);
+        assert_eq!(w("x = - 5").0, "SELECT * FROM t WHERE x = - 5");
         // `@-`, `!=-`, `%-` are single operators: the minus stays with them.
         assert_eq!(
-            shape("SELECT x @-5, x !=-5, x %-5 FROM t").unwrap().0,
-            "SELECT x @-$1, x !=-$2, x %-$3 FROM t"
+            w("x @-5 AND x !=-5 AND x %-5").0,
+            "SELECT * FROM t WHERE x @-$1 AND x !=-$2 AND x %-$3"
         );
     }
 
