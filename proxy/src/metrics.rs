@@ -46,6 +46,16 @@ pub async fn serve(
         .await
         .map_err(|e| format!("cannot listen for metrics on {addr}: {e}"))?;
     let shards = Arc::new(shards);
+    // Histogram samples accumulate until drained: drain them on a timer, not only when a
+    // scraper happens to come, or an unscraped proxy would grow without bound.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     tokio::spawn(async move {
         loop {
             let Ok((mut sock, _)) = listener.accept().await else {
@@ -199,6 +209,11 @@ fn describe() {
         "Read transactions routed, by where they went"
     );
     describe_counter!("shardgate_writes_routed_total", "Write transactions routed");
+    describe_histogram!(
+        "shardgate_query_duration_seconds",
+        Unit::Seconds,
+        "Time from forwarding a query (or an extended-protocol batch) to its ReadyForQuery"
+    );
 }
 
 /// Process-wide handles.
@@ -239,6 +254,7 @@ pub fn count_error(sqlstate: &str) {
 
 /// Per-pool handles, labelled `pool="database/user@host"`.
 pub struct PoolMetrics {
+    pub checkout_wait: metrics::Histogram,
     pub size: Gauge,
     pub active: Gauge,
     pub idle: Gauge,
@@ -252,6 +268,7 @@ impl PoolMetrics {
     pub fn new(pool: &str) -> PoolMetrics {
         let label = pool.to_string();
         PoolMetrics {
+            checkout_wait: metrics::histogram!("shardgate_pool_checkout_wait_seconds", "pool" => label.clone()),
             size: gauge!("shardgate_pool_size", "pool" => label.clone()),
             active: gauge!("shardgate_pool_active_connections", "pool" => label.clone()),
             idle: gauge!("shardgate_pool_idle_connections", "pool" => label.clone()),
@@ -264,6 +281,8 @@ impl PoolMetrics {
 }
 /// Per-host handles, labelled `shard` and `host`.
 pub struct HostMetrics {
+    /// From forwarding a query (or an extended batch's Sync) to its ReadyForQuery.
+    pub query_seconds: metrics::Histogram,
     pub up: Gauge,
     pub primary: Gauge,
     pub banned: Gauge,
@@ -275,6 +294,7 @@ impl HostMetrics {
     pub fn new(shard: usize, host: &str) -> HostMetrics {
         let (s, h) = (shard.to_string(), host.to_string());
         HostMetrics {
+            query_seconds: metrics::histogram!("shardgate_query_duration_seconds", "shard" => s.clone(), "host" => h.clone()),
             up: gauge!("shardgate_host_up", "shard" => s.clone(), "host" => h.clone()),
             primary: gauge!("shardgate_host_primary", "shard" => s.clone(), "host" => h.clone()),
             banned: gauge!("shardgate_host_banned", "shard" => s.clone(), "host" => h.clone()),

@@ -110,6 +110,7 @@ impl Pool {
             Err(_) => {
                 self.metrics.waiting.increment(1.0);
                 self.waiting.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
                 let waited = tokio::time::timeout(
                     self.opts.checkout_timeout,
                     self.slots.clone().acquire_owned(),
@@ -117,6 +118,7 @@ impl Pool {
                 .await;
                 self.metrics.waiting.decrement(1.0);
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
+                self.metrics.checkout_wait.record(started.elapsed());
                 match waited {
                     Ok(Ok(p)) => p,
                     _ => {
@@ -251,6 +253,10 @@ impl Checkout {
             .unwrap_or_else(|e| e.into_inner())
             .push(conn);
         // The permit drops here, after the connection is back, so a waiter finds it.
+    }
+
+    pub fn host(&self) -> &Arc<Host> {
+        &self.pool.host
     }
 
     /// Closes the connection (it is in a state no other client may inherit).

@@ -152,6 +152,8 @@ struct Attached {
     wrote: bool,
     /// The server answered something shardgate did not expect: close it, never reuse it.
     poisoned: bool,
+    /// When the oldest unanswered query or Sync was forwarded, for the latency histogram.
+    sent_at: Option<std::time::Instant>,
 }
 
 /// Buffers lent to a session only while it has work, so idle clients cost no buffer memory.
@@ -474,6 +476,7 @@ impl Session {
                 a.wrote |= primary;
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
+                a.sent_at.get_or_insert_with(std::time::Instant::now);
                 io.sout.extend_from_slice(&msg);
                 io.expects.push_back(Expect::Query {
                     hidden: false,
@@ -569,7 +572,18 @@ impl Session {
             let mut r = Reader::new(body(m));
             match m[0] {
                 b'P' => {
-                    let _name = r.cstr();
+                    let name = r.cstr().unwrap_or_default();
+                    let tail = &body(m)[r.position()..];
+                    // The same unnamed text as last time (drivers re-send it every
+                    // execution): its classification is already known.
+                    if let Some(u) = self.prepared.as_deref().and_then(|p| p.unnamed.as_ref()) {
+                        if name.is_empty()
+                            && u.tail.len() == tail.len()
+                            && u.hash == self.app.process.statement_hasher.hash_one(tail)
+                        {
+                            return u.primary;
+                        }
+                    }
                     let text = r.cstr().unwrap_or_default();
                     match std::str::from_utf8(text) {
                         Ok(sql) => {
@@ -808,6 +822,7 @@ impl Session {
             b'S' => {
                 io.sout.extend_from_slice(&msg);
                 io.expects.push_back(Expect::Sync);
+                a.sent_at.get_or_insert_with(std::time::Instant::now);
                 a.unsynced = false;
             }
             b'H' => io.sout.extend_from_slice(&msg),
@@ -941,6 +956,9 @@ impl Session {
                     return;
                 }
                 a.status = status;
+                if let Some(sent) = a.sent_at.take() {
+                    a.server.host().metrics.query_seconds.record(sent.elapsed());
+                }
                 if status == b'I' {
                     if a.wrote && self.app.config.general.read_your_writes {
                         // The commit is acknowledged (the ReadyForQuery goes out with this
@@ -1138,6 +1156,7 @@ impl Session {
             tx_effects: Vec::new(),
             wrote: false,
             poisoned: false,
+            sent_at: None,
         }));
         true
     }

@@ -33,7 +33,7 @@ pub struct Host {
     fenced: AtomicBool,
     /// Whether any health check has answered yet.
     checked: AtomicBool,
-    metrics: HostMetrics,
+    pub metrics: HostMetrics,
 }
 
 impl Host {

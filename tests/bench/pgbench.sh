@@ -63,6 +63,10 @@ OUT=${OUT:-}
 PG_PORT=${PG_PORT:-25432}
 PGBOUNCER_PORT=${PGBOUNCER_PORT:-26432}
 SHARDGATE_PORT=${SHARDGATE_PORT:-27432}
+# REPLICAS=N (default 0): the cluster gets N streaming replicas and the run adds targets
+# sg_r1..sg_rN: shardgate with the primary and 1..N replicas (reads go to replicas; the
+# read/write split is on), on ports SHARDGATE_PORT+1..N.
+REPLICAS=${REPLICAS:-0}
 SHARDGATE_BIN=${SHARDGATE_BIN:-$REPO/target/release/shardgate}
 SHARDGATE_BUILD=${SHARDGATE_BUILD:-1}
 SHARDGATE_LOG=${SHARDGATE_LOG:-warn}
@@ -297,7 +301,7 @@ NEED_CONNECTIONS=$((MAX_CLIENTS + 2 * POOL_SIZE + 20))
 
 cluster_sh() {
     SHARDGATE_HOME=$WORK/cluster SHARDGATE_PG_PORT=$PG_PORT SHARDGATE_SHARDS=1 \
-        SHARDGATE_REPLICAS=0 bash "$REPO/deploy/local/cluster.sh" "$@"
+        SHARDGATE_REPLICAS=$REPLICAS bash "$REPO/deploy/local/cluster.sh" "$@"
 }
 
 # Minimal stand-in used only when deploy/local/cluster.sh is absent: same
@@ -445,12 +449,24 @@ git_rev() {
     echo "$rev"
 }
 
-start_shardgate() {
-    local dir=$WORK/shardgate pid
+start_shardgate() { start_shardgate_with shardgate "$SHARDGATE_PORT" "\"127.0.0.1:$PG_PORT\""; }
+
+replica_hosts() { # N -> "127.0.0.1:primary", "127.0.0.1:replica1", ... (quoted, for TOML)
+    local list="\"127.0.0.1:$PG_PORT\"" j
+    for ((j = 1; j <= $1; j++)); do list+=", \"127.0.0.1:$((PG_PORT + j))\""; done
+    echo "$list"
+}
+# sg_rN: the primary and N replicas.
+for ((r = 1; r <= REPLICAS; r++)); do
+    eval "start_sg_r$r() { start_shardgate_with sg_r$r \$((SHARDGATE_PORT + $r)) \"\$(replica_hosts $r)\"; }"
+done
+
+start_shardgate_with() { # target port hosts
+    local t=$1 port=$2 hosts=$3 dir=$WORK/$1 pid
     mkdir -p "$dir"
     cat >"$dir/shardgate.toml" <<EOF
 [general]
-listen = "127.0.0.1:$SHARDGATE_PORT"
+listen = "127.0.0.1:$port"
 pool_mode = "transaction"
 pool_size = $POOL_SIZE
 checkout_timeout = "30s"
@@ -464,15 +480,15 @@ auth = "scram-sha-256"
 [[databases]]
 name = "app"
 [[databases.shards]]
-hosts = ["127.0.0.1:$PG_PORT"]
+hosts = [$hosts]
 EOF
     RUST_LOG=$SHARDGATE_LOG "$SHARDGATE_BIN" --config "$dir/shardgate.toml" >>"$dir/shardgate.log" 2>&1 &
     pid=$!
-    TARGET_PID[shardgate]=$pid
-    TARGET_PORT[shardgate]=$SHARDGATE_PORT
-    if ! wait_port "$SHARDGATE_PORT" 30 "$pid"; then
+    TARGET_PID[$t]=$pid
+    TARGET_PORT[$t]=$port
+    if ! wait_port "$port" 30 "$pid"; then
         tail -n 20 "$dir/shardgate.log" >&2
-        mark_down shardgate "did not start (see log above)"
+        mark_down "$t" "did not start (see log above)"
         return 1
     fi
 }
@@ -781,6 +797,13 @@ if selected shardgate; then
         log "shardgate skipped: ${TARGET_NOTE[shardgate]}"
     fi
 fi
+for ((r = 1; r <= REPLICAS; r++)); do
+    ALL_TARGETS+=("sg_r$r")
+    ONLY+="sg_r$r "
+    if [[ -n ${TARGET_PORT[shardgate]:-} ]]; then
+        start_target "sg_r$r" $((SHARDGATE_PORT + r)) || log "sg_r$r skipped: ${TARGET_NOTE[sg_r$r]:-}"
+    fi
+done
 selected direct || unset 'TARGET_PORT[direct]'
 for t in "${ALL_TARGETS[@]}"; do
     selected "$t" || TARGET_NOTE[$t]="not selected (ONLY)"
