@@ -12,6 +12,7 @@ mod roles;
 mod server;
 mod session;
 mod settings;
+mod shardmap_cli;
 mod startup;
 mod stream;
 mod tls;
@@ -44,6 +45,9 @@ enum Command {
         /// The file to check (default: --config).
         file: Option<PathBuf>,
     },
+    /// Read, create and compare shard map files.
+    #[command(subcommand)]
+    Shardmap(shardmap_cli::ShardmapCommand),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +60,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Some(Command::Shardmap(cmd)) => match shardmap_cli::run(cmd) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("shardgate shardmap: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(Command::CheckConfig { file }) => {
             let Some(path) = file.or(cli.config) else {
                 eprintln!("shardgate check-config: no file given");
@@ -84,10 +95,18 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
+            let workers = match config.general.workers {
+                0 => std::thread::available_parallelism()
+                    .map(|n| (n.get() / 4).max(1))
+                    .unwrap_or(1),
+                n => n,
+            };
+            // A single-threaded runtime measured no better than one worker thread.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
                 .enable_all()
-                .build()
-            {
+                .build();
+            let runtime = match runtime {
                 Ok(r) => r,
                 Err(e) => {
                     eprintln!("shardgate: cannot start runtime: {e}");

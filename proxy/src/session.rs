@@ -71,9 +71,34 @@ struct Prepared {
     unnamed: Option<Arc<Stmt>>,
     /// Session effects of bound portals (only those that have any).
     portal_effects: Vec<(Bytes, Arc<SessionEffects>)>,
+    /// Recently parsed unnamed statements: drivers re-send the same few texts as the
+    /// unnamed statement (pgbench -M extended: every statement of every transaction), and
+    /// a hit here skips copying and classifying the text again.
+    recent: Vec<Arc<Stmt>>,
 }
 
+/// How many recent unnamed statements a client keeps.
+const RECENT_UNNAMED: usize = 16;
+
 impl Prepared {
+    /// The statement for an unnamed Parse: a recent one with the same text and types, or
+    /// a new one (remembered, evicting the oldest).
+    fn unnamed_stmt(&mut self, tail: &[u8], hash: u64) -> Arc<Stmt> {
+        if let Some(i) = self
+            .recent
+            .iter()
+            .position(|s| s.hash == hash && *s.tail == *tail)
+        {
+            return self.recent[i].clone();
+        }
+        let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
+        if self.recent.len() >= RECENT_UNNAMED {
+            self.recent.remove(0);
+        }
+        self.recent.push(stmt.clone());
+        stmt
+    }
+
     /// Forgets a statement the client closes (`Close 'S'`); portals are the server's.
     fn close(&mut self, msg: &[u8]) {
         let mut r = Reader::new(body(msg));
@@ -576,12 +601,12 @@ impl Session {
                     let tail = &body(m)[r.position()..];
                     // The same unnamed text as last time (drivers re-send it every
                     // execution): its classification is already known.
-                    if let Some(u) = self.prepared.as_deref().and_then(|p| p.unnamed.as_ref()) {
-                        if name.is_empty()
-                            && u.tail.len() == tail.len()
-                            && u.hash == self.app.process.statement_hasher.hash_one(tail)
+                    if let (true, Some(p)) = (name.is_empty(), self.prepared.as_deref()) {
+                        let hash = self.app.process.statement_hasher.hash_one(tail);
+                        if let Some(s) =
+                            p.recent.iter().find(|s| s.hash == hash && *s.tail == *tail)
                         {
-                            return u.primary;
+                            return s.primary;
                         }
                     }
                     let text = r.cstr().unwrap_or_default();
@@ -692,8 +717,7 @@ impl Session {
                 if name.is_empty() {
                     let hash = self.app.process.statement_hasher.hash_one(&msg[tail_at..]);
                     if p.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
-                        let tail = Bytes::copy_from_slice(&msg[tail_at..]);
-                        p.unnamed = Some(Arc::new(Stmt::new(tail, hash)));
+                        p.unnamed = Some(p.unnamed_stmt(&msg[tail_at..], hash));
                     }
                     a.server.conn.unnamed = Some(hash);
                     io.sout.extend_from_slice(&msg);
@@ -960,7 +984,10 @@ impl Session {
                     a.server.host().metrics.query_seconds.record(sent.elapsed());
                 }
                 if status == b'I' {
-                    if a.wrote && self.app.config.general.read_your_writes {
+                    if a.wrote
+                        && self.app.config.general.read_your_writes
+                        && self.pools.shards[0].topology.hosts.len() > 1
+                    {
                         // The commit is acknowledged (the ReadyForQuery goes out with this
                         // burst); learning its WAL position costs the client no wait.
                         a.wrote = false;
