@@ -1168,14 +1168,11 @@ fn row_local(q: &Query, s: &Select) -> bool {
         && !matches!(s.distinct, Some(sqlparser::ast::Distinct::On(_)))
 }
 
-fn dedup(mut v: Vec<KeyExpr>) -> Vec<KeyExpr> {
-    let mut out: Vec<KeyExpr> = Vec::with_capacity(v.len());
-    for x in v.drain(..) {
-        if !out.contains(&x) {
-            out.push(x);
-        }
-    }
-    out
+/// Drops repeated keys, keeping the first of each (linear: lists can be long).
+pub(crate) fn dedup(v: Vec<KeyExpr>) -> Vec<KeyExpr> {
+    let mut seen: std::collections::HashSet<KeyExpr> =
+        std::collections::HashSet::with_capacity(v.len());
+    v.into_iter().filter(|x| seen.insert(x.clone())).collect()
 }
 
 /// Whether a cast to `ty` keeps a key's value unchanged for a key of type `key`.

@@ -92,14 +92,19 @@ struct Generations<V> {
     current: HashMap<Box<str>, V>,
     previous: HashMap<Box<str>, V>,
     per_generation: usize,
+    /// Key bytes held by `current`, and the most a generation may hold.
+    bytes: usize,
+    bytes_per_generation: usize,
 }
 
 impl<V: Clone> Generations<V> {
-    fn new(capacity: usize) -> Self {
+    fn new(capacity: usize, max_bytes: usize) -> Self {
         Generations {
             current: HashMap::new(),
             previous: HashMap::new(),
             per_generation: (capacity / 2).max(1),
+            bytes: 0,
+            bytes_per_generation: (max_bytes / 2).max(1),
         }
     }
 
@@ -117,9 +122,13 @@ impl<V: Clone> Generations<V> {
     }
 
     fn insert_owned(&mut self, key: Box<str>, v: V) {
-        if self.current.len() >= self.per_generation {
+        if self.current.len() >= self.per_generation
+            || self.bytes + key.len() > self.bytes_per_generation
+        {
             self.previous = std::mem::take(&mut self.current);
+            self.bytes = 0;
         }
+        self.bytes += key.len();
         self.current.insert(key, v);
     }
 
@@ -135,12 +144,22 @@ pub struct PlanCache {
     scratch: Scratch,
 }
 
+/// Texts longer than this are planned every time, never cached (bulk INSERTs).
+pub const MAX_CACHED_TEXT: usize = 16 * 1024;
+
 impl PlanCache {
-    /// A cache holding up to about `capacity` texts and as many shapes.
+    /// A cache holding up to about `capacity` texts and as many shapes, and at most about
+    /// 32 MiB of query text for each.
     pub fn new(capacity: usize) -> Self {
+        Self::with_limits(capacity, 32 << 20)
+    }
+
+    /// A cache holding up to about `capacity` texts and as many shapes, and at most about
+    /// `max_bytes` of query text for each.
+    pub fn with_limits(capacity: usize, max_bytes: usize) -> Self {
         PlanCache {
-            exact: Generations::new(capacity),
-            shapes: Generations::new(capacity),
+            exact: Generations::new(capacity, max_bytes),
+            shapes: Generations::new(capacity, max_bytes),
             scratch: Scratch::default(),
         }
     }
@@ -156,6 +175,9 @@ impl PlanCache {
 
     /// The plan for an exact text (extended protocol Parse, or anything not normalized).
     pub fn plan(&mut self, sql: &str, catalog: &Catalog) -> Arc<Plan> {
+        if sql.len() > MAX_CACHED_TEXT {
+            return Arc::new(plan(sql, catalog));
+        }
         if let Some(p) = self.exact.get(sql) {
             return p;
         }
@@ -170,7 +192,7 @@ impl PlanCache {
             plan: cache.plan(sql, catalog),
             literals: Vec::new(),
         };
-        if starts_with_session_keyword(sql) {
+        if starts_with_session_keyword(sql) || sql.len() > MAX_CACHED_TEXT {
             return exact(self);
         }
         if !normalize_into(sql, &mut self.scratch) || self.scratch.literals.is_empty() {
@@ -401,6 +423,24 @@ mod tests {
             cache.exact.current.contains_key("SELECT 18")
                 || cache.exact.previous.contains_key("SELECT 18")
         );
+    }
+
+    #[test]
+    fn bounded_by_bytes_and_skips_huge_texts() {
+        let c = catalog();
+        let mut cache = PlanCache::with_limits(1000, 100);
+        for i in 0..10 {
+            cache.plan(&format!("SELECT {i} FROM users WHERE id = 1"), &c);
+        }
+        assert!(cache.exact.current.keys().map(|k| k.len()).sum::<usize>() <= 50);
+        let big = format!(
+            "INSERT INTO users (id) VALUES {}",
+            vec!["(1)"; 10_000].join(", ")
+        );
+        let before = cache.len();
+        let p = cache.plan_simple(&big, &c);
+        assert!(matches!(p.plan.target, Target::Keys { .. }));
+        assert_eq!(cache.len(), before);
     }
 
     #[test]

@@ -10,8 +10,8 @@ use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use crate::analyze::{
-    hint_key, inventory, key_value, norm_ident, single_value, split_name, Analyzer, Inventory, Pin,
-    PinValue,
+    dedup, hint_key, inventory, key_value, norm_ident, single_value, split_name, Analyzer,
+    Inventory, Pin, PinValue,
 };
 use crate::catalog::{Catalog, KeyType, TableClass};
 use crate::fast::{blank_lock_strength, fast_path, unparseable, Draft};
@@ -87,7 +87,56 @@ fn plan_one(stmt: &str, catalog: &Catalog, hint: Option<&Hint>) -> Plan {
     finish(draft, hint)
 }
 
+/// Deeper than this (estimated AST depth), a statement is planned on a stack of its own:
+/// left-deep operator chains (`a OR b OR ...`) make deep trees, and the recursion in the
+/// parser, in derived Clone/PartialEq and in the planner would overflow a 2 MiB thread stack
+/// somewhere past ten thousand levels.
+const DEEP: usize = 512;
+/// Beyond this, the statement is not parsed at all (planned as unreadable text).
+const TOO_DEEP: usize = 250_000;
+
 fn parse_and_plan(stmt: &str, catalog: &Catalog) -> Draft {
+    let depth = depth_bound(stmt);
+    if depth > TOO_DEEP {
+        return unparseable(stmt, catalog);
+    }
+    if depth > DEEP {
+        let stack = (1 << 20) + depth.saturating_mul(2048);
+        return stacker::grow(stack, || parse_and_plan_here(stmt, catalog));
+    }
+    parse_and_plan_here(stmt, catalog)
+}
+
+/// An upper bound on the depth of the statement's syntax tree: along the parenthesis
+/// nesting, the tokens of each enclosing comma-separated item.
+fn depth_bound(stmt: &str) -> usize {
+    let mut levels: Vec<usize> = vec![0];
+    let mut max = 0;
+    for t in Lexer::new(stmt) {
+        let c = stmt.as_bytes()[t.start];
+        match t.kind {
+            TokKind::Punct if c == b'(' || c == b'[' => levels.push(0),
+            TokKind::Punct if (c == b')' || c == b']') && levels.len() > 1 => {
+                levels.pop();
+            }
+            TokKind::Punct if c == b',' => {
+                if let Some(l) = levels.last_mut() {
+                    *l = 0;
+                }
+            }
+            _ => {
+                if let Some(l) = levels.last_mut() {
+                    *l += 1;
+                }
+                let d = levels.iter().sum::<usize>() + levels.len();
+                max = max.max(d);
+            }
+        }
+    }
+    max
+}
+
+fn parse_and_plan_here(stmt: &str, catalog: &Catalog) -> Draft {
     let (text, blanked) = blank_lock_strength(stmt);
     let parsed = Parser::new(&PostgreSqlDialect {})
         .try_with_sql(&text)
@@ -378,6 +427,12 @@ fn plan_statement(stmt: &Statement, text: &str, catalog: &Catalog) -> Draft {
             legacy_options,
             ..
         } => plan_copy(stmt, source, *to, target, options, legacy_options, catalog),
+        Statement::Declare { stmts, .. } => {
+            match stmts.iter().find_map(|d| d.for_query.as_deref()) {
+                Some(q) => plan_cursor(q, catalog),
+                None => Draft::new(Kind::Utility, Role::Primary, Target::Default),
+            }
+        }
         _ => plan_utility(stmt, text, catalog),
     }
 }
@@ -492,6 +547,12 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
     let kind = if writes { Kind::Write } else { Kind::Read };
     if let Some(r) = shadowing(&inv, catalog) {
         return draft(kind, role, Target::Default, &t).soft(r);
+    }
+    if inv.select_into && !t.sharded.is_empty() {
+        return draft(kind, role, Target::Default, &t).soft(Refusal::unsupported(
+            "SELECT ... INTO a new table from a sharded table is not supported (the new table \
+             would hold a part of the data on one shard)",
+        ));
     }
     let dml_targets = dml_targets(q);
     let writes_reference = dml_targets
@@ -865,15 +926,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
     }
     let pin = match single_value(&keys) {
         Some(k) => PinValue::Eq(k.clone()),
-        None => {
-            let mut set: Vec<KeyExpr> = Vec::new();
-            for k in &keys {
-                if !set.contains(k) {
-                    set.push(k.clone());
-                }
-            }
-            PinValue::Set(set)
-        }
+        None => PinValue::Set(dedup(keys.clone())),
     };
     an.pins.push(Pin { inst, value: pin });
     match route(&an, &[block]) {
@@ -928,6 +981,23 @@ fn plan_merge_stmt(stmt: &Statement, table: &TableFactor, catalog: &Catalog) -> 
 }
 
 // --- others ------------------------------------------------------------------------------
+
+/// DECLARE ... CURSOR FOR query: the cursor lives on one server connection, so its query
+/// must run on one shard (FETCH goes with the transaction).
+fn plan_cursor(q: &Query, catalog: &Catalog) -> Draft {
+    let mut d = plan_query(&Statement::Query(Box::new(q.clone())), q, catalog);
+    d.plan.kind = Kind::Utility;
+    d.plan.merge = None;
+    d.plan.rewritten = None;
+    if d.plan.target.may_fan_out() || d.soft.is_some() {
+        d.soft = Some(Refusal::unsupported(
+            "DECLARE CURSOR over a query that needs several shards is not supported; add a \
+             shard key condition or a /* shardgate: shard=N */ hint",
+        ));
+        d.plan.multi_shard_refusal = None;
+    }
+    d
+}
 
 fn plan_explain(
     analyze: bool,
