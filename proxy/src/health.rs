@@ -21,9 +21,12 @@ pub struct HealthOptions {
     pub auto_promote_after: Duration,
 }
 
+/// Role, WAL position, replay age, and a primary's timeline (the first 8 hex digits of its
+/// current WAL file name).
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
-     COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)::float8";
+     COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)::float8, \
+     CASE WHEN pg_is_in_recovery() THEN '' ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END";
 
 /// Checks every host once and applies the result; used at startup and by the loop.
 pub async fn check_once(
@@ -92,9 +95,13 @@ async fn check_host(
     };
     let row = c.query_one(CHECK_SQL, &[]).await?;
     let lsn: Option<String> = row.get(1);
+    let timeline: Option<String> = row.get(3);
     Ok(Observation {
         in_recovery: row.get(0),
         lsn: lsn.as_deref().and_then(parse_lsn).unwrap_or(0),
+        timeline: timeline
+            .and_then(|t| u32::from_str_radix(&t, 16).ok())
+            .unwrap_or(0),
         replay_age: Duration::from_secs_f64(row.get::<_, f64>(2).max(0.0)),
     })
 }

@@ -40,11 +40,15 @@ pub enum PoolError {
 
 impl PoolError {
     /// A connection problem with the host, as opposed to a full pool or a refusal.
+    /// Includes a server that is shutting down or starting up (57P01/57P03) or that drops
+    /// the connection during login: all mean "try another host".
     fn host_unreachable(&self) -> bool {
-        matches!(
-            self,
-            PoolError::ConnectTimeout(_) | PoolError::Server(ServerError::Connect { .. })
-        )
+        match self {
+            PoolError::ConnectTimeout(_) => true,
+            PoolError::Server(ServerError::Connect { .. } | ServerError::Io { .. }) => true,
+            PoolError::Server(ServerError::Refused { code, .. }) => code.starts_with("57P"),
+            _ => false,
+        }
     }
 }
 

@@ -42,7 +42,22 @@ const READ_KEYWORDS: &[&str] = &[
 ];
 
 pub fn needs_primary(sql: &str) -> bool {
-    statements(sql).any(statement_needs_primary)
+    has_primary_hint(sql) || statements(sql).any(statement_needs_primary)
+}
+
+/// A leading `/* shardgate: primary */` comment.
+fn has_primary_hint(sql: &str) -> bool {
+    let Some(rest) = sql.trim_start().strip_prefix("/*") else {
+        return false;
+    };
+    let Some(end) = rest.find("*/") else {
+        return false;
+    };
+    let comment = rest[..end].trim();
+    comment.strip_prefix("shardgate:").is_some_and(|h| {
+        h.split([',', ' '])
+            .any(|w| w.trim().eq_ignore_ascii_case("primary"))
+    })
 }
 
 fn statement_needs_primary(stmt: &str) -> bool {
@@ -103,6 +118,7 @@ mod tests {
             "WITH x AS (SELECT 1) SELECT * FROM x",
             "SET work_mem = '1MB'",
             "COMMIT",
+            "/* just a comment: primary */ SELECT 1",
         ] {
             assert!(!needs_primary(sql), "{sql}");
         }
@@ -118,6 +134,7 @@ mod tests {
             "SELECT pg_advisory_lock(1)",
             "LISTEN c",
             "EXPLAIN ANALYZE DELETE FROM t",
+            "/* shardgate: primary */ SELECT 1",
             "SELECT 1; DELETE FROM t",
         ] {
             assert!(needs_primary(sql), "{sql}");

@@ -3,7 +3,7 @@
 //! reads atomics, never waits on a lock.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,9 @@ pub struct Host {
     in_recovery: AtomicBool,
     /// Primary: its current WAL position; replica: its replay position.
     lsn: AtomicU64,
+    /// A primary's WAL timeline: a promoted replica's is higher than the primary it
+    /// replaced, which tells the two apart when both claim to be primary.
+    timeline: AtomicU32,
     lag_bytes: AtomicU64,
     lag_ms: AtomicU64,
     /// Transactions in flight on this host through shardgate.
@@ -46,6 +49,7 @@ impl Host {
             banned_until_ms: AtomicU64::new(0),
             in_recovery: AtomicBool::new(index != 0),
             lsn: AtomicU64::new(0),
+            timeline: AtomicU32::new(0),
             lag_bytes: AtomicU64::new(0),
             lag_ms: AtomicU64::new(0),
             outstanding: AtomicUsize::new(0),
@@ -79,6 +83,8 @@ impl Host {
 pub struct Observation {
     pub in_recovery: bool,
     pub lsn: u64,
+    /// The WAL timeline of a primary (0 for a replica).
+    pub timeline: u32,
     pub replay_age: Duration,
 }
 
@@ -156,12 +162,12 @@ impl ShardTopology {
     /// primary). `min_lsn`: the replica must have replayed this far (read-your-writes).
     pub fn pick_replica(&self, policy: &ReadPolicy, min_lsn: u64, exclude: u64) -> Option<usize> {
         let primary = self.primary.load(Ordering::Acquire);
-        let mut best: Option<(usize, usize)> = None;
-        let n = self.hosts.len();
-        let start = self.rr.fetch_add(1, Ordering::Relaxed);
-        for k in 0..n {
-            let i = (start + k) % n;
-            let h = &self.hosts[i];
+        // Least outstanding; ties (and round_robin) rotate over the tied candidates only,
+        // so the primary's place in the host list does not skew the choice.
+        let mut best_load = usize::MAX;
+        let mut tied = [0usize; 64];
+        let mut ntied = 0;
+        for (i, h) in self.hosts.iter().enumerate() {
             if exclude & (1 << (i % 64)) != 0 || !self.usable(h) {
                 continue;
             }
@@ -185,11 +191,16 @@ impl ShardTopology {
                 LoadBalance::RoundRobin => 0,
                 LoadBalance::LeastOutstanding => h.outstanding.load(Ordering::Relaxed),
             };
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((i, load));
+            if load < best_load {
+                best_load = load;
+                ntied = 0;
+            }
+            if load == best_load && ntied < tied.len() {
+                tied[ntied] = i;
+                ntied += 1;
             }
         }
-        best.map(|(i, _)| i)
+        (ntied > 0).then(|| tied[self.rr.fetch_add(1, Ordering::Relaxed) % ntied])
     }
 
     pub fn is_banned(&self, host: usize) -> bool {
@@ -234,6 +245,7 @@ impl ShardTopology {
                 Some(o) => {
                     h.in_recovery.store(o.in_recovery, Ordering::Relaxed);
                     h.lsn.store(o.lsn, Ordering::Relaxed);
+                    h.timeline.store(o.timeline, Ordering::Relaxed);
                     h.lag_ms
                         .store(o.replay_age.as_millis() as u64, Ordering::Relaxed);
                     h.checked.store(true, Ordering::Relaxed);
@@ -250,9 +262,22 @@ impl ShardTopology {
             }
         }
         let current = self.primary.load(Ordering::Acquire);
+        let claimant = |h: &&Arc<Host>| h.is_up() && !h.in_recovery() && !h.is_fenced();
+        // Two hosts claiming to be primary: the one on the newer timeline was promoted over
+        // the other, which came back without being demoted.
+        let newest = self
+            .hosts
+            .iter()
+            .filter(claimant)
+            .map(|h| h.timeline.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
         let current_ok = current != NONE && {
             let h = &self.hosts[current];
-            h.is_up() && !h.in_recovery() && h.banned_until_ms.load(Ordering::Relaxed) < now
+            h.is_up()
+                && !h.in_recovery()
+                && h.banned_until_ms.load(Ordering::Relaxed) < now
+                && h.timeline.load(Ordering::Relaxed) >= newest
         };
         let mut changed = false;
         if !current_ok {
@@ -260,8 +285,9 @@ impl ShardTopology {
             let candidate = self
                 .hosts
                 .iter()
-                .filter(|h| h.index != current && h.is_up() && !h.in_recovery() && !h.is_fenced())
-                .max_by_key(|h| h.lsn());
+                .filter(|h| h.index != current)
+                .filter(claimant)
+                .max_by_key(|h| (h.timeline.load(Ordering::Relaxed), h.lsn()));
             match candidate {
                 Some(c) => {
                     if current != NONE {
@@ -346,9 +372,14 @@ mod tests {
     }
 
     fn obs(in_recovery: bool, lsn: u64) -> Option<Observation> {
+        obs_tl(in_recovery, lsn, u32::from(!in_recovery))
+    }
+
+    fn obs_tl(in_recovery: bool, lsn: u64, timeline: u32) -> Option<Observation> {
         Some(Observation {
             in_recovery,
             lsn,
+            timeline,
             replay_age: Duration::ZERO,
         })
     }
@@ -429,6 +460,26 @@ mod tests {
         s.observe(&[obs(false, 100), obs(true, 100)]);
         assert_eq!(s.primary(), Some(0));
         assert!(!s.hosts[0].is_fenced());
+    }
+
+    #[test]
+    fn a_fresh_proxy_prefers_the_promoted_primary_over_an_undemoted_old_one() {
+        // Config order puts the old primary first; both claim to be primary.
+        let s = shard(3);
+        s.observe(&[obs_tl(false, 500, 1), obs_tl(false, 300, 2), obs(true, 300)]);
+        assert_eq!(s.primary(), Some(1));
+        assert!(s.hosts[0].is_fenced());
+    }
+
+    #[test]
+    fn ties_rotate_over_replicas_only() {
+        let s = shard(3);
+        s.observe(&[obs(false, 100), obs(true, 100), obs(true, 100)]);
+        let mut counts = [0; 3];
+        for _ in 0..60 {
+            counts[s.pick_replica(&POLICY, 0, 0).unwrap_or(0)] += 1;
+        }
+        assert_eq!(counts, [0, 30, 30]);
     }
 
     #[tokio::test]
