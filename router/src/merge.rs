@@ -8,23 +8,28 @@
 //! combining and everything the shard computes (HAVING, DISTINCT aggregates, expressions
 //! over aggregates) is final.
 //!
-//! Refused (0A000): window functions, DISTINCT ON, HAVING and expressions over aggregates
-//! when groups must be combined, DISTINCT aggregates, other aggregates (string_agg, ...),
+//! HAVING on combined groups: a conjunction of `aggregate|group key <op> constant`, moved to
+//! the merge (aggregates not selected become hidden columns).
+//!
+//! Refused (0A000): window functions, DISTINCT ON, other HAVING conditions and expressions
+//! over aggregates when groups must be combined, DISTINCT aggregates, other aggregates (string_agg, ...),
 //! GROUPING SETS/ROLLUP/CUBE, FETCH ... WITH TIES, ORDER BY ... USING, LIMIT expressions
 //! other than constants and parameters, set operations.
 
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function, FunctionArguments,
-    GroupByExpr, LimitClause, ObjectNamePart, Offset, OffsetRows, OrderByKind, OrderBySort, Query,
-    Select, SelectItem, SetExpr, Statement, Value, Visit, Visitor,
+    BinaryOperator, CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function,
+    FunctionArguments, GroupByExpr, LimitClause, ObjectNamePart, Offset, OffsetRows, OrderByKind,
+    OrderBySort, Query, Select, SelectItem, SetExpr, Statement, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use crate::analyze::{norm_ident, param_number};
-use crate::types::{AggMerge, ColumnRef, MergePlan, Refusal, RowCount, SortKey};
+use crate::types::{
+    AggMerge, CmpOp, ColumnRef, Constant, HavingCond, MergePlan, Refusal, RowCount, SortKey,
+};
 
 pub(crate) struct Merge {
     pub plan: MergePlan,
@@ -128,11 +133,6 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
         if wildcard {
             return Err(refuse("SELECT * with GROUP BY or aggregates"));
         }
-        if sel.having.is_some() {
-            return Err(refuse(
-                "HAVING (groups are combined after the shards answer)",
-            ));
-        }
         if scan.distinct_agg {
             return Err(refuse("a DISTINCT aggregate"));
         }
@@ -180,7 +180,18 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                 nulls_first,
             });
         }
-        // The shards return whole groups' partials: no ORDER BY or LIMIT there.
+        if let Some(h) = &sel.having {
+            let mut conjuncts = Vec::new();
+            split_and(h, &mut conjuncts);
+            for c in conjuncts {
+                let cond = having_cond(c, &items, group_exprs, &plan.group_by, &mut hidden)?;
+                plan.having.push(cond);
+            }
+        }
+        // The shards return every group's partials: no HAVING, ORDER BY or LIMIT there.
+        if let SetExpr::Select(ns) = &mut *nq.body {
+            ns.having = None;
+        }
         nq.order_by = None;
         nq.limit_clause = None;
         nq.fetch = None;
@@ -238,6 +249,91 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
         None
     };
     Ok(Merge { plan, rewritten })
+}
+
+fn split_and<'a>(e: &'a Expr, out: &mut Vec<&'a Expr>) {
+    match e {
+        Expr::Nested(inner) => split_and(inner, out),
+        Expr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            split_and(left, out);
+            split_and(right, out);
+        }
+        other => out.push(other),
+    }
+}
+
+/// One HAVING conjunct: an aggregate or a group key compared with a constant.
+fn having_cond(
+    c: &Expr,
+    items: &[Item<'_>],
+    group_exprs: &[Expr],
+    group_cols: &[ColumnRef],
+    hidden: &mut Vec<(Expr, AggMerge)>,
+) -> Result<HavingCond, Refusal> {
+    let unsupported = || {
+        refuse("this HAVING condition (supported: aggregate or group key compared with a constant, joined by AND)")
+    };
+    let Expr::BinaryOp { left, op, right } = c else {
+        return Err(unsupported());
+    };
+    let op = match op {
+        BinaryOperator::Eq => CmpOp::Eq,
+        BinaryOperator::NotEq => CmpOp::Ne,
+        BinaryOperator::Lt => CmpOp::Lt,
+        BinaryOperator::LtEq => CmpOp::Le,
+        BinaryOperator::Gt => CmpOp::Gt,
+        BinaryOperator::GtEq => CmpOp::Ge,
+        _ => return Err(unsupported()),
+    };
+    let (subject, value, op) = match (constant(left), constant(right)) {
+        (None, Some(v)) => (&**left, v, op),
+        (Some(v), None) => (&**right, v, op.flipped()),
+        _ => return Err(unsupported()),
+    };
+    let visible = items.len();
+    let column = if bare_aggregate(subject).is_some() {
+        match items.iter().position(|it| it.expr == Some(subject)) {
+            Some(k) => ColumnRef::Visible(k),
+            None => {
+                let m = column_merge(subject, visible, hidden)?;
+                hidden_col(hidden, subject.clone(), m, visible)
+            }
+        }
+    } else if let Some(pos) = group_exprs.iter().position(|g| g == subject) {
+        group_cols[pos]
+    } else if let Some(k) =
+        group_target(subject, items).filter(|k| group_cols.contains(&ColumnRef::Visible(*k)))
+    {
+        ColumnRef::Visible(k)
+    } else {
+        return Err(unsupported());
+    };
+    Ok(HavingCond { column, op, value })
+}
+
+/// A constant a merge can compare with: a number, a string, or a parameter.
+fn constant(e: &Expr) -> Option<Constant> {
+    match e {
+        Expr::Nested(inner) => constant(inner),
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => Some(Constant::Number(n.clone())),
+            Value::SingleQuotedString(s) => Some(Constant::Text(s.clone())),
+            Value::Placeholder(p) => param_number(p).map(Constant::Param),
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: sqlparser::ast::UnaryOperator::Minus,
+            expr,
+        } => match constant(expr)? {
+            Constant::Number(n) if !n.starts_with('-') => Some(Constant::Number(format!("-{n}"))),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 fn check_clauses(q: &Query, s: &Select) -> Result<(), Refusal> {

@@ -171,6 +171,7 @@ pub enum KeyValue {
 /// How to combine the rows of a multi-shard read, in this order:
 /// 1. if `aggregates` is not empty: rows with equal `group_by` columns (all rows, when
 ///    `group_by` is empty) are combined column by column; then `Avg` columns are finalized;
+///    then groups failing a `having` condition are dropped;
 /// 2. if `distinct`: duplicate rows (comparing visible columns) are dropped;
 /// 3. rows are sorted by `order_by` (when `aggregates` is empty and not `distinct`, each
 ///    shard's rows already arrive sorted: a k-way merge streams);
@@ -185,6 +186,8 @@ pub struct MergePlan {
     /// rows (visible and hidden), in order.
     pub aggregates: Vec<AggMerge>,
     pub group_by: Vec<ColumnRef>,
+    /// Conditions (all must hold) on combined groups, from HAVING.
+    pub having: Vec<HavingCond>,
     pub distinct: bool,
     /// Trailing helper columns in the shard rows, removed before the client sees them.
     pub hidden_columns: usize,
@@ -197,9 +200,52 @@ impl MergePlan {
             && self.limit.is_none()
             && self.offset.is_none()
             && self.aggregates.is_empty()
+            && self.having.is_empty()
             && !self.distinct
             && self.hidden_columns == 0
     }
+}
+
+/// `column op value` on a combined group. A NULL column value fails every condition (as in
+/// SQL). Numbers compare numerically, text as the column's text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HavingCond {
+    pub column: ColumnRef,
+    pub op: CmpOp,
+    pub value: Constant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+impl CmpOp {
+    /// The operator with its operands swapped (`5 < x` is `x > 5`).
+    pub fn flipped(self) -> CmpOp {
+        match self {
+            CmpOp::Lt => CmpOp::Gt,
+            CmpOp::Le => CmpOp::Ge,
+            CmpOp::Gt => CmpOp::Lt,
+            CmpOp::Ge => CmpOp::Le,
+            other => other,
+        }
+    }
+}
+
+/// A constant in a merge condition.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Constant {
+    /// A numeric constant as written (`5`, `-2.5`).
+    Number(String),
+    Text(String),
+    /// `$n`: the n-th parameter's value (or, for a normalized simple query, literal).
+    Param(usize),
 }
 
 /// A LIMIT or OFFSET value.

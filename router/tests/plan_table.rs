@@ -913,10 +913,22 @@ fn aggregates() {
         R::No("percentile_cont"),
     );
     case(
-        "SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 1",
+        "SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 1 OR city = 'x'",
         S,
         T::All,
-        R::No("HAVING"),
+        R::No("HAVING condition"),
+    );
+    case(
+        "SELECT city, count(*) FROM users GROUP BY city HAVING sum(x) / count(*) > 1",
+        S,
+        T::All,
+        R::No("HAVING condition"),
+    );
+    case(
+        "SELECT city FROM users GROUP BY city HAVING count(DISTINCT x) > 1",
+        S,
+        T::All,
+        R::No("DISTINCT aggregate"),
     );
     case(
         "SELECT city, count(*) FROM users GROUP BY ROLLUP (city)",
@@ -1820,6 +1832,52 @@ fn merge_aggregates() {
 }
 
 #[test]
+fn merge_having() {
+    let (m, rw) = merge_of(
+        "SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 1 AND max(age) <= $1 AND 'b' < city ORDER BY 1",
+    );
+    assert_eq!(
+        m.having,
+        vec![
+            HavingCond {
+                column: V(1),
+                op: CmpOp::Gt,
+                value: Constant::Number("1".into())
+            },
+            HavingCond {
+                column: H(0),
+                op: CmpOp::Le,
+                value: Constant::Param(1)
+            },
+            HavingCond {
+                column: V(0),
+                op: CmpOp::Gt,
+                value: Constant::Text("b".into())
+            },
+        ]
+    );
+    assert_eq!(
+        m.aggregates,
+        vec![AggMerge::None, AggMerge::Count, AggMerge::Max]
+    );
+    // The shards return every group: HAVING moves to the merge.
+    assert_eq!(
+        rw.as_deref(),
+        Some("SELECT city, count(*), max(age) FROM users GROUP BY city")
+    );
+    let (m, rw) = merge_of("SELECT count(*) FROM users HAVING count(*) > -1");
+    assert_eq!(m.having.len(), 1);
+    assert_eq!(m.having[0].value, Constant::Number("-1".into()));
+    assert_eq!(rw.as_deref(), Some("SELECT count(*) FROM users"));
+    let (m, _) = merge_of("SELECT city, avg(x) FROM users GROUP BY city HAVING avg(x) > 2");
+    assert_eq!(m.having[0].column, V(1));
+    // Grouped by the shard key, HAVING stays on the shards.
+    let (m, rw) = merge_of("SELECT user_id FROM posts GROUP BY user_id HAVING count(*) > 1");
+    assert!(m.having.is_empty());
+    assert_eq!(rw, None);
+}
+
+#[test]
 fn merge_for_key_lists() {
     let plan = p("SELECT * FROM users WHERE id IN (1, 2, 3) ORDER BY name LIMIT 2");
     assert!(matches!(&plan.target, Target::Keys { keys, .. } if keys.len() == 3));
@@ -1863,4 +1921,41 @@ fn rewrites_read_back_identically() {
         assert_eq!(again.len(), 1, "{rw}");
         assert_ne!(again[0].1.kind, Kind::Unknown, "{rw} does not parse");
     }
+}
+
+/// Long operator chains make deep syntax trees; planning them must not overflow a small
+/// thread stack (a stack overflow would abort the whole proxy).
+#[test]
+fn deep_statements_do_not_overflow_the_stack() {
+    for (n, op) in [
+        (20_000, " OR "),
+        (20_000, " + "),
+        (20_000, " AND "),
+        (127, " OR "),
+        (250, " + "),
+        (127, " AND "),
+    ] {
+        let sql = match op {
+            " + " => format!("SELECT * FROM users WHERE id = {}", vec!["1"; n].join(op)),
+            _ => format!("SELECT * FROM users WHERE {}", vec!["id = 1"; n].join(op)),
+        };
+        let handle = std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || plan(&sql, &catalog()).kind)
+            .unwrap();
+        assert_eq!(handle.join().unwrap(), Kind::Read, "{op}");
+    }
+    // Beyond the limit: planned as unreadable text (refused: it names a sharded table).
+    let sql = format!(
+        "SELECT * FROM users WHERE {}",
+        vec!["id = 1"; 70_000].join(" OR ")
+    );
+    let plan = std::thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || plan(&sql, &catalog()))
+        .unwrap()
+        .join()
+        .unwrap();
+    assert_eq!(plan.kind, Kind::Unknown);
+    assert!(plan.refusal.is_some());
 }
