@@ -241,8 +241,16 @@ impl Pool {
 }
 
 impl Checkout {
-    /// Returns a clean connection to the pool.
+    /// Returns a clean connection to the pool (or closes it when a reload shrank the pool
+    /// and the pool already holds enough connections).
     pub fn release(self) {
+        let surplus = {
+            let idle = self.pool.idle.lock().map(|i| i.len()).unwrap_or(0);
+            idle + self.pool.active() > self.pool.size()
+        };
+        if surplus {
+            return self.discard();
+        }
         let Checkout {
             mut conn,
             _permit,

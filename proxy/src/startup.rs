@@ -25,21 +25,29 @@ pub enum LoginError {
     Refused(String),
     #[error("cancel request handled")]
     Cancel,
-    /// An admin logged in to the admin console, which has run to its end.
-    #[error("admin console session ended")]
-    AdminDone,
+}
+
+/// A finished login: a client session, or an admin on the admin console.
+pub enum Accepted {
+    Session(Session),
+    Admin(ClientStream, String),
 }
 
 /// A client's whole life: login within `client_login_timeout`, then the session loop in a
 /// task of its own, so the login's state (and this future's copies of its arguments) is
 /// freed: the session task's size is what every idle client costs.
 pub async fn serve_client(app: Arc<App>, tcp: TcpStream) {
-    if let Some(mut session) = Box::pin(login_outcome(app, tcp)).await {
-        tokio::spawn(async move { session.run().await });
+    match Box::pin(login_outcome(app.clone(), tcp)).await {
+        Some(Accepted::Session(mut session)) => {
+            tokio::spawn(async move { session.run().await });
+        }
+        // The console runs outside the login timeout, for as long as the admin stays.
+        Some(Accepted::Admin(stream, user)) => crate::admin::serve(app, stream, user).await,
+        None => {}
     }
 }
 
-async fn login_outcome(app: Arc<App>, tcp: TcpStream) -> Option<Session> {
+async fn login_outcome(app: Arc<App>, tcp: TcpStream) -> Option<Accepted> {
     let timeout = app.config.general.client_login_timeout;
     let peer = tcp.peer_addr().ok();
     match tokio::time::timeout(timeout, login(app, tcp)).await {
@@ -56,7 +64,7 @@ async fn login_outcome(app: Arc<App>, tcp: TcpStream) -> Option<Session> {
 }
 
 /// Runs the whole login; on success the client has its ReadyForQuery.
-pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError> {
+pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError> {
     let mut stream = ClientStream::Plain(tcp);
     let mut negotiated_tls = false;
     let params = loop {
@@ -135,8 +143,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
             let msg = format!("permission denied: user \"{user_name}\" is not a shardgate admin");
             return refuse(&mut stream, sqlstate::INSUFFICIENT_PRIVILEGE, &msg).await;
         }
-        crate::admin::serve(app, stream, user_name).await;
-        return Err(LoginError::AdminDone);
+        return Ok(Accepted::Admin(stream, user_name));
     }
     let Some(pool) = app
         .pools
@@ -202,7 +209,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
     stream.write_all(&out).await?;
     stream.flush().await?;
     app.metrics.client_logins.increment(1);
-    Ok(Session::new(
+    Ok(Accepted::Session(Session::new(
         app.clone(),
         stream,
         pool,
@@ -210,7 +217,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Session, LoginError>
         cancel,
         settings,
         reported,
-    ))
+    )))
 }
 
 async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, LoginError> {

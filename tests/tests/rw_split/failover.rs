@@ -369,10 +369,6 @@ async fn auto_promote_fails_over_without_an_operator() {
 /// the promoted replica and the old primary that came back without being demoted. Writes
 /// must go to the promoted one (a later timeline), never to the old one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "proxy bug (split brain): fencing is in-memory only; a shardgate started after a \
-            failover keeps the first configured host as primary when the old primary is back \
-            undemoted (topology.rs observe(): current_ok holds for host 0), so every write goes \
-            to the old primary; roles could be told apart by WAL timeline"]
 async fn proxy_started_after_failover_writes_to_the_promoted_primary() {
     if skip_in_direct_mode("fresh proxy after failover") {
         return;
@@ -492,10 +488,6 @@ async fn writes_fail_cleanly_after_failover_timeout_and_reads_continue() {
 /// server first refuses new connections (57P03) or resets them for a while; writes that
 /// shardgate sends there in that window never ran and should have waited for the failover.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "proxy bug: during the primary's shutdown, new server connections to it fail with \
-            57P03 'the database system is shutting down' or 'Connection reset by peer', which \
-            pool.rs host_unreachable() does not count as the host being down: those writes \
-            fail at once instead of queueing for the failover"]
 async fn primary_kill_fails_only_writes_in_flight() {
     if skip_in_direct_mode("primary kill, strict") {
         return;

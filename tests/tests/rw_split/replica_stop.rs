@@ -249,10 +249,6 @@ async fn stopped_replica_is_skipped_and_used_again_after_restart() {
 /// that shardgate sends there in that window never ran anywhere and should have gone to
 /// the other replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "proxy bug: during a replica's shutdown, new server connections to it fail with \
-            57P03 'the database system is shutting down' or 'Connection reset by peer'; \
-            pool.rs host_unreachable() only covers connect() errors and timeouts, so the read \
-            (or the client's login) fails instead of being retried on the other replica"]
 async fn replica_stop_fails_only_statements_in_flight() {
     if skip_in_direct_mode("replica stop, strict") {
         return;

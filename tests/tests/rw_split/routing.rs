@@ -249,8 +249,6 @@ async fn statements_go_to_the_server_their_role_needs() {
 
 /// The issue's `/* shardgate: primary */` hint sends a plain read to the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy gap: routing hints are not implemented (roles::needs_primary skips \
-            comments, so a hinted SELECT goes to a replica)"]
 async fn primary_hint_sends_a_read_to_the_primary() {
     if skip_in_direct_mode("routing hint") {
         return;
@@ -279,10 +277,6 @@ async fn primary_hint_sends_a_read_to_the_primary() {
 /// are shared evenly by the two replicas, with either balancing mode; and a client that
 /// mixes the simple and the extended protocol reaches both replicas as well.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "proxy bug: pick_replica rotates its start over all hosts of the shard, the \
-            primary included, so the replica after the primary wins 2 ties of 3 (40/20 of 60 \
-            reads) and round_robin is not round robin; clients alternating simple and \
-            extended statements then alias onto one replica"]
 async fn replicas_share_sequential_reads_evenly() {
     if skip_in_direct_mode("balance") {
         return;
