@@ -265,6 +265,16 @@ fn value_context(sql: &str, prev: Option<Tok>) -> bool {
 /// The literal at `toks[idx]` (a `Str` or `Number`) if it may be replaced, with a unary
 /// minus glued to a number included.
 fn literal_at(sql: &str, toks: &[Tok], idx: usize) -> Option<Literal> {
+    literal_candidate(sql, toks, idx).filter(|l| {
+        // `$k` glued after a word would join it (`WHERE-0` must not become `WHERE$1`).
+        l.start == 0 || {
+            let before = sql.as_bytes()[l.start - 1];
+            !(crate::scan::is_word_byte(before) || before == b'$')
+        }
+    })
+}
+
+fn literal_candidate(sql: &str, toks: &[Tok], idx: usize) -> Option<Literal> {
     let t = toks[idx];
     let bytes = sql.as_bytes();
     let prev = idx.checked_sub(1).map(|i| toks[i]);
@@ -526,6 +536,15 @@ mod tests {
         assert_eq!(w("x>=-5").1, vec!["-5"]);
         assert_eq!(w("-5 = x").1, vec!["-5"]);
         assert_eq!(w("x = - 5").0, "SELECT * FROM t WHERE x = - 5");
+        // A placeholder must not glue onto a word.
+        assert_eq!(
+            shape("SELECT * FROM t WHERE-0 = x").unwrap().0,
+            "SELECT * FROM t WHERE-0 = x"
+        );
+        assert_eq!(
+            shape("SELECT * FROM t WHERE'a' = x").unwrap().0,
+            "SELECT * FROM t WHERE'a' = x"
+        );
         // `@-`, `!=-`, `%-` are single operators: the minus stays with them.
         assert_eq!(
             w("x @-5 AND x !=-5 AND x %-5").0,

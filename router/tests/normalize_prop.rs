@@ -73,7 +73,10 @@ fn query() -> impl Strategy<Value = String> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(2000))]
+    // 2000 cases by default; PROPTEST_CASES overrides.
+    #![proptest_config(ProptestConfig::with_cases(
+        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+    ))]
 
     /// Putting the literals back gives the original text, and every extracted literal is a
     /// plain number or a plain string.
