@@ -242,11 +242,14 @@ impl Config {
                 .span()
                 .map(|span| line_column(text, span.start))
                 .unwrap_or((1, 1));
+            // Quote the offending line: serde's message names the expected type, the line
+            // names the key.
+            let source = text.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
             ConfigError::Syntax {
                 path: origin.to_string(),
                 line,
                 column,
-                message: e.message().to_string(),
+                message: format!("{} (in `{source}`)", e.message()),
             }
         })?;
         config.validate(text, origin)?;
@@ -430,6 +433,7 @@ hosts = ["127.0.0.1:5432", "127.0.0.1:5433"]
         let text = GOOD.replace("pool_size = 5", "pool_size = \"five\"");
         let err = Config::parse(&text, "f.toml").unwrap_err().to_string();
         assert!(err.starts_with("f.toml:4:"), "{err}");
+        assert!(err.contains("pool_size = \"five\""), "{err}");
     }
 
     #[test]

@@ -71,8 +71,8 @@ pub fn skip_trivia(bytes: &[u8], mut i: usize) -> usize {
 /// Skips one token (or one byte of punctuation) starting at `i`, which is not trivia.
 pub(crate) fn skip_token(bytes: &[u8], i: usize) -> usize {
     match bytes[i] {
-        b'\'' => skip_quoted(bytes, i, b'\''),
-        b'"' => skip_quoted(bytes, i, b'"'),
+        b'\'' => skip_quoted(bytes, i, b'\'', is_escape_string(bytes, i)),
+        b'"' => skip_quoted(bytes, i, b'"', false),
         b'$' => skip_dollar(bytes, i),
         b'-' if bytes[i..].starts_with(b"--") => skip_trivia(bytes, i),
         b'/' if bytes[i..].starts_with(b"/*") => skip_trivia(bytes, i),
@@ -87,7 +87,17 @@ pub(crate) fn skip_token(bytes: &[u8], i: usize) -> usize {
     }
 }
 
-pub(crate) fn skip_quoted(bytes: &[u8], i: usize, quote: u8) -> usize {
+/// `E'...'` (or `e'...'`): the only literals in which a backslash escapes the next byte.
+/// In a plain `'...'` a backslash is an ordinary character (standard_conforming_strings,
+/// the default since Postgres 9.1); taking it as an escape there would let `'a\'; SET ...`
+/// hide a statement from the splitter.
+fn is_escape_string(bytes: &[u8], quote_at: usize) -> bool {
+    quote_at >= 1
+        && matches!(bytes[quote_at - 1], b'E' | b'e')
+        && (quote_at < 2 || !is_word_byte(bytes[quote_at - 2]))
+}
+
+pub(crate) fn skip_quoted(bytes: &[u8], i: usize, quote: u8, backslash_escapes: bool) -> usize {
     let mut j = i + 1;
     while j < bytes.len() {
         if bytes[j] == quote {
@@ -97,9 +107,7 @@ pub(crate) fn skip_quoted(bytes: &[u8], i: usize, quote: u8) -> usize {
             }
             return j + 1;
         }
-        // E'...' strings may escape a quote with a backslash; treating every backslash as an
-        // escape inside '...' errs towards a longer literal, never a split inside one.
-        if quote == b'\'' && bytes[j] == b'\\' {
+        if backslash_escapes && bytes[j] == b'\\' {
             j += 2;
             continue;
         }
@@ -201,6 +209,15 @@ mod tests {
         assert_eq!(
             split("SELECT $1; SELECT 'it''s;'"),
             vec!["SELECT $1", "SELECT 'it''s;'"]
+        );
+        // A backslash escapes only in E'' strings.
+        assert_eq!(
+            split("SELECT 'a\\'; SET search_path = evil; --'"),
+            vec!["SELECT 'a\\'", "SET search_path = evil"]
+        );
+        assert_eq!(
+            split("SELECT E'a\\'; b'; SELECT 2"),
+            vec!["SELECT E'a\\'; b'", "SELECT 2"]
         );
         assert_eq!(split("  ; -- only a comment"), Vec::<&str>::new());
         assert_eq!(split(""), Vec::<&str>::new());

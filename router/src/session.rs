@@ -387,6 +387,12 @@ mod tests {
     }
 
     #[test]
+    fn a_backslash_in_a_plain_string_does_not_hide_a_set() {
+        let fx = classify("SELECT 'a\\'; SET search_path = evil; --'");
+        assert_eq!(fx.settings, vec![set("search_path", "evil")]);
+    }
+
+    #[test]
     fn effects_accumulate_over_statements() {
         let fx = classify("LISTEN a; SET work_mem = '1MB'; SELECT pg_advisory_lock(2)");
         assert_eq!(fx.pin, Pins::LISTEN.with(Pins::ADVISORY_LOCK));
