@@ -244,7 +244,11 @@ impl Config {
                 .unwrap_or((1, 1));
             // Quote the offending line: serde's message names the expected type, the line
             // names the key.
-            let source = text.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
+            let source = text
+                .lines()
+                .nth(line.saturating_sub(1))
+                .unwrap_or("")
+                .trim();
             ConfigError::Syntax {
                 path: origin.to_string(),
                 line,
