@@ -78,38 +78,9 @@ impl<'a> Lexer<'a> {
         self
     }
 
+    /// Whitespace and (nested) comments: the same rule as the statement scanner's.
     fn skip_trivia(&mut self) {
-        let b = self.src;
-        let mut i = self.pos;
-        loop {
-            while i < b.len() && b[i].is_ascii_whitespace() {
-                i += 1;
-            }
-            if b[i..].starts_with(b"--") {
-                while i < b.len() && b[i] != b'\n' {
-                    i += 1;
-                }
-            } else if b[i..].starts_with(b"/*") {
-                let mut depth = 0usize;
-                while i < b.len() {
-                    if b[i..].starts_with(b"/*") {
-                        depth += 1;
-                        i += 2;
-                    } else if b[i..].starts_with(b"*/") {
-                        depth -= 1;
-                        i += 2;
-                        if depth == 0 {
-                            break;
-                        }
-                    } else {
-                        i += 1;
-                    }
-                }
-            } else {
-                break;
-            }
-        }
-        self.pos = i.min(b.len());
+        self.pos = crate::scan::skip_trivia(self.src, self.pos).min(self.src.len());
     }
 
     /// End of a quoted run starting at `i` (the opening quote).
