@@ -8,6 +8,11 @@
 #   * memory: RSS of PgBouncer and shardgate holding 1,000 and 10,000 idle
 #     authenticated (SCRAM-SHA-256) clients.
 #
+# SHARDS=N (N >= 2) is the sharded mode: direct Postgres (full dataset) vs
+# shardgate over N shards holding pgbench_accounts sharded by aid (the rest
+# on shard 0); select-only runs with the extended and the simple protocol,
+# after a correctness check through shardgate. See "sharded mode" below.
+#
 # Everything runs on 127.0.0.1 in a private temp dir; Postgres comes from
 # deploy/local/cluster.sh (a small initdb/pg_ctl fallback is used if that
 # script is absent). Not part of tests/run.sh. See tests/bench/README.md.
@@ -34,13 +39,17 @@ Options (each also settable by the environment variable in brackets):
   --threads N         pgbench -j for throughput runs [THREADS=2]
   --idle-clients LIST idle client counts for the memory run [IDLE_CLIENTS=1000,10000]
   --only LIST         targets to run [ONLY=direct,pgbouncer,shardgate]
+  --shards N          N >= 2: sharded mode, direct vs shardgate over N shards,
+                      select-only with -M extended and -M simple; skips the
+                      memory run unless SKIP_MEMORY=0 [SHARDS=1]
   --skip-memory       skip the memory run [SKIP_MEMORY=1]
   --skip-throughput   skip the throughput run [SKIP_THROUGHPUT=1]
   --out FILE          also write the markdown report to FILE [OUT]
   -h, --help          this text
 
 Other environment: PG_PORT (25432), PGBOUNCER_PORT (26432),
-SHARDGATE_PORT (27432), SHARDGATE_BIN (default target/release/shardgate,
+SHARDGATE_PORT (27432; sharded mode: the shards are PG_PORT+1..PG_PORT+N),
+SHARDGATE_BIN (default target/release/shardgate,
 brought up to date with cargo build --release unless SHARDGATE_BUILD=0),
 SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
 temp dir with every pgbench log and the proxies' configs and logs).
@@ -54,8 +63,9 @@ POOL_SIZE=${POOL_SIZE:-20}
 CLIENTS=${CLIENTS:-16,64}
 THREADS=${THREADS:-2}
 IDLE_CLIENTS=${IDLE_CLIENTS:-1000,10000}
-ONLY=${ONLY:-direct,pgbouncer,shardgate}
-SKIP_MEMORY=${SKIP_MEMORY:-0}
+SHARDS=${SHARDS:-1}
+ONLY=${ONLY:-}
+SKIP_MEMORY=${SKIP_MEMORY:-}
 SKIP_THROUGHPUT=${SKIP_THROUGHPUT:-0}
 OUT=${OUT:-}
 # Below the kernel's ephemeral range (32768-60999 by default): a listen port in
@@ -82,6 +92,7 @@ while (($#)); do
         --threads) THREADS=$2; shift ;;
         --idle-clients) IDLE_CLIENTS=$2; shift ;;
         --only) ONLY=$2; shift ;;
+        --shards) SHARDS=$2; shift ;;
         --skip-memory) SKIP_MEMORY=1 ;;
         --skip-throughput) SKIP_THROUGHPUT=1 ;;
         --out) OUT=$2; shift ;;
@@ -91,12 +102,26 @@ while (($#)); do
     shift
 done
 
+for v in ROUNDS DURATION SCALE POOL_SIZE THREADS PG_PORT PGBOUNCER_PORT SHARDGATE_PORT SHARDS REPLICAS; do
+    [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a number, got '${!v}'" >&2; exit 2; }
+done
+((SHARDS >= 1)) || { echo "SHARDS must be at least 1" >&2; exit 2; }
+if ((SHARDS > 1)); then
+    ((REPLICAS == 0)) || { echo "SHARDS and REPLICAS cannot be combined" >&2; exit 2; }
+    ((SHARDS <= 64)) || { echo "SHARDS must be at most 64" >&2; exit 2; }
+    ((SCALE < 20000)) || { echo "sharded mode needs SCALE < 20000 (aid integer)" >&2; exit 2; }
+    if [[ ,$ONLY, == *,pgbouncer,* ]]; then
+        echo "note: the sharded mode has no pgbouncer target; ignoring it in ONLY" >&2
+    fi
+    ONLY=${ONLY:-direct,shardgate}
+    ONLY=${ONLY//pgbouncer/}
+    SKIP_MEMORY=${SKIP_MEMORY:-1}
+fi
+ONLY=${ONLY:-direct,pgbouncer,shardgate}
+SKIP_MEMORY=${SKIP_MEMORY:-0}
 CLIENTS=${CLIENTS//,/ }
 IDLE_CLIENTS=${IDLE_CLIENTS//,/ }
 ONLY=" ${ONLY//,/ } "
-for v in ROUNDS DURATION SCALE POOL_SIZE THREADS PG_PORT PGBOUNCER_PORT SHARDGATE_PORT; do
-    [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a number, got '${!v}'" >&2; exit 2; }
-done
 for c in $CLIENTS $IDLE_CLIENTS; do
     [[ $c =~ ^[0-9]+$ ]] || { echo "client counts must be numbers, got '$c'" >&2; exit 2; }
 done
@@ -299,8 +324,13 @@ for c in $CLIENTS; do ((c > MAX_CLIENTS)) && MAX_CLIENTS=$c; done
 NEED_CONNECTIONS=$((MAX_CLIENTS + 2 * POOL_SIZE + 20))
 ((NEED_CONNECTIONS < 100)) && NEED_CONNECTIONS=100
 
+# Sharded mode: cluster.sh's shard 0 is the direct server (full dataset) and
+# its shards 1..N are shardgate's shards 0..N-1 (see shard_port).
+CLUSTER_SERVERS=1
+((SHARDS > 1)) && CLUSTER_SERVERS=$((SHARDS + 1))
+
 cluster_sh() {
-    SHARDGATE_HOME=$WORK/cluster SHARDGATE_PG_PORT=$PG_PORT SHARDGATE_SHARDS=1 \
+    SHARDGATE_HOME=$WORK/cluster SHARDGATE_PG_PORT=$PG_PORT SHARDGATE_SHARDS=$CLUSTER_SERVERS \
         SHARDGATE_REPLICAS=$REPLICAS bash "$REPO/deploy/local/cluster.sh" "$@"
 }
 
@@ -352,13 +382,21 @@ ensure_max_connections() {
 }
 
 start_postgres() {
-    port_open "$PG_PORT" && die "port $PG_PORT is already in use (set PG_PORT)"
+    local p
+    for ((p = PG_PORT; p < PG_PORT + CLUSTER_SERVERS; p++)); do
+        port_open "$p" && die "port $p is already in use (set PG_PORT)"
+    done
     if [[ -f $REPO/deploy/local/cluster.sh ]]; then
-        log "starting Postgres with deploy/local/cluster.sh on port $PG_PORT"
+        if ((SHARDS > 1)); then
+            log "starting Postgres with deploy/local/cluster.sh: direct on port $PG_PORT, shards on $((PG_PORT + 1))-$((PG_PORT + SHARDS))"
+        else
+            log "starting Postgres with deploy/local/cluster.sh on port $PG_PORT"
+        fi
         CLUSTER_MODE=cluster.sh
         cluster_sh up >"$WORK/cluster-up.log" 2>&1 ||
             { cat "$WORK/cluster-up.log" >&2; die "cluster.sh up failed"; }
     else
+        ((SHARDS == 1)) || die "the sharded mode needs deploy/local/cluster.sh"
         log "deploy/local/cluster.sh not found: using the initdb/pg_ctl fallback on port $PG_PORT"
         CLUSTER_MODE=fallback
         fallback_cluster_up
@@ -376,8 +414,13 @@ start_postgres() {
 # ---------------------------------------------------------------------------
 # targets: each start_<name> sets TARGET_PORT[name], TARGET_PID[name]
 
-ALL_TARGETS=(direct pgbouncer shardgate)
-MEM_TARGETS=(pgbouncer shardgate)
+if ((SHARDS > 1)); then
+    ALL_TARGETS=(direct shardgate)
+    MEM_TARGETS=(shardgate)
+else
+    ALL_TARGETS=(direct pgbouncer shardgate)
+    MEM_TARGETS=(pgbouncer shardgate)
+fi
 
 start_direct() { TARGET_PORT[direct]=$PG_PORT; }
 
@@ -449,7 +492,18 @@ git_rev() {
     echo "$rev"
 }
 
-start_shardgate() { start_shardgate_with shardgate "$SHARDGATE_PORT" "\"127.0.0.1:$PG_PORT\""; }
+shard_toml() { # hosts (quoted, for TOML) -> one [[databases.shards]] entry
+    printf '[[databases.shards]]\nhosts = [%s]\n' "$1"
+}
+
+# Sharded mode: sharded_db_toml (below) lists the sharded table and the shards.
+start_shardgate() {
+    if ((SHARDS > 1)); then
+        start_shardgate_with shardgate "$SHARDGATE_PORT" "$(sharded_db_toml)"
+    else
+        start_shardgate_with shardgate "$SHARDGATE_PORT" "$(shard_toml "\"127.0.0.1:$PG_PORT\"")"
+    fi
+}
 
 replica_hosts() { # N -> "127.0.0.1:primary", "127.0.0.1:replica1", ... (quoted, for TOML)
     local list="\"127.0.0.1:$PG_PORT\"" j
@@ -458,11 +512,11 @@ replica_hosts() { # N -> "127.0.0.1:primary", "127.0.0.1:replica1", ... (quoted,
 }
 # sg_rN: the primary and N replicas.
 for ((r = 1; r <= REPLICAS; r++)); do
-    eval "start_sg_r$r() { start_shardgate_with sg_r$r \$((SHARDGATE_PORT + $r)) \"\$(replica_hosts $r)\"; }"
+    eval "start_sg_r$r() { start_shardgate_with sg_r$r \$((SHARDGATE_PORT + $r)) \"\$(shard_toml \"\$(replica_hosts $r)\")\"; }"
 done
 
-start_shardgate_with() { # target port hosts
-    local t=$1 port=$2 hosts=$3 dir=$WORK/$1 pid
+start_shardgate_with() { # target port database-toml (what follows name = "app")
+    local t=$1 port=$2 db_toml=$3 dir=$WORK/$1 pid
     mkdir -p "$dir"
     cat >"$dir/shardgate.toml" <<EOF
 [general]
@@ -479,9 +533,13 @@ auth = "scram-sha-256"
 
 [[databases]]
 name = "app"
-[[databases.shards]]
-hosts = [$hosts]
+$db_toml
 EOF
+    if ! "$SHARDGATE_BIN" check-config "$dir/shardgate.toml" >"$dir/check-config.log" 2>&1; then
+        cat "$dir/shardgate.toml" "$dir/check-config.log" >&2
+        mark_down "$t" "config rejected by shardgate check-config: $(head -c 200 "$dir/check-config.log" | tr '\n' ' ')"
+        return 1
+    fi
     RUST_LOG=$SHARDGATE_LOG "$SHARDGATE_BIN" --config "$dir/shardgate.toml" >>"$dir/shardgate.log" 2>&1 &
     pid=$!
     TARGET_PID[$t]=$pid
@@ -523,6 +581,187 @@ start_target() {
 }
 
 # ---------------------------------------------------------------------------
+# sharded mode (SHARDS=N >= 2): pgbench_accounts sharded by aid over N shards
+#
+# The direct server (cluster.sh shard 0, PG_PORT) keeps the full dataset and is
+# the baseline. shardgate's shard k is cluster.sh shard k+1 (port PG_PORT+1+k).
+# The shards get the direct server's rows by COPY, each shard only the rows
+# whose slot it owns under shardgate's default map (no shard_map file): every
+# shard one contiguous run of the 4096 slots, in shard order, SLOTS/N each (the
+# first SLOTS%N shards one more). pgbench_branches and pgbench_tellers live on
+# shard 0 (tables not listed as sharded go there), pgbench_history too (empty);
+# the other shards have pgbench_accounts only.
+
+SLOTS=4096
+SAMPLE_AIDS=()  # keyed-select probes, three per shard (set by load_shards)
+SHARD_ROWS=     # "shard 0: n rows (slots lo-hi), ..." for the report
+SHARDED_CHECK=  # outcome of check_sharded, for the report
+
+# The slot of an aid as shardgate computes it (Postgres's hash partitioning
+# hash of the key as bigint; modulus SLOTS).
+slot_sql() { echo "((hashint8extended($1::bigint, 8816678312871386365) % $SLOTS) + $SLOTS + 2275) % $SLOTS"; }
+
+shard_port() { echo $((PG_PORT + 1 + $1)); }
+
+shard_range() { # shard -> "lo hi", its slots under the default map
+    local k=$1 q=$((SLOTS / SHARDS)) r=$((SLOTS % SHARDS)) lo n
+    lo=$((k * q + (k < r ? k : r)))
+    n=$((q + (k < r ? 1 : 0)))
+    echo "$lo $((lo + n - 1))"
+}
+
+psql_shard() { # shard psql-args...
+    local k=$1
+    shift
+    psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$(shard_port "$k")" -At "$@"
+}
+
+sharded_db_toml() {
+    local k
+    printf '[[databases.sharded_tables]]\nname = "pgbench_accounts"\ncolumn = "aid"\ntype = "integer"\n'
+    for ((k = 0; k < SHARDS; k++)); do
+        shard_toml "\"127.0.0.1:$(shard_port "$k")\""
+    done
+}
+
+# Needs pgbench -i done on the direct server.
+load_shards() {
+    local k lo hi aids t
+    for ((k = 0; k < SHARDS; k++)); do
+        read -r lo hi < <(shard_range "$k")
+        log "shard $k (port $(shard_port "$k"), slots $lo-$hi): loading its pgbench_accounts rows"
+        # pgbench's own tables (drop + create), empty; keys after the load.
+        run_waited pgbench -i -q -I dt -s "$SCALE" -h 127.0.0.1 -p "$(shard_port "$k")" app \
+            >>"$WORK/pgbench-init-shards.log" 2>&1 ||
+            { cat "$WORK/pgbench-init-shards.log" >&2; die "pgbench -i -I dt failed on shard $k"; }
+        psql_direct -c "COPY (SELECT * FROM pgbench_accounts WHERE $(slot_sql aid) BETWEEN $lo AND $hi) TO STDOUT" |
+            psql_shard "$k" -c 'COPY pgbench_accounts FROM STDIN'
+        if ((k == 0)); then
+            for t in pgbench_branches pgbench_tellers; do
+                psql_direct -c "COPY $t TO STDOUT" | psql_shard 0 -c "COPY $t FROM STDIN"
+            done
+            psql_shard 0 -c 'ALTER TABLE pgbench_branches ADD PRIMARY KEY (bid)' \
+                -c 'ALTER TABLE pgbench_tellers ADD PRIMARY KEY (tid)'
+        else
+            psql_shard "$k" -c 'DROP TABLE pgbench_branches, pgbench_tellers, pgbench_history'
+        fi
+        psql_shard "$k" -c 'ALTER TABLE pgbench_accounts ADD PRIMARY KEY (aid)'
+        # Probes: the lowest, the middle and the highest aid of the shard.
+        mapfile -t aids < <(psql_shard "$k" -c "SELECT min(aid) FROM pgbench_accounts
+            UNION ALL (SELECT aid FROM pgbench_accounts ORDER BY aid
+                OFFSET (SELECT count(*) / 2 FROM pgbench_accounts) LIMIT 1)
+            UNION ALL SELECT max(aid) FROM pgbench_accounts")
+        if ((${#aids[@]} != 3)) || [[ -z ${aids[0]} ]]; then
+            die "shard $k got no pgbench_accounts rows"
+        fi
+        SAMPLE_AIDS+=("${aids[@]}")
+    done
+    # Probes get a balance of their own (-aid; pgbench starts every one at 0),
+    # on the direct server and the shards alike, so that a keyed select that
+    # returns some other row shows.
+    aids=$(IFS=,; echo "${SAMPLE_AIDS[*]}")
+    psql_direct -c "UPDATE pgbench_accounts SET abalance = -aid WHERE aid IN ($aids)" \
+        -c 'VACUUM ANALYZE pgbench_accounts'
+    for ((k = 0; k < SHARDS; k++)); do
+        psql_shard "$k" -c "UPDATE pgbench_accounts SET abalance = -aid WHERE aid IN ($aids)"
+        if ((k == 0)); then
+            psql_shard 0 -c 'VACUUM ANALYZE pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history'
+        else
+            psql_shard "$k" -c 'VACUUM ANALYZE pgbench_accounts'
+        fi
+    done
+}
+
+# Checks on the servers themselves: every shard holds only rows of its own
+# slots, the shards together hold all 100000*SCALE rows, shard 0 has the
+# whole pgbench_branches/pgbench_tellers and the others none.
+verify_shards() {
+    local k lo hi n bad total=0 want=$((100000 * SCALE)) line
+    for ((k = 0; k < SHARDS; k++)); do
+        read -r lo hi < <(shard_range "$k")
+        IFS='|' read -r n bad < <(psql_shard "$k" -c "SELECT count(*),
+            count(*) FILTER (WHERE NOT ($(slot_sql aid) BETWEEN $lo AND $hi)) FROM pgbench_accounts")
+        ((bad == 0)) || die "shard $k holds $bad pgbench_accounts rows of other shards' slots"
+        total=$((total + n))
+        SHARD_ROWS+="${SHARD_ROWS:+, }shard $k: $n rows (slots $lo-$hi)"
+        if ((k == 0)); then
+            line=$(psql_shard 0 -c 'SELECT (SELECT count(*) FROM pgbench_branches) || $$ $$ ||
+                (SELECT count(*) FROM pgbench_tellers)')
+            [[ $line == "$SCALE $((10 * SCALE))" ]] ||
+                die "shard 0 has '$line' pgbench_branches/pgbench_tellers rows, want '$SCALE $((10 * SCALE))'"
+        else
+            line=$(psql_shard "$k" -c "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'pgbench%'")
+            [[ $line == 1 ]] || die "shard $k has $line pgbench tables, want pgbench_accounts only"
+        fi
+    done
+    ((total == want)) || die "the shards hold $total pgbench_accounts rows, want $want"
+    n=$(psql_direct -c 'SELECT count(*) FROM pgbench_accounts')
+    ((n == want)) || die "the direct server holds $n pgbench_accounts rows, want $want"
+    log "row placement verified: $SHARD_ROWS"
+}
+
+# The shard of every probe as shardgate's own code computes it (the default
+# map = what `shardgate shardmap init` writes) must be the shard that holds
+# it; checks the slot SQL and shard_range against the binary.
+crosscheck_slots() {
+    local k got
+    if ! "$SHARDGATE_BIN" shardmap init --shards "$SHARDS" --slots "$SLOTS" --out "$WORK/shardmap.toml" \
+        >"$WORK/shardmap.log" 2>&1; then
+        log "note: shardgate shardmap init failed, slot cross-check skipped: $(head -n1 "$WORK/shardmap.log")"
+        return 0
+    fi
+    for ((k = 0; k < ${#SAMPLE_AIDS[@]}; k++)); do
+        got=$("$SHARDGATE_BIN" shardmap slot "${SAMPLE_AIDS[$k]}" --type int4 --map "$WORK/shardmap.toml" 2>&1) || true
+        [[ $got == *" shard $((k / 3))" ]] ||
+            die "shardgate shardmap slot ${SAMPLE_AIDS[$k]} says '$got', but the row was placed on shard $((k / 3))"
+    done
+    log "slot cross-check: shardgate's shard map puts all ${#SAMPLE_AIDS[@]} probes on the shards that hold them"
+}
+
+# Keyed selects of the probes, printed one balance a line (pgbench's debug()
+# output): the same statement as pgbench -S, in protocol $2.
+probe_balances() { # port mode
+    local logf=$WORK/probe-$1-$2.log aid
+    for aid in "${SAMPLE_AIDS[@]}"; do
+        printf '\\set aid %s\nSELECT abalance FROM pgbench_accounts WHERE aid = :aid \\gset\n\\set b debug(:abalance)\n' "$aid"
+    done >"$WORK/probe.sql"
+    pgbench -n -t 1 -c 1 -M "$2" -h 127.0.0.1 -p "$1" -f "$WORK/probe.sql" app >"$logf" 2>&1 ||
+        { sed 's/^/    /' "$logf" >&2; return 1; }
+    sed -n 's/^debug(script=[0-9]*,command=[0-9]*): int \(-\{0,1\}[0-9]*\)$/\1/p' "$logf"
+}
+
+# Before timing: through shardgate, count(*) over all shards and the probes'
+# balances (simple and extended protocol) must equal the direct server's.
+check_sharded() {
+    local port=${TARGET_PORT[shardgate]:-} want=$((100000 * SCALE)) n expect got m aid
+    [[ -n $port ]] || return 0
+    log "correctness check through shardgate"
+    expect=$(probe_balances "$PG_PORT" extended) || die "probe script failed on the direct server"
+    [[ $expect == "$(for aid in "${SAMPLE_AIDS[@]}"; do echo "-$aid"; done)" ]] ||
+        die "probe script: unexpected balances on the direct server: $(echo "$expect" | tr '\n' ' ')"
+    n=$(psql -X -At -h 127.0.0.1 -p "$port" -c 'SELECT count(*) FROM pgbench_accounts' 2>&1) || true
+    [[ $n == "$want" ]] || SHARDED_CHECK="SELECT count(*) FROM pgbench_accounts returned '$n', want $want"
+    for m in simple extended; do
+        if ! got=$(probe_balances "$port" "$m"); then
+            got="keyed selects ($m protocol) failed (pgbench log above)"
+        elif [[ $got != "$expect" ]]; then
+            got="keyed selects ($m protocol) of aid ${SAMPLE_AIDS[*]} returned abalance $(echo "$got" | tr '\n' ' ')want $(echo "$expect" | tr '\n' ' ')"
+        else
+            continue
+        fi
+        SHARDED_CHECK+="${SHARDED_CHECK:+; }$got"
+    done
+    if [[ -n $SHARDED_CHECK ]]; then
+        SHARDED_CHECK="failed: $SHARDED_CHECK"
+        log "ERROR: shardgate correctness check $SHARDED_CHECK"
+        mark_down shardgate "correctness check $SHARDED_CHECK"
+        return 1
+    fi
+    SHARDED_CHECK="passed: count(*) = $want; keyed selects of ${#SAMPLE_AIDS[@]} aids (3 per shard), simple and extended protocol, match the direct server"
+    log "correctness check $SHARDED_CHECK"
+}
+
+# ---------------------------------------------------------------------------
 # scenarios: id -> title, pgbench arguments, targets
 
 SCEN_IDS=()
@@ -536,7 +775,19 @@ add_scenario() { # id title "pgbench args" ["targets"]
 }
 
 define_scenarios() {
-    local c
+    local c m
+    if ((SHARDS > 1)); then
+        # Keyed reads only: tpcb-like writes pgbench_accounts (sharded) and the
+        # shard-0 tables in one transaction, a cross-shard write.
+        for m in extended simple; do
+            for c in $CLIENTS; do
+                add_scenario "select-only-$m-c$c" \
+                    "select-only (-S), $m protocol, $c clients, $SHARDS shards" \
+                    "-S -M $m -c $c -j $THREADS"
+            done
+        done
+        return
+    fi
     for c in $CLIENTS; do
         add_scenario "select-only-c$c" "select-only (-S), extended protocol, $c clients" \
             "-S -M extended -c $c -j $THREADS"
@@ -706,11 +957,19 @@ run_memory() {
 
 report() {
     local s t tps med_direct med cpu failed ratio
-    echo "# shardgate benchmark: direct Postgres vs PgBouncer vs shardgate"
+    if ((SHARDS > 1)); then
+        echo "# shardgate benchmark, sharded: direct Postgres vs shardgate over $SHARDS shards"
+    else
+        echo "# shardgate benchmark: direct Postgres vs PgBouncer vs shardgate"
+    fi
     echo
     echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), host: $(nproc) CPUs, $(uname -r); load average at start: $LOAD_START, at end: $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "- Postgres $PG_VERSION ($CLUSTER_MODE, 127.0.0.1:$PG_PORT), $(pgbench --version)"
     echo "- PgBouncer: ${PGBOUNCER_VERSION:-not run}; shardgate: ${SHARDGATE_VERSION:-not run}"
+    if ((SHARDS > 1)); then
+        echo "- sharded: direct = one server with the full dataset; shardgate over $SHARDS shards (127.0.0.1:$((PG_PORT + 1))-$((PG_PORT + SHARDS)), one server each, no replicas), pgbench_accounts sharded by aid (integer), the other pgbench tables on shard 0; $SHARD_ROWS"
+        echo "- correctness check through shardgate: ${SHARDED_CHECK:-not run}"
+    fi
     echo "- rounds $ROUNDS × ${DURATION}s per run, scale $SCALE, pool size $POOL_SIZE (transaction pooling, SCRAM-SHA-256), pgbench -j $THREADS, ulimit -n $NOFILE"
     for t in "${ALL_TARGETS[@]}"; do
         [[ -n ${TARGET_NOTE[$t]:-} ]] && echo "- $t skipped: ${TARGET_NOTE[$t]}"
@@ -784,6 +1043,10 @@ start_postgres
 log "pgbench -i -s $SCALE on the direct server"
 run_waited pgbench -i -q -s "$SCALE" -h 127.0.0.1 -p "$PG_PORT" app >"$WORK/pgbench-init.log" 2>&1 ||
     { cat "$WORK/pgbench-init.log" >&2; die "pgbench -i failed"; }
+if ((SHARDS > 1)); then
+    load_shards
+    verify_shards
+fi
 
 if selected pgbouncer; then
     PGBOUNCER_VERSION=$("$PGBOUNCER" --version 2>&1 | head -n1)
@@ -792,7 +1055,9 @@ fi
 if selected shardgate; then
     if ensure_shardgate_bin; then
         SHARDGATE_VERSION="$SHARDGATE_BIN (git $(git_rev))${SHARDGATE_STALE:-}"
+        ((SHARDS > 1)) && crosscheck_slots
         start_target shardgate "$SHARDGATE_PORT" || log "shardgate skipped: ${TARGET_NOTE[shardgate]}"
+        ((SHARDS > 1)) && { check_sharded || true; }
     else
         log "shardgate skipped: ${TARGET_NOTE[shardgate]}"
     fi
