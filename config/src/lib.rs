@@ -187,6 +187,61 @@ pub struct Database {
     /// Overrides `general.pool_size` for this database.
     pub pool_size: Option<usize>,
     pub shards: Vec<Shard>,
+    /// Tables split across the shards by a key column. Every other table lives on the
+    /// default shard (shard 0), except reference tables.
+    #[serde(default)]
+    pub sharded_tables: Vec<ShardedTable>,
+    /// Tables with a full copy on every shard: read from any shard, written to all.
+    #[serde(default)]
+    pub reference_tables: Vec<String>,
+    /// Functions (besides nextval, setval, advisory locks, ...) whose calls make a
+    /// statement a write that must run on the primary.
+    #[serde(default)]
+    pub write_functions: Vec<String>,
+    /// The shard map file (slot ranges per shard; `shardgate shardmap init` writes one),
+    /// relative to this config file. Without one, the slots are spread over the shards in
+    /// order, evenly.
+    pub shard_map: Option<PathBuf>,
+    /// Number of slots when there is no shard map file (a power of two).
+    #[serde(default = "default_slots")]
+    pub slots: u32,
+    /// Writes that touch several shards in one transaction commit with two-phase commit
+    /// (the shards need `max_prepared_transactions > 0`). Off: such writes are refused
+    /// before anything is written.
+    #[serde(default)]
+    pub two_phase_commit: bool,
+}
+
+fn default_slots() -> u32 {
+    4096
+}
+
+/// A table split across shards by the hash of one column.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTable {
+    /// Table name, optionally schema-qualified (`users`, `public.users`).
+    pub name: String,
+    /// The shard key column.
+    pub column: String,
+    /// The key column's type.
+    #[serde(rename = "type")]
+    pub key_type: KeyColumnType,
+}
+
+/// Shard key column types (hashing follows Postgres's hash partitioning for each).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyColumnType {
+    #[serde(alias = "int2")]
+    Smallint,
+    #[serde(alias = "int4", alias = "int")]
+    Integer,
+    #[serde(alias = "int8")]
+    Bigint,
+    Text,
+    Varchar,
+    Uuid,
 }
 
 impl Database {
@@ -342,6 +397,34 @@ impl Config {
                     "pool_size",
                     format!("database \"{}\": pool_size must be at least 1", db.name),
                 ));
+            }
+            if !db.slots.is_power_of_two() || db.slots > 1 << 20 {
+                return Err(invalid(
+                    "slots",
+                    format!(
+                        "database \"{}\": slots must be a power of two up to 1048576, not {}",
+                        db.name, db.slots
+                    ),
+                ));
+            }
+            for (j, t) in db.sharded_tables.iter().enumerate() {
+                let name = t.name.to_ascii_lowercase();
+                if db.sharded_tables[..j]
+                    .iter()
+                    .any(|u| u.name.eq_ignore_ascii_case(&name))
+                    || db
+                        .reference_tables
+                        .iter()
+                        .any(|r| r.eq_ignore_ascii_case(&name))
+                {
+                    return Err(invalid(
+                        &format!("\"{}\"", t.name),
+                        format!(
+                            "database \"{}\": table \"{}\" is listed twice",
+                            db.name, t.name
+                        ),
+                    ));
+                }
             }
             for shard in &db.shards {
                 if shard.hosts.is_empty() {

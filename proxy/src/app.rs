@@ -257,6 +257,12 @@ impl App {
                     .collect()
             });
             let size = db.pool_size.unwrap_or(g.pool_size);
+            let config_dir = process
+                .config_path
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default();
+            let routing = crate::routing::Routing::build(db, &config_dir)?.map(Arc::new);
             for user in &config.users {
                 let name = format!("{}/{}", db.name, user.name);
                 let login = (
@@ -314,6 +320,7 @@ impl App {
                     user.name.clone(),
                     shards,
                     route.clone(),
+                    routing.clone(),
                 );
                 pools.insert(key, Arc::new(up));
             }

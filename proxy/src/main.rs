@@ -5,10 +5,12 @@ mod app;
 mod auth;
 mod cancel;
 mod health;
+mod merging;
 mod metrics;
 mod pool;
 mod protocol;
 mod roles;
+mod routing;
 mod server;
 mod session;
 mod settings;
@@ -17,6 +19,7 @@ mod startup;
 mod stream;
 mod tls;
 mod topology;
+mod twophase;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -148,6 +151,7 @@ async fn serve(config: Config, path: PathBuf) -> Result<(), String> {
     let app = process.start(config)?;
     let dbs: Vec<String> = app.topologies.keys().cloned().collect();
     start_health_checks(&app, &dbs).await;
+    twophase::spawn_recovery(app.clone());
     spawn_reload_on_sighup(process.clone());
     if let (Some(addr), Some(handle)) = (app.config.general.metrics_listen, metrics_handle) {
         let shards = app.topologies.values().flatten().cloned().collect();

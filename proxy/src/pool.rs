@@ -313,6 +313,8 @@ pub struct UserPools {
     pub user: String,
     pub shards: Vec<ShardPools>,
     pub route: Arc<RouteOptions>,
+    /// How statements find their shards; `None` for an unsharded single-shard database.
+    pub routing: Option<Arc<crate::routing::Routing>>,
     /// The latest login's settings and reported parameters: clients with equal ones share
     /// one allocation, which keeps an idle client small.
     interned: Mutex<Interned>,
@@ -337,6 +339,7 @@ impl UserPools {
         user: String,
         shards: Vec<ShardPools>,
         route: Arc<RouteOptions>,
+        routing: Option<Arc<crate::routing::Routing>>,
     ) -> UserPools {
         UserPools {
             label: Arc::from(name.as_str()),
@@ -346,6 +349,7 @@ impl UserPools {
             user,
             shards,
             route,
+            routing,
             interned: Mutex::new(Interned::default()),
             known_statements: Mutex::new(Default::default()),
         }

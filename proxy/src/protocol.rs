@@ -75,6 +75,11 @@ impl<'a> Reader<'a> {
         self.pos += 4;
         Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
+    pub fn i16(&mut self) -> Option<i16> {
+        let b = self.buf.get(self.pos..self.pos + 2)?;
+        self.pos += 2;
+        Some(i16::from_be_bytes([b[0], b[1]]))
+    }
     pub fn u8(&mut self) -> Option<u8> {
         let b = *self.buf.get(self.pos)?;
         self.pos += 1;

@@ -152,7 +152,7 @@ impl ServerConn {
         }
     }
 
-    async fn send(&mut self, buf: &[u8]) -> Result<(), ServerError> {
+    pub async fn send(&mut self, buf: &[u8]) -> Result<(), ServerError> {
         self.stream.write_all(buf).await.map_err(|e| self.io_err(e))
     }
 

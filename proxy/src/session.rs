@@ -15,16 +15,19 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use shardgate_router::{classify, Pins, SessionEffects};
+use shardgate_router::{classify, Pins, Plan, Role, SessionEffects};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::App;
 use crate::cancel::{CancelSlot, CancelTarget};
 use crate::pool::{Checkout, PoolError, UserPools, Want};
 use crate::protocol::{self, body, frame_len, sqlstate, Reader};
+use crate::routing::Routing;
 use crate::server::MAX_SERVER_MESSAGE;
 use crate::settings::Settings;
 use crate::stream::ClientStream;
+
+mod multi;
 
 /// A statement prepared by the client, known by a proxy-global name on servers.
 struct Stmt {
@@ -36,22 +39,36 @@ struct Stmt {
     effects: Option<Arc<SessionEffects>>,
     /// Must run on the primary (a write, or a read that locks).
     primary: bool,
+    /// Where it runs, in a sharded database.
+    plan: Option<Arc<Plan>>,
 }
 
 impl Stmt {
-    fn new(tail: Bytes, hash: u64) -> Stmt {
+    fn new(tail: Bytes, hash: u64, routing: Option<&Routing>) -> Stmt {
         let text = Reader::new(&tail).cstr().unwrap_or_default();
         let text = std::str::from_utf8(text).ok();
         let effects = text.map(classify).filter(|fx| !fx.is_empty()).map(Arc::new);
-        let primary = text.is_none_or(crate::roles::needs_primary)
-            || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
+        let plan = match (routing, text) {
+            (Some(r), Some(t)) => Some(r.plan(t)),
+            _ => None,
+        };
+        let primary = match &plan {
+            Some(p) => p.role == Role::Primary,
+            None => text.is_none_or(crate::roles::needs_primary),
+        } || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
         Stmt {
             tail,
             hash,
             name: global_name(hash),
             effects,
             primary,
+            plan,
         }
+    }
+
+    fn text(&self) -> &str {
+        let t = Reader::new(&self.tail).cstr().unwrap_or_default();
+        std::str::from_utf8(t).unwrap_or_default()
     }
 }
 
@@ -83,7 +100,7 @@ const RECENT_UNNAMED: usize = 16;
 impl Prepared {
     /// The statement for an unnamed Parse: a recent one with the same text and types, or
     /// a new one (remembered, evicting the oldest).
-    fn unnamed_stmt(&mut self, tail: &[u8], hash: u64) -> Arc<Stmt> {
+    fn unnamed_stmt(&mut self, tail: &[u8], hash: u64, routing: Option<&Routing>) -> Arc<Stmt> {
         if let Some(i) = self
             .recent
             .iter()
@@ -91,7 +108,7 @@ impl Prepared {
         {
             return self.recent[i].clone();
         }
-        let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
+        let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash, routing));
         if self.recent.len() >= RECENT_UNNAMED {
             self.recent.remove(0);
         }
@@ -162,6 +179,7 @@ impl Expect {
 /// The server connection a client holds, and the exchange in progress on it.
 struct Attached {
     server: Checkout,
+    shard: u32,
     /// Extended-protocol messages sent since the last Sync: the server is mid-exchange.
     unsynced: bool,
     /// Transaction status from the last ReadyForQuery.
@@ -258,9 +276,13 @@ pub struct Session {
     skip_until_sync: bool,
     /// Boxed: an idle client holds no connection, and every idle byte counts.
     attached: Option<Box<Attached>>,
-    /// WAL position of this client's last committed write: replicas serve its reads only
-    /// once they have replayed it.
+    /// WAL position of this client's last committed write: replicas of that shard serve
+    /// its reads only once they have replayed it.
     last_write_lsn: u64,
+    last_write_shard: u32,
+    /// Sharded databases: a transaction block not yet sent anywhere, or one spanning
+    /// several shards.
+    shard_tx: Option<Box<multi::ShardTx>>,
 }
 
 impl Session {
@@ -287,6 +309,8 @@ impl Session {
             skip_until_sync: false,
             attached: None,
             last_write_lsn: 0,
+            last_write_shard: 0,
+            shard_tx: None,
         }
     }
 
@@ -471,6 +495,20 @@ impl Session {
                 if !io.held.is_empty() {
                     self.route_held(io).await?;
                 }
+                let mut shard = 0;
+                let mut routed_primary = false;
+                if let (b'Q', Some(routing)) = (msg[0], self.pools.routing.clone()) {
+                    match self.route_sharded_query(&routing, &msg, io).await? {
+                        multi::Routed::Done => {
+                            self.emit_replies(io);
+                            return Ok(());
+                        }
+                        multi::Routed::Shard { shard: s, primary } => {
+                            shard = s;
+                            routed_primary = primary;
+                        }
+                    }
+                }
                 let (effects, primary) = if msg[0] == b'Q' {
                     let text = Reader::new(body(&msg)).cstr().unwrap_or_default();
                     match std::str::from_utf8(text) {
@@ -484,12 +522,17 @@ impl Session {
                 } else {
                     (None, true)
                 };
-                if self.attached.is_none() {
-                    let want = self.want(primary);
-                    if !self.attach(io, want).await {
-                        protocol::ready_for_query(&mut io.cout, b'I');
-                        return Ok(());
-                    }
+                let primary = primary || routed_primary;
+                if self.attached.is_none() && !self.attach(io, primary, shard).await {
+                    let status = match self.shard_tx.as_mut() {
+                        Some(t) if t.begin.is_some() => {
+                            t.failed = true;
+                            b'E'
+                        }
+                        _ => b'I',
+                    };
+                    protocol::ready_for_query(&mut io.cout, status);
+                    return Ok(());
                 }
                 self.app.metrics.queries.increment(1);
                 self.pools
@@ -509,7 +552,9 @@ impl Session {
                 });
             }
             b'P' | b'B' | b'D' | b'E' | b'C' => {
-                if self.attached.is_some() && io.held.is_empty() {
+                // Sharded databases hold the batch until Sync: its Bind values may send it
+                // to another shard.
+                if self.attached.is_some() && io.held.is_empty() && self.pools.routing.is_none() {
                     self.extended(msg, io);
                 } else {
                     io.held.push(msg);
@@ -551,16 +596,30 @@ impl Session {
     /// Sends the held extended-protocol messages (ending in Sync or Flush) to a server, or
     /// answers them here when no server is needed.
     async fn route_held(&mut self, io: &mut Buffers) -> Result<(), Flow> {
+        let routing = self.pools.routing.clone();
         if self.attached.is_none() {
             let local = self.skip_until_sync || io.held.iter().all(|m| self.answerable_locally(m));
-            if local {
+            if local && !self.shard_tx.as_ref().is_some_and(|t| !t.parts.is_empty()) {
                 for m in std::mem::take(&mut io.held) {
                     self.extended_local(&m, io);
                 }
                 return Ok(());
             }
-            let want = self.want(self.held_needs_primary(io));
-            if !self.attach(io, want).await {
+        }
+        let (primary, shard) = match &routing {
+            Some(routing) => match self.route_sharded_batch(routing, io).await? {
+                multi::Routed::Done => return Ok(()),
+                multi::Routed::Shard { shard, primary } => (primary, shard),
+            },
+            None => (false, 0),
+        };
+        if self.attached.is_none() {
+            let primary = if routing.is_some() {
+                primary
+            } else {
+                self.held_needs_primary(io)
+            };
+            if !self.attach(io, primary, shard).await {
                 let ends_with_sync = io.held.last().is_some_and(|m| m[0] == b'S');
                 io.held.clear();
                 if ends_with_sync {
@@ -579,10 +638,10 @@ impl Session {
 
     /// Primary for writes (and everything in session pooling), else a replica that has
     /// replayed this client's last write.
-    fn want(&self, primary: bool) -> Want {
+    fn want(&self, primary: bool, shard: u32) -> Want {
         if primary || self.app.session_pooling() {
             Want::Primary
-        } else if self.app.config.general.read_your_writes {
+        } else if self.app.config.general.read_your_writes && shard == self.last_write_shard {
             Want::Replica {
                 min_lsn: self.last_write_lsn,
             }
@@ -661,7 +720,8 @@ impl Session {
         match msg[0] {
             b'S' => {
                 self.skip_until_sync = false;
-                protocol::ready_for_query(&mut io.cout, b'I');
+                let status = self.multi_status();
+                protocol::ready_for_query(&mut io.cout, status);
             }
             _ if self.skip_until_sync => {}
             b'C' => {
@@ -681,7 +741,11 @@ impl Session {
                 }
                 let tail = &body(msg)[r.position()..];
                 let hash = self.app.process.statement_hasher.hash_one(tail);
-                let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
+                let stmt = Arc::new(Stmt::new(
+                    Bytes::copy_from_slice(tail),
+                    hash,
+                    self.pools.routing.as_deref(),
+                ));
                 p.named.insert(Bytes::copy_from_slice(name), stmt);
                 protocol::empty_msg(&mut io.cout, b'1');
             }
@@ -717,7 +781,11 @@ impl Session {
                 if name.is_empty() {
                     let hash = self.app.process.statement_hasher.hash_one(&msg[tail_at..]);
                     if p.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
-                        p.unnamed = Some(p.unnamed_stmt(&msg[tail_at..], hash));
+                        p.unnamed = Some(p.unnamed_stmt(
+                            &msg[tail_at..],
+                            hash,
+                            self.pools.routing.as_deref(),
+                        ));
                     }
                     a.server.conn.unnamed = Some(hash);
                     io.sout.extend_from_slice(&msg);
@@ -737,7 +805,11 @@ impl Session {
                 }
                 let tail = &msg[tail_at..];
                 let hash = self.app.process.statement_hasher.hash_one(tail);
-                let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash));
+                let stmt = Arc::new(Stmt::new(
+                    Bytes::copy_from_slice(tail),
+                    hash,
+                    self.pools.routing.as_deref(),
+                ));
                 let client_name = Bytes::copy_from_slice(name);
                 p.named.insert(client_name.clone(), stmt.clone());
                 if a.server.conn.prepared.contains(hash) {
@@ -986,7 +1058,7 @@ impl Session {
                 if status == b'I' {
                     if a.wrote
                         && self.app.config.general.read_your_writes
-                        && self.pools.shards[0].topology.hosts.len() > 1
+                        && self.pools.shards[a.shard as usize].topology.hosts.len() > 1
                     {
                         // The commit is acknowledged (the ReadyForQuery goes out with this
                         // burst); learning its WAL position costs the client no wait.
@@ -994,6 +1066,8 @@ impl Session {
                         protocol::query(&mut io.sout, "SELECT pg_current_wal_lsn()");
                         io.expects.push_back(Expect::WriteLsn);
                     }
+                    // A transaction block that started here is over.
+                    self.shard_tx = None;
                     self.end_transaction();
                 }
                 io.cout.extend_from_slice(msg);
@@ -1008,6 +1082,10 @@ impl Session {
                     _ => None,
                 };
                 if let Some(lsn) = lsn {
+                    if self.last_write_shard != a.shard {
+                        self.last_write_shard = a.shard;
+                        self.last_write_lsn = 0;
+                    }
                     self.last_write_lsn = self.last_write_lsn.max(lsn);
                 }
             }
@@ -1132,10 +1210,15 @@ impl Session {
     // ---- holding and giving back a server connection -----------------------------------
 
     /// Takes a server connection for the client; on failure the client has an ErrorResponse.
-    async fn attach(&mut self, io: &mut Buffers, want: Want) -> bool {
+    async fn attach(&mut self, io: &mut Buffers, primary: bool, shard: u32) -> bool {
         self.follow_reload();
         self.app.process.wait_unpaused(&self.pools.database).await;
-        let mut server = match self.pools.checkout(0, want, &self.settings).await {
+        let want = self.want(primary, shard);
+        let mut server = match self
+            .pools
+            .checkout(shard as usize, want, &self.settings)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let (code, message) = match &e {
@@ -1174,8 +1257,17 @@ impl Session {
             }
             server.conn.settings = Some(self.settings.clone());
         }
+        if let Some(begin) = self.shard_tx.as_ref().and_then(|t| t.begin.as_deref()) {
+            // The client's BEGIN, answered when it came, starts the transaction here.
+            protocol::query(&mut io.sout, begin);
+            io.expects.push_back(Expect::Query {
+                hidden: true,
+                effects: None,
+            });
+        }
         self.attached = Some(Box::new(Attached {
             server,
+            shard,
             unsynced: false,
             status: b'I',
             tx_failed: false,

@@ -1,0 +1,530 @@
+//! Where a sharded database's statements go: the router's plan (cached per text) resolved
+//! against the shard map with this execution's key values.
+//!
+//! One `Routing` per database with more than one shard or with sharded tables; a database
+//! with neither never builds one and its sessions skip all of this.
+
+use std::sync::{Arc, Mutex};
+
+use shardgate_config::{Database, KeyColumnType};
+use shardgate_router::{
+    Catalog, KeyExpr, KeyType as RouterKeyType, KeyValue as RouterKey, Plan, PlanCache, Refusal,
+    SimplePlan, Target,
+};
+use shardgate_shardmap::{KeyType, KeyValue, ShardMap, ShardSpec};
+
+use crate::protocol::Reader;
+
+pub struct Routing {
+    pub catalog: Catalog,
+    pub map: Arc<ShardMap>,
+    pub two_phase_commit: bool,
+    cache: Mutex<PlanCache>,
+}
+
+/// Plans kept per database (texts and shapes).
+const PLAN_CACHE_ENTRIES: usize = 10_000;
+
+impl Routing {
+    /// `None` for a database that needs no routing (one shard, nothing sharded).
+    pub fn build(db: &Database, config_dir: &std::path::Path) -> Result<Option<Routing>, String> {
+        if db.shards.len() < 2 && db.sharded_tables.is_empty() {
+            return Ok(None);
+        }
+        let mut catalog = Catalog::new();
+        for t in &db.sharded_tables {
+            let ty = match t.key_type {
+                KeyColumnType::Smallint | KeyColumnType::Integer | KeyColumnType::Bigint => {
+                    RouterKeyType::Int
+                }
+                KeyColumnType::Text | KeyColumnType::Varchar => RouterKeyType::Text,
+                KeyColumnType::Uuid => RouterKeyType::Uuid,
+            };
+            catalog = catalog.with_sharded(&t.name, &t.column, ty);
+        }
+        for t in &db.reference_tables {
+            catalog = catalog.with_reference(t);
+        }
+        for f in &db.write_functions {
+            catalog = catalog.with_write_function(f);
+        }
+        let map = match &db.shard_map {
+            Some(path) => {
+                let path = config_dir.join(path);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                ShardMap::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
+            }
+            None => {
+                let specs = vec![ShardSpec::default(); db.shards.len()];
+                ShardMap::initial_contiguous(&specs, db.slots)
+                    .map_err(|e| format!("database \"{}\": {e}", db.name))?
+            }
+        };
+        if map.shards() as usize != db.shards.len() {
+            return Err(format!(
+                "database \"{}\": the shard map has {} shards but the config lists {}",
+                db.name,
+                map.shards(),
+                db.shards.len()
+            ));
+        }
+        Ok(Some(Routing {
+            catalog,
+            map: Arc::new(map),
+            two_phase_commit: db.two_phase_commit,
+            cache: Mutex::new(PlanCache::new(PLAN_CACHE_ENTRIES)),
+        }))
+    }
+
+    pub fn shards(&self) -> usize {
+        self.map.shards() as usize
+    }
+
+    /// The plan of an exact text (extended protocol).
+    pub fn plan(&self, sql: &str) -> Arc<Plan> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.plan(sql, &self.catalog)
+    }
+
+    /// The plan of a simple-protocol text, with its constants.
+    pub fn plan_simple(&self, sql: &str) -> SimplePlan {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.plan_simple(sql, &self.catalog)
+    }
+
+    fn shard_of(&self, key: &RouterKey) -> u32 {
+        let k = match key {
+            RouterKey::Int(i) => KeyValue::Int(*i),
+            RouterKey::Text(s) => KeyValue::Text(s.as_bytes().to_vec()),
+            RouterKey::Uuid(u) => KeyValue::Uuid(*u),
+        };
+        self.map.shard_of_key(&k)
+    }
+
+    /// The shards a simple-protocol statement runs on (sorted, distinct).
+    pub fn shards_simple(&self, sp: &SimplePlan, sql: &str) -> Result<Shards, Refusal> {
+        self.resolve(&sp.plan, |k, ty| {
+            sp.key_value(sql, k, ty).map(|v| vec![self.shard_of(&v)])
+        })
+    }
+
+    /// The shards an extended-protocol execution runs on, given its Bind.
+    pub fn shards_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> Result<Shards, Refusal> {
+        self.resolve(plan, |k, ty| match k {
+            KeyExpr::Literal(v) => Some(vec![self.shard_of(v)]),
+            KeyExpr::Param(n) => Some(match bind.key(*n, ty) {
+                Some(v) => vec![self.map.shard_of_key(&v)],
+                // NULL or undecodable: matches no row; any one shard answers right.
+                None => vec![0],
+            }),
+            KeyExpr::ParamArray(n) => bind
+                .key_array(*n, ty)
+                .map(|keys| keys.iter().map(|v| self.map.shard_of_key(v)).collect()),
+        })
+    }
+
+    fn resolve(
+        &self,
+        plan: &Plan,
+        key_shards: impl Fn(&KeyExpr, RouterKeyType) -> Option<Vec<u32>>,
+    ) -> Result<Shards, Refusal> {
+        if let Some(r) = &plan.refusal {
+            return Err(r.clone());
+        }
+        let n = self.shards() as u32;
+        let shards = match &plan.target {
+            Target::Default => Shards::One(0),
+            Target::Any => Shards::Any,
+            Target::Shard(s) if *s < n => Shards::One(*s),
+            Target::Shard(s) => {
+                return Err(Refusal {
+                    sqlstate: "22023",
+                    message: format!("shard {s} does not exist (shards are 0 to {})", n - 1),
+                })
+            }
+            Target::All | Target::Each | Target::SplitCopy { .. } => Shards::All,
+            Target::Keys { key_type, keys }
+            | Target::SplitInsert {
+                key_type,
+                rows: keys,
+            } => {
+                let mut set: Vec<u32> = Vec::with_capacity(keys.len());
+                for k in keys {
+                    match key_shards(k, *key_type) {
+                        Some(s) => set.extend(s),
+                        None => {
+                            set = (0..n).collect();
+                            break;
+                        }
+                    }
+                }
+                set.sort_unstable();
+                set.dedup();
+                match set.as_slice() {
+                    [] => Shards::One(0),
+                    [one] => Shards::One(*one),
+                    _ if set.len() == n as usize => Shards::All,
+                    _ => Shards::Some(set),
+                }
+            }
+        };
+        if let (Some(r), false) = (&plan.multi_shard_refusal, shards.is_single()) {
+            return Err(r.clone());
+        }
+        Ok(shards)
+    }
+
+    /// The shard of each VALUES row of a split INSERT, in order.
+    pub fn row_shards_simple(&self, sp: &SimplePlan, sql: &str) -> Option<Vec<u32>> {
+        let vals = sp.key_values(sql)?;
+        Some(vals.iter().map(|v| self.shard_of(v)).collect())
+    }
+
+    pub fn row_shards_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> Option<Vec<u32>> {
+        let Target::SplitInsert { key_type, rows } = &plan.target else {
+            return None;
+        };
+        rows.iter()
+            .map(|k| match k {
+                KeyExpr::Literal(v) => Some(self.shard_of(v)),
+                KeyExpr::Param(n) => bind.key(*n, *key_type).map(|v| self.map.shard_of_key(&v)),
+                KeyExpr::ParamArray(_) => None,
+            })
+            .collect()
+    }
+
+    /// The shard of one COPY data field.
+    pub fn shard_of_text(&self, ty: RouterKeyType, field: &[u8]) -> Option<u32> {
+        let ty = match ty {
+            RouterKeyType::Int => KeyType::Int8,
+            RouterKeyType::Text => KeyType::Text,
+            RouterKeyType::Uuid => KeyType::Uuid,
+        };
+        KeyValue::from_text(ty, field)
+            .ok()
+            .map(|v| self.map.shard_of_key(&v))
+    }
+}
+
+/// The shards a statement runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shards {
+    One(u32),
+    /// Any one shard (reference tables only).
+    Any,
+    /// These shards (sorted, distinct, more than one, not all).
+    Some(Vec<u32>),
+    All,
+}
+
+impl Shards {
+    pub fn is_single(&self) -> bool {
+        matches!(self, Shards::One(_) | Shards::Any)
+    }
+
+    pub fn list(&self, n: usize) -> Vec<u32> {
+        match self {
+            Shards::One(s) => vec![*s],
+            Shards::Any => vec![0],
+            Shards::Some(v) => v.clone(),
+            Shards::All => (0..n as u32).collect(),
+        }
+    }
+}
+
+/// The parameter values of a Bind, with the statement's declared parameter types.
+pub struct BindValues<'a> {
+    formats: Vec<i16>,
+    values: Vec<Option<&'a [u8]>>,
+    types: Vec<u32>,
+    /// The result-format section of the Bind, as sent.
+    result_formats: &'a [u8],
+}
+
+impl<'a> BindValues<'a> {
+    /// From a Bind body after the portal and statement names (`rest`), and the statement's
+    /// Parse tail (query text, parameter count, types).
+    pub fn parse(rest: &'a [u8], parse_tail: &[u8]) -> Option<BindValues<'a>> {
+        let mut r = Reader::new(rest);
+        let nf = r.i16()?;
+        let mut formats = Vec::with_capacity(nf.max(0) as usize);
+        for _ in 0..nf {
+            formats.push(r.i16()?);
+        }
+        let np = r.i16()?;
+        let mut values = Vec::with_capacity(np.max(0) as usize);
+        for _ in 0..np {
+            let len = r.i32()?;
+            values.push(if len < 0 {
+                None
+            } else {
+                Some(r.bytes(len as usize)?)
+            });
+        }
+        let result_formats = r.rest();
+        let mut t = Reader::new(parse_tail);
+        t.cstr()?;
+        let nt = t.i16().unwrap_or(0);
+        let mut types = Vec::with_capacity(nt.max(0) as usize);
+        for _ in 0..nt {
+            types.push(t.i32()? as u32);
+        }
+        Some(BindValues {
+            formats,
+            values,
+            types,
+            result_formats,
+        })
+    }
+
+    /// Number of parameter values.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// Writes a Bind of the unnamed portal to the unnamed statement with these values, or
+    /// with the values numbered in `order` (1-based), in that order.
+    pub fn write_bind(&self, out: &mut bytes::BytesMut, order: Option<&[usize]>) {
+        use bytes::BufMut;
+        crate::protocol::write_msg(out, b'B', |o| {
+            o.put_u8(0);
+            o.put_u8(0);
+            let picked: Vec<usize> = match order {
+                Some(order) => order.iter().map(|n| n.saturating_sub(1)).collect(),
+                None => (0..self.values.len()).collect(),
+            };
+            if self.formats.len() <= 1 {
+                o.put_i16(self.formats.len() as i16);
+                o.put_slice(
+                    &self
+                        .formats
+                        .iter()
+                        .flat_map(|f| f.to_be_bytes())
+                        .collect::<Vec<u8>>(),
+                );
+            } else {
+                o.put_i16(picked.len() as i16);
+                for i in &picked {
+                    o.put_i16(self.formats.get(*i).copied().unwrap_or(0));
+                }
+            }
+            o.put_i16(picked.len() as i16);
+            for i in &picked {
+                match self.values.get(*i).copied().flatten() {
+                    Some(v) => {
+                        o.put_i32(v.len() as i32);
+                        o.put_slice(v);
+                    }
+                    None => o.put_i32(-1),
+                }
+            }
+            o.put_slice(self.result_formats);
+        });
+    }
+
+    fn raw(&self, n: usize) -> Option<(i16, u32, &'a [u8])> {
+        let i = n.checked_sub(1)?;
+        let value = (*self.values.get(i)?)?;
+        let format = match self.formats.len() {
+            0 => 0,
+            1 => self.formats[0],
+            _ => *self.formats.get(i)?,
+        };
+        Some((format, self.types.get(i).copied().unwrap_or(0), value))
+    }
+
+    /// The n-th (1-based) value as a key of type `ty`; `None` for NULL or a value that does
+    /// not decode (the server then fails or matches nothing).
+    pub fn key(&self, n: usize, ty: RouterKeyType) -> Option<KeyValue> {
+        let (format, oid, value) = self.raw(n)?;
+        decode_key(format, oid, value, ty)
+    }
+
+    /// The n-th value as an array of keys (`key = ANY($n)`); `None` when it does not decode.
+    pub fn key_array(&self, n: usize, ty: RouterKeyType) -> Option<Vec<KeyValue>> {
+        let (format, _oid, value) = self.raw(n)?;
+        if format == 0 {
+            parse_text_array(value, ty)
+        } else {
+            parse_binary_array(value, ty)
+        }
+    }
+
+    /// All values as text for merge parameters (LIMIT $n, HAVING ... $n); binary integers
+    /// are rendered as text.
+    pub fn text(&self, n: usize) -> Option<Vec<u8>> {
+        let (format, oid, value) = self.raw(n)?;
+        if format == 0 {
+            return Some(value.to_vec());
+        }
+        match (oid, value.len()) {
+            (20 | 0, 8) => Some(
+                i64::from_be_bytes(value.try_into().ok()?)
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (23 | 0, 4) => Some(
+                i32::from_be_bytes(value.try_into().ok()?)
+                    .to_string()
+                    .into_bytes(),
+            ),
+            (21 | 0, 2) => Some(
+                i16::from_be_bytes(value.try_into().ok()?)
+                    .to_string()
+                    .into_bytes(),
+            ),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self, n: usize) -> bool {
+        n.checked_sub(1)
+            .and_then(|i| self.values.get(i))
+            .is_some_and(|v| v.is_none())
+    }
+}
+
+fn key_type_for(ty: RouterKeyType, width: usize) -> KeyType {
+    match ty {
+        RouterKeyType::Int => match width {
+            2 => KeyType::Int2,
+            4 => KeyType::Int4,
+            _ => KeyType::Int8,
+        },
+        RouterKeyType::Text => KeyType::Text,
+        RouterKeyType::Uuid => KeyType::Uuid,
+    }
+}
+
+fn decode_key(format: i16, oid: u32, value: &[u8], ty: RouterKeyType) -> Option<KeyValue> {
+    if format == 0 {
+        KeyValue::from_text(key_type_for(ty, 8), value).ok()
+    } else {
+        // An unspecified parameter type takes the key column's; its width tells which int.
+        let kt = key_type_for(ty, value.len());
+        KeyValue::from_binary(kt, oid, value).ok()
+    }
+}
+
+/// `{1,2,3}` or `{"a","b"}` (no nesting); NULL elements are skipped.
+fn parse_text_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> {
+    let s = value.strip_prefix(b"{")?.strip_suffix(b"}")?;
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < s.len() {
+        let (elem, quoted): (Vec<u8>, bool) = if s[i] == b'"' {
+            let mut e = Vec::new();
+            i += 1;
+            loop {
+                match s.get(i)? {
+                    b'\\' => {
+                        e.push(*s.get(i + 1)?);
+                        i += 2;
+                    }
+                    b'"' => {
+                        i += 1;
+                        break;
+                    }
+                    c => {
+                        e.push(*c);
+                        i += 1;
+                    }
+                }
+            }
+            (e, true)
+        } else {
+            let start = i;
+            while i < s.len() && s[i] != b',' {
+                i += 1;
+            }
+            (s[start..i].trim_ascii().to_vec(), false)
+        };
+        if s.get(i) == Some(&b',') {
+            i += 1;
+        }
+        if !quoted && elem.eq_ignore_ascii_case(b"null") {
+            continue;
+        }
+        out.push(KeyValue::from_text(key_type_for(ty, 8), &elem).ok()?);
+    }
+    Some(out)
+}
+
+/// A one-dimensional binary array.
+fn parse_binary_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> {
+    let mut r = Reader::new(value);
+    let ndim = r.i32()?;
+    let _has_nulls = r.i32()?;
+    let elem_oid = r.i32()? as u32;
+    if ndim == 0 {
+        return Some(Vec::new());
+    }
+    if ndim != 1 {
+        return None;
+    }
+    let n = r.i32()?;
+    let _lower = r.i32()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = r.i32()?;
+        if len < 0 {
+            continue;
+        }
+        let b = r.bytes(len as usize)?;
+        out.push(KeyValue::from_binary(key_type_for(ty, b.len()), elem_oid, b).ok()?);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_arrays() {
+        let v = parse_text_array(b"{1, 2,NULL,3}", RouterKeyType::Int).expect("parses");
+        assert_eq!(
+            v,
+            vec![KeyValue::Int(1), KeyValue::Int(2), KeyValue::Int(3)]
+        );
+        let v = parse_text_array(br#"{"a,b",c,"NULL"}"#, RouterKeyType::Text).expect("parses");
+        assert_eq!(
+            v,
+            vec![
+                KeyValue::text("a,b"),
+                KeyValue::text("c"),
+                KeyValue::text("NULL")
+            ]
+        );
+        assert!(parse_text_array(b"{1,x}", RouterKeyType::Int).is_none());
+        assert_eq!(parse_text_array(b"{}", RouterKeyType::Int), Some(vec![]));
+    }
+
+    #[test]
+    fn bind_values_decode_text_and_binary() {
+        // formats: 1 code (binary); 2 params: int8 7, NULL; types from Parse: int8, int8.
+        let mut rest = Vec::new();
+        rest.extend_from_slice(&1i16.to_be_bytes());
+        rest.extend_from_slice(&1i16.to_be_bytes());
+        rest.extend_from_slice(&2i16.to_be_bytes());
+        rest.extend_from_slice(&8i32.to_be_bytes());
+        rest.extend_from_slice(&7i64.to_be_bytes());
+        rest.extend_from_slice(&(-1i32).to_be_bytes());
+        rest.extend_from_slice(&0i16.to_be_bytes());
+        let mut tail = b"select $1, $2\0".to_vec();
+        tail.extend_from_slice(&2i16.to_be_bytes());
+        tail.extend_from_slice(&20i32.to_be_bytes());
+        tail.extend_from_slice(&20i32.to_be_bytes());
+        let b = BindValues::parse(&rest, &tail).expect("parses");
+        assert_eq!(b.key(1, RouterKeyType::Int), Some(KeyValue::Int(7)));
+        assert_eq!(b.key(2, RouterKeyType::Int), None);
+        assert!(b.is_null(2));
+        assert_eq!(b.text(1), Some(b"7".to_vec()));
+        assert_eq!(b.key(3, RouterKeyType::Int), None);
+    }
+}

@@ -1,0 +1,1765 @@
+//! Sharded databases: choosing the shard of a transaction, and running what spans shards.
+//!
+//! A transaction that stays on one shard takes the ordinary path of `session.rs` (one
+//! attached connection, the Expect queue, nothing buffered): the only extra work is
+//! finding the shard — from the simple query's constants or the Bind values — before
+//! checking out. A client's `BEGIN` is answered at once and sent with the transaction's
+//! first statement, once the shard is known.
+//!
+//! Everything else runs here, one client request at a time (a simple query, or an
+//! extended-protocol batch up to Sync): the request goes to every shard it needs,
+//! concurrently; replies are read to their ReadyForQuery and combined (rows merged as the
+//! plan says, command tags summed) into the one answer the client sees. A transaction
+//! that has touched several shards keeps a connection on each ("parts") until it ends,
+//! and commits them together: with two-phase commit when several of them wrote.
+//!
+//! Writes that would span shards without two-phase commit are refused before anything is
+//! sent, so nothing is ever half-written by shardgate.
+
+use std::borrow::Cow;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use shardgate_router::{
+    scan, split_insert, Kind, Plan, Refusal, Role, SimplePlan, Target, TxControl,
+};
+
+use super::{Buffers, Flow, Session, Stmt};
+use crate::pool::Checkout;
+use crate::protocol::{self, body, sqlstate, Reader};
+use crate::routing::{BindValues, Routing, Shards};
+
+/// A transaction block answered but not yet sent anywhere, or one spanning shards.
+#[derive(Default)]
+pub(super) struct ShardTx {
+    /// The client's BEGIN while it is in a transaction block; each shard that joins the
+    /// transaction starts with it.
+    pub begin: Option<String>,
+    /// The BEGIN asked for a read-only transaction (replicas may serve it).
+    read_only: bool,
+    /// Connections this transaction (or this autocommit request) holds, one per shard.
+    pub parts: Vec<Part>,
+    /// An error happened in the transaction block: 25P02 until it ends.
+    pub failed: bool,
+    /// Portals bound while running here.
+    portals: Vec<Portal>,
+}
+
+pub(super) struct Part {
+    shard: u32,
+    server: Checkout,
+    /// A data write ran here in this transaction.
+    wrote: bool,
+    /// A transaction block is open on this connection.
+    in_tx: bool,
+}
+
+struct Portal {
+    name: Bytes,
+    stmt: Arc<Stmt>,
+    /// The Bind body after the portal and statement names.
+    rest: Bytes,
+}
+
+pub(super) enum Routed {
+    /// Answered (or queued for the client) here.
+    Done,
+    /// Run it on this shard through the ordinary path.
+    Shard { shard: u32, primary: bool },
+}
+
+/// One shard's request, and how to read its reply.
+struct Request {
+    part: usize,
+    bytes: BytesMut,
+    /// ReadyForQuery messages that end replies shardgate swallows (a BEGIN sent first).
+    hidden: usize,
+}
+
+/// What the client should see of one statement run on several shards.
+struct Combined {
+    out: BytesMut,
+    error: Option<Bytes>,
+    rows: u64,
+}
+
+impl Session {
+    fn in_multi(&self) -> bool {
+        self.shard_tx.as_ref().is_some_and(|t| !t.parts.is_empty())
+    }
+
+    /// The transaction status the client should see now.
+    pub(super) fn multi_status(&self) -> u8 {
+        match &self.shard_tx {
+            Some(t) if t.failed => b'E',
+            Some(t) if t.begin.is_some() => b'T',
+            _ => b'I',
+        }
+    }
+
+    /// Routes a simple Query of a sharded database.
+    pub(super) async fn route_sharded_query(
+        &mut self,
+        routing: &Arc<Routing>,
+        msg: &Bytes,
+        io: &mut Buffers,
+    ) -> Result<Routed, Flow> {
+        let text = Reader::new(body(msg)).cstr().unwrap_or_default();
+        let Ok(sql) = std::str::from_utf8(text) else {
+            let shard = self.attached.as_ref().map_or(0, |a| a.shard);
+            return Ok(Routed::Shard {
+                shard,
+                primary: true,
+            });
+        };
+        let sp = routing.plan_simple(sql);
+        if self.in_multi() {
+            self.multi_query(routing, &sp, sql, io).await?;
+            return Ok(Routed::Done);
+        }
+        let plan = sp.plan.clone();
+        if self.attached.is_none() {
+            if self.local_tx_control(&plan, sql, io) {
+                return Ok(Routed::Done);
+            }
+            if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+                in_failed_transaction(&mut io.cout);
+                return Ok(Routed::Done);
+            }
+        }
+        let shards = match routing.shards_simple(&sp, sql) {
+            Ok(s) => s,
+            Err(r) => {
+                self.refuse(&r, io);
+                return Ok(Routed::Done);
+            }
+        };
+        let primary = self.plan_needs_primary(&plan);
+        let attached = self.attached.as_ref().map(|a| a.shard);
+        let single = match shards {
+            Shards::One(s) => Some(s),
+            Shards::Any => Some(attached.unwrap_or(0)),
+            _ => None,
+        };
+        match (single, attached) {
+            (Some(s), Some(a)) if a == s => Ok(Routed::Shard { shard: s, primary }),
+            (Some(s), None) => Ok(Routed::Shard { shard: s, primary }),
+            _ => {
+                if !self.pins.is_empty() {
+                    self.refuse(&pinned_refusal(), io);
+                    return Ok(Routed::Done);
+                }
+                self.enter_multi(io).await?;
+                self.multi_query(routing, &sp, sql, io).await?;
+                Ok(Routed::Done)
+            }
+        }
+    }
+
+    /// Routes a held extended-protocol batch (ending in Sync or Flush) of a sharded
+    /// database.
+    pub(super) async fn route_sharded_batch(
+        &mut self,
+        routing: &Arc<Routing>,
+        io: &mut Buffers,
+    ) -> Result<Routed, Flow> {
+        if !self.in_multi() {
+            match self.batch_target(routing, io) {
+                BatchTarget::Local => {
+                    self.batch_tx_control(io);
+                    return Ok(Routed::Done);
+                }
+                BatchTarget::One { shard, primary } => {
+                    let attached = self.attached.as_ref().map(|a| a.shard);
+                    if attached.is_none_or(|a| a == shard) {
+                        if attached.is_none() && self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+                            self.fail_batch(io, None);
+                            return Ok(Routed::Done);
+                        }
+                        return Ok(Routed::Shard { shard, primary });
+                    }
+                }
+                BatchTarget::Many => {}
+            }
+            if !self.pins.is_empty() {
+                self.fail_batch(io, Some(pinned_refusal()));
+                return Ok(Routed::Done);
+            }
+            self.enter_multi(io).await?;
+        }
+        self.multi_batch(routing, io).await?;
+        Ok(Routed::Done)
+    }
+
+    fn plan_needs_primary(&self, plan: &Plan) -> bool {
+        let read_only_tx = self.shard_tx.as_ref().is_some_and(|t| t.read_only);
+        plan.role == Role::Primary
+            || (self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some()) && !read_only_tx)
+    }
+
+    /// BEGIN, COMMIT and ROLLBACK while no server is held: answered here. True if handled.
+    fn local_tx_control(&mut self, plan: &Plan, sql: &str, io: &mut Buffers) -> bool {
+        let Some(tx) = &plan.tx else {
+            return false;
+        };
+        let single = scan::statements(sql)
+            .filter(|s| !s.trim().is_empty())
+            .count()
+            == 1;
+        if !single {
+            return false;
+        }
+        let out = &mut io.cout;
+        match tx {
+            TxControl::Begin { read_only } => {
+                if self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some()) {
+                    notice(
+                        out,
+                        "WARNING",
+                        "25001",
+                        "there is already a transaction in progress",
+                    );
+                } else {
+                    self.shard_tx = Some(Box::new(ShardTx {
+                        begin: Some(sql.to_string()),
+                        read_only: *read_only && plan.role == Role::Replica,
+                        ..Default::default()
+                    }));
+                }
+                protocol::command_complete(out, begin_tag(sql));
+                let status = self.multi_status();
+                protocol::ready_for_query(out, status);
+                true
+            }
+            TxControl::Commit { chain: false } | TxControl::Rollback { chain: false } => {
+                let commit = matches!(tx, TxControl::Commit { .. });
+                let tag = match self.shard_tx.take() {
+                    Some(t) if t.begin.is_some() => {
+                        if commit && !t.failed {
+                            "COMMIT"
+                        } else {
+                            "ROLLBACK"
+                        }
+                    }
+                    _ => {
+                        notice(
+                            out,
+                            "WARNING",
+                            "25P01",
+                            "there is no transaction in progress",
+                        );
+                        if commit {
+                            "COMMIT"
+                        } else {
+                            "ROLLBACK"
+                        }
+                    }
+                };
+                protocol::command_complete(out, tag);
+                protocol::ready_for_query(out, b'I');
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Answers `r` instead of running the statement, as Postgres would answer an error.
+    pub(super) fn refuse(&mut self, r: &Refusal, io: &mut Buffers) {
+        if let Some(a) = self.attached.as_mut() {
+            // Let the server raise it, so that its transaction is aborted exactly as if the
+            // statement had failed there.
+            let sql = raise_sql(r);
+            a.server.conn.unnamed = None;
+            protocol::query(&mut io.sout, &sql);
+            io.expects.push_back(super::Expect::Query {
+                hidden: false,
+                effects: None,
+            });
+            return;
+        }
+        protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message);
+        if let Some(t) = self.shard_tx.as_mut() {
+            if t.begin.is_some() {
+                t.failed = true;
+            }
+        }
+        let status = self.multi_status();
+        protocol::ready_for_query(&mut io.cout, status);
+    }
+
+    /// Moves the attached connection (if any) into a multi-shard transaction.
+    async fn enter_multi(&mut self, io: &mut Buffers) -> Result<(), Flow> {
+        self.settle(io).await?;
+        let tx = self.shard_tx.get_or_insert_with(Default::default);
+        if let Some(a) = self.attached.take() {
+            self.cancel.set(None);
+            let in_tx = a.status != b'I';
+            if in_tx && tx.begin.is_none() {
+                tx.begin = Some("BEGIN".into());
+            }
+            tx.parts.push(Part {
+                shard: a.shard,
+                server: a.server,
+                wrote: a.wrote,
+                in_tx,
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits until the attached server has answered everything sent to it.
+    async fn settle(&mut self, io: &mut Buffers) -> Result<(), Flow> {
+        loop {
+            if self.flush(io).await.is_err() {
+                return Err(Flow::Exit);
+            }
+            let Some(a) = self.attached.as_mut() else {
+                return Ok(());
+            };
+            if io.expects.is_empty() {
+                return Ok(());
+            }
+            match tokio::io::AsyncReadExt::read_buf(
+                &mut a.server.conn.stream,
+                &mut a.server.conn.rbuf,
+            )
+            .await
+            {
+                Ok(0) | Err(_) => {
+                    self.server_lost(io).await;
+                    return Err(Flow::Exit);
+                }
+                Ok(_) => {}
+            }
+            self.handle_server_messages(io)?;
+            self.emit_replies(io);
+        }
+    }
+
+    /// A connection on `shard` for the current multi-shard transaction; opens the
+    /// transaction block there when `begin`.
+    async fn part_for(&mut self, shard: u32, primary: bool) -> Result<usize, (String, String)> {
+        let tx = self.shard_tx.get_or_insert_with(Default::default);
+        if let Some(i) = tx.parts.iter().position(|p| p.shard == shard) {
+            return Ok(i);
+        }
+        let want = self.want(primary, shard);
+        let mut server = match self
+            .pools
+            .checkout(shard as usize, want, &self.settings)
+            .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                let code = match &e {
+                    crate::pool::PoolError::Timeout { .. } => sqlstate::TOO_MANY_CONNECTIONS,
+                    _ => sqlstate::CONNECTION_FAILURE,
+                };
+                return Err((code.to_string(), format!("shard {shard}: {e}")));
+            }
+        };
+        self.app.metrics.transactions.increment(1);
+        let current = server.conn.settings.clone();
+        let same = current
+            .as_ref()
+            .is_some_and(|c| Arc::ptr_eq(c, &self.settings));
+        if !same {
+            if let Some(sql) = self.settings.sync_sql(current.as_deref()) {
+                match server.conn.run(&sql).await {
+                    Ok(None) => {}
+                    Ok(Some((code, message))) => return Err((code, message)),
+                    Err(e) => {
+                        let (c, m) = e.client_error();
+                        return Err((c.to_string(), m));
+                    }
+                }
+            }
+            server.conn.settings = Some(self.settings.clone());
+        }
+        let tx = self.shard_tx.get_or_insert_with(Default::default);
+        tx.parts.push(Part {
+            shard,
+            server,
+            wrote: false,
+            in_tx: false,
+        });
+        Ok(tx.parts.len() - 1)
+    }
+
+    // ---- simple protocol -------------------------------------------------------------
+
+    async fn multi_query(
+        &mut self,
+        routing: &Arc<Routing>,
+        sp: &SimplePlan,
+        sql: &str,
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let plan = sp.plan.clone();
+        let explicit = self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some());
+        let failed = self.shard_tx.as_ref().is_some_and(|t| t.failed);
+        match &plan.tx {
+            Some(TxControl::Commit { .. }) => {
+                let tag = if failed { "ROLLBACK" } else { "COMMIT" };
+                return self.multi_end(!failed, tag, io).await;
+            }
+            Some(TxControl::Rollback { .. }) => return self.multi_end(false, "ROLLBACK", io).await,
+            Some(TxControl::Begin { .. }) if explicit => {
+                notice(
+                    &mut io.cout,
+                    "WARNING",
+                    "25001",
+                    "there is already a transaction in progress",
+                );
+                protocol::command_complete(&mut io.cout, begin_tag(sql));
+                let status = self.multi_status();
+                protocol::ready_for_query(&mut io.cout, status);
+                return Ok(());
+            }
+            _ => {}
+        }
+        if failed {
+            in_failed_transaction(&mut io.cout);
+            return Ok(());
+        }
+        if scan::statements(sql)
+            .filter(|s| !s.trim().is_empty())
+            .count()
+            > 1
+        {
+            let r = Refusal::unsupported(
+                "several statements in one query string are not supported when they span shards; send them one at a time",
+            );
+            return self.multi_refuse(&r, io).await;
+        }
+        let shards = match routing.shards_simple(sp, sql) {
+            Ok(s) => s,
+            Err(r) => return self.multi_refuse(&r, io).await,
+        };
+        let list = self.shard_list(&shards, routing);
+        // A multi-row INSERT spanning shards: each shard gets its own rows.
+        let split = match (&plan.target, list.len() > 1) {
+            (Target::SplitInsert { .. }, true) => {
+                let parts = routing
+                    .row_shards_simple(sp, sql)
+                    .and_then(|rows| split_insert(sql, &rows).ok());
+                match parts {
+                    Some(p) => Some(p),
+                    None => {
+                        let r = Refusal::unsupported(
+                            "this multi-row INSERT cannot be split across shards",
+                        );
+                        return self.multi_refuse(&r, io).await;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let texts: Vec<(u32, Cow<'_, str>)> = match &split {
+            Some(parts) => parts
+                .iter()
+                .map(|p| (p.shard, Cow::Borrowed(p.sql.as_str())))
+                .collect(),
+            None => {
+                let text = if list.len() > 1 {
+                    sp.rewritten(sql).unwrap_or(Cow::Borrowed(sql))
+                } else {
+                    Cow::Borrowed(sql)
+                };
+                list.iter().map(|s| (*s, text.clone())).collect()
+            }
+        };
+        let merge_params: Vec<Option<Vec<u8>>> = sp
+            .literals
+            .iter()
+            .map(|l| Some(literal_text(l.text(sql)).into_bytes()))
+            .collect();
+        let requests = |_: u32, text: &str, out: &mut BytesMut| protocol::query(out, text);
+        self.multi_run(routing, &plan, &texts, &merge_params, requests, io)
+            .await?;
+        self.multi_unit_end(io, true).await
+    }
+
+    /// Shards as a list, `Any` resolved to a shard the transaction already holds.
+    fn shard_list(&self, shards: &Shards, routing: &Routing) -> Vec<u32> {
+        match shards {
+            Shards::Any => {
+                let held = self
+                    .shard_tx
+                    .as_ref()
+                    .and_then(|t| t.parts.first())
+                    .map(|p| p.shard);
+                vec![held.unwrap_or(0)]
+            }
+            other => other.list(routing.shards()),
+        }
+    }
+
+    /// Runs one statement on the shards of `texts` and queues the combined answer for the
+    /// client (without ReadyForQuery). Refusals and errors mark the transaction failed.
+    async fn multi_run(
+        &mut self,
+        routing: &Arc<Routing>,
+        plan: &Plan,
+        texts: &[(u32, Cow<'_, str>)],
+        merge_params: &[Option<Vec<u8>>],
+        build: impl Fn(u32, &str, &mut BytesMut),
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let explicit = self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some());
+        let data_write = matches!(plan.kind, Kind::Write | Kind::Copy)
+            || (plan.role == Role::Primary
+                && matches!(plan.target, Target::Each)
+                && plan.kind != Kind::Ddl);
+        if data_write {
+            let mut written: Vec<u32> = self
+                .shard_tx
+                .as_ref()
+                .map(|t| {
+                    t.parts
+                        .iter()
+                        .filter(|p| p.wrote)
+                        .map(|p| p.shard)
+                        .collect()
+                })
+                .unwrap_or_default();
+            written.extend(texts.iter().map(|(s, _)| *s));
+            written.sort_unstable();
+            written.dedup();
+            if written.len() > 1 && !routing.two_phase_commit {
+                let r = Refusal::unsupported(format!(
+                    "this would write to shards {} in one transaction; set two_phase_commit = true for database \"{}\" to allow writes that span shards",
+                    join_shards(&written),
+                    self.pools.database
+                ));
+                self.fail_statement(&r);
+                protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message);
+                return Ok(());
+            }
+        }
+        // Autocommit writes on several shards run as one transaction per shard, committed
+        // together at the end; explicit transactions open theirs on each shard that joins.
+        let needs_tx = explicit || (data_write && texts.len() > 1) || self.holds_tx();
+        let needs_tx = needs_tx && !plan.no_tx_block;
+        let primary = self.plan_needs_primary(plan) || data_write || needs_tx;
+        let mut requests = Vec::with_capacity(texts.len());
+        for (shard, text) in texts {
+            let part = match self.part_for(*shard, primary).await {
+                Ok(i) => i,
+                Err((code, message)) => {
+                    self.fail_statement(&Refusal {
+                        sqlstate: "08006",
+                        message: message.clone(),
+                    });
+                    protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+                    return Ok(());
+                }
+            };
+            let mut bytes = BytesMut::new();
+            let mut hidden = 0;
+            let tx = self
+                .shard_tx
+                .as_mut()
+                .expect("part_for made the transaction");
+            let p = &mut tx.parts[part];
+            if needs_tx && !p.in_tx {
+                let begin = tx.begin.as_deref().unwrap_or("BEGIN");
+                protocol::query(&mut bytes, begin);
+                hidden = 1;
+                p.in_tx = true;
+            }
+            if data_write {
+                p.wrote = true;
+            }
+            build(*shard, text, &mut bytes);
+            requests.push(Request {
+                part,
+                bytes,
+                hidden,
+            });
+        }
+        self.app.metrics.queries.increment(1);
+        let combined = match self.exchange(plan, requests, merge_params).await {
+            Ok(c) => c,
+            Err(e) => {
+                // A shard connection broke mid-statement: its transaction is gone.
+                self.fail_statement(&Refusal {
+                    sqlstate: "08006",
+                    message: e.clone(),
+                });
+                protocol::error_response(&mut io.cout, "ERROR", sqlstate::CONNECTION_FAILURE, &e);
+                return Ok(());
+            }
+        };
+        match combined.error {
+            Some(err) => {
+                if let Some(t) = self.shard_tx.as_mut() {
+                    t.failed = true;
+                }
+                io.cout.extend_from_slice(&err);
+            }
+            None => io.cout.extend_from_slice(&combined.out),
+        }
+        let _ = combined.rows;
+        Ok(())
+    }
+
+    fn holds_tx(&self) -> bool {
+        self.shard_tx
+            .as_ref()
+            .is_some_and(|t| t.parts.iter().any(|p| p.in_tx))
+    }
+
+    fn fail_statement(&mut self, _r: &Refusal) {
+        if let Some(t) = self.shard_tx.as_mut() {
+            t.failed = true;
+        }
+    }
+
+    async fn multi_refuse(&mut self, r: &Refusal, io: &mut Buffers) -> Result<(), Flow> {
+        self.fail_statement(r);
+        protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message);
+        self.multi_unit_end(io, true).await
+    }
+
+    /// The end of one client request: outside a transaction block, commit (or roll back,
+    /// after an error) what it did and give the connections back. Then ReadyForQuery,
+    /// when `ready`.
+    async fn multi_unit_end(&mut self, io: &mut Buffers, ready: bool) -> Result<(), Flow> {
+        let explicit = self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some());
+        if !explicit {
+            let ok = !self.shard_tx.as_ref().is_some_and(|t| t.failed);
+            if let Err((code, message)) = self.finish_parts(ok).await {
+                protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+            }
+            self.shard_tx = None;
+        }
+        if ready {
+            let status = self.multi_status();
+            protocol::ready_for_query(&mut io.cout, status);
+        }
+        Ok(())
+    }
+
+    /// COMMIT / ROLLBACK of a multi-shard transaction block.
+    async fn multi_end(&mut self, commit: bool, tag: &str, io: &mut Buffers) -> Result<(), Flow> {
+        match self.finish_parts(commit).await {
+            Ok(()) => protocol::command_complete(&mut io.cout, tag),
+            Err((code, message)) => {
+                protocol::error_response(&mut io.cout, "ERROR", &code, &message)
+            }
+        }
+        self.shard_tx = None;
+        protocol::ready_for_query(&mut io.cout, b'I');
+        Ok(())
+    }
+
+    /// Commits (two-phase when several parts wrote) or rolls back every part, then gives
+    /// the connections back.
+    async fn finish_parts(&mut self, commit: bool) -> Result<(), (String, String)> {
+        let Some(tx) = self.shard_tx.as_mut() else {
+            return Ok(());
+        };
+        let mut parts = std::mem::take(&mut tx.parts);
+        tx.portals.clear();
+        parts.sort_by_key(|p| p.shard);
+        let writers = parts.iter().filter(|p| p.in_tx && p.wrote).count();
+        let node = self.app.config.general.listen.port();
+        let result = if commit && writers > 1 {
+            two_phase_commit(&mut parts, node).await
+        } else {
+            let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+            let mut first_error = None;
+            // The writer (if any) first: a failed COMMIT there leaves nothing committed.
+            parts.sort_by_key(|p| !p.wrote);
+            for p in parts.iter_mut().filter(|p| p.in_tx) {
+                match p.server.conn.run(sql).await {
+                    Ok(None) => p.in_tx = false,
+                    Ok(Some((code, message))) => {
+                        p.in_tx = false;
+                        first_error.get_or_insert((code, message));
+                        if commit {
+                            // The rest must not commit either.
+                            return self.abandon(parts, first_error).await;
+                        }
+                    }
+                    Err(e) => {
+                        let (c, m) = e.client_error();
+                        first_error.get_or_insert((c.to_string(), m));
+                    }
+                }
+            }
+            match first_error {
+                Some(e) => Err(e),
+                None => Ok(()),
+            }
+        };
+        for p in parts {
+            release_part(p);
+        }
+        result
+    }
+
+    /// Rolls back every part still in a transaction and returns `error`.
+    async fn abandon(
+        &mut self,
+        mut parts: Vec<Part>,
+        error: Option<(String, String)>,
+    ) -> Result<(), (String, String)> {
+        for p in parts.iter_mut().filter(|p| p.in_tx) {
+            if matches!(p.server.conn.run("ROLLBACK").await, Ok(_)) {
+                p.in_tx = false;
+            }
+        }
+        for p in parts {
+            release_part(p);
+        }
+        match error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Sends each request, reads every reply to its end, and combines them.
+    async fn exchange(
+        &mut self,
+        plan: &Plan,
+        requests: Vec<Request>,
+        merge_params: &[Option<Vec<u8>>],
+    ) -> Result<Combined, String> {
+        let Some(tx) = self.shard_tx.as_mut() else {
+            return Err("no shard connection".into());
+        };
+        for r in &requests {
+            let p = &mut tx.parts[r.part];
+            if let Err(e) = p.server.conn.send(&r.bytes).await {
+                p.in_tx = false;
+                return Err(format!("shard {}: {e}", p.shard));
+            }
+        }
+        let many = requests.len() > 1;
+        let mut combine = Combiner::new(plan, many, merge_params);
+        for (i, r) in requests.iter().enumerate() {
+            let p = &mut tx.parts[r.part];
+            let mut hidden = r.hidden;
+            loop {
+                let n = match p.server.conn.read_msg().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        p.in_tx = false;
+                        return Err(format!("shard {}: {e}", p.shard));
+                    }
+                };
+                let msg = p.server.conn.rbuf.split_to(n).freeze();
+                match msg[0] {
+                    b'S' => {
+                        p.server.conn.record_param(body(&msg));
+                        continue;
+                    }
+                    b'Z' => {
+                        if hidden > 0 {
+                            hidden -= 1;
+                            continue;
+                        }
+                        break;
+                    }
+                    _ if hidden > 0 => {
+                        if msg[0] == b'E' {
+                            combine.error(&msg);
+                        }
+                        continue;
+                    }
+                    _ => combine.message(i, &msg),
+                }
+            }
+            combine.shard_done(i);
+        }
+        Ok(combine.finish())
+    }
+
+    // ---- extended protocol -------------------------------------------------------------
+
+    /// Where a held batch goes, without running anything.
+    fn batch_target(&mut self, routing: &Arc<Routing>, io: &Buffers) -> BatchTarget {
+        let mut shard: Option<u32> = self.attached.as_ref().map(|a| a.shard);
+        let mut primary = false;
+        let mut local: Vec<(Bytes, Arc<Stmt>)> = Vec::new();
+        let mut tx_control = false;
+        let mut others = false;
+        for m in &io.held {
+            let mut r = Reader::new(body(m));
+            match m[0] {
+                b'P' => {
+                    let Some(name) = r.cstr() else {
+                        return BatchTarget::Many;
+                    };
+                    let tail = &body(m)[r.position()..];
+                    let hash = self.app.process.statement_hasher.hash_one(tail);
+                    let stmt = match self.prepared.as_deref() {
+                        Some(p) => p
+                            .recent
+                            .iter()
+                            .find(|s| s.hash == hash && *s.tail == *tail)
+                            .cloned(),
+                        None => None,
+                    };
+                    let stmt = stmt.unwrap_or_else(|| {
+                        Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash, Some(routing)))
+                    });
+                    local.retain(|(n, _)| **n != *name);
+                    local.push((Bytes::copy_from_slice(name), stmt));
+                }
+                b'B' => {
+                    let (Some(_portal), Some(name)) = (r.cstr(), r.cstr()) else {
+                        return BatchTarget::Many;
+                    };
+                    let stmt = local
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| **n == *name)
+                        .map(|(_, s)| s.clone())
+                        .or_else(|| self.client_stmt(name));
+                    let Some(stmt) = stmt else {
+                        // The server reports the unknown statement.
+                        continue;
+                    };
+                    primary |= stmt.primary;
+                    let Some(plan) = stmt.plan.as_ref() else {
+                        continue;
+                    };
+                    if plan.tx.is_some() {
+                        tx_control = true;
+                        continue;
+                    }
+                    others = true;
+                    let rest = &body(m)[r.position()..];
+                    let Some(bind) = BindValues::parse(rest, &stmt.tail) else {
+                        continue;
+                    };
+                    let s = match routing.shards_bound(plan, &bind) {
+                        Ok(Shards::One(s)) => s,
+                        Ok(Shards::Any) => shard.unwrap_or(0),
+                        // Refusals and fan-outs run (or are answered) in multi mode.
+                        _ => return BatchTarget::Many,
+                    };
+                    match shard {
+                        None => shard = Some(s),
+                        Some(prev) if prev == s => {}
+                        Some(_) => return BatchTarget::Many,
+                    }
+                }
+                _ => {}
+            }
+        }
+        if tx_control && !others && self.attached.is_none() {
+            return BatchTarget::Local;
+        }
+        if tx_control && others && self.attached.is_none() {
+            return BatchTarget::Many;
+        }
+        let primary = primary || self.plan_needs_primary_default();
+        BatchTarget::One {
+            shard: shard.unwrap_or(0),
+            primary,
+        }
+    }
+
+    fn plan_needs_primary_default(&self) -> bool {
+        self.shard_tx
+            .as_ref()
+            .is_some_and(|t| t.begin.is_some() && !t.read_only)
+    }
+
+    fn client_stmt(&self, name: &[u8]) -> Option<Arc<Stmt>> {
+        let p = self.prepared.as_deref()?;
+        if name.is_empty() {
+            p.unnamed.clone()
+        } else {
+            p.named.get(name).cloned()
+        }
+    }
+
+    /// A batch of transaction control only, while no server is held: answered here.
+    fn batch_tx_control(&mut self, io: &mut Buffers) {
+        let held = std::mem::take(&mut io.held);
+        let mut portal_stmt: Option<Arc<Stmt>> = None;
+        for m in held {
+            if self.skip_until_sync && m[0] != b'S' {
+                continue;
+            }
+            match m[0] {
+                b'P' => {
+                    self.register_parse(&m, io);
+                }
+                b'B' => {
+                    let mut r = Reader::new(body(&m));
+                    let _ = r.cstr();
+                    let name = r.cstr().unwrap_or_default();
+                    portal_stmt = self.client_stmt(name);
+                    protocol::empty_msg(&mut io.cout, b'2');
+                }
+                b'D' => {
+                    let mut r = Reader::new(body(&m));
+                    if r.u8() == Some(b'S') {
+                        // Transaction control has no parameters and returns no rows.
+                        protocol::write_msg(&mut io.cout, b't', |o| o.put_i16(0));
+                    }
+                    protocol::empty_msg(&mut io.cout, b'n');
+                }
+                b'E' => {
+                    let Some(stmt) = portal_stmt.clone() else {
+                        continue;
+                    };
+                    let Some(plan) = stmt.plan.clone() else {
+                        continue;
+                    };
+                    let sql = stmt.text().to_string();
+                    let mut scratch = Buffers::take();
+                    if self.local_tx_control(&plan, &sql, &mut scratch) {
+                        // Keep the reply without its ReadyForQuery (the Sync gives one).
+                        let n = scratch.cout.len().saturating_sub(6);
+                        io.cout.extend_from_slice(&scratch.cout[..n]);
+                    }
+                    scratch.give();
+                }
+                b'C' => {
+                    if let Some(p) = self.prepared.as_mut() {
+                        p.close(&m);
+                    }
+                    protocol::empty_msg(&mut io.cout, b'3');
+                }
+                b'S' => {
+                    self.skip_until_sync = false;
+                    let status = self.multi_status();
+                    protocol::ready_for_query(&mut io.cout, status);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Registers a client's Parse as the driver expects; replies ParseComplete (or the
+    /// duplicate-name error, then skips to Sync).
+    fn register_parse(&mut self, m: &[u8], io: &mut Buffers) {
+        let routing = self.pools.routing.clone();
+        let hasher = &self.app.process.statement_hasher;
+        let p = self.prepared.get_or_insert_with(Default::default);
+        let mut r = Reader::new(body(m));
+        let Some(name) = r.cstr() else {
+            protocol::error_response(
+                &mut io.cout,
+                "ERROR",
+                sqlstate::PROTOCOL_VIOLATION,
+                "invalid Parse message",
+            );
+            self.skip_until_sync = true;
+            return;
+        };
+        let tail = &body(m)[r.position()..];
+        let hash = hasher.hash_one(tail);
+        if name.is_empty() {
+            p.unnamed = Some(p.unnamed_stmt(tail, hash, routing.as_deref()));
+        } else if p.named.contains_key(name) {
+            super::duplicate_statement(&mut io.cout, name);
+            self.skip_until_sync = true;
+            return;
+        } else {
+            let stmt = Arc::new(Stmt::new(
+                Bytes::copy_from_slice(tail),
+                hash,
+                routing.as_deref(),
+            ));
+            p.named.insert(Bytes::copy_from_slice(name), stmt);
+        }
+        protocol::empty_msg(&mut io.cout, b'1');
+    }
+
+    /// Answers every held message of a batch that cannot run with an error (once), as a
+    /// server skipping to Sync would.
+    fn fail_batch(&mut self, io: &mut Buffers, r: Option<Refusal>) {
+        let held = std::mem::take(&mut io.held);
+        match r {
+            Some(r) => protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message),
+            None => in_failed_transaction_error(&mut io.cout),
+        }
+        if let Some(t) = self.shard_tx.as_mut() {
+            if t.begin.is_some() {
+                t.failed = true;
+            }
+        }
+        if held.last().is_some_and(|m| m[0] == b'S') {
+            let status = self.multi_status();
+            protocol::ready_for_query(&mut io.cout, status);
+        } else {
+            self.skip_until_sync = true;
+        }
+    }
+
+    /// Runs a held batch message by message in multi-shard mode.
+    async fn multi_batch(&mut self, routing: &Arc<Routing>, io: &mut Buffers) -> Result<(), Flow> {
+        let held = std::mem::take(&mut io.held);
+        for m in held {
+            if self.skip_until_sync {
+                if m[0] == b'S' {
+                    self.skip_until_sync = false;
+                    self.multi_unit_end(io, true).await?;
+                }
+                continue;
+            }
+            match m[0] {
+                b'P' => self.register_parse(&m, io),
+                b'B' => self.multi_bind(routing, &m, io),
+                b'D' => self.multi_describe(routing, &m, io).await?,
+                b'E' => self.multi_execute(routing, &m, io).await?,
+                b'C' => {
+                    let mut r = Reader::new(body(&m));
+                    match r.u8() {
+                        Some(b'S') => {
+                            if let Some(p) = self.prepared.as_mut() {
+                                p.close(&m);
+                            }
+                        }
+                        _ => {
+                            let name = r.cstr().unwrap_or_default();
+                            if let Some(t) = self.shard_tx.as_mut() {
+                                t.portals.retain(|p| *p.name != *name);
+                            }
+                        }
+                    }
+                    protocol::empty_msg(&mut io.cout, b'3');
+                }
+                b'S' => self.multi_unit_end(io, true).await?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn multi_fail(&mut self, io: &mut Buffers, code: &str, message: &str) {
+        protocol::error_response(&mut io.cout, "ERROR", code, message);
+        if let Some(t) = self.shard_tx.as_mut() {
+            t.failed = true;
+        }
+        self.skip_until_sync = true;
+    }
+
+    fn multi_bind(&mut self, _routing: &Arc<Routing>, m: &Bytes, io: &mut Buffers) {
+        if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+            in_failed_transaction_error(&mut io.cout);
+            self.skip_until_sync = true;
+            return;
+        }
+        let mut r = Reader::new(body(m));
+        let (Some(portal), Some(name)) = (r.cstr(), r.cstr()) else {
+            return self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
+        };
+        let Some(stmt) = self.client_stmt(name) else {
+            let msg = format!(
+                "prepared statement \"{}\" does not exist",
+                String::from_utf8_lossy(name)
+            );
+            return self.multi_fail(io, "26000", &msg);
+        };
+        let rest = m.slice(5 + r.position()..);
+        let portal = Portal {
+            name: Bytes::copy_from_slice(portal),
+            stmt,
+            rest,
+        };
+        let tx = self.shard_tx.get_or_insert_with(Default::default);
+        tx.portals.retain(|p| p.name != portal.name);
+        tx.portals.push(portal);
+        protocol::empty_msg(&mut io.cout, b'2');
+    }
+
+    /// Describe: answered by one shard (the statement's or the portal's original text
+    /// describes the columns the client will see).
+    async fn multi_describe(
+        &mut self,
+        routing: &Arc<Routing>,
+        m: &Bytes,
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let mut r = Reader::new(body(m));
+        let kind = r.u8();
+        let name = r.cstr().unwrap_or_default();
+        let (stmt, rest) = match kind {
+            Some(b'S') => (self.client_stmt(name), None),
+            _ => {
+                let p = self
+                    .shard_tx
+                    .as_ref()
+                    .and_then(|t| t.portals.iter().find(|p| *p.name == *name));
+                (p.map(|p| p.stmt.clone()), p.map(|p| p.rest.clone()))
+            }
+        };
+        let Some(stmt) = stmt else {
+            let what = if kind == Some(b'S') {
+                "prepared statement"
+            } else {
+                "portal"
+            };
+            let msg = format!(
+                "{what} \"{}\" does not exist",
+                String::from_utf8_lossy(name)
+            );
+            self.multi_fail(io, if kind == Some(b'S') { "26000" } else { "34000" }, &msg);
+            return Ok(());
+        };
+        let shard = self
+            .shard_tx
+            .as_ref()
+            .and_then(|t| t.parts.first())
+            .map_or(0, |p| p.shard);
+        let part = match self.part_for(shard, false).await {
+            Ok(i) => i,
+            Err((code, message)) => {
+                self.multi_fail(io, &code, &message);
+                return Ok(());
+            }
+        };
+        let mut req = BytesMut::new();
+        super::write_parse(&mut req, b"", &stmt.tail);
+        match &rest {
+            None => protocol::write_msg(&mut req, b'D', |o| {
+                o.put_u8(b'S');
+                o.put_u8(0);
+            }),
+            Some(rest) => {
+                protocol::write_msg(&mut req, b'B', |o| {
+                    o.put_u8(0);
+                    o.put_u8(0);
+                    o.put_slice(rest);
+                });
+                protocol::write_msg(&mut req, b'D', |o| {
+                    o.put_u8(b'P');
+                    o.put_u8(0);
+                });
+            }
+        }
+        protocol::write_msg(&mut req, b'S', |_| {});
+        let _ = routing;
+        let Some(tx) = self.shard_tx.as_mut() else {
+            return Ok(());
+        };
+        let p = &mut tx.parts[part];
+        p.server.conn.unnamed = None;
+        if let Err(e) = p.server.conn.send(&req).await {
+            p.in_tx = false;
+            self.multi_fail(io, sqlstate::CONNECTION_FAILURE, &e.to_string());
+            return Ok(());
+        }
+        let mut error = None;
+        loop {
+            let n = match p.server.conn.read_msg().await {
+                Ok(n) => n,
+                Err(e) => {
+                    p.in_tx = false;
+                    let msg = e.to_string();
+                    self.multi_fail(io, sqlstate::CONNECTION_FAILURE, &msg);
+                    return Ok(());
+                }
+            };
+            let msg = p.server.conn.rbuf.split_to(n);
+            match msg[0] {
+                b't' | b'T' | b'n' => io.cout.extend_from_slice(&msg),
+                b'E' => error = Some(msg.freeze()),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if let Some(e) = error {
+            io.cout.extend_from_slice(&e);
+            if let Some(t) = self.shard_tx.as_mut() {
+                t.failed = true;
+            }
+            self.skip_until_sync = true;
+        }
+        Ok(())
+    }
+
+    async fn multi_execute(
+        &mut self,
+        routing: &Arc<Routing>,
+        m: &Bytes,
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let name = Reader::new(body(m)).cstr().unwrap_or_default();
+        let portal = self
+            .shard_tx
+            .as_ref()
+            .and_then(|t| t.portals.iter().find(|p| *p.name == *name))
+            .map(|p| (p.stmt.clone(), p.rest.clone()));
+        let Some((stmt, rest)) = portal else {
+            let msg = format!(
+                "portal \"{}\" does not exist",
+                String::from_utf8_lossy(name)
+            );
+            self.multi_fail(io, "34000", &msg);
+            return Ok(());
+        };
+        let Some(plan) = stmt.plan.clone() else {
+            self.multi_fail(io, "XX000", "statement has no plan");
+            return Ok(());
+        };
+        let Some(bind) = BindValues::parse(&rest, &stmt.tail) else {
+            self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
+            return Ok(());
+        };
+        if let Some(tx) = &plan.tx {
+            let commit = matches!(tx, TxControl::Commit { .. });
+            if matches!(tx, TxControl::Commit { .. } | TxControl::Rollback { .. }) {
+                let failed = self.shard_tx.as_ref().is_some_and(|t| t.failed);
+                let tag = if commit && !failed {
+                    "COMMIT"
+                } else {
+                    "ROLLBACK"
+                };
+                match self.finish_parts(commit && !failed).await {
+                    Ok(()) => protocol::command_complete(&mut io.cout, tag),
+                    Err((code, message)) => {
+                        protocol::error_response(&mut io.cout, "ERROR", &code, &message)
+                    }
+                }
+                if let Some(t) = self.shard_tx.as_mut() {
+                    t.begin = None;
+                    t.failed = false;
+                }
+                return Ok(());
+            }
+            if let TxControl::Begin { read_only } = tx {
+                let t = self.shard_tx.get_or_insert_with(Default::default);
+                if t.begin.is_none() {
+                    t.begin = Some(stmt.text().to_string());
+                    t.read_only = *read_only && plan.role == Role::Replica;
+                    protocol::command_complete(&mut io.cout, begin_tag(stmt.text()));
+                    return Ok(());
+                }
+            }
+        }
+        if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+            in_failed_transaction_error(&mut io.cout);
+            self.skip_until_sync = true;
+            return Ok(());
+        }
+        let shards = match routing.shards_bound(&plan, &bind) {
+            Ok(s) => s,
+            Err(r) => {
+                self.multi_fail(io, r.sqlstate, &r.message);
+                return Ok(());
+            }
+        };
+        let list = self.shard_list(&shards, routing);
+        let sql = stmt.text();
+        let split = match (&plan.target, list.len() > 1) {
+            (Target::SplitInsert { .. }, true) => {
+                let parts = routing
+                    .row_shards_bound(&plan, &bind)
+                    .and_then(|rows| split_insert(sql, &rows).ok());
+                match parts {
+                    Some(p) => Some(p),
+                    None => {
+                        self.multi_fail(
+                            io,
+                            "0A000",
+                            "this multi-row INSERT cannot be split across shards",
+                        );
+                        return Ok(());
+                    }
+                }
+            }
+            _ => None,
+        };
+        let rewritten: Cow<'_, str> = match (&plan.rewritten, list.len() > 1) {
+            (Some(r), true) => Cow::Borrowed(r.as_str()),
+            _ => Cow::Borrowed(sql),
+        };
+        let texts: Vec<(u32, Cow<'_, str>)> = match &split {
+            Some(parts) => parts
+                .iter()
+                .map(|p| (p.shard, Cow::Borrowed(p.sql.as_str())))
+                .collect(),
+            None => list.iter().map(|s| (*s, rewritten.clone())).collect(),
+        };
+        let nparams = bind.len();
+        let merge_params: Vec<Option<Vec<u8>>> = (1..=nparams).map(|n| bind.text(n)).collect();
+        let types = param_types(&stmt.tail);
+        let build = |shard: u32, text: &str, out: &mut BytesMut| {
+            let params: Option<&Vec<usize>> = split
+                .as_ref()
+                .and_then(|parts| parts.iter().find(|p| p.shard == shard))
+                .map(|p| &p.params);
+            match params {
+                Some(order) if !order.is_empty() => {
+                    write_parse_text(
+                        out,
+                        text,
+                        &order
+                            .iter()
+                            .map(|n| types.get(n - 1).copied().unwrap_or(0))
+                            .collect::<Vec<_>>(),
+                    );
+                    bind.write_bind(out, Some(order));
+                }
+                Some(_) => {
+                    write_parse_text(out, text, &[]);
+                    bind.write_bind(out, Some(&Vec::new()));
+                }
+                None => {
+                    write_parse_text(out, text, &types);
+                    bind.write_bind(out, None);
+                }
+            }
+            protocol::write_msg(out, b'D', |o| {
+                o.put_u8(b'P');
+                o.put_u8(0);
+            });
+            protocol::write_msg(out, b'E', |o| {
+                o.put_u8(0);
+                o.put_i32(0);
+            });
+            protocol::write_msg(out, b'S', |_| {});
+        };
+        if let Some(tx) = self.shard_tx.as_mut() {
+            for p in tx.parts.iter_mut() {
+                p.server.conn.unnamed = None;
+            }
+        }
+        self.multi_run(routing, &plan, &texts, &merge_params, build, io)
+            .await?;
+        if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+            self.skip_until_sync = true;
+        }
+        Ok(())
+    }
+}
+
+/// Commits the parts of a transaction that wrote on several shards, atomically: every
+/// writer prepares (the coordinator — the lowest written shard — last), then the
+/// coordinator commits, then the others. The global id names the coordinator and its
+/// transaction id, so after a crash `twophase::recover` can tell from the coordinator
+/// alone whether the transaction committed (`txid_status`).
+async fn two_phase_commit(parts: &mut [Part], node: u16) -> Result<(), (String, String)> {
+    let writers: Vec<usize> = (0..parts.len())
+        .filter(|&i| parts[i].in_tx && parts[i].wrote)
+        .collect();
+    let (coord, others) = match writers.split_first() {
+        Some((c, o)) => (*c, o.to_vec()),
+        None => return Ok(()),
+    };
+    let xid = match query_value(&mut parts[coord], "SELECT txid_current()::text").await {
+        Ok(x) => x,
+        Err(e) => {
+            rollback_all(parts, &[], "").await;
+            return Err(e);
+        }
+    };
+    let gid = crate::twophase::gid(node, parts[coord].shard, &xid);
+    let prepare = format!("PREPARE TRANSACTION '{gid}'");
+    let mut prepared: Vec<usize> = Vec::new();
+    for &i in &others {
+        match run_part(&mut parts[i], &prepare).await {
+            Ok(()) => {
+                parts[i].in_tx = false;
+                prepared.push(i);
+            }
+            Err(e) => {
+                parts[i].in_tx = false;
+                rollback_all(parts, &prepared, &gid).await;
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = run_part(&mut parts[coord], &prepare).await {
+        parts[coord].in_tx = false;
+        rollback_all(parts, &prepared, &gid).await;
+        return Err(e);
+    }
+    parts[coord].in_tx = false;
+    crate::twophase::fault("after_prepare");
+    let commit = format!("COMMIT PREPARED '{gid}'");
+    match run_part(&mut parts[coord], &commit).await {
+        Ok(()) => {}
+        Err((code, message)) if code == "08006" => {
+            // The coordinator's answer was lost: the outcome is decided there, and the
+            // next start resolves the others to match.
+            return Err((
+                "40003".into(),
+                format!("the commit outcome is unknown (coordinator shard {} unreachable: {message}); shardgate resolves it when the shard is back", parts[coord].shard),
+            ));
+        }
+        Err(e) => {
+            rollback_all(parts, &prepared, &gid).await;
+            let rb = format!("ROLLBACK PREPARED '{gid}'");
+            let _ = run_part(&mut parts[coord], &rb).await;
+            return Err(e);
+        }
+    }
+    crate::twophase::fault("after_first_commit");
+    for &i in &prepared {
+        if let Err((code, message)) = run_part(&mut parts[i], &commit).await {
+            tracing::error!(gid = %gid, shard = parts[i].shard, code = %code, "COMMIT PREPARED failed: {message}; resolved at next start");
+        }
+    }
+    // Parts that only read.
+    for p in parts.iter_mut().filter(|p| p.in_tx) {
+        if run_part(p, "COMMIT").await.is_ok() {
+            p.in_tx = false;
+        }
+    }
+    Ok(())
+}
+
+/// Rolls back every part still in a transaction, and the prepared ones.
+async fn rollback_all(parts: &mut [Part], prepared: &[usize], gid: &str) {
+    let rb = format!("ROLLBACK PREPARED '{gid}'");
+    for &i in prepared {
+        if let Err((code, message)) = run_part(&mut parts[i], &rb).await {
+            tracing::error!(gid = %gid, shard = parts[i].shard, code = %code, "ROLLBACK PREPARED failed: {message}; resolved at next start");
+        }
+    }
+    for p in parts.iter_mut().filter(|p| p.in_tx) {
+        if run_part(p, "ROLLBACK").await.is_ok() {
+            p.in_tx = false;
+        }
+    }
+}
+
+/// Runs a control statement on a part; connection problems are 08006.
+async fn run_part(p: &mut Part, sql: &str) -> Result<(), (String, String)> {
+    match p.server.conn.run(sql).await {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => Err(e),
+        Err(e) => {
+            p.in_tx = true; // unknown state: never reuse it
+            Err((
+                sqlstate::CONNECTION_FAILURE.into(),
+                format!("shard {}: {e}", p.shard),
+            ))
+        }
+    }
+}
+
+/// The first column of the first row of `sql`'s result, as text.
+async fn query_value(p: &mut Part, sql: &str) -> Result<String, (String, String)> {
+    let mut out = BytesMut::new();
+    protocol::query(&mut out, sql);
+    let fail = |p: &Part, e: crate::server::ServerError| {
+        (
+            sqlstate::CONNECTION_FAILURE.to_string(),
+            format!("shard {}: {e}", p.shard),
+        )
+    };
+    if let Err(e) = p.server.conn.send(&out).await {
+        return Err(fail(p, e));
+    }
+    let mut value = None;
+    let mut error = None;
+    loop {
+        let n = match p.server.conn.read_msg().await {
+            Ok(n) => n,
+            Err(e) => return Err(fail(p, e)),
+        };
+        let msg = p.server.conn.rbuf.split_to(n);
+        match msg[0] {
+            b'D' if value.is_none() => {
+                let mut r = Reader::new(body(&msg));
+                let _ = r.i16();
+                let len = r.i32().unwrap_or(-1);
+                value = (len >= 0)
+                    .then(|| r.bytes(len as usize))
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(b).into_owned());
+            }
+            b'E' => {
+                let f = protocol::parse_error_fields(body(&msg));
+                error = Some((
+                    String::from_utf8_lossy(f.code).into_owned(),
+                    String::from_utf8_lossy(f.message).into_owned(),
+                ));
+            }
+            b'Z' => break,
+            _ => {}
+        }
+    }
+    match (error, value) {
+        (Some(e), _) => Err(e),
+        (None, Some(v)) => Ok(v),
+        (None, None) => Err(("XX000".into(), format!("{sql} returned no value"))),
+    }
+}
+
+enum BatchTarget {
+    /// Transaction control only: answered here.
+    Local,
+    One {
+        shard: u32,
+        primary: bool,
+    },
+    Many,
+}
+
+/// Gives a part's connection back if it is clean, closes it otherwise.
+fn release_part(p: Part) {
+    if p.in_tx {
+        p.server.discard();
+    } else {
+        p.server.release();
+    }
+}
+
+/// Combines the replies of one statement run on one or several shards.
+struct Combiner {
+    out: BytesMut,
+    error: Option<Bytes>,
+    many: bool,
+    described: bool,
+    verb: Option<String>,
+    count: u64,
+    counted: bool,
+    rows: u64,
+    merger: Option<crate::merging::Merging>,
+    merge_unsupported: Option<String>,
+    plan_merge: Option<shardgate_router::MergePlan>,
+    params: Vec<Option<Vec<u8>>>,
+    copy_out: bool,
+}
+
+impl Combiner {
+    fn new(plan: &Plan, many: bool, params: &[Option<Vec<u8>>]) -> Combiner {
+        let plan_merge = plan.merge.clone().filter(|m| many && !m.is_concat());
+        Combiner {
+            out: BytesMut::new(),
+            error: None,
+            many,
+            described: false,
+            verb: None,
+            count: 0,
+            counted: false,
+            rows: 0,
+            merger: None,
+            merge_unsupported: None,
+            plan_merge,
+            params: params.to_vec(),
+            copy_out: false,
+        }
+    }
+
+    fn error(&mut self, msg: &Bytes) {
+        if self.error.is_none() {
+            self.error = Some(msg.clone());
+        }
+    }
+
+    fn message(&mut self, shard: usize, msg: &Bytes) {
+        match msg[0] {
+            b'E' => self.error(msg),
+            b'T' => {
+                if let Some(plan) = &self.plan_merge {
+                    if self.merger.is_none() && self.merge_unsupported.is_none() {
+                        match crate::merging::Merging::new(plan, body(msg), &self.params) {
+                            Ok(m) => self.merger = Some(m),
+                            Err(e) => self.merge_unsupported = Some(e),
+                        }
+                    }
+                }
+                if !self.described {
+                    self.described = true;
+                    match &self.merger {
+                        Some(m) => m.row_description(body(msg), &mut self.out),
+                        None => self.out.extend_from_slice(msg),
+                    }
+                }
+            }
+            b'D' => match &mut self.merger {
+                Some(m) => {
+                    if let Err(e) = m.push(shard, body(msg), &mut self.out) {
+                        self.merge_unsupported.get_or_insert(e);
+                    }
+                }
+                None => {
+                    self.rows += 1;
+                    self.out.extend_from_slice(msg);
+                }
+            },
+            b'C' => self.tag(body(msg)),
+            b'I' | b'n' | b'1' | b'2' | b's' => {
+                if msg[0] == b'I' && shard == 0 {
+                    self.out.extend_from_slice(msg);
+                }
+            }
+            b'N' | b'A' => {
+                if shard == 0 {
+                    self.out.extend_from_slice(msg);
+                }
+            }
+            b'H' => {
+                if !self.copy_out {
+                    self.copy_out = true;
+                    self.out.extend_from_slice(msg);
+                }
+            }
+            b'd' => self.out.extend_from_slice(msg),
+            b'c' => {}
+            _ => {}
+        }
+    }
+
+    fn tag(&mut self, tag: &[u8]) {
+        let tag = tag.strip_suffix(&[0]).unwrap_or(tag);
+        let text = String::from_utf8_lossy(tag);
+        let (verb, n) = match text.rsplit_once(' ') {
+            Some((v, n)) => match n.parse::<u64>() {
+                Ok(n) => (v.to_string(), Some(n)),
+                Err(_) => (text.to_string(), None),
+            },
+            None => (text.to_string(), None),
+        };
+        if let Some(n) = n {
+            self.count += n;
+            self.counted = true;
+        }
+        if self.verb.is_none() {
+            self.verb = Some(verb);
+        }
+    }
+
+    fn shard_done(&mut self, shard: usize) {
+        if let Some(m) = &mut self.merger {
+            if let Err(e) = m.finish_shard(shard, &mut self.out) {
+                self.merge_unsupported.get_or_insert(e);
+            }
+        }
+    }
+
+    fn finish(mut self) -> Combined {
+        if let Some(m) = &mut self.merger {
+            match m.finish(&mut self.out) {
+                Ok(n) => self.rows = n,
+                Err(e) => {
+                    self.merge_unsupported.get_or_insert(e);
+                }
+            }
+        }
+        if self.error.is_none() {
+            if let Some(e) = self.merge_unsupported.take() {
+                let mut b = BytesMut::new();
+                let (code, msg) = e.split_once(':').unwrap_or(("0A000", e.as_str()));
+                protocol::error_response(&mut b, "ERROR", code, msg.trim());
+                self.error = Some(b.freeze());
+            }
+        }
+        if self.copy_out {
+            protocol::write_msg(&mut self.out, b'c', |_| {});
+        }
+        if let Some(verb) = &self.verb {
+            let tag = if verb == "SELECT" && self.merger.is_some() {
+                format!("SELECT {}", self.rows)
+            } else if self.counted {
+                format!("{verb} {}", self.count)
+            } else {
+                verb.clone()
+            };
+            protocol::command_complete(&mut self.out, &tag);
+        }
+        let _ = self.many;
+        Combined {
+            out: self.out,
+            error: self.error,
+            rows: self.rows,
+        }
+    }
+}
+
+fn param_types(tail: &[u8]) -> Vec<u32> {
+    let mut r = Reader::new(tail);
+    if r.cstr().is_none() {
+        return Vec::new();
+    }
+    let n = r.i16().unwrap_or(0).max(0);
+    (0..n).map_while(|_| r.i32().map(|t| t as u32)).collect()
+}
+
+fn write_parse_text(out: &mut BytesMut, text: &str, types: &[u32]) {
+    protocol::write_msg(out, b'P', |o| {
+        o.put_u8(0);
+        protocol::put_cstr(o, text.as_bytes());
+        o.put_i16(types.len() as i16);
+        for t in types {
+            o.put_u32(*t);
+        }
+    });
+}
+
+/// `BEGIN` or `START TRANSACTION`, as Postgres tags it.
+fn begin_tag(sql: &str) -> &'static str {
+    let first = scan::statements(sql)
+        .next()
+        .unwrap_or(sql)
+        .trim_start()
+        .get(..5)
+        .unwrap_or("");
+    if first.eq_ignore_ascii_case("start") {
+        "START TRANSACTION"
+    } else {
+        "BEGIN"
+    }
+}
+
+fn notice(out: &mut BytesMut, severity: &str, code: &str, message: &str) {
+    protocol::write_msg(out, b'N', |b| {
+        b.put_u8(b'S');
+        protocol::put_cstr(b, severity.as_bytes());
+        b.put_u8(b'V');
+        protocol::put_cstr(b, severity.as_bytes());
+        b.put_u8(b'C');
+        protocol::put_cstr(b, code.as_bytes());
+        b.put_u8(b'M');
+        protocol::put_cstr(b, message.as_bytes());
+        b.put_u8(0);
+    });
+}
+
+fn in_failed_transaction_error(out: &mut BytesMut) {
+    protocol::error_response(
+        out,
+        "ERROR",
+        "25P02",
+        "current transaction is aborted, commands ignored until end of transaction block",
+    );
+}
+
+fn in_failed_transaction(out: &mut BytesMut) {
+    in_failed_transaction_error(out);
+    protocol::ready_for_query(out, b'E');
+}
+
+fn pinned_refusal() -> Refusal {
+    Refusal::unsupported(
+        "this session holds state on one shard (LISTEN, a temporary table, a session advisory lock or a WITH HOLD cursor); statements for other shards must wait until it is released",
+    )
+}
+
+/// A statement that makes the server raise `r` (aborting its transaction, as a failed
+/// statement would).
+fn raise_sql(r: &Refusal) -> String {
+    let msg = r.message.replace('\'', "''");
+    let code = r.sqlstate.replace('\'', "");
+    format!(
+        "DO $shardgate$ BEGIN RAISE EXCEPTION USING ERRCODE = '{code}', MESSAGE = '{msg}'; END $shardgate$"
+    )
+}
+
+fn join_shards(shards: &[u32]) -> String {
+    let v: Vec<String> = shards.iter().map(u32::to_string).collect();
+    v.join(", ")
+}
+
+/// A normalized constant as merge parameter text: quotes removed from strings.
+fn literal_text(lit: &str) -> String {
+    match lit.strip_prefix('\'').and_then(|l| l.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => lit.to_string(),
+    }
+}

@@ -1,0 +1,212 @@
+//! Two-phase commit bookkeeping: the global transaction ids, crash recovery on start, and
+//! the fault points tests use to kill the proxy mid-commit.
+//!
+//! A transaction that wrote on several shards is prepared on each writer under
+//! `shardgate:<node>:<coordinator shard>:<coordinator xid>` and committed on the
+//! coordinator first. So the coordinator's transaction is the decision: after a crash,
+//! `txid_status(xid)` on the coordinator says whether it committed, and every other shard's
+//! prepared transaction follows it. No journal of our own is needed, and the decision
+//! survives the loss of the proxy's machine. `<node>` is the proxy's listen port, so that
+//! proxies on different ports sharing the shards leave each other's transactions alone.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::app::App;
+
+pub fn gid(node: u16, coordinator_shard: u32, xid: &str) -> String {
+    format!("shardgate:{node}:{coordinator_shard}:{xid}")
+}
+
+/// Parses a global id of this node: (coordinator shard, xid).
+fn parse_gid(gid: &str, node: u16) -> Option<(usize, i64)> {
+    let rest = gid.strip_prefix("shardgate:")?;
+    let (n, rest) = rest.split_once(':')?;
+    if n.parse::<u16>().ok()? != node {
+        return None;
+    }
+    let (shard, xid) = rest.split_once(':')?;
+    Some((shard.parse().ok()?, xid.parse().ok()?))
+}
+
+/// Aborts the process at a named point when `SHARDGATE_FAULT` names it (tests only: the
+/// abort is as abrupt as SIGKILL).
+pub fn fault(point: &str) {
+    static FAULT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let f = FAULT.get_or_init(|| std::env::var("SHARDGATE_FAULT").ok());
+    if f.as_deref() == Some(point) {
+        tracing::error!("SHARDGATE_FAULT={point}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Resolves the prepared transactions this node left behind, for every database that uses
+/// two-phase commit. Retries in the background until every shard answered.
+pub fn spawn_recovery(app: Arc<App>) {
+    for db in app
+        .config
+        .databases
+        .iter()
+        .filter(|d| d.two_phase_commit && d.shards.len() > 1)
+    {
+        let app = app.clone();
+        let name = db.name.clone();
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(200);
+            for _ in 0..200 {
+                match recover(&app, &name).await {
+                    Ok(n) => {
+                        if n > 0 {
+                            tracing::info!(database = %name, resolved = n, "prepared transactions resolved");
+                        }
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(database = %name, "resolving prepared transactions: {e}; retrying");
+                    }
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+}
+
+async fn recover(app: &App, database: &str) -> Result<usize, String> {
+    let db = app.config.database(database).ok_or("database gone")?;
+    let topo = app.topologies.get(database).ok_or("database gone")?;
+    let node = app.config.general.listen.port();
+    // One connection per (shard, owner), opened as needed.
+    let mut clients: Vec<Vec<(String, Client)>> = topo.iter().map(|_| Vec::new()).collect();
+    let mut primaries = Vec::with_capacity(topo.len());
+    for (i, t) in topo.iter().enumerate() {
+        let p = t
+            .primary()
+            .ok_or_else(|| format!("shard {i} has no primary yet"))?;
+        primaries.push(t.hosts[p].addr);
+    }
+    // Every leftover, per shard: (gid, owner).
+    let mut found: Vec<Vec<(String, String)>> = Vec::with_capacity(topo.len());
+    let any_user = app
+        .config
+        .health_check_user()
+        .ok_or("no user with a password")?;
+    for (i, addr) in primaries.iter().enumerate() {
+        let c = client_for(
+            app,
+            db.server_database(),
+            *addr,
+            any_user.server_user(),
+            &mut clients[i],
+        )
+        .await?;
+        let rows = c
+            .query(
+                "SELECT gid, owner::text FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE $1",
+                &[&format!("shardgate:{node}:%")],
+            )
+            .await
+            .map_err(|e| format!("shard {i}: {e}"))?;
+        found.push(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
+    }
+    let mut resolved = 0;
+    for (i, leftovers) in found.iter().enumerate() {
+        for (gid, owner) in leftovers {
+            let Some((coord, xid)) = parse_gid(gid, node) else {
+                continue;
+            };
+            if coord >= primaries.len() {
+                continue;
+            }
+            let status: Option<String> = {
+                let c = client_for(
+                    app,
+                    db.server_database(),
+                    primaries[coord],
+                    owner,
+                    &mut clients[coord],
+                )
+                .await?;
+                c.query_one("SELECT txid_status($1)::text", &[&xid])
+                    .await
+                    .map_err(|e| format!("shard {coord}: {e}"))?
+                    .get(0)
+            };
+            let committed = status.as_deref() == Some("committed");
+            let sql = if committed {
+                format!("COMMIT PREPARED '{gid}'")
+            } else {
+                format!("ROLLBACK PREPARED '{gid}'")
+            };
+            let c = client_for(
+                app,
+                db.server_database(),
+                primaries[i],
+                owner,
+                &mut clients[i],
+            )
+            .await?;
+            c.batch_execute(&sql)
+                .await
+                .map_err(|e| format!("shard {i}: {sql}: {e}"))?;
+            tracing::warn!(shard = i, gid = %gid, committed, "resolved a prepared transaction left by a crash");
+            resolved += 1;
+        }
+    }
+    Ok(resolved)
+}
+
+/// A connection to `addr` as the server user `owner` (a prepared transaction can only be
+/// finished by its owner or a superuser).
+async fn client_for<'a>(
+    app: &App,
+    database: &str,
+    addr: SocketAddr,
+    owner: &str,
+    cache: &'a mut Vec<(String, Client)>,
+) -> Result<&'a Client, String> {
+    if let Some(i) = cache.iter().position(|(o, _)| o == owner) {
+        return Ok(&cache[i].1);
+    }
+    let user = app
+        .config
+        .users
+        .iter()
+        .find(|u| u.server_user() == owner && u.server_password().is_some())
+        .ok_or_else(|| format!("no configured user logs in to the servers as \"{owner}\""))?;
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(addr.ip().to_string())
+        .port(addr.port())
+        .user(owner)
+        .dbname(database)
+        .application_name("shardgate 2pc recovery")
+        .connect_timeout(app.config.general.server_connect_timeout);
+    if let Some(p) = user.server_password() {
+        cfg.password(p);
+    }
+    let (client, connection) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    cache.push((owner.to_string(), client));
+    Ok(&cache[cache.len() - 1].1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gids_round_trip_and_other_nodes_are_ignored() {
+        let g = gid(6432, 1, "7781");
+        assert_eq!(parse_gid(&g, 6432), Some((1, 7781)));
+        assert_eq!(parse_gid(&g, 6433), None);
+        assert_eq!(parse_gid("other:6432:1:2", 6432), None);
+    }
+}
