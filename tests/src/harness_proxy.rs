@@ -46,6 +46,7 @@ pub struct ProxyBuilder {
     replicas: bool,
     extra_general: Vec<String>,
     extra_toml: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl Default for ProxyBuilder {
@@ -64,6 +65,7 @@ impl Default for ProxyBuilder {
             replicas: false,
             extra_general: Vec::new(),
             extra_toml: Vec::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -138,6 +140,12 @@ impl ProxyBuilder {
         self.extra_toml.push(text.into());
         self
     }
+    /// An environment variable for the shardgate process (e.g. `SHARDGATE_FAULT`).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
+        self
+    }
 
     /// The config text; `$LISTEN` and `$METRICS_LISTEN` stand for the addresses that
     /// [`Proxy::start_config`] fills in.
@@ -199,7 +207,12 @@ impl ProxyBuilder {
         if crate::direct_mode() {
             return Proxy::direct(cluster);
         }
-        Proxy::start_config(&self.to_toml(cluster)).await
+        let env: Vec<(&str, &str)> = self
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        Proxy::start_config_env(&self.to_toml(cluster), &env).await
     }
 }
 
@@ -267,12 +280,14 @@ impl Proxy {
     /// (and `$METRICS_LISTEN`) by free loopback addresses, and waits up to 10 s until
     /// the listen port (and the metrics port) accept connections.
     pub async fn start_config(config_text: &str) -> Proxy {
+        Proxy::start_config_env(config_text, &[]).await
+    }
+
+    /// [`Proxy::start_config`] with extra environment variables for the process.
+    pub async fn start_config_env(config_text: &str, env: &[(&str, &str)]) -> Proxy {
         if crate::direct_mode() {
             return Proxy::direct(Cluster::shared());
         }
-        let bin = std::env::var("SHARDGATE_BIN").unwrap_or_else(|_| {
-            panic!("SHARDGATE_BIN is not set: run the end-to-end tests with ./tests/run.sh")
-        });
         let port = free_port();
         let metrics_port = config_text.contains("$METRICS_LISTEN").then(|| loop {
             let p = free_port();
@@ -284,6 +299,33 @@ impl Proxy {
         if let Some(mp) = metrics_port {
             config = config.replace("$METRICS_LISTEN", &format!("127.0.0.1:{mp}"));
         }
+        Proxy::spawn(config, port, metrics_port, env).await
+    }
+
+    /// Starts another shardgate with exactly this one's config (same listen and metrics
+    /// addresses, a fresh scratch directory) and these environment variables: the
+    /// successor of a process that died or was stopped. This one must have exited.
+    pub async fn start_successor(&self, env: &[(&str, &str)]) -> Proxy {
+        if self.is_direct() {
+            return Proxy::direct(Cluster::shared());
+        }
+        assert!(
+            !self.is_alive(),
+            "start_successor: shardgate (pid {:?}) is still running",
+            self.pid
+        );
+        Proxy::spawn(self.config.clone(), self.port, self.metrics_port, env).await
+    }
+
+    async fn spawn(
+        config: String,
+        port: u16,
+        metrics_port: Option<u16>,
+        env: &[(&str, &str)],
+    ) -> Proxy {
+        let bin = std::env::var("SHARDGATE_BIN").unwrap_or_else(|_| {
+            panic!("SHARDGATE_BIN is not set: run the end-to-end tests with ./tests/run.sh")
+        });
         let dir = ScratchDir::new("proxy");
         let config_path = dir.path().join("shardgate.toml");
         std::fs::write(&config_path, &config).expect("write proxy config");
@@ -296,6 +338,7 @@ impl Proxy {
             .stdin(Stdio::null())
             // Plain text in the log file (tracing honours NO_COLOR).
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(log)
             .stderr(log2)
             .spawn()
