@@ -45,6 +45,7 @@
 mod analyze;
 mod cache;
 pub mod catalog;
+mod combine;
 mod fast;
 pub mod hint;
 mod keys;
@@ -59,6 +60,7 @@ pub mod types;
 
 pub use cache::{PlanCache, SimplePlan, MAX_CACHED_TEXT};
 pub use catalog::{Catalog, KeyType, ShardedTable};
+pub use combine::{ColumnInfo, MergeError, MergeParams, RowMerger};
 pub use keys::parse_uuid;
 pub use normalize::{normalize, Literal, Normalized};
 pub use planner::{plan, plan_many, plan_with_hint};
