@@ -7,8 +7,9 @@
 //!
 //! * `differential_2_shards` / `differential_4_shards`: one seeded random workload
 //!   (`SHARDGATE_DIFF_SEED` sets the seed, `SHARDGATE_DIFF_STATEMENTS` the length,
-//!   default 2000; `SHARDGATE_DIFF_NO_COPY=1` leaves COPY out; `SHARDGATE_DIFF_TRACE=1`
-//!   prints every statement and the reference's answer) runs statement by statement
+//!   default 2000; `SHARDGATE_DIFF_KINDS` picks statement kinds, e.g. `-copy` or
+//!   `insert,keyed_select`; `SHARDGATE_DIFF_TRACE=1` prints every statement and the
+//!   reference's answer) runs statement by statement
 //!   through shardgate (two_phase_commit = true) and against one plain database
 //!   (`diffref2`/`diffref4` on shard 0's primary); every answer must match: columns, rows
 //!   (in order when the ORDER BY is total, else as a multiset), command tags, SQLSTATEs,
@@ -844,17 +845,17 @@ struct Gen {
     users: Vec<i64>,
     demo_users: Vec<i64>,
     fresh: i64,
-    copy: bool,
+    kinds: Vec<(&'static str, u32)>,
 }
 
 impl Gen {
-    fn new(seed: u64, copy: bool) -> Gen {
+    fn new(seed: u64, kinds: Vec<(&'static str, u32)>) -> Gen {
         Gen {
             rng: StdRng::seed_from_u64(seed),
             users: Vec::new(),
             demo_users: Vec::new(),
             fresh: 0,
-            copy,
+            kinds,
         }
     }
 
@@ -1545,77 +1546,87 @@ impl Gen {
         }
     }
 
-    fn update(&mut self) -> Stmt {
+    fn update(&mut self, keyless: bool) -> Stmt {
         let k = self.known_key();
         let x = self.rng.gen_range(-50..=150);
-        let sql = match self.rng.gen_range(0..12) {
-            0 | 1 => format!(
-                "UPDATE dt_users SET score = score + {}, balance = balance - 1.25 WHERE id = {k}",
-                self.rng.gen_range(1..=5)
-            ),
-            2 => {
-                let n = self.rng.gen_range(2..=4);
-                let list = self.in_list(n);
-                let name = lit_text(&self.name());
-                format!("UPDATE dt_users SET name = {name} WHERE id IN ({list})")
+        let sql = if !keyless {
+            match self.rng.gen_range(0..6) {
+                0 | 1 => format!(
+                    "UPDATE dt_users SET score = score + {}, balance = balance - 1.25 WHERE id = {k}",
+                    self.rng.gen_range(1..=5)
+                ),
+                2 => {
+                    // Keyed, but on several shards: 2PC.
+                    let n = self.rng.gen_range(2..=4);
+                    let list = self.in_list(n);
+                    let name = lit_text(&self.name());
+                    format!("UPDATE dt_users SET name = {name} WHERE id IN ({list})")
+                }
+                3 => format!(
+                    "UPDATE dt_users SET score = {x} WHERE id = {k} RETURNING id, name, score"
+                ),
+                4 => format!(
+                    "UPDATE dt_posts SET likes = coalesce(likes, 0) + 1 WHERE user_id = {k} AND id = {}",
+                    self.rng.gen_range(1..=30)
+                ),
+                _ => format!(
+                    "UPDATE dt_posts SET likes = likes + 1 WHERE user_id IN ({})",
+                    self.in_list(3)
+                ),
             }
-            3 => format!(
-                "UPDATE dt_users SET score = {x} WHERE id = {k} RETURNING id, name, score"
-            ),
-            4 => format!(
-                "UPDATE dt_posts SET likes = coalesce(likes, 0) + 1 WHERE user_id = {k} AND id = {}",
-                self.rng.gen_range(1..=30)
-            ),
-            // Keyless: every shard.
-            5 | 6 => format!("UPDATE dt_users SET score = score - 1 WHERE score > {x}"),
-            7 => format!(
-                "UPDATE dt_posts SET body = body || '!' WHERE likes BETWEEN {x} AND {}",
-                x + 10
-            ),
-            8 => {
-                let ts = self
-                    .ts()
-                    .unwrap_or_else(|| "2024-01-01 00:00:00+00".into());
-                format!("UPDATE dt_users SET ts = '{ts}' WHERE ts < '{ts}' AND score < {x}")
+        } else {
+            match self.rng.gen_range(0..6) {
+                0 | 1 => format!("UPDATE dt_users SET score = score - 1 WHERE score > {x}"),
+                2 => format!(
+                    "UPDATE dt_posts SET body = body || '!' WHERE likes BETWEEN {x} AND {}",
+                    x + 10
+                ),
+                3 => {
+                    let ts = self.ts().unwrap_or_else(|| "2024-01-01 00:00:00+00".into());
+                    format!("UPDATE dt_users SET ts = '{ts}' WHERE ts < '{ts}' AND score < {x}")
+                }
+                4 => format!(
+                    "UPDATE dt_users SET balance = balance * 2 WHERE {}",
+                    self.users_pred()
+                ),
+                _ => {
+                    // Fails (22012) when some row has score = x, on whichever shard holds
+                    // it: all or nothing.
+                    format!(
+                        "UPDATE dt_users SET score = 100 / (score - {x}) WHERE score BETWEEN {} AND {}",
+                        x - 2,
+                        x + 2
+                    )
+                }
             }
-            9 => format!("UPDATE dt_users SET balance = balance * 2 WHERE {}", self.users_pred()),
-            10 => {
-                // Fails (22012) when some row has score = x, on whichever shard holds it:
-                // all or nothing.
-                format!(
-                    "UPDATE dt_users SET score = 100 / (score - {x}) WHERE score BETWEEN {} AND {}",
-                    x - 2,
-                    x + 2
-                )
-            }
-            _ => format!(
-                "UPDATE dt_posts SET likes = likes + 1 WHERE user_id IN ({})",
-                self.in_list(3)
-            ),
         };
         let returning = sql.contains("RETURNING");
         Stmt::simple(sql, !returning)
     }
 
-    fn delete(&mut self) -> Stmt {
+    fn delete(&mut self, keyless: bool) -> Stmt {
         let k = self.known_key();
-        let sql = match self.rng.gen_range(0..6) {
-            0 => format!("DELETE FROM dt_users WHERE id = {k}"),
-            1 => format!("DELETE FROM dt_posts WHERE user_id = {k}"),
-            2 => format!(
-                "DELETE FROM dt_posts WHERE user_id IN ({}) AND likes < {}",
-                self.in_list(3),
-                self.rng.gen_range(0..=100)
-            ),
-            3 => format!(
+        let sql = if !keyless {
+            match self.rng.gen_range(0..4) {
+                0 => format!("DELETE FROM dt_users WHERE id = {k}"),
+                1 => format!("DELETE FROM dt_posts WHERE user_id = {k}"),
+                2 => format!(
+                    "DELETE FROM dt_posts WHERE user_id IN ({}) AND likes < {}",
+                    self.in_list(3),
+                    self.rng.gen_range(0..=100)
+                ),
+                _ => format!("DELETE FROM dt_users WHERE id = {k} RETURNING id, name"),
+            }
+        } else if self.chance(0.5) {
+            format!(
                 "DELETE FROM dt_posts WHERE likes > {}",
                 self.rng.gen_range(95..=100)
-            ),
-            4 => format!(
+            )
+        } else {
+            format!(
                 "DELETE FROM dt_users WHERE score = {}",
                 self.rng.gen_range(-50..=150)
-            ),
-            _ => format!("DELETE FROM dt_users WHERE id = {k} RETURNING id, name"),
+            )
         };
         Stmt::simple(sql, true)
     }
@@ -1716,103 +1727,107 @@ impl Gen {
 
     /// Extended protocol: the key (and other values) as parameters, in binary through
     /// tokio-postgres or in text through the raw frontend.
-    fn extended(&mut self) -> Stmt {
+    fn extended(&mut self, keyless: bool) -> Stmt {
         let k = self.known_key();
-        let (sql, params, returns_rows, ordered): (&str, Vec<Param>, bool, bool) =
-            match self.rng.gen_range(0..11) {
-                0 | 1 => (
-                    "SELECT id, name, score, balance, ts FROM dt_users WHERE id = $1",
-                    vec![Param::I64(k)],
+        let case = if keyless {
+            *self.pick(&[7, 8, 9])
+        } else {
+            *self.pick(&[0, 1, 2, 3, 4, 5, 6, 10])
+        };
+        let (sql, params, returns_rows, ordered): (&str, Vec<Param>, bool, bool) = match case {
+            0 | 1 => (
+                "SELECT id, name, score, balance, ts FROM dt_users WHERE id = $1",
+                vec![Param::I64(k)],
+                true,
+                true,
+            ),
+            2 => {
+                let n = self.rng.gen_range(1..=5);
+                let keys = (0..n).map(|_| self.known_key()).collect();
+                (
+                    "SELECT id, name, score FROM dt_users WHERE id = ANY($1) ORDER BY id",
+                    vec![Param::I64s(keys)],
                     true,
                     true,
-                ),
-                2 => {
-                    let n = self.rng.gen_range(1..=5);
-                    let keys = (0..n).map(|_| self.known_key()).collect();
-                    (
-                        "SELECT id, name, score FROM dt_users WHERE id = ANY($1) ORDER BY id",
-                        vec![Param::I64s(keys)],
-                        true,
-                        true,
-                    )
-                }
-                3 => (
-                    "SELECT user_id, id, likes, body FROM dt_posts \
+                )
+            }
+            3 => (
+                "SELECT user_id, id, likes, body FROM dt_posts \
                      WHERE user_id = $1 AND likes >= $2 ORDER BY id",
-                    vec![Param::I64(k), Param::I32(Some(self.rng.gen_range(0..=100)))],
-                    true,
-                    true,
-                ),
-                4 => {
-                    let id = self.random_key();
-                    self.users.push(id);
-                    let r = self.user_row(id);
-                    (
-                        "INSERT INTO dt_users (id, name, score, balance, ts) \
+                vec![Param::I64(k), Param::I32(Some(self.rng.gen_range(0..=100)))],
+                true,
+                true,
+            ),
+            4 => {
+                let id = self.random_key();
+                self.users.push(id);
+                let r = self.user_row(id);
+                (
+                    "INSERT INTO dt_users (id, name, score, balance, ts) \
                          VALUES ($1, $2, $3, $4::text::numeric, $5::text::timestamptz)",
-                        vec![
-                            Param::I64(r.id),
-                            Param::Text(r.name),
-                            Param::I32(r.score),
-                            Param::Text(r.balance),
-                            Param::Text(r.ts),
-                        ],
-                        false,
-                        true,
-                    )
-                }
-                5 => (
-                    "UPDATE dt_users SET score = $2 WHERE id = $1",
-                    vec![Param::I64(k), Param::I32(self.score())],
+                    vec![
+                        Param::I64(r.id),
+                        Param::Text(r.name),
+                        Param::I32(r.score),
+                        Param::Text(r.balance),
+                        Param::Text(r.ts),
+                    ],
                     false,
                     true,
-                ),
-                6 => (
-                    "DELETE FROM dt_posts WHERE user_id = $1 AND id = $2",
-                    vec![Param::I64(k), Param::I64(self.rng.gen_range(1..=30))],
-                    false,
-                    true,
-                ),
-                7 => (
-                    "SELECT id, name, score, balance, ts FROM dt_users WHERE score > $1 \
+                )
+            }
+            5 => (
+                "UPDATE dt_users SET score = $2 WHERE id = $1",
+                vec![Param::I64(k), Param::I32(self.score())],
+                false,
+                true,
+            ),
+            6 => (
+                "DELETE FROM dt_posts WHERE user_id = $1 AND id = $2",
+                vec![Param::I64(k), Param::I64(self.rng.gen_range(1..=30))],
+                false,
+                true,
+            ),
+            7 => (
+                "SELECT id, name, score, balance, ts FROM dt_users WHERE score > $1 \
                      ORDER BY score DESC NULLS LAST, id LIMIT 10",
-                    vec![Param::I32(Some(self.rng.gen_range(-50..=150)))],
-                    true,
-                    true,
-                ),
-                8 => (
-                    "SELECT count(*), sum(score), min(name), max(balance), avg(balance) \
+                vec![Param::I32(Some(self.rng.gen_range(-50..=150)))],
+                true,
+                true,
+            ),
+            8 => (
+                "SELECT count(*), sum(score), min(name), max(balance), avg(balance) \
                      FROM dt_users WHERE score < $1",
-                    vec![Param::I32(Some(self.rng.gen_range(-50..=150)))],
-                    true,
-                    true,
-                ),
-                9 => (
-                    "UPDATE dt_posts SET likes = likes + 1 WHERE likes < $1",
-                    vec![Param::I32(Some(self.rng.gen_range(0..=30)))],
+                vec![Param::I32(Some(self.rng.gen_range(-50..=150)))],
+                true,
+                true,
+            ),
+            9 => (
+                "UPDATE dt_posts SET likes = likes + 1 WHERE likes < $1",
+                vec![Param::I32(Some(self.rng.gen_range(0..=30)))],
+                false,
+                true,
+            ),
+            _ => {
+                let rows = self.post_rows(2);
+                let mut params = Vec::new();
+                for r in rows {
+                    params.extend([
+                        Param::I64(r.user_id),
+                        Param::I64(r.id),
+                        Param::I32(r.likes),
+                        Param::Text(r.body),
+                    ]);
+                }
+                (
+                    "INSERT INTO dt_posts (user_id, id, likes, body) \
+                         VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)",
+                    params,
                     false,
                     true,
-                ),
-                _ => {
-                    let rows = self.post_rows(2);
-                    let mut params = Vec::new();
-                    for r in rows {
-                        params.extend([
-                            Param::I64(r.user_id),
-                            Param::I64(r.id),
-                            Param::I32(r.likes),
-                            Param::Text(r.body),
-                        ]);
-                    }
-                    (
-                        "INSERT INTO dt_posts (user_id, id, likes, body) \
-                         VALUES ($1, $2, $3, $4), ($5, $6, $7, $8)",
-                        params,
-                        false,
-                        true,
-                    )
-                }
-            };
+                )
+            }
+        };
         let via = if self.chance(0.6) {
             Via::Binary {
                 params,
@@ -1830,31 +1845,94 @@ impl Gen {
 
     /// The next statement(s) of the workload.
     fn next(&mut self) -> Vec<Stmt> {
-        loop {
-            let stmt = match self.rng.gen_range(0..100) {
-                0..=8 => self.insert_user(),
-                9..=14 => self.insert_users_multi(),
-                15..=22 => self.insert_posts(),
-                23..=27 => self.demo(),
-                28..=35 => self.keyed_select(),
-                36..=46 => self.keyless_select(),
-                47..=53 => self.aggregates(),
-                54..=60 => self.group_by(),
-                61..=63 => self.distinct(),
-                64..=71 => self.update(),
-                72..=75 => self.delete(),
-                76..=79 => {
-                    if !self.copy {
-                        continue;
-                    }
-                    self.copy()
-                }
-                80..=83 => return self.transaction(),
-                _ => self.extended(),
-            };
-            return vec![stmt];
+        let total: u32 = self.kinds.iter().map(|(_, w)| w).sum();
+        let mut r = self.rng.gen_range(0..total);
+        let mut kind = self.kinds[0].0;
+        for &(name, weight) in &self.kinds {
+            if r < weight {
+                kind = name;
+                break;
+            }
+            r -= weight;
         }
+        let stmt = match kind {
+            "insert" => self.insert_user(),
+            "insert_multi" => self.insert_users_multi(),
+            "insert_posts" => self.insert_posts(),
+            "demo" => self.demo(),
+            "keyed_select" => self.keyed_select(),
+            "keyless_select" => self.keyless_select(),
+            "aggregate" => self.aggregates(),
+            "group_by" => self.group_by(),
+            "distinct" => self.distinct(),
+            "keyed_update" => self.update(false),
+            "keyless_update" => self.update(true),
+            "keyed_delete" => self.delete(false),
+            "keyless_delete" => self.delete(true),
+            "copy" => self.copy(),
+            "transaction" => return self.transaction(),
+            "keyed_extended" => self.extended(false),
+            "keyless_extended" => self.extended(true),
+            other => unreachable!("unknown kind {other}"),
+        };
+        vec![stmt]
     }
+}
+
+/// The statement kinds of the workload and their weights.
+const KINDS: [(&str, u32); 17] = [
+    ("insert", 9),
+    ("insert_multi", 6),
+    ("insert_posts", 8),
+    ("demo", 5),
+    ("keyed_select", 8),
+    ("keyless_select", 11),
+    ("aggregate", 7),
+    ("group_by", 7),
+    ("distinct", 3),
+    ("keyed_update", 4),
+    ("keyless_update", 4),
+    ("keyed_delete", 2),
+    ("keyless_delete", 2),
+    ("copy", 4),
+    ("transaction", 4),
+    ("keyed_extended", 10),
+    ("keyless_extended", 6),
+];
+
+/// `SHARDGATE_DIFF_KINDS`: a comma-separated list of kinds to run (default: all), or of
+/// kinds to leave out, each with a leading `-` (e.g. `-copy,-transaction`).
+fn diff_kinds() -> Vec<(&'static str, u32)> {
+    let spec = std::env::var("SHARDGATE_DIFF_KINDS").unwrap_or_default();
+    let words: Vec<&str> = spec
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .collect();
+    for w in &words {
+        let name = w.trim_start_matches('-');
+        assert!(
+            KINDS.iter().any(|(k, _)| *k == name),
+            "SHARDGATE_DIFF_KINDS: unknown kind {name:?}; kinds: {:?}",
+            KINDS.iter().map(|(k, _)| *k).collect::<Vec<_>>()
+        );
+    }
+    let include: Vec<&str> = words
+        .iter()
+        .copied()
+        .filter(|w| !w.starts_with('-'))
+        .collect();
+    let kinds: Vec<(&'static str, u32)> = KINDS
+        .iter()
+        .copied()
+        .filter(|(k, _)| include.is_empty() || include.contains(k))
+        .filter(|(k, _)| !words.iter().any(|w| w.strip_prefix('-') == Some(*k)))
+        .collect();
+    assert!(
+        !kinds.is_empty(),
+        "SHARDGATE_DIFF_KINDS={spec:?} leaves no kind"
+    );
+    kinds
 }
 
 fn diff_seed() -> u64 {
@@ -1882,12 +1960,12 @@ fn diff_statements() -> usize {
 async fn differential(cluster: &Cluster, label: &str) {
     let seed = diff_seed();
     let total = diff_statements();
-    let copy = std::env::var("SHARDGATE_DIFF_NO_COPY").as_deref() != Ok("1");
+    let kinds = diff_kinds();
     let shards = usize::from(cluster.shards);
     eprintln!(
         "{label}: seed {seed} (SHARDGATE_DIFF_SEED={seed} repeats it), {total} statements, \
-         {shards} shards{}",
-        if copy { "" } else { ", no COPY" }
+         {shards} shards, kinds {:?}",
+        kinds.iter().map(|(k, _)| *k).collect::<Vec<_>>()
     );
     let started = Instant::now();
     let db = format!("sg_diff{shards}");
@@ -1917,7 +1995,7 @@ async fn differential(cluster: &Cluster, label: &str) {
 
     let trace = std::env::var("SHARDGATE_DIFF_TRACE").as_deref() == Ok("1");
     let run_started = Instant::now();
-    let mut gen = Gen::new(seed, copy);
+    let mut gen = Gen::new(seed, kinds);
     let mut n = 0usize;
     let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
     while n < total {
@@ -2272,8 +2350,7 @@ async fn refuses_cross_shard_constructs() {
     let mut raw = front.raw().await;
     let client = front.client().await;
 
-    // What it can answer, it answers: a fan-out count, a window function on one key.
-    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM rf_a").await, "200");
+    // What it can answer, it answers: a window function on one key.
     let sql = "SELECT id, row_number() OVER (ORDER BY id) FROM rf_a WHERE id = 7";
     assert_eq!(
         rows_of(&mut raw, sql).await,
@@ -2299,8 +2376,13 @@ async fn refuses_cross_shard_constructs() {
     for (sql, word) in refused {
         expect_refusal(&mut raw, &client, sql, word).await;
         // The session goes on.
-        assert_eq!(value_of(&mut raw, "SELECT count(*) FROM rf_a").await, "200");
+        assert_eq!(
+            value_of(&mut raw, "SELECT grp FROM rf_a WHERE id = 7").await,
+            "2"
+        );
     }
+    // And a fan-out it can merge.
+    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM rf_a").await, "200");
     drop(front);
     sdb.drop_db().await;
     eprintln!("refuses_cross_shard_constructs: {:?}", started.elapsed());
@@ -2452,6 +2534,14 @@ const TX_TABLES: [Table; 1] = [Table {
     key: "id",
 }];
 
+/// The value of `id` through the front, or None if there is no such row (keyed: one shard).
+async fn v_of(raw: &mut RawConn, key: i64) -> Option<String> {
+    let sql = format!("SELECT v FROM tx_t WHERE id = {key}");
+    let rows = rows_of(raw, &sql).await;
+    assert!(rows.len() <= 1, "{sql}: {rows:?}");
+    rows.first().and_then(|r| r[0].clone())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactions_across_shards() {
     let started = Instant::now();
@@ -2465,7 +2555,7 @@ async fn transactions_across_shards() {
     for (shard, key) in [(h0, k0[0]), (h1, k1[0])] {
         sdb.direct(shard)
             .await
-            .batch_execute(&format!("INSERT INTO tx_t VALUES ({key}, 'pre')"))
+            .batch_execute(&format!("INSERT INTO tx_t (id, v) VALUES ({key}, 'pre')"))
             .await
             .expect("seed tx_t");
     }
@@ -2475,47 +2565,40 @@ async fn transactions_across_shards() {
     // 1. Writes on two shards, then ROLLBACK: nothing anywhere.
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
     for key in [k0[1], k1[1]] {
-        let sql = format!("INSERT INTO tx_t VALUES ({key}, 'rolled back')");
+        let sql = format!("INSERT INTO tx_t (id, v) VALUES ({key}, 'rolled back')");
         ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'T');
     }
-    let sql = format!(
-        "SELECT id FROM tx_t WHERE id IN ({}, {}) ORDER BY id",
-        k0[1], k1[1]
-    );
-    let mut expected = [k0[1], k1[1]];
-    expected.sort();
-    let expected: Vec<Vec<Option<String>>> =
-        expected.iter().map(|k| vec![Some(k.to_string())]).collect();
-    assert_eq!(rows_of(&mut raw, &sql).await, expected, "{sql}: own writes");
-    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "4");
+    for key in [k0[1], k1[1]] {
+        assert_eq!(v_of(&mut raw, key).await.as_deref(), Some("rolled back"));
+    }
     // Not visible outside the transaction.
     assert_eq!(present(&sdb, h0, "tx_t", &[k0[1]]).await, 0);
     assert_eq!(present(&sdb, h1, "tx_t", &[k1[1]]).await, 0);
     ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
     assert_eq!(present(&sdb, h0, "tx_t", &[k0[1]]).await, 0);
     assert_eq!(present(&sdb, h1, "tx_t", &[k1[1]]).await, 0);
-    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "2");
+    for key in [k0[1], k1[1]] {
+        assert_eq!(v_of(&mut raw, key).await, None, "{key} after ROLLBACK");
+    }
 
     // 2. A transaction reading both shards commits.
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
     for key in [k0[0], k1[0]] {
-        let sql = format!("SELECT v FROM tx_t WHERE id = {key}");
-        assert_eq!(value_of(&mut raw, &sql).await, "pre", "{sql}");
+        assert_eq!(v_of(&mut raw, key).await.as_deref(), Some("pre"));
     }
-    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "2");
     ok(&q(&mut raw, "COMMIT").await, "COMMIT", "COMMIT", 'I');
 
     // 3. An error inside a transaction: every later statement gets 25P02 until ROLLBACK.
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
-    let sql = format!("INSERT INTO tx_t VALUES ({}, 'lost')", k1[2]);
+    let sql = format!("INSERT INTO tx_t (id, v) VALUES ({}, 'lost')", k1[2]);
     ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'T');
-    let sql = format!("INSERT INTO tx_t VALUES ({}, 'duplicate')", k0[0]);
+    let sql = format!("INSERT INTO tx_t (id, v) VALUES ({}, 'duplicate')", k0[0]);
     err(&q(&mut raw, &sql).await, &sql, "23505", 'E');
     for sql in [
         format!("SELECT v FROM tx_t WHERE id = {}", k1[0]),
         format!("SELECT v FROM tx_t WHERE id = {}", k0[0]),
         "SELECT count(*) FROM tx_t".to_string(),
-        format!("INSERT INTO tx_t VALUES ({}, 'after error')", k0[3]),
+        format!("INSERT INTO tx_t (id, v) VALUES ({}, 'after error')", k0[3]),
         "SELECT 1".to_string(),
     ] {
         err(&q(&mut raw, &sql).await, &sql, "25P02", 'E');
@@ -2530,34 +2613,31 @@ async fn transactions_across_shards() {
     ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
     assert_eq!(present(&sdb, h1, "tx_t", &[k1[2]]).await, 0);
     assert_eq!(present(&sdb, h0, "tx_t", &[k0[3]]).await, 0);
-    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "2");
+    assert_eq!(v_of(&mut raw, k1[2]).await, None);
 
     // 4. Writes on both shards and a keyless UPDATE, committed (2PC): all visible.
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
     for key in [k0[4], k1[4]] {
-        let sql = format!("INSERT INTO tx_t VALUES ({key}, 'new')");
+        let sql = format!("INSERT INTO tx_t (id, v) VALUES ({key}, 'new')");
         ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'T');
     }
     let sql = "UPDATE tx_t SET v = v || '+'";
     ok(&q(&mut raw, sql).await, sql, "UPDATE 4", 'T');
     ok(&q(&mut raw, "COMMIT").await, "COMMIT", "COMMIT", 'I');
-    let mut all = [
+    for (key, v) in [
         (k0[0], "pre+"),
         (k1[0], "pre+"),
         (k0[4], "new+"),
         (k1[4], "new+"),
-    ];
-    all.sort();
-    let expected: Vec<Vec<Option<String>>> = all
-        .iter()
-        .map(|(k, v)| vec![Some(k.to_string()), Some(v.to_string())])
-        .collect();
-    assert_eq!(
-        rows_of(&mut raw, "SELECT id, v FROM tx_t ORDER BY id").await,
-        expected
-    );
-    assert_eq!(present(&sdb, h0, "tx_t", &[k0[4]]).await, 1);
-    assert_eq!(present(&sdb, h1, "tx_t", &[k1[4]]).await, 1);
+    ] {
+        assert_eq!(
+            v_of(&mut raw, key).await.as_deref(),
+            Some(v),
+            "{key} after COMMIT"
+        );
+    }
+    assert_eq!(present(&sdb, h0, "tx_t", &[k0[0], k0[4]]).await, 2);
+    assert_eq!(present(&sdb, h1, "tx_t", &[k1[0], k1[4]]).await, 2);
     for shard in 0..shards {
         wait_for(
             "no prepared transaction left after a 2PC commit",
@@ -2569,7 +2649,7 @@ async fn transactions_across_shards() {
 
     // 5. COMMIT of a failed transaction: Postgres answers ROLLBACK (a tag, not an error).
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
-    let sql = format!("INSERT INTO tx_t VALUES ({}, 'duplicate')", k1[0]);
+    let sql = format!("INSERT INTO tx_t (id, v) VALUES ({}, 'duplicate')", k1[0]);
     err(&q(&mut raw, &sql).await, &sql, "23505", 'E');
     ok(&q(&mut raw, "COMMIT").await, "COMMIT", "ROLLBACK", 'I');
 
@@ -2578,10 +2658,28 @@ async fn transactions_across_shards() {
         ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
         let sql = "SELECT id, row_number() OVER (ORDER BY id) FROM tx_t";
         err(&q(&mut raw, sql).await, sql, "0A000", 'E');
-        let sql = "SELECT count(*) FROM tx_t";
-        err(&q(&mut raw, sql).await, sql, "25P02", 'E');
+        let sql = format!("SELECT v FROM tx_t WHERE id = {}", k0[0]);
+        err(&q(&mut raw, &sql).await, &sql, "25P02", 'E');
         ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
     }
+
+    // 7. Reads over every shard (merged) inside a transaction see its own writes.
+    ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+    for key in [k0[5], k1[5]] {
+        let sql = format!("INSERT INTO tx_t (id, v) VALUES ({key}, 'merged')");
+        ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'T');
+    }
+    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "6");
+    let mut keys = [k0[5], k1[5]];
+    keys.sort();
+    let sql = format!(
+        "SELECT id FROM tx_t WHERE id IN ({}, {}) ORDER BY id",
+        keys[0], keys[1]
+    );
+    let expected: Vec<Vec<Option<String>>> =
+        keys.iter().map(|k| vec![Some(k.to_string())]).collect();
+    assert_eq!(rows_of(&mut raw, &sql).await, expected, "{sql}: own writes");
+    ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
     assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "4");
     drop(front);
     sdb.drop_db().await;
@@ -2619,7 +2717,7 @@ async fn crash_during_commit(sdb: &ShardedDb, fault: &str, keys: [i64; 2], commi
     let mut raw = front.raw().await;
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
     for key in keys {
-        let sql = format!("INSERT INTO tpc_t VALUES ({key}, '{fault}')");
+        let sql = format!("INSERT INTO tpc_t (id, v) VALUES ({key}, '{fault}')");
         ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'T');
     }
     match raw.simple_query("COMMIT").await {
@@ -2697,15 +2795,14 @@ async fn crash_during_commit(sdb: &ShardedDb, fault: &str, keys: [i64; 2], commi
     );
     let next = Front::new(successor, sdb);
     let mut raw = next.raw().await;
-    let sql = format!(
-        "SELECT count(*) FROM tpc_t WHERE id IN ({}, {})",
-        keys[0], keys[1]
-    );
-    assert_eq!(
-        value_of(&mut raw, &sql).await,
-        (2 * expect).to_string(),
-        "{what}: through the successor"
-    );
+    for key in keys {
+        let sql = format!("SELECT count(*) FROM tpc_t WHERE id = {key}");
+        assert_eq!(
+            value_of(&mut raw, &sql).await,
+            expect.to_string(),
+            "{what}: {sql} through the successor"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2784,12 +2881,6 @@ async fn hints_route_to_the_named_shard() {
         port(0),
         "no hint, no table: the default shard"
     );
-    let total: i64 = counts.iter().sum();
-    assert_eq!(
-        value_of(&mut raw, "SELECT count(*) FROM hint_t").await,
-        total.to_string()
-    );
-
     // key=V: a keyless statement goes where V lives.
     let who = "SELECT inet_server_port(), count(*) FROM hint_t";
     for (key, shard) in [(42, shard_of_42), (key_other, other)] {
@@ -2820,6 +2911,13 @@ async fn hints_route_to_the_named_shard() {
             a.short()
         );
     }
+    // A new session has no shard key: the same statement covers every shard.
+    let mut fresh = front.raw().await;
+    let total: i64 = counts.iter().sum();
+    assert_eq!(
+        value_of(&mut fresh, "SELECT count(*) FROM hint_t").await,
+        total.to_string()
+    );
     drop(front);
     sdb.drop_db().await;
 }
