@@ -5,7 +5,6 @@ mod app;
 mod auth;
 mod cancel;
 mod health;
-mod merging;
 mod metrics;
 mod pool;
 mod protocol;

@@ -278,6 +278,15 @@ impl<'a> BindValues<'a> {
         })
     }
 
+    /// The values (`None` = NULL) and format codes as sent, for merge parameters.
+    pub fn values(&self) -> &[Option<&'a [u8]>] {
+        &self.values
+    }
+
+    pub fn formats(&self) -> &[i16] {
+        &self.formats
+    }
+
     /// Number of parameter values.
     pub fn len(&self) -> usize {
         self.values.len()

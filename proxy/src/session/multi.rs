@@ -22,7 +22,8 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use shardgate_router::{
-    scan, split_insert, Kind, Plan, Refusal, Role, SimplePlan, Target, TxControl,
+    scan, split_insert, ColumnInfo, Kind, MergeParams, Plan, Refusal, Role, RowMerger, SimplePlan,
+    Target, TxControl,
 };
 
 use super::{Buffers, Flow, Session, Stmt};
@@ -470,13 +471,10 @@ impl Session {
                 list.iter().map(|s| (*s, text.clone())).collect()
             }
         };
-        let merge_params: Vec<Option<Vec<u8>>> = sp
-            .literals
-            .iter()
-            .map(|l| Some(literal_text(l.text(sql)).into_bytes()))
-            .collect();
+        let literals: Vec<&str> = sp.literals.iter().map(|l| l.text(sql)).collect();
+        let merge_params = MergeParams::literals(&literals);
         let requests = |_: u32, text: &str, out: &mut BytesMut| protocol::query(out, text);
-        self.multi_run(routing, &plan, &texts, &merge_params, requests, io)
+        self.multi_run(routing, &plan, &texts, &merge_params, true, requests, io)
             .await?;
         self.multi_unit_end(io, true).await
     }
@@ -503,7 +501,8 @@ impl Session {
         routing: &Arc<Routing>,
         plan: &Plan,
         texts: &[(u32, Cow<'_, str>)],
-        merge_params: &[Option<Vec<u8>>],
+        merge_params: &MergeParams<'_>,
+        describe: bool,
         build: impl Fn(u32, &str, &mut BytesMut),
         io: &mut Buffers,
     ) -> Result<(), Flow> {
@@ -580,7 +579,7 @@ impl Session {
             });
         }
         self.app.metrics.queries.increment(1);
-        let combined = match self.exchange(plan, requests, merge_params).await {
+        let combined = match self.exchange(plan, requests, merge_params, describe).await {
             Ok(c) => c,
             Err(e) => {
                 // A shard connection broke mid-statement: its transaction is gone.
@@ -726,22 +725,38 @@ impl Session {
         &mut self,
         plan: &Plan,
         requests: Vec<Request>,
-        merge_params: &[Option<Vec<u8>>],
+        merge_params: &MergeParams<'_>,
+        describe: bool,
     ) -> Result<Combined, String> {
         let Some(tx) = self.shard_tx.as_mut() else {
             return Err("no shard connection".into());
         };
-        for r in &requests {
-            let p = &mut tx.parts[r.part];
-            if let Err(e) = p.server.conn.send(&r.bytes).await {
-                p.in_tx = false;
-                return Err(format!("shard {}: {e}", p.shard));
+        // Writes go to one shard after the other, in shard order: two statements that
+        // lock rows on the same shards then queue on the first one instead of each
+        // holding one shard and waiting for the other (a deadlock no shard can see).
+        let serial = plan.role == Role::Primary && requests.len() > 1;
+        let mut requests = requests;
+        if serial {
+            requests.sort_by_key(|r| tx.parts[r.part].shard);
+        }
+        if !serial {
+            for r in &requests {
+                let p = &mut tx.parts[r.part];
+                if let Err(e) = p.server.conn.send(&r.bytes).await {
+                    p.in_tx = false;
+                    return Err(format!("shard {}: {e}", p.shard));
+                }
             }
         }
-        let many = requests.len() > 1;
-        let mut combine = Combiner::new(plan, many, merge_params);
+        let mut combine = Combiner::new(plan, requests.len(), merge_params, describe);
         for (i, r) in requests.iter().enumerate() {
             let p = &mut tx.parts[r.part];
+            if serial {
+                if let Err(e) = p.server.conn.send(&r.bytes).await {
+                    p.in_tx = false;
+                    return Err(format!("shard {}: {e}", p.shard));
+                }
+            }
             let mut hidden = r.hidden;
             loop {
                 let n = match p.server.conn.read_msg().await {
@@ -1282,8 +1297,7 @@ impl Session {
                 .collect(),
             None => list.iter().map(|s| (*s, rewritten.clone())).collect(),
         };
-        let nparams = bind.len();
-        let merge_params: Vec<Option<Vec<u8>>> = (1..=nparams).map(|n| bind.text(n)).collect();
+        let merge_params = MergeParams::bind(bind.values(), bind.formats());
         let types = param_types(&stmt.tail);
         let build = |shard: u32, text: &str, out: &mut BytesMut| {
             let params: Option<&Vec<usize>> = split
@@ -1326,7 +1340,7 @@ impl Session {
                 p.server.conn.unnamed = None;
             }
         }
-        self.multi_run(routing, &plan, &texts, &merge_params, build, io)
+        self.multi_run(routing, &plan, &texts, &merge_params, false, build, io)
             .await?;
         if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
             self.skip_until_sync = true;
@@ -1510,38 +1524,47 @@ fn release_part(p: Part) {
 }
 
 /// Combines the replies of one statement run on one or several shards.
-struct Combiner {
+struct Combiner<'p> {
     out: BytesMut,
     error: Option<Bytes>,
-    many: bool,
+    shards: usize,
+    /// Forward a RowDescription (simple protocol; in the extended protocol the client
+    /// asks with Describe).
+    describe: bool,
     described: bool,
     verb: Option<String>,
     count: u64,
     counted: bool,
     rows: u64,
-    merger: Option<crate::merging::Merging>,
-    merge_unsupported: Option<String>,
-    plan_merge: Option<shardgate_router::MergePlan>,
-    params: Vec<Option<Vec<u8>>>,
+    merger: Option<RowMerger>,
+    merge_error: Option<(&'static str, String)>,
+    plan_merge: Option<&'p shardgate_router::MergePlan>,
+    params: &'p MergeParams<'p>,
     copy_out: bool,
 }
 
-impl Combiner {
-    fn new(plan: &Plan, many: bool, params: &[Option<Vec<u8>>]) -> Combiner {
-        let plan_merge = plan.merge.clone().filter(|m| many && !m.is_concat());
+impl<'p> Combiner<'p> {
+    fn new(
+        plan: &'p Plan,
+        shards: usize,
+        params: &'p MergeParams<'p>,
+        describe: bool,
+    ) -> Combiner<'p> {
+        let plan_merge = plan.merge.as_ref().filter(|m| shards > 1 && !m.is_concat());
         Combiner {
             out: BytesMut::new(),
             error: None,
-            many,
+            shards,
+            describe,
             described: false,
             verb: None,
             count: 0,
             counted: false,
             rows: 0,
             merger: None,
-            merge_unsupported: None,
+            merge_error: None,
             plan_merge,
-            params: params.to_vec(),
+            params,
             copy_out: false,
         }
     }
@@ -1552,44 +1575,65 @@ impl Combiner {
         }
     }
 
+    fn merge_failed(&mut self, e: shardgate_router::MergeError) {
+        self.merge_error.get_or_insert((e.sqlstate, e.message));
+    }
+
     fn message(&mut self, shard: usize, msg: &Bytes) {
         match msg[0] {
             b'E' => self.error(msg),
             b'T' => {
-                if let Some(plan) = &self.plan_merge {
-                    if self.merger.is_none() && self.merge_unsupported.is_none() {
-                        match crate::merging::Merging::new(plan, body(msg), &self.params) {
+                if let Some(plan) = self.plan_merge {
+                    if self.merger.is_none() && self.merge_error.is_none() {
+                        let made = ColumnInfo::from_row_description(body(msg))
+                            .and_then(|cols| RowMerger::new(plan, &cols, self.shards, self.params));
+                        match made {
                             Ok(m) => self.merger = Some(m),
-                            Err(e) => self.merge_unsupported = Some(e),
+                            Err(e) => self.merge_failed(e),
                         }
                     }
                 }
-                if !self.described {
+                if self.describe && !self.described {
                     self.described = true;
                     match &self.merger {
-                        Some(m) => m.row_description(body(msg), &mut self.out),
+                        Some(m) => {
+                            if let Err(e) = m.row_description(body(msg), &mut self.out) {
+                                self.merge_failed(e);
+                            }
+                        }
                         None => self.out.extend_from_slice(msg),
                     }
                 }
             }
             b'D' => match &mut self.merger {
                 Some(m) => {
-                    if let Err(e) = m.push(shard, body(msg), &mut self.out) {
-                        self.merge_unsupported.get_or_insert(e);
+                    let r = m
+                        .push(shard, body(msg))
+                        .and_then(|()| m.drain_into(&mut self.out));
+                    match r {
+                        Ok(n) => self.rows += n as u64,
+                        Err(e) => self.merge_failed(e),
                     }
                 }
+                // The merge could not start: the error is reported at the end.
+                None if self.plan_merge.is_some() => {}
                 None => {
                     self.rows += 1;
                     self.out.extend_from_slice(msg);
                 }
             },
-            b'C' => self.tag(body(msg)),
-            b'I' | b'n' | b'1' | b'2' | b's' => {
-                if msg[0] == b'I' && shard == 0 {
-                    self.out.extend_from_slice(msg);
+            b'C' => {
+                if let Some(m) = &mut self.merger {
+                    m.finish_shard(shard);
+                    match m.drain_into(&mut self.out) {
+                        Ok(n) => self.rows += n as u64,
+                        Err(e) => self.merge_failed(e),
+                    }
                 }
+                self.tag(body(msg))
             }
-            b'N' | b'A' => {
+            b'I' | b'N' | b'A' => {
+                // Once, not once per shard.
                 if shard == 0 {
                     self.out.extend_from_slice(msg);
                 }
@@ -1601,7 +1645,6 @@ impl Combiner {
                 }
             }
             b'd' => self.out.extend_from_slice(msg),
-            b'c' => {}
             _ => {}
         }
     }
@@ -1627,26 +1670,21 @@ impl Combiner {
 
     fn shard_done(&mut self, shard: usize) {
         if let Some(m) = &mut self.merger {
-            if let Err(e) = m.finish_shard(shard, &mut self.out) {
-                self.merge_unsupported.get_or_insert(e);
-            }
+            m.finish_shard(shard);
         }
     }
 
     fn finish(mut self) -> Combined {
         if let Some(m) = &mut self.merger {
-            match m.finish(&mut self.out) {
-                Ok(n) => self.rows = n,
-                Err(e) => {
-                    self.merge_unsupported.get_or_insert(e);
-                }
+            match m.drain_into(&mut self.out) {
+                Ok(n) => self.rows += n as u64,
+                Err(e) => self.merge_failed(e),
             }
         }
         if self.error.is_none() {
-            if let Some(e) = self.merge_unsupported.take() {
+            if let Some((code, msg)) = self.merge_error.take() {
                 let mut b = BytesMut::new();
-                let (code, msg) = e.split_once(':').unwrap_or(("0A000", e.as_str()));
-                protocol::error_response(&mut b, "ERROR", code, msg.trim());
+                protocol::error_response(&mut b, "ERROR", code, &msg);
                 self.error = Some(b.freeze());
             }
         }
@@ -1654,7 +1692,7 @@ impl Combiner {
             protocol::write_msg(&mut self.out, b'c', |_| {});
         }
         if let Some(verb) = &self.verb {
-            let tag = if verb == "SELECT" && self.merger.is_some() {
+            let tag = if self.merger.is_some() && verb == "SELECT" {
                 format!("SELECT {}", self.rows)
             } else if self.counted {
                 format!("{verb} {}", self.count)
@@ -1663,7 +1701,6 @@ impl Combiner {
             };
             protocol::command_complete(&mut self.out, &tag);
         }
-        let _ = self.many;
         Combined {
             out: self.out,
             error: self.error,
@@ -1754,12 +1791,4 @@ fn raise_sql(r: &Refusal) -> String {
 fn join_shards(shards: &[u32]) -> String {
     let v: Vec<String> = shards.iter().map(u32::to_string).collect();
     v.join(", ")
-}
-
-/// A normalized constant as merge parameter text: quotes removed from strings.
-fn literal_text(lit: &str) -> String {
-    match lit.strip_prefix('\'').and_then(|l| l.strip_suffix('\'')) {
-        Some(inner) => inner.replace("''", "'"),
-        None => lit.to_string(),
-    }
 }
