@@ -4,6 +4,7 @@ mod admin;
 mod app;
 mod auth;
 mod cancel;
+mod copy_rows;
 mod health;
 mod metrics;
 mod pool;

@@ -1104,6 +1104,9 @@ fn plan_copy(
             };
             let mut d = draft(Kind::Copy, role, Target::Default, &t);
             d.plan.copy = Some(info.clone());
+            if d.plan.tables.is_empty() {
+                d.plan.tables.push(name.clone());
+            }
             match class {
                 TableClass::Sharded(sh) => {
                     if !stdio {

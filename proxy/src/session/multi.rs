@@ -27,6 +27,7 @@ use shardgate_router::{
 };
 
 use super::{Buffers, Flow, Session, Stmt};
+use crate::copy_rows::{CopyLine, CopyRows};
 use crate::pool::Checkout;
 use crate::protocol::{self, body, sqlstate, Reader};
 use crate::routing::{BindValues, Routing, Shards};
@@ -439,6 +440,12 @@ impl Session {
             Err(r) => return self.multi_refuse(&r, io).await,
         };
         let list = self.shard_list(&shards, routing);
+        if plan.kind == Kind::Copy
+            && plan.copy.as_ref().is_some_and(|c| c.from)
+            && matches!(plan.target, Target::SplitCopy { .. } | Target::Each)
+        {
+            return self.multi_copy_in(routing, &plan, sql, &list, io).await;
+        }
         // A multi-row INSERT spanning shards: each shard gets its own rows.
         let split = match (&plan.target, list.len() > 1) {
             (Target::SplitInsert { .. }, true) => {
@@ -602,6 +609,412 @@ impl Session {
         }
         let _ = combined.rows;
         Ok(())
+    }
+
+    /// `COPY table FROM STDIN` into a sharded table (each row to its key's shard) or a
+    /// reference table (every row to every shard), as one transaction per shard.
+    async fn multi_copy_in(
+        &mut self,
+        routing: &Arc<Routing>,
+        plan: &Plan,
+        sql: &str,
+        list: &[u32],
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let Some(info) = plan.copy.clone() else {
+            return self
+                .multi_refuse(&Refusal::unsupported("COPY without options"), io)
+                .await;
+        };
+        let explicit = self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some());
+        let written: Vec<u32> = {
+            let mut w: Vec<u32> = self
+                .shard_tx
+                .as_ref()
+                .map(|t| {
+                    t.parts
+                        .iter()
+                        .filter(|p| p.wrote)
+                        .map(|p| p.shard)
+                        .collect()
+                })
+                .unwrap_or_default();
+            w.extend_from_slice(list);
+            w.sort_unstable();
+            w.dedup();
+            w
+        };
+        if written.len() > 1 && !routing.two_phase_commit {
+            let r = Refusal::unsupported(format!(
+                "COPY into {} writes to shards {}; set two_phase_commit = true for database \"{}\" to allow writes that span shards",
+                plan.tables.first().map_or("the table", |t| t.as_str()),
+                join_shards(&written),
+                self.pools.database
+            ));
+            return self.multi_refuse(&r, io).await;
+        }
+        let split = match &plan.target {
+            Target::SplitCopy {
+                key_type,
+                key_index,
+            } => {
+                let key_index = match key_index {
+                    Some(i) => *i,
+                    None => match self.key_position(routing, plan, list[0]).await {
+                        Ok(i) => i,
+                        Err((code, message)) => {
+                            self.fail_statement(&Refusal::unsupported(message.clone()));
+                            protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+                            return self.multi_unit_end(io, true).await;
+                        }
+                    },
+                };
+                match CopyRows::new(&info, key_index) {
+                    Some(rows) => Some((rows, *key_type)),
+                    None => {
+                        let r = Refusal::unsupported(
+                            "COPY FROM STDIN in binary format into a sharded table is not supported; use text or csv",
+                        );
+                        return self.multi_refuse(&r, io).await;
+                    }
+                }
+            }
+            _ => None,
+        };
+        // Start the COPY on every shard, each in a transaction.
+        let mut parts = Vec::with_capacity(list.len());
+        for &shard in list {
+            let part = match self.part_for(shard, true).await {
+                Ok(i) => i,
+                Err((code, message)) => {
+                    self.fail_statement(&Refusal::unsupported(message.clone()));
+                    protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+                    return self.multi_unit_end(io, true).await;
+                }
+            };
+            let tx = self
+                .shard_tx
+                .as_mut()
+                .expect("part_for made the transaction");
+            let mut req = BytesMut::new();
+            let mut hidden = 0;
+            let p = &mut tx.parts[part];
+            if !p.in_tx {
+                protocol::query(&mut req, tx.begin.as_deref().unwrap_or("BEGIN"));
+                hidden = 1;
+                p.in_tx = true;
+            }
+            p.wrote = true;
+            protocol::query(&mut req, sql);
+            if let Err(e) = p.server.conn.send(&req).await {
+                p.in_tx = true;
+                let m = format!("shard {shard}: {e}");
+                self.fail_statement(&Refusal::unsupported(m.clone()));
+                protocol::error_response(&mut io.cout, "ERROR", sqlstate::CONNECTION_FAILURE, &m);
+                return self.multi_unit_end(io, true).await;
+            }
+            parts.push((part, hidden));
+        }
+        // Each shard answers CopyInResponse (or an error, then ReadyForQuery).
+        let mut copy_in: Option<BytesMut> = None;
+        let mut error: Option<Bytes> = None;
+        let mut copying = vec![false; parts.len()];
+        for (k, &(part, hidden)) in parts.iter().enumerate() {
+            let tx = self.shard_tx.as_mut().expect("parts exist");
+            let p = &mut tx.parts[part];
+            let mut hidden = hidden;
+            loop {
+                let n = match p.server.conn.read_msg().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        error.get_or_insert_with(|| {
+                            error_bytes(
+                                sqlstate::CONNECTION_FAILURE,
+                                &format!("shard {}: {e}", p.shard),
+                            )
+                        });
+                        break;
+                    }
+                };
+                let msg = p.server.conn.rbuf.split_to(n);
+                match msg[0] {
+                    b'Z' if hidden > 0 => hidden -= 1,
+                    b'Z' => break,
+                    b'E' => {
+                        error.get_or_insert_with(|| msg.freeze());
+                    }
+                    b'G' if hidden == 0 => {
+                        copying[k] = true;
+                        copy_in.get_or_insert(msg);
+                        break;
+                    }
+                    b'S' => p.server.conn.record_param(body(&msg)),
+                    _ => {}
+                }
+            }
+        }
+        let Some(copy_in) = copy_in.filter(|_| error.is_none()) else {
+            self.copy_abort(&parts, &copying, "COPY failed on another shard")
+                .await;
+            self.fail_statement(&Refusal::unsupported(String::new()));
+            if let Some(e) = error {
+                io.cout.extend_from_slice(&e);
+            }
+            return self.multi_unit_end(io, true).await;
+        };
+        io.cout.extend_from_slice(&copy_in);
+        if self.flush(io).await.is_err() {
+            return Err(Flow::Exit);
+        }
+        // Relay the client's data, row by row to the owning shard.
+        let mut outs: Vec<BytesMut> = parts.iter().map(|_| BytesMut::new()).collect();
+        let index_of = |shard: u32| list.iter().position(|s| *s == shard).unwrap_or(0);
+        let mut split = split;
+        let mut client_failed: Option<String> = None;
+        let max = self.app.config.general.max_client_message_size;
+        'client: loop {
+            let len = match protocol::frame_len(&io.cin, max) {
+                Ok(Some(n)) => n,
+                Ok(None) => {
+                    match tokio::io::AsyncReadExt::read_buf(&mut self.client, &mut io.cin).await {
+                        Ok(0) | Err(_) => {
+                            self.copy_abort(&parts, &copying, "client went away during COPY")
+                                .await;
+                            return Err(Flow::Exit);
+                        }
+                        Ok(_) => continue,
+                    }
+                }
+                Err(e) => {
+                    client_failed = Some(format!("invalid message from client: {e}"));
+                    break;
+                }
+            };
+            let msg = io.cin.split_to(len);
+            match msg[0] {
+                b'd' => {
+                    let data = body(&msg);
+                    match &mut split {
+                        Some((rows, key_type)) => {
+                            let mut each = |line: CopyLine<'_>| match line {
+                                CopyLine::All(l) => {
+                                    for o in outs.iter_mut() {
+                                        o.extend_from_slice(l);
+                                    }
+                                }
+                                CopyLine::Row(l, key) => {
+                                    let shard = key
+                                        .and_then(|k| routing.shard_of_text(*key_type, &k))
+                                        .unwrap_or(list[0]);
+                                    outs[index_of(shard)].extend_from_slice(l);
+                                }
+                            };
+                            rows.feed(data, &mut each);
+                        }
+                        None => {
+                            for o in outs.iter_mut() {
+                                o.extend_from_slice(data);
+                            }
+                        }
+                    }
+                    if outs.iter().any(|o| o.len() >= COPY_CHUNK) {
+                        if let Err(e) = self.copy_send(&parts, &mut outs, false).await {
+                            client_failed = Some(e);
+                            break 'client;
+                        }
+                    }
+                }
+                b'c' => break,
+                b'f' => {
+                    let m = Reader::new(body(&msg)).cstr().unwrap_or_default();
+                    client_failed = Some(format!(
+                        "COPY from stdin failed: {}",
+                        String::from_utf8_lossy(m)
+                    ));
+                    break;
+                }
+                b'H' | b'S' => {}
+                other => {
+                    client_failed = Some(format!(
+                        "unexpected message type 0x{other:02x} during COPY from stdin"
+                    ));
+                    break;
+                }
+            }
+        }
+        if let Some((rows, key_type)) = &mut split {
+            let mut each = |line: CopyLine<'_>| match line {
+                CopyLine::All(l) => {
+                    for o in outs.iter_mut() {
+                        o.extend_from_slice(l);
+                    }
+                }
+                CopyLine::Row(l, key) => {
+                    let shard = key
+                        .and_then(|k| routing.shard_of_text(*key_type, &k))
+                        .unwrap_or(list[0]);
+                    outs[index_of(shard)].extend_from_slice(l);
+                }
+            };
+            rows.finish(&mut each);
+        }
+        if let Some(reason) = client_failed {
+            self.copy_abort(&parts, &copying, &reason).await;
+            self.fail_statement(&Refusal::unsupported(reason.clone()));
+            protocol::error_response(&mut io.cout, "ERROR", "57014", &reason);
+            return self.multi_unit_end(io, true).await;
+        }
+        if let Err(e) = self.copy_send(&parts, &mut outs, true).await {
+            self.fail_statement(&Refusal::unsupported(e.clone()));
+            protocol::error_response(&mut io.cout, "ERROR", sqlstate::CONNECTION_FAILURE, &e);
+            return self.multi_unit_end(io, true).await;
+        }
+        // Every shard's CommandComplete (COPY n), summed.
+        let mut total = 0u64;
+        let mut error: Option<Bytes> = None;
+        for &(part, _) in &parts {
+            let tx = self.shard_tx.as_mut().expect("parts exist");
+            let p = &mut tx.parts[part];
+            loop {
+                let n = match p.server.conn.read_msg().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        p.in_tx = true;
+                        error.get_or_insert_with(|| {
+                            error_bytes(
+                                sqlstate::CONNECTION_FAILURE,
+                                &format!("shard {}: {e}", p.shard),
+                            )
+                        });
+                        break;
+                    }
+                };
+                let msg = p.server.conn.rbuf.split_to(n);
+                match msg[0] {
+                    b'C' => {
+                        let tag = String::from_utf8_lossy(body(&msg));
+                        total += tag
+                            .trim_end_matches('\0')
+                            .rsplit(' ')
+                            .next()
+                            .and_then(|n| n.parse::<u64>().ok())
+                            .unwrap_or(0);
+                    }
+                    b'E' => {
+                        error.get_or_insert_with(|| msg.freeze());
+                    }
+                    b'Z' => break,
+                    _ => {}
+                }
+            }
+        }
+        match error {
+            Some(e) => {
+                self.fail_statement(&Refusal::unsupported(String::new()));
+                io.cout.extend_from_slice(&e);
+            }
+            None => protocol::command_complete(&mut io.cout, &format!("COPY {total}")),
+        }
+        let _ = explicit;
+        self.multi_unit_end(io, true).await
+    }
+
+    /// Sends what is buffered for each shard as CopyData, then CopyDone when `done`.
+    async fn copy_send(
+        &mut self,
+        parts: &[(usize, usize)],
+        outs: &mut [BytesMut],
+        done: bool,
+    ) -> Result<(), String> {
+        let Some(tx) = self.shard_tx.as_mut() else {
+            return Err("no shard connection".into());
+        };
+        for (k, &(part, _)) in parts.iter().enumerate() {
+            let p = &mut tx.parts[part];
+            let mut msg = BytesMut::with_capacity(outs[k].len() + 10);
+            if !outs[k].is_empty() {
+                protocol::write_msg(&mut msg, b'd', |o| o.extend_from_slice(&outs[k]));
+                outs[k].clear();
+            }
+            if done {
+                protocol::write_msg(&mut msg, b'c', |_| {});
+            }
+            if !msg.is_empty() {
+                p.server
+                    .conn
+                    .send(&msg)
+                    .await
+                    .map_err(|e| format!("shard {}: {e}", p.shard))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a COPY on every shard that started it with CopyFail, and reads the shards to
+    /// their ReadyForQuery.
+    async fn copy_abort(&mut self, parts: &[(usize, usize)], copying: &[bool], reason: &str) {
+        let Some(tx) = self.shard_tx.as_mut() else {
+            return;
+        };
+        for (k, &(part, _)) in parts.iter().enumerate() {
+            if !copying.get(k).copied().unwrap_or(false) {
+                continue;
+            }
+            let p = &mut tx.parts[part];
+            let mut msg = BytesMut::new();
+            protocol::write_msg(&mut msg, b'f', |o| protocol::put_cstr(o, reason.as_bytes()));
+            if p.server.conn.send(&msg).await.is_err() {
+                continue;
+            }
+            loop {
+                match p.server.conn.read_msg().await {
+                    Ok(n) => {
+                        let m = p.server.conn.rbuf.split_to(n);
+                        if m[0] == b'Z' {
+                            break;
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// The position of the shard key among the table's columns (a COPY that names no
+    /// columns sends them all, in table order).
+    async fn key_position(
+        &mut self,
+        routing: &Arc<Routing>,
+        plan: &Plan,
+        shard: u32,
+    ) -> Result<usize, (String, String)> {
+        let table = plan.tables.first().cloned().unwrap_or_default();
+        let key = routing
+            .catalog
+            .sharded
+            .iter()
+            .find(|(name, _)| name.rsplit('.').next() == Some(table.as_str()) || **name == table)
+            .map(|(_, t)| t.key_column.clone())
+            .ok_or_else(|| {
+                (
+                    "0A000".to_string(),
+                    format!("no shard key known for {table}"),
+                )
+            })?;
+        let part = self.part_for(shard, true).await?;
+        let tx = self
+            .shard_tx
+            .as_mut()
+            .expect("part_for made the transaction");
+        let sql = format!(
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
+            table.replace('\'', "''")
+        );
+        let names = query_value(&mut tx.parts[part], &sql).await?;
+        names
+            .split(',')
+            .position(|c| c == key)
+            .ok_or_else(|| ("0A000".into(), format!("table {table} has no column {key}")))
     }
 
     fn holds_tx(&self) -> bool {
@@ -1512,6 +1925,15 @@ enum BatchTarget {
         primary: bool,
     },
     Many,
+}
+
+/// CopyData is sent to a shard once this much is buffered for it.
+const COPY_CHUNK: usize = 64 * 1024;
+
+fn error_bytes(code: &str, message: &str) -> Bytes {
+    let mut b = BytesMut::new();
+    protocol::error_response(&mut b, "ERROR", code, message);
+    b.freeze()
 }
 
 /// Gives a part's connection back if it is clean, closes it otherwise.

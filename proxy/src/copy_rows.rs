@@ -1,0 +1,373 @@
+//! Splitting `COPY ... FROM STDIN` data into rows and finding each row's shard-key field,
+//! in the text and CSV formats, exactly as the server will read them. Pure: the session
+//! feeds CopyData payloads (which split rows anywhere) and gets whole rows back.
+
+use shardgate_router::{CopyFormat, CopyInfo};
+
+pub struct CopyRows {
+    csv: bool,
+    delimiter: u8,
+    quote: u8,
+    escape: u8,
+    null: Vec<u8>,
+    /// Column of the shard key, 0-based.
+    key_index: usize,
+    /// The first line is a header: every shard gets it.
+    header_pending: bool,
+    /// Bytes of an incomplete row.
+    partial: Vec<u8>,
+    /// The `\.` end marker was seen: the rest is ignored (as the server does).
+    ended: bool,
+}
+
+/// One line of COPY data.
+pub enum CopyLine<'a> {
+    /// For every shard (the header).
+    All(&'a [u8]),
+    /// A row and its key field (`None` for NULL), unescaped.
+    Row(&'a [u8], Option<Vec<u8>>),
+}
+
+impl CopyRows {
+    /// `None` for the binary format (not split).
+    pub fn new(info: &CopyInfo, key_index: usize) -> Option<CopyRows> {
+        let csv = match info.format {
+            CopyFormat::Text => false,
+            CopyFormat::Csv => true,
+            CopyFormat::Binary => return None,
+        };
+        let delimiter = info
+            .delimiter
+            .map_or(if csv { b',' } else { b'\t' }, |c| c as u8);
+        let quote = info.quote.map_or(b'"', |c| c as u8);
+        let escape = info.escape.map_or(quote, |c| c as u8);
+        let null = info
+            .null
+            .clone()
+            .map(String::into_bytes)
+            .unwrap_or_else(|| if csv { Vec::new() } else { b"\\N".to_vec() });
+        Some(CopyRows {
+            csv,
+            delimiter,
+            quote,
+            escape,
+            null,
+            key_index,
+            header_pending: info.header,
+            partial: Vec::new(),
+            ended: false,
+        })
+    }
+
+    /// Feeds CopyData bytes; `each` gets every completed line (with its line ending).
+    pub fn feed(&mut self, mut data: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
+        while !data.is_empty() && !self.ended {
+            // Rows complete within `data` are handled without copying them.
+            let end = if self.partial.is_empty() {
+                self.row_end(data, 0)
+            } else {
+                None
+            };
+            match end {
+                Some(e) => {
+                    let (line, rest) = data.split_at(e + 1);
+                    self.line(line, each);
+                    data = rest;
+                }
+                None => {
+                    self.partial.extend_from_slice(data);
+                    data = &[];
+                    // A row may now be complete in `partial`: rescan it from its start (a
+                    // CSV quote state depends on everything before).
+                    while let Some(e) = self.row_end(&self.partial, 0) {
+                        let line: Vec<u8> = self.partial.drain(..=e).collect();
+                        self.line(&line, each);
+                        if self.ended {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The data ended (CopyDone): a last line without a newline still counts.
+    pub fn finish(&mut self, each: &mut dyn FnMut(CopyLine<'_>)) {
+        if !self.partial.is_empty() && !self.ended {
+            let line = std::mem::take(&mut self.partial);
+            self.line(&line, each);
+        }
+    }
+
+    /// Index of the newline that ends the row starting at `from`.
+    fn row_end(&self, buf: &[u8], from: usize) -> Option<usize> {
+        if !self.csv {
+            // In text format a newline inside a value is always escaped (`\n`), so every
+            // raw newline ends a row. (An escaped raw newline, "\\\n", is not produced by
+            // Postgres and also ends the row there.)
+            return memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
+        }
+        let mut in_quotes = false;
+        let mut i = from;
+        while i < buf.len() {
+            let b = buf[i];
+            if in_quotes {
+                if self.escapes(b, buf.get(i + 1).copied()) {
+                    i += 2;
+                    continue;
+                }
+                if b == self.quote {
+                    in_quotes = false;
+                }
+            } else if b == self.quote {
+                in_quotes = true;
+            } else if b == b'\n' {
+                return Some(i);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Inside quotes, `b` followed by `next` is an escaped character (`""` when the
+    /// escape is the quote; `\"` or `\\` with another escape character).
+    fn escapes(&self, b: u8, next: Option<u8>) -> bool {
+        b == self.escape
+            && (next == Some(self.quote)
+                || (self.escape != self.quote && next == Some(self.escape)))
+    }
+
+    fn line(&mut self, line: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
+        let content = trim_newline(line);
+        if content == b"\\." {
+            self.ended = true;
+            return;
+        }
+        if self.header_pending {
+            self.header_pending = false;
+            each(CopyLine::All(line));
+            return;
+        }
+        let key = if self.csv {
+            self.csv_field(content)
+        } else {
+            self.text_field(content)
+        };
+        each(CopyLine::Row(line, key));
+    }
+
+    fn text_field(&self, row: &[u8]) -> Option<Vec<u8>> {
+        let mut field = 0;
+        let mut start = 0;
+        let mut i = 0;
+        let mut end = row.len();
+        while i < row.len() {
+            if row[i] == b'\\' {
+                i += 2;
+                continue;
+            }
+            if row[i] == self.delimiter {
+                if field == self.key_index {
+                    end = i;
+                    break;
+                }
+                field += 1;
+                start = i + 1;
+            }
+            i += 1;
+        }
+        if field != self.key_index {
+            return None;
+        }
+        let raw = &row[start..end.min(row.len())];
+        if raw == self.null.as_slice() {
+            return None;
+        }
+        Some(unescape_text(raw))
+    }
+
+    fn csv_field(&self, row: &[u8]) -> Option<Vec<u8>> {
+        let mut field = 0;
+        let mut i = 0;
+        loop {
+            // At the start of field `field`.
+            let mut value = Vec::new();
+            let mut quoted = false;
+            let start = i;
+            while i < row.len() && row[i] != self.delimiter {
+                if row[i] == self.quote {
+                    quoted = true;
+                    i += 1;
+                    while i < row.len() {
+                        let b = row[i];
+                        let next = row.get(i + 1).copied();
+                        if self.escapes(b, next) {
+                            value.push(next.unwrap_or(b));
+                            i += 2;
+                            continue;
+                        }
+                        if b == self.quote {
+                            i += 1;
+                            break;
+                        }
+                        value.push(b);
+                        i += 1;
+                    }
+                } else {
+                    value.push(row[i]);
+                    i += 1;
+                }
+            }
+            if field == self.key_index {
+                let raw = &row[start..i];
+                if !quoted && raw == self.null.as_slice() {
+                    return None;
+                }
+                return Some(value);
+            }
+            if i >= row.len() {
+                return None;
+            }
+            i += 1;
+            field += 1;
+        }
+    }
+}
+
+fn trim_newline(line: &[u8]) -> &[u8] {
+    let l = line.strip_suffix(b"\n").unwrap_or(line);
+    l.strip_suffix(b"\r").unwrap_or(l)
+}
+
+/// Text-format escapes: `\b \f \n \r \t \v`, octal `\ooo`, hex `\xhh`, else the character.
+fn unescape_text(raw: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let b = raw[i];
+        if b != b'\\' || i + 1 >= raw.len() {
+            out.push(b);
+            i += 1;
+            continue;
+        }
+        let c = raw[i + 1];
+        i += 2;
+        match c {
+            b'b' => out.push(8),
+            b'f' => out.push(12),
+            b'n' => out.push(b'\n'),
+            b'r' => out.push(b'\r'),
+            b't' => out.push(b'\t'),
+            b'v' => out.push(11),
+            b'0'..=b'7' => {
+                let mut v = u32::from(c - b'0');
+                let mut n = 1;
+                while n < 3 && i < raw.len() && (b'0'..=b'7').contains(&raw[i]) {
+                    v = v * 8 + u32::from(raw[i] - b'0');
+                    i += 1;
+                    n += 1;
+                }
+                out.push((v & 0xff) as u8);
+            }
+            b'x' if i < raw.len() && raw[i].is_ascii_hexdigit() => {
+                let mut v = 0u32;
+                let mut n = 0;
+                while n < 2 && i < raw.len() && raw[i].is_ascii_hexdigit() {
+                    v = v * 16 + (raw[i] as char).to_digit(16).unwrap_or(0);
+                    i += 1;
+                    n += 1;
+                }
+                out.push(v as u8);
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(format: CopyFormat, header: bool) -> CopyInfo {
+        CopyInfo {
+            from: true,
+            columns: Vec::new(),
+            format,
+            delimiter: None,
+            header,
+            quote: None,
+            escape: None,
+            null: None,
+        }
+    }
+
+    fn split(rows: &mut CopyRows, chunks: &[&[u8]]) -> Vec<(String, Option<String>)> {
+        let mut out = Vec::new();
+        let mut each = |l: CopyLine<'_>| match l {
+            CopyLine::All(h) => {
+                out.push((String::from_utf8_lossy(h).into_owned(), Some("*".into())))
+            }
+            CopyLine::Row(r, k) => out.push((
+                String::from_utf8_lossy(r).into_owned(),
+                k.map(|k| String::from_utf8_lossy(&k).into_owned()),
+            )),
+        };
+        for c in chunks {
+            rows.feed(c, &mut each);
+        }
+        rows.finish(&mut each);
+        out
+    }
+
+    #[test]
+    fn text_rows_split_anywhere_with_escapes_and_nulls() {
+        let mut r = CopyRows::new(&info(CopyFormat::Text, false), 1).expect("text");
+        let got = split(
+            &mut r,
+            &[
+                b"1\ta\\tb\tx\n2\t",
+                b"\\N\ty\n3\t\\101\\x42\tz",
+                b"\n\\.\n9\tq\n",
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("1\ta\\tb\tx\n".into(), Some("a\tb".into())),
+                ("2\t\\N\ty\n".into(), None),
+                ("3\t\\101\\x42\tz\n".into(), Some("AB".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn csv_rows_keep_quoted_newlines_and_header() {
+        let mut r = CopyRows::new(&info(CopyFormat::Csv, true), 0).expect("csv");
+        let got = split(
+            &mut r,
+            &[
+                b"id,body\n\"4\",\"multi\nline, \"\"q\"\"\"\n",
+                b"5,plain\n,empty\n\"\",x",
+            ],
+        );
+        assert_eq!(
+            got,
+            vec![
+                ("id,body\n".into(), Some("*".into())),
+                (
+                    "\"4\",\"multi\nline, \"\"q\"\"\"\n".into(),
+                    Some("4".into())
+                ),
+                ("5,plain\n".into(), Some("5".into())),
+                (",empty\n".into(), None),
+                ("\"\",x".into(), Some("".into())),
+            ]
+        );
+    }
+
+    #[test]
+    fn binary_is_not_split() {
+        assert!(CopyRows::new(&info(CopyFormat::Binary, false), 0).is_none());
+    }
+}
