@@ -93,6 +93,20 @@ impl Routing {
         cache.plan_simple(sql, &self.catalog)
     }
 
+    /// The plan of a text under the session's `SET shardgate.shard_key` (not cached: the
+    /// hint is rare and per session).
+    pub fn plan_hinted(&self, sql: &str, key: &str) -> Arc<Plan> {
+        let hint = shardgate_router::Hint {
+            key: Some(key.to_string()),
+            ..Default::default()
+        };
+        Arc::new(shardgate_router::plan_with_hint(
+            sql,
+            &self.catalog,
+            Some(&hint),
+        ))
+    }
+
     fn shard_of(&self, key: &RouterKey) -> u32 {
         let k = match key {
             RouterKey::Int(i) => KeyValue::Int(*i),

@@ -39,6 +39,17 @@ impl Settings {
         }
     }
 
+    /// The value of a setting as plain text (quotes removed), if the session set it.
+    pub fn get(&self, name: &str) -> Option<String> {
+        let (_, v) = self.entries.iter().find(|(n, _)| n == name)?;
+        Some(
+            match v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+                Some(inner) => inner.replace("''", "'"),
+                None => v.clone(),
+            },
+        )
+    }
+
     /// Settings a client asked for in its StartupMessage, including `-c name=value` pairs in
     /// `options`. Later values win, as on a real server.
     pub fn from_startup(params: &[(String, String)]) -> Settings {

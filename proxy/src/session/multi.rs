@@ -115,7 +115,13 @@ impl Session {
                 primary: true,
             });
         };
-        let sp = routing.plan_simple(sql);
+        let sp = match self.settings.get(SHARD_KEY_SETTING) {
+            Some(key) => SimplePlan {
+                plan: routing.plan_hinted(sql, &key),
+                literals: Vec::new(),
+            },
+            None => routing.plan_simple(sql),
+        };
         if self.in_multi() {
             self.multi_query(routing, &sp, sql, io).await?;
             return Ok(Routed::Done);
@@ -1253,9 +1259,10 @@ impl Session {
                         continue;
                     };
                     primary |= stmt.primary;
-                    let Some(plan) = stmt.plan.as_ref() else {
+                    let Some(plan) = self.stmt_plan(routing, &stmt) else {
                         continue;
                     };
+                    let plan = &plan;
                     if plan.tx.is_some() {
                         tx_control = true;
                         continue;
@@ -1290,6 +1297,14 @@ impl Session {
         BatchTarget::One {
             shard: shard.unwrap_or(0),
             primary,
+        }
+    }
+
+    /// A statement's plan, under the session's shard-key hint if it set one.
+    fn stmt_plan(&self, routing: &Routing, stmt: &Stmt) -> Option<Arc<Plan>> {
+        match self.settings.get(SHARD_KEY_SETTING) {
+            Some(key) => Some(routing.plan_hinted(stmt.text(), &key)),
+            None => stmt.plan.clone(),
         }
     }
 
@@ -1627,7 +1642,7 @@ impl Session {
             self.multi_fail(io, "34000", &msg);
             return Ok(());
         };
-        let Some(plan) = stmt.plan.clone() else {
+        let Some(plan) = self.stmt_plan(routing, &stmt) else {
             self.multi_fail(io, "XX000", "statement has no plan");
             return Ok(());
         };
@@ -1926,6 +1941,10 @@ enum BatchTarget {
     },
     Many,
 }
+
+/// `SET shardgate.shard_key = V`: later statements without a key of their own go to V's
+/// shard. (A dotted name is a custom setting to Postgres, so servers accept it too.)
+const SHARD_KEY_SETTING: &str = "shardgate.shard_key";
 
 /// CopyData is sent to a shard once this much is buffered for it.
 const COPY_CHUNK: usize = 64 * 1024;
