@@ -92,6 +92,7 @@ async fn run_command(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
             "clients" => show_clients(app, out),
             "servers" => show_servers(app, out),
             "shards" => show_shards(app, out),
+            "slots" => show_slots(app, out),
             "stats" => show_stats(app, out),
             "config" => show_config(app, out),
             "version" => protocol::text_rows(
@@ -264,7 +265,17 @@ fn show_shards(app: &App, out: &mut BytesMut) {
     dbs.sort_by(|a, b| a.0.cmp(b.0));
     let mut rows = Vec::new();
     for (db, shards) in dbs {
+        let routing = app
+            .pools
+            .iter()
+            .find(|((d, _), _)| d == db)
+            .and_then(|(_, p)| p.routing.clone());
+        let counts = routing.as_ref().map(|r| r.map.slot_counts());
         for t in shards {
+            let slots = match &counts {
+                Some(c) => c.get(t.index).copied().unwrap_or(0).to_string(),
+                None => "all".to_string(),
+            };
             for (i, h) in t.hosts.iter().enumerate() {
                 rows.push(vec![
                     db.clone(),
@@ -275,6 +286,7 @@ fn show_shards(app: &App, out: &mut BytesMut) {
                     (t.is_banned(i) as u8).to_string(),
                     h.lag_bytes().to_string(),
                     format!("{:.3}", h.lag().as_secs_f64()),
+                    slots.clone(),
                 ]);
             }
         }
@@ -288,7 +300,34 @@ fn show_shards(app: &App, out: &mut BytesMut) {
         "banned",
         "lag_bytes",
         "lag_seconds",
+        "slots",
     ];
+    protocol::text_rows(out, &cols, &rows, "SHOW");
+}
+
+/// The hottest slots of each sharded database over the last load window.
+fn show_slots(app: &App, out: &mut BytesMut) {
+    let mut seen: Vec<&Arc<crate::routing::Routing>> = Vec::new();
+    for p in app.pools.values() {
+        if let Some(r) = &p.routing {
+            if !seen.iter().any(|s| Arc::ptr_eq(s, r)) {
+                seen.push(r);
+            }
+        }
+    }
+    seen.sort_by(|a, b| a.database.cmp(&b.database));
+    let mut rows = Vec::new();
+    for r in seen {
+        for (slot, shard, rate) in r.hot_slots() {
+            rows.push(vec![
+                r.database.clone(),
+                slot.to_string(),
+                shard.to_string(),
+                format!("{rate:.3}"),
+            ]);
+        }
+    }
+    let cols = ["database", "slot", "shard", "statements_per_second"];
     protocol::text_rows(out, &cols, &rows, "SHOW");
 }
 

@@ -155,7 +155,7 @@ async fn serve(config: Config, path: PathBuf) -> Result<(), String> {
     spawn_reload_on_sighup(process.clone());
     if let (Some(addr), Some(handle)) = (app.config.general.metrics_listen, metrics_handle) {
         let shards = app.topologies.values().flatten().cloned().collect();
-        metrics::serve(addr, handle, shards).await?;
+        metrics::serve(addr, handle, shards, process.clone()).await?;
     }
     let listener = TcpListener::bind(listen)
         .await

@@ -41,6 +41,7 @@ pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     shards: Vec<Arc<ShardTopology>>,
+    process: Arc<crate::app::Process>,
 ) -> Result<(), String> {
     let listener = TcpListener::bind(addr)
         .await
@@ -49,11 +50,18 @@ pub async fn serve(
     // Histogram samples accumulate until drained: drain them on a timer, not only when a
     // scraper happens to come, or an unscraped proxy would grow without bound.
     let upkeep = handle.clone();
+    let upkeep_process = process.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
             upkeep.run_upkeep();
+            // The per-slot load window closes here too.
+            if let Some(app) = upkeep_process.current() {
+                for r in routings(&app) {
+                    r.refresh_hot_slots();
+                }
+            }
         }
     });
     tokio::spawn(async move {
@@ -64,6 +72,7 @@ pub async fn serve(
             };
             let handle = handle.clone();
             let shards = shards.clone();
+            let process = process.clone();
             tokio::spawn(async move {
                 let mut req = [0u8; 2048];
                 let mut n = 0;
@@ -86,7 +95,13 @@ pub async fn serve(
                 let line = req[..n].split(|b| *b == b'\n').next().unwrap_or_default();
                 let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
                 let (status, ctype, body) = match path {
-                    b"/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
+                    b"/metrics" => {
+                        let mut text = handle.render();
+                        if let Some(app) = process.current() {
+                            render_shard_maps(&app, &mut text);
+                        }
+                        ("200 OK", "text/plain; version=0.0.4", text)
+                    }
                     b"/health" => ("200 OK", "text/plain", "ok\n".to_string()),
                     b"/ready" => {
                         let missing: Vec<usize> = shards
@@ -322,6 +337,60 @@ impl ShardMetrics {
             reads_on_replica: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "replica"),
             reads_on_primary: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "primary"),
             writes: counter!("shardgate_writes_routed_total", "shard" => s),
+        }
+    }
+}
+
+/// The routing of every sharded database of a configuration generation (once each).
+fn routings(app: &crate::app::App) -> Vec<Arc<crate::routing::Routing>> {
+    let mut out: Vec<Arc<crate::routing::Routing>> = Vec::new();
+    for pools in app.pools.values() {
+        if let Some(r) = &pools.routing {
+            if !out.iter().any(|o| Arc::ptr_eq(o, r)) {
+                out.push(r.clone());
+            }
+        }
+    }
+    out.sort_by(|a, b| a.database.cmp(&b.database));
+    out
+}
+
+/// Shard-map metrics, rendered from the current maps at scrape time: the hottest slots
+/// change from window to window, and a slot that cools down must disappear rather than
+/// linger as a stale series.
+fn render_shard_maps(app: &crate::app::App, text: &mut String) {
+    use std::fmt::Write;
+    let routings = routings(app);
+    if routings.is_empty() {
+        return;
+    }
+    text.push_str("# HELP shardgate_shardmap_version Version of the shard map in use.\n# TYPE shardgate_shardmap_version gauge\n");
+    for r in &routings {
+        let _ = writeln!(
+            text,
+            "shardgate_shardmap_version{{database=\"{}\"}} {}",
+            r.database,
+            r.map.version()
+        );
+    }
+    text.push_str("# HELP shardgate_shard_slots Slots owned by each shard.\n# TYPE shardgate_shard_slots gauge\n");
+    for r in &routings {
+        for (shard, n) in r.map.slot_counts().iter().enumerate() {
+            let _ = writeln!(
+                text,
+                "shardgate_shard_slots{{database=\"{}\",shard=\"{shard}\"}} {n}",
+                r.database
+            );
+        }
+    }
+    text.push_str("# HELP shardgate_slot_load Keyed statements per second of the hottest slots (top 20, last window).\n# TYPE shardgate_slot_load gauge\n");
+    for r in &routings {
+        for (slot, shard, rate) in r.hot_slots() {
+            let _ = writeln!(
+                text,
+                "shardgate_slot_load{{database=\"{}\",slot=\"{slot}\",shard=\"{shard}\"}} {rate:.3}",
+                r.database
+            );
         }
     }
 }

@@ -4,7 +4,9 @@
 //! One `Routing` per database with more than one shard or with sharded tables; a database
 //! with neither never builds one and its sessions skip all of this.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use shardgate_config::{Database, KeyColumnType};
 use shardgate_router::{
@@ -16,10 +18,26 @@ use shardgate_shardmap::{KeyType, KeyValue, ShardMap, ShardSpec};
 use crate::protocol::Reader;
 
 pub struct Routing {
+    pub database: String,
     pub catalog: Catalog,
     pub map: Arc<ShardMap>,
     pub two_phase_commit: bool,
     cache: Mutex<PlanCache>,
+    /// Keyed statements routed per slot, since start (one relaxed add per statement).
+    slot_hits: Box<[AtomicU64]>,
+    /// The hottest slots over the last window, for metrics and `SHOW SLOTS`.
+    hot: Mutex<HotSlots>,
+}
+
+/// How many of the hottest slots are reported (bounded metric cardinality).
+pub const HOT_SLOTS: usize = 20;
+
+#[derive(Default)]
+struct HotSlots {
+    /// When the last window ended, and every slot's count then.
+    taken: Option<(Instant, Vec<u64>)>,
+    /// (slot, owning shard, statements per second), hottest first.
+    top: Vec<(u32, u32, f64)>,
 }
 
 /// Plans kept per database (texts and shapes).
@@ -69,8 +87,12 @@ impl Routing {
                 db.shards.len()
             ));
         }
+        let slot_hits = (0..map.slots()).map(|_| AtomicU64::new(0)).collect();
         Ok(Some(Routing {
+            database: db.name.clone(),
             catalog,
+            slot_hits,
+            hot: Mutex::new(HotSlots::default()),
             map: Arc::new(map),
             two_phase_commit: db.two_phase_commit,
             cache: Mutex::new(PlanCache::new(PLAN_CACHE_ENTRIES)),
@@ -113,7 +135,50 @@ impl Routing {
             RouterKey::Text(s) => KeyValue::Text(s.as_bytes().to_vec()),
             RouterKey::Uuid(u) => KeyValue::Uuid(*u),
         };
-        self.map.shard_of_key(&k)
+        self.shard_of_key(&k)
+    }
+
+    /// The shard of a key, counting the statement against its slot.
+    fn shard_of_key(&self, key: &KeyValue) -> u32 {
+        let slot = self.map.slot_of_key(key);
+        if let Some(h) = self.slot_hits.get(slot as usize) {
+            h.fetch_add(1, Ordering::Relaxed);
+        }
+        self.map.shard_of_slot(slot)
+    }
+
+    /// Closes the current load window: the hottest slots by statements per second since
+    /// the last call. Called off the hot path (metrics upkeep).
+    pub fn refresh_hot_slots(&self) {
+        let now = Instant::now();
+        let counts: Vec<u64> = self
+            .slot_hits
+            .iter()
+            .map(|h| h.load(Ordering::Relaxed))
+            .collect();
+        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((then, before)) = &hot.taken {
+            let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
+            let mut top: Vec<(u32, u32, f64)> = counts
+                .iter()
+                .zip(before)
+                .enumerate()
+                .filter(|(_, (c, b))| c > b)
+                .map(|(slot, (c, b))| {
+                    let slot = slot as u32;
+                    (slot, self.map.shard_of_slot(slot), (c - b) as f64 / secs)
+                })
+                .collect();
+            top.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+            top.truncate(HOT_SLOTS);
+            hot.top = top;
+        }
+        hot.taken = Some((now, counts));
+    }
+
+    /// (slot, shard, statements per second) of the hottest slots of the last window.
+    pub fn hot_slots(&self) -> Vec<(u32, u32, f64)> {
+        self.hot.lock().map(|h| h.top.clone()).unwrap_or_default()
     }
 
     /// The shards a simple-protocol statement runs on (sorted, distinct).
@@ -128,13 +193,13 @@ impl Routing {
         self.resolve(plan, |k, ty| match k {
             KeyExpr::Literal(v) => Some(vec![self.shard_of(v)]),
             KeyExpr::Param(n) => Some(match bind.key(*n, ty) {
-                Some(v) => vec![self.map.shard_of_key(&v)],
+                Some(v) => vec![self.shard_of_key(&v)],
                 // NULL or undecodable: matches no row; any one shard answers right.
                 None => vec![0],
             }),
             KeyExpr::ParamArray(n) => bind
                 .key_array(*n, ty)
-                .map(|keys| keys.iter().map(|v| self.map.shard_of_key(v)).collect()),
+                .map(|keys| keys.iter().map(|v| self.shard_of_key(v)).collect()),
         })
     }
 
@@ -202,7 +267,7 @@ impl Routing {
         rows.iter()
             .map(|k| match k {
                 KeyExpr::Literal(v) => Some(self.shard_of(v)),
-                KeyExpr::Param(n) => bind.key(*n, *key_type).map(|v| self.map.shard_of_key(&v)),
+                KeyExpr::Param(n) => bind.key(*n, *key_type).map(|v| self.shard_of_key(&v)),
                 KeyExpr::ParamArray(_) => None,
             })
             .collect()
