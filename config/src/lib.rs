@@ -85,6 +85,9 @@ pub struct General {
     /// clients are disconnected.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Statement logs (`SHARDGATE_LOG=shardgate::statements=debug`) show constants and
+    /// Bind parameter values. Off: constants appear as `$n` and values are not logged.
+    pub log_parameters: bool,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -124,6 +127,7 @@ impl Default for General {
             health_check_user: None,
             workers: 0,
             shutdown_timeout: Duration::from_secs(30),
+            log_parameters: false,
         }
     }
 }

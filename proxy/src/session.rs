@@ -495,6 +495,9 @@ impl Session {
                 if !io.held.is_empty() {
                     self.route_held(io).await?;
                 }
+                if msg[0] == b'Q' {
+                    self.log_query(&msg);
+                }
                 let mut shard = 0;
                 let mut routed_primary = false;
                 if let (b'Q', Some(routing)) = (msg[0], self.pools.routing.clone()) {
@@ -855,6 +858,9 @@ impl Session {
                     }
                     // Unknown statement: the server gives the proper error.
                     None => io.sout.extend_from_slice(&msg),
+                }
+                if let Some(s) = &stmt {
+                    log_bind(self.pid, &self.app, s, &msg[rest_at..]);
                 }
                 p.portal_effects.retain(|(name, _)| *name != portal);
                 a.wrote |= stmt.as_ref().is_none_or(|s| s.primary);
@@ -1373,6 +1379,84 @@ impl Session {
     }
 }
 
+/// Where statement logs go (debug level).
+const STATEMENT_LOG: &str = "shardgate::statements";
+
+impl Session {
+    /// Logs a simple query at debug level: with its constants only when `log_parameters`.
+    fn log_query(&self, msg: &[u8]) {
+        if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
+            return;
+        }
+        let text = Reader::new(body(msg)).cstr().unwrap_or_default();
+        let sql = String::from_utf8_lossy(text);
+        if self.app.config.general.log_parameters {
+            tracing::debug!(target: STATEMENT_LOG, client = self.pid, sql = %sql, "query");
+        } else {
+            let shape = redact_constants(&sql);
+            tracing::debug!(target: STATEMENT_LOG, client = self.pid, sql = %shape, "query");
+        }
+    }
+}
+
+/// A statement's text with every constant (strings, numbers, dollar-quoted text) shown as
+/// `$?`, for logs without parameters.
+fn redact_constants(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut tokens = shardgate_router::scan::Tokens::new(sql).peekable();
+    while let Some(tok) = tokens.next() {
+        let b = tok.as_bytes();
+        if tok == "$" {
+            // A parameter placeholder `$n`: not a constant.
+            if let Some(n) = tokens.next_if(|t| t.bytes().all(|c| c.is_ascii_digit())) {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                out.push('$');
+                out.push_str(n);
+                continue;
+            }
+        }
+        let constant = b[0].is_ascii_digit()
+            || b[0] == b'\''
+            || (b[0] == b'$' && b.get(1).is_some_and(|c| !c.is_ascii_digit()))
+            || (b.len() > 1 && b[1] == b'\'' && b"eEbBxXnN".contains(&b[0]))
+            || tok.starts_with("U&'")
+            || tok.starts_with("u&'");
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(if constant { "$?" } else { tok });
+    }
+    out
+}
+
+/// Logs an extended-protocol execution at debug level; parameter values only when
+/// `log_parameters`.
+fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
+    if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
+        return;
+    }
+    let params = crate::routing::BindValues::parse(rest, &stmt.tail);
+    let count = params.as_ref().map_or(0, |b| b.len());
+    if app.config.general.log_parameters {
+        let values: Vec<String> = params
+            .map(|b| {
+                b.values()
+                    .iter()
+                    .map(|v| match v {
+                        Some(v) => String::from_utf8_lossy(v).into_owned(),
+                        None => "NULL".into(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        tracing::debug!(target: STATEMENT_LOG, client = pid, sql = %stmt.text(), parameters = ?values, "execute");
+    } else {
+        tracing::debug!(target: STATEMENT_LOG, client = pid, sql = %stmt.text(), parameters = count, "execute");
+    }
+}
+
 /// One read from whichever of the client and the server has data. With `wait` false,
 /// `None` when neither has any right now.
 async fn read_plain(
@@ -1486,6 +1570,14 @@ fn evict_if_full(a: &mut Attached, cap: usize, io: &mut Buffers) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_see_no_constants() {
+        assert_eq!(
+            redact_constants("SELECT 'secret', 42, $$x$$, E'y', id FROM t WHERE a = $1 -- c"),
+            "SELECT $? , $? , $? , E $? , id FROM t WHERE a = $1"
+        );
+    }
 
     #[test]
     fn global_names_are_fixed_width_hex() {

@@ -1139,3 +1139,60 @@ async fn admin_console_show_pause_resume() {
         "shardgate exited with {status} after SHUTDOWN"
     );
 }
+
+// ---- statement logs and log_parameters ------------------------------------------------------
+
+/// With statement logging on, constants and Bind values reach the log only when
+/// `log_parameters = true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_logs_hide_parameters_unless_asked() {
+    if skip_in_direct_mode("statement_logs_hide_parameters_unless_asked") {
+        return;
+    }
+    const SECRET_LITERAL: &str = "lit-Zq81";
+    const SECRET_PARAM: &str = "par-Xv27";
+    for log_parameters in [false, true] {
+        let proxy = Proxy::builder()
+            .general(&format!("log_parameters = {log_parameters}"))
+            .env("SHARDGATE_LOG", "info,shardgate::statements=debug")
+            .start()
+            .await;
+        let client = connect(&proxy.url()).await.expect("connect");
+        let v = simple_value(&client, &format!("SELECT '{SECRET_LITERAL}'"))
+            .await
+            .expect("simple query");
+        assert_eq!(v, SECRET_LITERAL);
+        let row = client
+            .query_one("SELECT $1::text", &[&SECRET_PARAM])
+            .await
+            .expect("extended query");
+        assert_eq!(row.get::<_, String>(0), SECRET_PARAM);
+        // The log is written as the statements run; poll until both lines are there.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let log = loop {
+            let log = proxy.log();
+            if log.matches("shardgate::statements").count() >= 2 || Instant::now() > deadline {
+                break log;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(
+            log.contains("SELECT $1::text"),
+            "the extended statement is logged:\n{log}"
+        );
+        assert_eq!(
+            log.contains(SECRET_LITERAL),
+            log_parameters,
+            "log_parameters = {log_parameters}: literal in log?\n{log}"
+        );
+        assert_eq!(
+            log.contains(SECRET_PARAM),
+            log_parameters,
+            "log_parameters = {log_parameters}: parameter in log?\n{log}"
+        );
+        assert!(
+            !log.contains("password = \"app\""),
+            "no password in the log"
+        );
+    }
+}
