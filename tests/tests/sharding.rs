@@ -34,7 +34,7 @@
 //! and transaction tests run against shard 0's primary instead of shardgate (a check of
 //! the tests' own logic: everything is then on shard 0); the others skip themselves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -49,7 +49,7 @@ use shardgate_e2e::{
 };
 use tokio::process::Command;
 use tokio_postgres::types::{FromSql, ToSql, Type};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 // ---- the shard map of the contract ---------------------------------------------------------
 
@@ -296,12 +296,24 @@ struct Answer {
     error: Option<(String, String)>,
     /// The ReadyForQuery status (I, T, E), when the protocol shows it.
     status: Option<char>,
+    /// The kinds of messages in order (DataRows as one `D*`, notices left out): shardgate
+    /// must send what Postgres sends, e.g. `1 2 T D* C Z`.
+    shape: String,
 }
 
 impl Answer {
     fn from_msgs(msgs: &[Msg]) -> Answer {
         let mut a = Answer::default();
+        let mut shape: Vec<String> = Vec::new();
         for m in msgs {
+            let kind = if m.tag == b'D' {
+                "D*".to_string()
+            } else {
+                (m.tag as char).to_string()
+            };
+            if !matches!(m.tag, b'N' | b'S' | b'A') && shape.last() != Some(&kind) {
+                shape.push(kind);
+            }
             match m.tag {
                 b'T' => a.columns = row_description(&m.body),
                 b'D' => a.rows.push(m.data_row_text()),
@@ -316,6 +328,7 @@ impl Answer {
                 _ => {}
             }
         }
+        a.shape = shape.join(" ");
         a
     }
 
@@ -331,7 +344,8 @@ impl Answer {
         }
         let _ = write!(
             s,
-            "status {:?}; tags {:?}; columns {:?}; {} rows",
+            "messages {:?}; status {:?}; tags {:?}; columns {:?}; {} rows",
+            self.shape,
             self.status,
             self.tags,
             self.columns,
@@ -402,6 +416,9 @@ fn compare(front: &Answer, reference: &Answer, ordered: bool) -> Result<(), Stri
     }
     if front.status != reference.status {
         return Err("different transaction status".into());
+    }
+    if front.shape != reference.shape {
+        return Err("different message sequence".into());
     }
     if ordered {
         if front.rows != reference.rows {
@@ -547,6 +564,10 @@ impl std::fmt::Display for Stmt {
 struct Side {
     raw: RawConn,
     client: Client,
+    /// Statements named once and reused with other parameters (so a statement prepared
+    /// while one shard's server served the session runs on every shard later).
+    raw_names: HashMap<String, String>,
+    statements: HashMap<String, Statement>,
 }
 
 impl Side {
@@ -555,7 +576,12 @@ impl Side {
         let client = connect(url)
             .await
             .unwrap_or_else(|e| panic!("connect to {url}: {}", describe(&e)));
-        Side { raw, client }
+        Side {
+            raw,
+            client,
+            raw_names: HashMap::new(),
+            statements: HashMap::new(),
+        }
     }
 
     /// Runs one statement; `Err` only when the connection itself failed.
@@ -575,18 +601,39 @@ impl Side {
             Via::ExtendedText { params } => {
                 let texts: Vec<Option<String>> = params.iter().map(Param::text).collect();
                 let refs: Vec<Option<&str>> = texts.iter().map(Option::as_deref).collect();
-                self.raw.parse("", &stmt.sql, &[]);
-                self.raw.bind_text("", "", &refs);
+                let (name, known) = match self.raw_names.get(&stmt.sql) {
+                    Some(n) => (n.clone(), true),
+                    None => (format!("diff_{}", self.raw_names.len()), false),
+                };
+                if !known {
+                    self.raw.parse(&name, &stmt.sql, &[]);
+                }
+                self.raw.bind_text("", &name, &refs);
                 self.raw.describe(b'P', "");
                 self.raw.execute("", 0);
                 self.raw.sync();
                 let msgs = self.raw.round_trip().await.map_err(|e| e.to_string())?;
+                if !known && msgs.iter().any(|m| m.tag == b'1') {
+                    self.raw_names.insert(stmt.sql.clone(), name);
+                }
                 Ok(Answer::from_msgs(&msgs))
             }
             Via::Binary {
                 params,
                 returns_rows,
-            } => binary(&self.client, &stmt.sql, params, *returns_rows).await,
+            } => {
+                let prepared = match self.statements.get(&stmt.sql) {
+                    Some(s) => s.clone(),
+                    None => match within(&stmt.sql, self.client.prepare(&stmt.sql)).await {
+                        Ok(s) => {
+                            self.statements.insert(stmt.sql.clone(), s.clone());
+                            s
+                        }
+                        Err(e) => return db_error(e),
+                    },
+                };
+                binary(&self.client, &prepared, &stmt.sql, params, *returns_rows).await
+            }
         }
     }
 }
@@ -621,8 +668,20 @@ async fn copy_in(c: &mut RawConn, sql: &str, data: &[u8], chunk: usize) -> std::
 }
 
 /// A statement through tokio-postgres (binary parameters and results).
+/// A server error as an answer; anything else (a broken connection) as `Err`.
+fn db_error(e: tokio_postgres::Error) -> Result<Answer, String> {
+    match e.as_db_error() {
+        Some(db) => Ok(Answer {
+            error: Some((db.code().code().to_string(), db.message().to_string())),
+            ..Answer::default()
+        }),
+        None => Err(describe(&e)),
+    }
+}
+
 async fn binary(
     c: &Client,
+    stmt: &Statement,
     sql: &str,
     params: &[Param],
     returns_rows: bool,
@@ -632,26 +691,14 @@ async fn binary(
         .iter()
         .map(|b| b.as_ref() as &(dyn ToSql + Sync))
         .collect();
-    let fail = |e: tokio_postgres::Error| -> Result<Answer, String> {
-        match e.as_db_error() {
-            Some(db) => Ok(Answer {
-                error: Some((db.code().code().to_string(), db.message().to_string())),
-                ..Answer::default()
-            }),
-            None => Err(describe(&e)),
-        }
-    };
-    let stmt = match within(sql, c.prepare(sql)).await {
-        Ok(s) => s,
-        Err(e) => return fail(e),
-    };
+    let fail = db_error;
     let columns = stmt
         .columns()
         .iter()
         .map(|col| format!("{}:{}", col.name(), col.type_().oid()))
         .collect();
     if returns_rows {
-        match within(sql, c.query(&stmt, &refs)).await {
+        match within(sql, c.query(stmt, &refs)).await {
             Ok(rows) => {
                 let rows: Vec<Vec<Option<String>>> = rows
                     .iter()
@@ -671,7 +718,7 @@ async fn binary(
             Err(e) => fail(e),
         }
     } else {
-        match within(sql, c.execute(&stmt, &refs)).await {
+        match within(sql, c.execute(stmt, &refs)).await {
             Ok(n) => Ok(Answer {
                 columns,
                 tags: vec![format!("{n} rows affected")],
