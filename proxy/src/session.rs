@@ -279,7 +279,8 @@ pub struct Session {
     /// WAL position of this client's last committed write: replicas of that shard serve
     /// its reads only once they have replayed it.
     last_write_lsn: u64,
-    last_write_shard: u32,
+    /// u16: a session's every byte counts (shard indexes fit; see ALL_SHARDS).
+    last_write_shard: u16,
     /// Sharded databases: a transaction block not yet sent anywhere, or one spanning
     /// several shards.
     shard_tx: Option<Box<multi::ShardTx>>,
@@ -644,7 +645,9 @@ impl Session {
     fn want(&self, primary: bool, shard: u32) -> Want {
         if primary || self.app.session_pooling() {
             Want::Primary
-        } else if self.app.config.general.read_your_writes && shard == self.last_write_shard {
+        } else if self.app.config.general.read_your_writes
+            && (shard == u32::from(self.last_write_shard) || self.last_write_shard == ALL_SHARDS)
+        {
             Want::Replica {
                 min_lsn: self.last_write_lsn,
             }
@@ -1088,8 +1091,9 @@ impl Session {
                     _ => None,
                 };
                 if let Some(lsn) = lsn {
-                    if self.last_write_shard != a.shard {
-                        self.last_write_shard = a.shard;
+                    let shard = u16::try_from(a.shard).unwrap_or(ALL_SHARDS);
+                    if self.last_write_shard != shard {
+                        self.last_write_shard = shard;
                         self.last_write_lsn = 0;
                     }
                     self.last_write_lsn = self.last_write_lsn.max(lsn);
@@ -1353,6 +1357,11 @@ impl Session {
     async fn finish(&mut self) {
         self.app.metrics.clients.decrement(1.0);
         self.app.process.cancels.unregister(self.pid);
+        if let Some(tx) = self.shard_tx.take() {
+            // A multi-shard transaction the client abandoned: its connections close (the
+            // servers roll back).
+            multi::discard_parts(*tx);
+        }
         let Some(a) = self.attached.as_mut() else {
             return;
         };
@@ -1378,6 +1387,11 @@ impl Session {
         self.detach(false);
     }
 }
+
+/// `last_write_shard` after a write committed on several shards: until the client's next
+/// single-shard write, its reads go to primaries (WAL positions of different servers
+/// cannot be compared, and one position per client keeps the session small).
+const ALL_SHARDS: u16 = u16::MAX;
 
 /// Where statement logs go (debug level).
 const STATEMENT_LOG: &str = "shardgate::statements";

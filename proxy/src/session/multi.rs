@@ -1113,6 +1113,10 @@ impl Session {
                 None => Ok(()),
             }
         };
+        if commit && result.is_ok() && writers > 0 && self.app.config.general.read_your_writes {
+            self.last_write_shard = super::ALL_SHARDS;
+            self.last_write_lsn = u64::MAX;
+        }
         for p in parts {
             release_part(p);
         }
@@ -1953,6 +1957,13 @@ fn error_bytes(code: &str, message: &str) -> Bytes {
     let mut b = BytesMut::new();
     protocol::error_response(&mut b, "ERROR", code, message);
     b.freeze()
+}
+
+/// Closes (or gives back, if clean) every connection of an abandoned transaction.
+pub(super) fn discard_parts(tx: ShardTx) {
+    for p in tx.parts {
+        p.server.discard();
+    }
 }
 
 /// Gives a part's connection back if it is clean, closes it otherwise.
