@@ -5,24 +5,36 @@
 //! Run with `./tests/run.sh --test sharding` (it starts the shared cluster: 2 shards of a
 //! primary and 2 replicas, and exports the `SHARDGATE_TEST_*` variables).
 //!
-//! * `differential_2_shards` / `differential_4_shards`: one seeded random workload
-//!   (`SHARDGATE_DIFF_SEED` sets the seed, `SHARDGATE_DIFF_STATEMENTS` the length,
-//!   default 2000; `SHARDGATE_DIFF_KINDS` picks statement kinds, e.g. `-copy` or
-//!   `insert,keyed_select`; `SHARDGATE_DIFF_TRACE=1` prints every statement and the
-//!   reference's answer) runs statement by statement
-//!   through shardgate (two_phase_commit = true) and against one plain database
-//!   (`diffref2`/`diffref4` on shard 0's primary); every answer must match: columns, rows
-//!   (in order when the ORDER BY is total, else as a multiset), command tags, SQLSTATEs,
-//!   transaction status. Then the placement check: on every shard primary, every row of
-//!   every sharded table lies on the shard that owns its slot (the SQL slot expression of
-//!   DESIGN §4 and the default contiguous map), and the union of the shards equals the
-//!   reference. The 4-shard run starts a cluster of its own (4 primaries, no replicas) on
-//!   ports from 27400 (`SHARDGATE_SHARDING_PG_PORT`) under `$SHARDGATE_TEST_SCRATCH`.
+//! * `differential_2_shards` / `differential_4_shards`: one seeded random workload runs
+//!   statement by statement through shardgate (two_phase_commit = true) and against one
+//!   plain database (`diffref2`/`diffref4` on shard 0's primary). Tables: the demo schema
+//!   (users, posts) and dt_users/dt_posts with columns for aggregates; literal timestamps,
+//!   no floats. Statements: single and multi-row INSERTs (ON CONFLICT too), keyed and
+//!   keyless SELECTs (ORDER BY with DESC/NULLS and a unique tiebreaker, LIMIT/OFFSET,
+//!   aggregates, GROUP BY/HAVING, DISTINCT), keyed and keyless UPDATE/DELETE, COPY text and
+//!   csv (in CopyData pieces of 1 byte to 1 MiB), explicit transactions over several shards,
+//!   and statements with parameters: through tokio-postgres (binary parameters and
+//!   results, compared byte for byte) and through the raw frontend (text), each statement
+//!   prepared once per session and reused. Every answer must match: columns (name, type,
+//!   typmod), rows (in order when the ORDER BY is total, else as a multiset), command tags,
+//!   SQLSTATEs, transaction status and the sequence of protocol messages. Reads using
+//!   what DESIGN §3 lets shardgate answer or refuse (hidden sort/group columns, ORDER BY
+//!   an aggregate or expression, expressions over aggregates) may get 0A000 instead; those
+//!   are counted and listed. Then the placement check: on every shard primary, every row
+//!   of every sharded table lies on the shard owning its slot (the SQL slot expression of
+//!   DESIGN §4, default contiguous map), and the shards together hold exactly the
+//!   reference's rows. The 4-shard run starts a cluster of its own (4 primaries, no
+//!   replicas) on ports from 27400 (`SHARDGATE_SHARDING_PG_PORT`) under
+//!   `$SHARDGATE_TEST_SCRATCH`.
+//!
+//!   Knobs: `SHARDGATE_DIFF_SEED` (printed; random by default), `SHARDGATE_DIFF_STATEMENTS`
+//!   (default 2000), `SHARDGATE_DIFF_KINDS` (e.g. `-copy` or `insert,keyed_select`; see
+//!   `KINDS`), `SHARDGATE_DIFF_TRACE=1` (every statement and the reference's answer).
 //! * `refuses_*`: cross-shard constructs the merger cannot answer (window function, UNION,
 //!   join on a non-key column, DISTINCT aggregate) get 0A000 naming the construct; without
 //!   two_phase_commit, cross-shard writes get 0A000 and write nothing.
-//! * `transactions_*`: rollback across shards, multi-shard reads, 25P02 after an error,
-//!   2PC commit.
+//! * `transactions_across_shards`: rollback across shards, multi-shard reads, 25P02 after
+//!   an error, 2PC commit, COMMIT of a failed transaction answering ROLLBACK.
 //! * `two_phase_commit_recovers_after_crash`: SHARDGATE_FAULT=after_prepare and
 //!   after_first_commit kill shardgate mid-commit; a fresh shardgate resolves the prepared
 //!   transactions (rolled back, resp. committed everywhere).
