@@ -2,12 +2,14 @@
 //! the fault points tests use to kill the proxy mid-commit.
 //!
 //! A transaction that wrote on several shards is prepared on each writer under
-//! `shardgate:<node>:<coordinator shard>:<coordinator xid>` and committed on the
+//! `shardgate:<node>:<incarnation>:<coordinator shard>:<coordinator xid>` and committed on the
 //! coordinator first. So the coordinator's transaction is the decision: after a crash,
 //! `txid_status(xid)` on the coordinator says whether it committed, and every other shard's
 //! prepared transaction follows it. No journal of our own is needed, and the decision
 //! survives the loss of the proxy's machine. `<node>` is the proxy's listen port, so that
-//! proxies on different ports sharing the shards leave each other's transactions alone.
+//! proxies on different ports sharing the shards leave each other's transactions alone;
+//! `<incarnation>` tells this process's transactions (in flight: never touched) from
+//! those of an earlier process on the same port (dead: resolved).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,14 +20,33 @@ use tokio_postgres::{Client, NoTls};
 use crate::app::App;
 
 pub fn gid(node: u16, coordinator_shard: u32, xid: &str) -> String {
-    format!("shardgate:{node}:{coordinator_shard}:{xid}")
+    format!(
+        "shardgate:{node}:{:x}:{coordinator_shard}:{xid}",
+        incarnation()
+    )
 }
 
-/// Parses a global id of this node: (coordinator shard, xid).
-fn parse_gid(gid: &str, node: u16) -> Option<(usize, i64)> {
+/// This process among the processes that ever served `node`: its start time in
+/// nanoseconds (two processes cannot hold one listen port at once).
+fn incarnation() -> u64 {
+    static STARTED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *STARTED.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    })
+}
+
+/// Parses a global id of this node left by another incarnation: (coordinator shard, xid).
+fn parse_gid(gid: &str, node: u16, own: u64) -> Option<(usize, i64)> {
     let rest = gid.strip_prefix("shardgate:")?;
     let (n, rest) = rest.split_once(':')?;
     if n.parse::<u16>().ok()? != node {
+        return None;
+    }
+    let (inc, rest) = rest.split_once(':')?;
+    if u64::from_str_radix(inc, 16).ok()? == own {
         return None;
     }
     let (shard, xid) = rest.split_once(':')?;
@@ -115,7 +136,7 @@ async fn recover(app: &App, database: &str) -> Result<usize, String> {
     let mut resolved = 0;
     for (i, leftovers) in found.iter().enumerate() {
         for (gid, owner) in leftovers {
-            let Some((coord, xid)) = parse_gid(gid, node) else {
+            let Some((coord, xid)) = parse_gid(gid, node, incarnation()) else {
                 continue;
             };
             if coord >= primaries.len() {
@@ -205,8 +226,10 @@ mod tests {
     #[test]
     fn gids_round_trip_and_other_nodes_are_ignored() {
         let g = gid(6432, 1, "7781");
-        assert_eq!(parse_gid(&g, 6432), Some((1, 7781)));
-        assert_eq!(parse_gid(&g, 6433), None);
-        assert_eq!(parse_gid("other:6432:1:2", 6432), None);
+        // This process's own transactions are in flight: never resolved.
+        assert_eq!(parse_gid(&g, 6432, incarnation()), None);
+        assert_eq!(parse_gid(&g, 6432, incarnation() + 1), Some((1, 7781)));
+        assert_eq!(parse_gid(&g, 6433, incarnation() + 1), None);
+        assert_eq!(parse_gid("other:6432:5:1:2", 6432, 0), None);
     }
 }

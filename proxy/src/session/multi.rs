@@ -145,6 +145,14 @@ impl Session {
         };
         let primary = self.plan_needs_primary(&plan);
         let attached = self.attached.as_ref().map(|a| a.shard);
+        // Transaction control, and statements that name no table (SET, SHOW, SELECT 1),
+        // belong to whatever shard the transaction is on.
+        let shards = match (&shards, attached) {
+            (Shards::One(0), Some(a)) if plan.tx.is_some() || plan.tables.is_empty() => {
+                Shards::One(a)
+            }
+            _ => shards,
+        };
         let single = match shards {
             Shards::One(s) => Some(s),
             Shards::Any => Some(attached.unwrap_or(0)),
@@ -305,6 +313,10 @@ impl Session {
             let in_tx = a.status != b'I';
             if in_tx && tx.begin.is_none() {
                 tx.begin = Some("BEGIN".into());
+            }
+            if a.status == b'E' {
+                // The transaction already failed there: 25P02 until it ends.
+                tx.failed = true;
             }
             tx.parts.push(Part {
                 shard: a.shard,
@@ -650,13 +662,24 @@ impl Session {
             w.dedup();
             w
         };
-        if written.len() > 1 && !routing.two_phase_commit {
-            let r = Refusal::unsupported(format!(
-                "COPY into {} writes to shards {}; set two_phase_commit = true for database \"{}\" to allow writes that span shards",
-                plan.tables.first().map_or("the table", |t| t.as_str()),
-                join_shards(&written),
-                self.pools.database
-            ));
+        let table = plan
+            .tables
+            .first()
+            .map_or("the table", |t| t.as_str())
+            .to_string();
+        let span_refusal = |shards: &[u32], db: &str| {
+            Refusal::unsupported(format!(
+                "COPY into {table} writes to shards {}; set two_phase_commit = true for database \"{db}\" to allow writes that span shards",
+                join_shards(shards),
+            ))
+        };
+        // Into a reference table every shard gets the rows; into a sharded table, whether
+        // rows span shards shows in the data (checked before anything commits).
+        if written.len() > 1
+            && !routing.two_phase_commit
+            && !matches!(plan.target, Target::SplitCopy { .. })
+        {
+            let r = span_refusal(&written, &self.pools.database);
             return self.multi_refuse(&r, io).await;
         }
         let split = match &plan.target {
@@ -710,7 +733,6 @@ impl Session {
                 hidden = 1;
                 p.in_tx = true;
             }
-            p.wrote = true;
             protocol::query(&mut req, sql);
             if let Err(e) = p.server.conn.send(&req).await {
                 p.in_tx = true;
@@ -774,6 +796,8 @@ impl Session {
         }
         // Relay the client's data, row by row to the owning shard.
         let mut outs: Vec<BytesMut> = parts.iter().map(|_| BytesMut::new()).collect();
+        // Which shards got rows (a header alone writes nothing).
+        let mut got_rows = vec![split.is_none(); parts.len()];
         let index_of = |shard: u32| list.iter().position(|s| *s == shard).unwrap_or(0);
         let mut split = split;
         let mut client_failed: Option<String> = None;
@@ -812,7 +836,9 @@ impl Session {
                                     let shard = key
                                         .and_then(|k| routing.shard_of_text(*key_type, &k))
                                         .unwrap_or(list[0]);
-                                    outs[index_of(shard)].extend_from_slice(l);
+                                    let k = index_of(shard);
+                                    got_rows[k] = true;
+                                    outs[k].extend_from_slice(l);
                                 }
                             };
                             rows.feed(data, &mut each);
@@ -859,7 +885,9 @@ impl Session {
                     let shard = key
                         .and_then(|k| routing.shard_of_text(*key_type, &k))
                         .unwrap_or(list[0]);
-                    outs[index_of(shard)].extend_from_slice(l);
+                    let k = index_of(shard);
+                    got_rows[k] = true;
+                    outs[k].extend_from_slice(l);
                 }
             };
             rows.finish(&mut each);
@@ -868,6 +896,34 @@ impl Session {
             self.copy_abort(&parts, &copying, &reason).await;
             self.fail_statement(&Refusal::unsupported(reason.clone()));
             protocol::error_response(&mut io.cout, "ERROR", "57014", &reason);
+            return self.multi_unit_end(io, true).await;
+        }
+        // Mark the writers; refuse a span of shards without two-phase commit (nothing has
+        // committed: every shard's COPY runs in a transaction).
+        if let Some(tx) = self.shard_tx.as_mut() {
+            for (k, &(part, _)) in parts.iter().enumerate() {
+                if got_rows[k] {
+                    tx.parts[part].wrote = true;
+                }
+            }
+        }
+        let mut writers: Vec<u32> = self
+            .shard_tx
+            .as_ref()
+            .map(|t| {
+                t.parts
+                    .iter()
+                    .filter(|p| p.wrote)
+                    .map(|p| p.shard)
+                    .collect()
+            })
+            .unwrap_or_default();
+        writers.sort_unstable();
+        if writers.len() > 1 && !routing.two_phase_commit {
+            let r = span_refusal(&writers, &self.pools.database);
+            self.copy_abort(&parts, &copying, &r.message).await;
+            self.fail_statement(&r);
+            protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message);
             return self.multi_unit_end(io, true).await;
         }
         if let Err(e) = self.copy_send(&parts, &mut outs, true).await {
