@@ -1284,7 +1284,18 @@ impl Gen {
 
     fn keyed_select(&mut self) -> Stmt {
         let k = self.known_key();
-        match self.rng.gen_range(0..6) {
+        match self.rng.gen_range(0..7) {
+            6 => {
+                let n = self.rng.gen_range(1..=4);
+                let list = self.in_list(n);
+                Stmt::simple(
+                    format!(
+                        "SELECT id, score, ts FROM dt_users WHERE id = ANY(ARRAY[{list}]::bigint[]) \
+                         ORDER BY id"
+                    ),
+                    true,
+                )
+            }
             0 | 1 => Stmt::simple(
                 format!("SELECT id, name, score, balance, ts FROM dt_users WHERE id = {k}"),
                 true,
@@ -1330,6 +1341,24 @@ impl Gen {
     }
 
     fn keyless_select(&mut self) -> Stmt {
+        if self.chance(0.08) {
+            // Sort keys by position or by output alias: answered or refused.
+            let dir = *self.pick(&DIRS);
+            let nulls = *self.pick(&NULLS);
+            let filter = self.where_clause(true, 0.5);
+            let tail = self.limit_offset();
+            let sql = if self.chance(0.5) {
+                format!(
+                    "SELECT id, score, name FROM dt_users{filter} ORDER BY 2{dir}{nulls}, 1{tail}"
+                )
+            } else {
+                format!(
+                    "SELECT id AS k, balance AS b FROM dt_users{filter} \
+                     ORDER BY b{dir}{nulls}, k{tail}"
+                )
+            };
+            return Stmt::simple(sql, true).refusable(true);
+        }
         if self.chance(0.65) {
             let all = ["id", "name", "score", "balance", "ts"];
             let cols: Vec<&str> = if self.chance(0.5) {
@@ -1778,7 +1807,7 @@ impl Gen {
         let n = self.rng.gen_range(2..=5);
         for _ in 0..n {
             let k = self.known_key();
-            let sql = match self.rng.gen_range(0..7) {
+            let sql = match self.rng.gen_range(0..9) {
                 0 | 1 => {
                     let rows: Vec<String> = (0..self.rng.gen_range(1..=3))
                         .map(|_| {
@@ -1796,7 +1825,31 @@ impl Gen {
                 3 => "UPDATE dt_posts SET likes = coalesce(likes, 0) + 1 WHERE likes < 10".into(),
                 4 => "SELECT count(*), sum(score), max(id) FROM dt_users".into(),
                 5 => format!("SELECT id, score FROM dt_users WHERE id = {k}"),
-                _ => format!("DELETE FROM dt_posts WHERE user_id = {k}"),
+                6 => format!("DELETE FROM dt_posts WHERE user_id = {k}"),
+                // Parameters on the transaction's own session (Parse/Bind/Execute).
+                7 => {
+                    out.push(Stmt {
+                        sql: "SELECT id, name, score FROM dt_users WHERE id = $1".into(),
+                        via: Via::ExtendedText {
+                            params: vec![Param::I64(k)],
+                        },
+                        ordered: true,
+                        may_refuse: false,
+                    });
+                    continue;
+                }
+                _ => {
+                    out.push(Stmt {
+                        sql: "UPDATE dt_users SET balance = coalesce(balance, 0) + 1 WHERE id = $1"
+                            .into(),
+                        via: Via::ExtendedText {
+                            params: vec![Param::I64(k)],
+                        },
+                        ordered: true,
+                        may_refuse: false,
+                    });
+                    continue;
+                }
             };
             out.push(Stmt::simple(sql, true));
         }
