@@ -312,11 +312,16 @@ impl Shards {
     }
 }
 
-/// The parameter values of a Bind, with the statement's declared parameter types.
+/// The parameter values of a Bind, with the statement's declared parameter types. Reads
+/// the message in place: routing a keyed execution allocates nothing.
 pub struct BindValues<'a> {
-    formats: Vec<i16>,
-    values: Vec<Option<&'a [u8]>>,
-    types: Vec<u32>,
+    /// Format codes, 2 bytes each.
+    formats: &'a [u8],
+    /// The values: (i32 length, bytes) each; -1 is NULL.
+    params: &'a [u8],
+    nparams: usize,
+    /// Parameter type OIDs from the Parse, 4 bytes each.
+    types: &'a [u8],
     /// The result-format section of the Bind, as sent.
     result_formats: &'a [u8],
 }
@@ -324,55 +329,92 @@ pub struct BindValues<'a> {
 impl<'a> BindValues<'a> {
     /// From a Bind body after the portal and statement names (`rest`), and the statement's
     /// Parse tail (query text, parameter count, types).
-    pub fn parse(rest: &'a [u8], parse_tail: &[u8]) -> Option<BindValues<'a>> {
+    pub fn parse(rest: &'a [u8], parse_tail: &'a [u8]) -> Option<BindValues<'a>> {
         let mut r = Reader::new(rest);
-        let nf = r.i16()?;
-        let mut formats = Vec::with_capacity(nf.max(0) as usize);
-        for _ in 0..nf {
-            formats.push(r.i16()?);
-        }
-        let np = r.i16()?;
-        let mut values = Vec::with_capacity(np.max(0) as usize);
+        let nf = usize::try_from(r.i16()?).ok()?;
+        let formats = r.bytes(nf * 2)?;
+        let np = usize::try_from(r.i16()?).ok()?;
+        let params_at = r.position();
         for _ in 0..np {
             let len = r.i32()?;
-            values.push(if len < 0 {
-                None
-            } else {
-                Some(r.bytes(len as usize)?)
-            });
+            if len > 0 {
+                r.bytes(len as usize)?;
+            }
         }
+        let params = &rest[params_at..r.position()];
         let result_formats = r.rest();
         let mut t = Reader::new(parse_tail);
         t.cstr()?;
-        let nt = t.i16().unwrap_or(0);
-        let mut types = Vec::with_capacity(nt.max(0) as usize);
-        for _ in 0..nt {
-            types.push(t.i32()? as u32);
-        }
+        let nt = usize::try_from(t.i16().unwrap_or(0)).unwrap_or(0);
+        let types = t.bytes(nt * 4).unwrap_or_default();
         Some(BindValues {
             formats,
-            values,
+            params,
+            nparams: np,
             types,
             result_formats,
         })
     }
 
-    /// The values (`None` = NULL) and format codes as sent, for merge parameters.
-    pub fn values(&self) -> &[Option<&'a [u8]>] {
-        &self.values
+    fn format(&self, i: usize) -> i16 {
+        let code = |k: usize| {
+            self.formats
+                .get(2 * k..2 * k + 2)
+                .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]))
+        };
+        match self.formats.len() / 2 {
+            0 => 0,
+            1 => code(0),
+            _ => code(i),
+        }
     }
 
-    pub fn formats(&self) -> &[i16] {
-        &self.formats
+    fn type_oid(&self, i: usize) -> u32 {
+        self.types
+            .get(4 * i..4 * i + 4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    /// The i-th (0-based) value: `Some(None)` for NULL, `None` past the end.
+    fn value(&self, i: usize) -> Option<Option<&'a [u8]>> {
+        if i >= self.nparams {
+            return None;
+        }
+        let mut r = Reader::new(self.params);
+        for _ in 0..i {
+            let len = r.i32()?;
+            if len > 0 {
+                r.bytes(len as usize)?;
+            }
+        }
+        let len = r.i32()?;
+        if len < 0 {
+            Some(None)
+        } else {
+            Some(Some(r.bytes(len as usize)?))
+        }
+    }
+
+    /// The values (`None` = NULL), for merge parameters (the multi-shard path).
+    pub fn values(&self) -> Vec<Option<&'a [u8]>> {
+        (0..self.nparams).map(|i| self.value(i).flatten()).collect()
+    }
+
+    /// The format codes as sent.
+    pub fn formats(&self) -> Vec<i16> {
+        self.formats
+            .chunks_exact(2)
+            .map(|b| i16::from_be_bytes([b[0], b[1]]))
+            .collect()
     }
 
     /// Number of parameter values.
     pub fn len(&self) -> usize {
-        self.values.len()
+        self.nparams
     }
 
     pub fn is_empty(&self) -> bool {
-        self.values.is_empty()
+        self.nparams == 0
     }
 
     /// Writes a Bind of the unnamed portal to the unnamed statement with these values, or
@@ -384,26 +426,20 @@ impl<'a> BindValues<'a> {
             o.put_u8(0);
             let picked: Vec<usize> = match order {
                 Some(order) => order.iter().map(|n| n.saturating_sub(1)).collect(),
-                None => (0..self.values.len()).collect(),
+                None => (0..self.nparams).collect(),
             };
-            if self.formats.len() <= 1 {
-                o.put_i16(self.formats.len() as i16);
-                o.put_slice(
-                    &self
-                        .formats
-                        .iter()
-                        .flat_map(|f| f.to_be_bytes())
-                        .collect::<Vec<u8>>(),
-                );
+            if self.formats.len() <= 2 {
+                o.put_i16((self.formats.len() / 2) as i16);
+                o.put_slice(self.formats);
             } else {
                 o.put_i16(picked.len() as i16);
                 for i in &picked {
-                    o.put_i16(self.formats.get(*i).copied().unwrap_or(0));
+                    o.put_i16(self.format(*i));
                 }
             }
             o.put_i16(picked.len() as i16);
             for i in &picked {
-                match self.values.get(*i).copied().flatten() {
+                match self.value(*i).flatten() {
                     Some(v) => {
                         o.put_i32(v.len() as i32);
                         o.put_slice(v);
@@ -417,13 +453,8 @@ impl<'a> BindValues<'a> {
 
     fn raw(&self, n: usize) -> Option<(i16, u32, &'a [u8])> {
         let i = n.checked_sub(1)?;
-        let value = (*self.values.get(i)?)?;
-        let format = match self.formats.len() {
-            0 => 0,
-            1 => self.formats[0],
-            _ => *self.formats.get(i)?,
-        };
-        Some((format, self.types.get(i).copied().unwrap_or(0), value))
+        let value = self.value(i)??;
+        Some((self.format(i), self.type_oid(i), value))
     }
 
     /// The n-th (1-based) value as a key of type `ty`; `None` for NULL or a value that does
@@ -441,39 +472,6 @@ impl<'a> BindValues<'a> {
         } else {
             parse_binary_array(value, ty)
         }
-    }
-
-    /// All values as text for merge parameters (LIMIT $n, HAVING ... $n); binary integers
-    /// are rendered as text.
-    pub fn text(&self, n: usize) -> Option<Vec<u8>> {
-        let (format, oid, value) = self.raw(n)?;
-        if format == 0 {
-            return Some(value.to_vec());
-        }
-        match (oid, value.len()) {
-            (20 | 0, 8) => Some(
-                i64::from_be_bytes(value.try_into().ok()?)
-                    .to_string()
-                    .into_bytes(),
-            ),
-            (23 | 0, 4) => Some(
-                i32::from_be_bytes(value.try_into().ok()?)
-                    .to_string()
-                    .into_bytes(),
-            ),
-            (21 | 0, 2) => Some(
-                i16::from_be_bytes(value.try_into().ok()?)
-                    .to_string()
-                    .into_bytes(),
-            ),
-            _ => None,
-        }
-    }
-
-    pub fn is_null(&self, n: usize) -> bool {
-        n.checked_sub(1)
-            .and_then(|i| self.values.get(i))
-            .is_some_and(|v| v.is_none())
     }
 }
 
@@ -611,8 +609,8 @@ mod tests {
         let b = BindValues::parse(&rest, &tail).expect("parses");
         assert_eq!(b.key(1, RouterKeyType::Int), Some(KeyValue::Int(7)));
         assert_eq!(b.key(2, RouterKeyType::Int), None);
-        assert!(b.is_null(2));
-        assert_eq!(b.text(1), Some(b"7".to_vec()));
+        assert_eq!(b.values(), vec![Some(&7i64.to_be_bytes()[..]), None]);
+        assert_eq!(b.formats(), vec![1]);
         assert_eq!(b.key(3, RouterKeyType::Int), None);
     }
 }

@@ -1278,6 +1278,8 @@ impl Session {
     fn batch_target(&mut self, routing: &Arc<Routing>, io: &Buffers) -> BatchTarget {
         let mut shard: Option<u32> = self.attached.as_ref().map(|a| a.shard);
         let mut primary = false;
+        // Statements parsed in this batch (no allocation for the usual unnamed one).
+        let mut local_unnamed: Option<Arc<Stmt>> = None;
         let mut local: Vec<(Bytes, Arc<Stmt>)> = Vec::new();
         let mut tx_control = false;
         let mut others = false;
@@ -1301,19 +1303,27 @@ impl Session {
                     let stmt = stmt.unwrap_or_else(|| {
                         Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash, Some(routing)))
                     });
-                    local.retain(|(n, _)| **n != *name);
-                    local.push((Bytes::copy_from_slice(name), stmt));
+                    if name.is_empty() {
+                        local_unnamed = Some(stmt);
+                    } else {
+                        local.retain(|(n, _)| **n != *name);
+                        local.push((m.slice(5..5 + name.len()), stmt));
+                    }
                 }
                 b'B' => {
                     let (Some(_portal), Some(name)) = (r.cstr(), r.cstr()) else {
                         return BatchTarget::Many;
                     };
-                    let stmt = local
-                        .iter()
-                        .rev()
-                        .find(|(n, _)| **n == *name)
-                        .map(|(_, s)| s.clone())
-                        .or_else(|| self.client_stmt(name));
+                    let stmt = if name.is_empty() {
+                        local_unnamed.clone()
+                    } else {
+                        local
+                            .iter()
+                            .rev()
+                            .find(|(n, _)| **n == *name)
+                            .map(|(_, s)| s.clone())
+                    }
+                    .or_else(|| self.client_stmt(name));
                     let Some(stmt) = stmt else {
                         // The server reports the unknown statement.
                         continue;
@@ -1785,7 +1795,8 @@ impl Session {
                 .collect(),
             None => list.iter().map(|s| (*s, rewritten.clone())).collect(),
         };
-        let merge_params = MergeParams::bind(bind.values(), bind.formats());
+        let (values, formats) = (bind.values(), bind.formats());
+        let merge_params = MergeParams::bind(&values, &formats);
         let types = param_types(&stmt.tail);
         let build = |shard: u32, text: &str, out: &mut BytesMut| {
             let params: Option<&Vec<usize>> = split
