@@ -159,6 +159,10 @@ fn describe() {
         "Statements forwarded (simple queries and Execute messages)"
     );
     describe_counter!(
+        "shardgate_fanout_queries_total",
+        "Statements run on more than one shard (results merged or command tags summed)"
+    );
+    describe_counter!(
         "shardgate_transactions_total",
         "Server connections attached to clients (one per transaction in transaction pooling)"
     );
@@ -237,9 +241,9 @@ pub struct Metrics {
     pub clients: Gauge,
     pub client_logins: Counter,
     pub client_login_failures: Counter,
-    pub queries: Counter,
-    pub transactions: Counter,
     pub protocol_errors: Counter,
+    /// Statements run on more than one shard.
+    pub fanout_queries: Counter,
 }
 
 impl Metrics {
@@ -248,9 +252,8 @@ impl Metrics {
             clients: gauge!("shardgate_client_connections"),
             client_logins: counter!("shardgate_client_logins_total"),
             client_login_failures: counter!("shardgate_client_login_failures_total"),
-            queries: counter!("shardgate_queries_total"),
-            transactions: counter!("shardgate_transactions_total"),
             protocol_errors: counter!("shardgate_client_protocol_errors_total"),
+            fanout_queries: counter!("shardgate_fanout_queries_total"),
         }
     }
 }
@@ -303,6 +306,10 @@ pub struct HostMetrics {
     pub banned: Gauge,
     pub lag_bytes: Gauge,
     pub lag_seconds: Gauge,
+    /// Statements forwarded to this host (simple queries and Executes).
+    pub queries: Counter,
+    /// Server connections checked out from this host for a transaction.
+    pub transactions: Counter,
 }
 
 impl HostMetrics {
@@ -314,7 +321,9 @@ impl HostMetrics {
             primary: gauge!("shardgate_host_primary", "shard" => s.clone(), "host" => h.clone()),
             banned: gauge!("shardgate_host_banned", "shard" => s.clone(), "host" => h.clone()),
             lag_bytes: gauge!("shardgate_replica_lag_bytes", "shard" => s.clone(), "host" => h.clone()),
-            lag_seconds: gauge!("shardgate_replica_lag_seconds", "shard" => s, "host" => h),
+            lag_seconds: gauge!("shardgate_replica_lag_seconds", "shard" => s.clone(), "host" => h.clone()),
+            queries: counter!("shardgate_queries_total", "shard" => s.clone(), "host" => h.clone()),
+            transactions: counter!("shardgate_transactions_total", "shard" => s, "host" => h),
         }
     }
 }

@@ -538,13 +538,13 @@ impl Session {
                     protocol::ready_for_query(&mut io.cout, status);
                     return Ok(());
                 }
-                self.app.metrics.queries.increment(1);
                 self.pools
                     .queries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some(a) = self.attached.as_mut() else {
                     return Ok(());
                 };
+                a.server.host().metrics.queries.increment(1);
                 a.wrote |= primary;
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
@@ -603,7 +603,7 @@ impl Session {
         let routing = self.pools.routing.clone();
         if self.attached.is_none() {
             let local = self.skip_until_sync || io.held.iter().all(|m| self.answerable_locally(m));
-            if local && !self.shard_tx.as_ref().is_some_and(|t| !t.parts.is_empty()) {
+            if local && self.shard_tx.as_ref().is_none_or(|t| t.parts.is_empty()) {
                 for m in std::mem::take(&mut io.held) {
                     self.extended_local(&m, io);
                 }
@@ -905,7 +905,7 @@ impl Session {
                     .iter()
                     .find(|(name, _)| **name == *portal)
                     .map(|(_, fx)| fx.clone());
-                self.app.metrics.queries.increment(1);
+                a.server.host().metrics.queries.increment(1);
                 self.pools
                     .queries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -1248,7 +1248,7 @@ impl Session {
                 return false;
             }
         };
-        self.app.metrics.transactions.increment(1);
+        server.host().metrics.transactions.increment(1);
         self.cancel.set(Some(CancelTarget {
             addr: server.conn.addr,
             pid: server.conn.backend_pid,

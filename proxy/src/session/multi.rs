@@ -379,7 +379,7 @@ impl Session {
                 return Err((code.to_string(), format!("shard {shard}: {e}")));
             }
         };
-        self.app.metrics.transactions.increment(1);
+        server.host().metrics.transactions.increment(1);
         let current = server.conn.settings.clone();
         let same = current
             .as_ref()
@@ -499,7 +499,7 @@ impl Session {
         let literals: Vec<&str> = sp.literals.iter().map(|l| l.text(sql)).collect();
         let merge_params = MergeParams::literals(&literals);
         let requests = |_: u32, text: &str, out: &mut BytesMut| protocol::query(out, text);
-        self.multi_run(routing, &plan, &texts, &merge_params, true, requests, io)
+        self.multi_run(&plan, &texts, &merge_params, true, requests, io)
             .await?;
         self.multi_unit_end(io, true).await
     }
@@ -523,7 +523,6 @@ impl Session {
     /// client (without ReadyForQuery). Refusals and errors mark the transaction failed.
     async fn multi_run(
         &mut self,
-        routing: &Arc<Routing>,
         plan: &Plan,
         texts: &[(u32, Cow<'_, str>)],
         merge_params: &MergeParams<'_>,
@@ -551,7 +550,12 @@ impl Session {
             written.extend(texts.iter().map(|(s, _)| *s));
             written.sort_unstable();
             written.dedup();
-            if written.len() > 1 && !routing.two_phase_commit {
+            let two_phase = self
+                .pools
+                .routing
+                .as_ref()
+                .is_some_and(|r| r.two_phase_commit);
+            if written.len() > 1 && !two_phase {
                 let r = Refusal::unsupported(format!(
                     "this would write to shards {} in one transaction; set two_phase_commit = true for database \"{}\" to allow writes that span shards",
                     join_shards(&written),
@@ -603,7 +607,14 @@ impl Session {
                 hidden,
             });
         }
-        self.app.metrics.queries.increment(1);
+        if requests.len() > 1 {
+            self.app.metrics.fanout_queries.increment(1);
+        }
+        if let Some(tx) = self.shard_tx.as_ref() {
+            for r in &requests {
+                tx.parts[r.part].server.host().metrics.queries.increment(1);
+            }
+        }
         let combined = match self.exchange(plan, requests, merge_params, describe).await {
             Ok(c) => c,
             Err(e) => {
@@ -1028,15 +1039,10 @@ impl Session {
             if p.server.conn.send(&msg).await.is_err() {
                 continue;
             }
-            loop {
-                match p.server.conn.read_msg().await {
-                    Ok(n) => {
-                        let m = p.server.conn.rbuf.split_to(n);
-                        if m[0] == b'Z' {
-                            break;
-                        }
-                    }
-                    Err(_) => break,
+            while let Ok(n) = p.server.conn.read_msg().await {
+                let m = p.server.conn.rbuf.split_to(n);
+                if m[0] == b'Z' {
+                    break;
                 }
             }
         }
@@ -1186,7 +1192,7 @@ impl Session {
         error: Option<(String, String)>,
     ) -> Result<(), (String, String)> {
         for p in parts.iter_mut().filter(|p| p.in_tx) {
-            if matches!(p.server.conn.run("ROLLBACK").await, Ok(_)) {
+            if p.server.conn.run("ROLLBACK").await.is_ok() {
                 p.in_tx = false;
             }
         }
@@ -1839,7 +1845,7 @@ impl Session {
                 p.server.conn.unnamed = None;
             }
         }
-        self.multi_run(routing, &plan, &texts, &merge_params, false, build, io)
+        self.multi_run(&plan, &texts, &merge_params, false, build, io)
             .await?;
         if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
             self.skip_until_sync = true;
@@ -2151,17 +2157,11 @@ impl<'p> Combiner<'p> {
                 }
                 self.tag(body(msg))
             }
-            b'I' | b'N' | b'A' => {
-                // Once, not once per shard.
-                if shard == 0 {
-                    self.out.extend_from_slice(msg);
-                }
-            }
-            b'H' => {
-                if !self.copy_out {
-                    self.copy_out = true;
-                    self.out.extend_from_slice(msg);
-                }
+            // Once, not once per shard.
+            b'I' | b'N' | b'A' if shard == 0 => self.out.extend_from_slice(msg),
+            b'H' if !self.copy_out => {
+                self.copy_out = true;
+                self.out.extend_from_slice(msg);
             }
             b'd' => self.out.extend_from_slice(msg),
             _ => {}
