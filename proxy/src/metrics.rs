@@ -96,9 +96,19 @@ pub async fn serve(
                 let path = line.split(|b| *b == b' ').nth(1).unwrap_or_default();
                 let (status, ctype, body) = match path {
                     b"/metrics" => {
+                        let app = process.current();
+                        if let Some(app) = &app {
+                            for pools in app.pools.values() {
+                                for shard in &pools.shards {
+                                    for pool in &shard.hosts {
+                                        pool.publish_gauges();
+                                    }
+                                }
+                            }
+                        }
                         let mut text = handle.render();
-                        if let Some(app) = process.current() {
-                            render_shard_maps(&app, &mut text);
+                        if let Some(app) = &app {
+                            render_shard_maps(app, &mut text);
                         }
                         ("200 OK", "text/plain; version=0.0.4", text)
                     }

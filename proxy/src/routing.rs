@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use shardgate_config::{Database, KeyColumnType};
 use shardgate_router::{
-    Catalog, KeyExpr, KeyType as RouterKeyType, KeyValue as RouterKey, Plan, PlanCache, Refusal,
-    SimplePlan, Target,
+    Catalog, KeyExpr, KeyType as RouterKeyType, KeyValue as RouterKey, Kind, Plan, PlanCache,
+    Refusal, SimplePlan, Target,
 };
 use shardgate_shardmap::{KeyType, KeyValue, ShardMap, ShardSpec};
 
@@ -190,23 +190,41 @@ impl Routing {
 
     /// The shards an extended-protocol execution runs on, given its Bind.
     pub fn shards_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> Result<Shards, Refusal> {
-        self.resolve(plan, |k, ty| match k {
+        let writes = matches!(plan.kind, Kind::Write | Kind::Copy);
+        let mut unreadable: Option<usize> = None;
+        let shards = self.resolve(plan, |k, ty| match k {
             KeyExpr::Literal(v) => Some(vec![self.shard_of(v)]),
-            KeyExpr::Param(n) => Some(match bind.key(*n, ty) {
-                Some(v) => vec![self.shard_of_key(&v)],
-                // NULL or undecodable: matches no row; any one shard answers right.
-                None => vec![0],
-            }),
-            KeyExpr::ParamArray(n) => bind
-                .key_array(*n, ty)
-                .map(|keys| keys.iter().map(|v| self.shard_of_key(v)).collect()),
-        })
+            KeyExpr::Param(n) => match bind.key(*n, ty) {
+                Some(v) => Some(vec![self.shard_of_key(&v)]),
+                // NULL matches no row: any one shard answers right.
+                None if bind.is_null(*n) => Some(vec![0]),
+                // A value shardgate cannot read as the key type (say a numeric 42.0 for an
+                // integer key, which Postgres compares equal to 42): every shard, for a read.
+                None => {
+                    unreadable.get_or_insert(*n);
+                    None
+                }
+            },
+            KeyExpr::ParamArray(n) => {
+                let keys = bind.key_array(*n, ty);
+                if keys.is_none() {
+                    unreadable.get_or_insert(*n);
+                }
+                keys.map(|keys| keys.iter().map(|v| self.shard_of_key(v)).collect())
+            }
+        })?;
+        match unreadable {
+            Some(n) if writes => Err(Refusal::unsupported(format!(
+                "cannot route this write: parameter ${n} is not a shard key value shardgate can read (send the key as an integer, text or uuid of the key column's type)"
+            ))),
+            _ => Ok(shards),
+        }
     }
 
     fn resolve(
         &self,
         plan: &Plan,
-        key_shards: impl Fn(&KeyExpr, RouterKeyType) -> Option<Vec<u32>>,
+        mut key_shards: impl FnMut(&KeyExpr, RouterKeyType) -> Option<Vec<u32>>,
     ) -> Result<Shards, Refusal> {
         if let Some(r) = &plan.refusal {
             return Err(r.clone());
@@ -419,7 +437,9 @@ impl<'a> BindValues<'a> {
 
     /// Writes a Bind of the unnamed portal to the unnamed statement with these values, or
     /// with the values numbered in `order` (1-based), in that order.
-    pub fn write_bind(&self, out: &mut bytes::BytesMut, order: Option<&[usize]>) {
+    /// `hidden`: trailing helper columns the sent text has beyond the client's (a merge's
+    /// sort or group columns): with per-column result formats they get text format.
+    pub fn write_bind(&self, out: &mut bytes::BytesMut, order: Option<&[usize]>, hidden: usize) {
         use bytes::BufMut;
         crate::protocol::write_msg(out, b'B', |o| {
             o.put_u8(0);
@@ -447,8 +467,27 @@ impl<'a> BindValues<'a> {
                     None => o.put_i32(-1),
                 }
             }
-            o.put_slice(self.result_formats);
+            let per_column = self
+                .result_formats
+                .get(..2)
+                .map_or(0, |b| i16::from_be_bytes([b[0], b[1]]));
+            if per_column > 1 && hidden > 0 {
+                o.put_i16(per_column + hidden as i16);
+                o.put_slice(&self.result_formats[2..]);
+                for _ in 0..hidden {
+                    o.put_i16(0);
+                }
+            } else {
+                o.put_slice(self.result_formats);
+            }
         });
+    }
+
+    /// Whether the n-th (1-based) value is NULL.
+    pub fn is_null(&self, n: usize) -> bool {
+        n.checked_sub(1)
+            .and_then(|i| self.value(i))
+            .is_some_and(|v| v.is_none())
     }
 
     fn raw(&self, n: usize) -> Option<(i16, u32, &'a [u8])> {
@@ -555,7 +594,8 @@ fn parse_binary_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> 
     }
     let n = r.i32()?;
     let _lower = r.i32()?;
-    let mut out = Vec::with_capacity(n.max(0) as usize);
+    // The count comes from the client: never reserve more than the bytes could hold.
+    let mut out = Vec::with_capacity((n.max(0) as usize).min(value.len() / 4));
     for _ in 0..n {
         let len = r.i32()?;
         if len < 0 {

@@ -193,6 +193,10 @@ struct Attached {
     tx_effects: Vec<Arc<SessionEffects>>,
     /// Attached for writes: when the transaction ends, learn the WAL position it reached.
     wrote: bool,
+    /// Data was written in this transaction (for two-phase commit if it spreads).
+    data_write: bool,
+    /// Checked out from the primary.
+    primary: bool,
     /// The server answered something shardgate did not expect: close it, never reuse it.
     poisoned: bool,
     /// When the oldest unanswered query or Sync was forwarded, for the latency histogram.
@@ -500,16 +504,31 @@ impl Session {
                     self.log_query(&msg);
                 }
                 let mut shard = 0;
-                let mut routed_primary = false;
-                if let (b'Q', Some(routing)) = (msg[0], self.pools.routing.clone()) {
-                    match self.route_sharded_query(&routing, &msg, io).await? {
-                        multi::Routed::Done => {
-                            self.emit_replies(io);
-                            return Ok(());
-                        }
-                        multi::Routed::Shard { shard: s, primary } => {
-                            shard = s;
-                            routed_primary = primary;
+                // Sharded databases: the router's plan says primary or not.
+                let mut routed: Option<(bool, bool)> = None;
+                if let Some(routing) = self.pools.routing.clone() {
+                    if msg[0] == b'F' && self.shard_tx.as_ref().is_some_and(|t| !t.parts.is_empty())
+                    {
+                        let r = shardgate_router::Refusal::unsupported(
+                            "function calls (FunctionCall messages) in a transaction that spans shards are not supported",
+                        );
+                        self.refuse(&r, io);
+                        return Ok(());
+                    }
+                    if msg[0] == b'Q' {
+                        match self.route_sharded_query(&routing, &msg, io).await? {
+                            multi::Routed::Done => {
+                                self.emit_replies(io);
+                                return Ok(());
+                            }
+                            multi::Routed::Shard {
+                                shard: s,
+                                primary,
+                                write,
+                            } => {
+                                shard = s;
+                                routed = Some((primary, write));
+                            }
                         }
                     }
                 }
@@ -518,7 +537,11 @@ impl Session {
                     match std::str::from_utf8(text) {
                         Ok(sql) => {
                             let fx = classify(sql);
-                            let primary = !fx.pin.is_empty() || crate::roles::needs_primary(sql);
+                            let primary = !fx.pin.is_empty()
+                                || match routed {
+                                    Some((p, _)) => p,
+                                    None => crate::roles::needs_primary(sql),
+                                };
                             ((!fx.is_empty()).then(|| Arc::new(fx)), primary)
                         }
                         Err(_) => (None, true),
@@ -526,7 +549,7 @@ impl Session {
                 } else {
                     (None, true)
                 };
-                let primary = primary || routed_primary;
+                let data_write = routed.is_none_or(|(_, w)| w);
                 if self.attached.is_none() && !self.attach(io, primary, shard).await {
                     let status = match self.shard_tx.as_mut() {
                         Some(t) if t.begin.is_some() => {
@@ -546,6 +569,7 @@ impl Session {
                 };
                 a.server.host().metrics.queries.increment(1);
                 a.wrote |= primary;
+                a.data_write |= data_write;
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
                 a.sent_at.get_or_insert_with(std::time::Instant::now);
@@ -613,7 +637,7 @@ impl Session {
         let (primary, shard) = match &routing {
             Some(routing) => match self.route_sharded_batch(routing, io).await? {
                 multi::Routed::Done => return Ok(()),
-                multi::Routed::Shard { shard, primary } => (primary, shard),
+                multi::Routed::Shard { shard, primary, .. } => (primary, shard),
             },
             None => (false, 0),
         };
@@ -867,6 +891,9 @@ impl Session {
                 }
                 p.portal_effects.retain(|(name, _)| *name != portal);
                 a.wrote |= stmt.as_ref().is_none_or(|s| s.primary);
+                a.data_write |= stmt
+                    .as_ref()
+                    .is_none_or(|s| s.plan.as_deref().is_none_or(multi::plan_writes));
                 if let Some(fx) = stmt.and_then(|s| s.effects.clone()) {
                     p.portal_effects.push((portal, fx));
                 }
@@ -1065,6 +1092,7 @@ impl Session {
                     a.server.host().metrics.query_seconds.record(sent.elapsed());
                 }
                 if status == b'I' {
+                    a.data_write = false;
                     if a.wrote
                         && self.app.config.general.read_your_writes
                         && self.pools.shards[a.shard as usize].topology.hosts.len() > 1
@@ -1284,6 +1312,8 @@ impl Session {
             query_failed: false,
             tx_effects: Vec::new(),
             wrote: false,
+            data_write: false,
+            primary: want == Want::Primary,
             poisoned: false,
             sent_at: None,
         }));

@@ -19,9 +19,39 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::app::App;
 
+/// This proxy among proxies sharing the shards: its host name and listen port (two
+/// processes cannot listen on one port of one host at once).
+pub fn node_name(port: u16) -> String {
+    static HOST: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let host = HOST.get_or_init(|| {
+        let mut buf = [0u8; 256];
+        // SAFETY: gethostname writes at most buf.len() bytes into buf.
+        let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+        let name = if rc == 0 {
+            let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+            String::from_utf8_lossy(&buf[..end]).into_owned()
+        } else {
+            String::new()
+        };
+        // Only characters that are safe inside a quoted gid and our ':' separator.
+        let clean: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '.')
+            .take(64)
+            .collect();
+        if clean.is_empty() {
+            "host".into()
+        } else {
+            clean
+        }
+    });
+    format!("{host}-{port}")
+}
+
 pub fn gid(node: u16, coordinator_shard: u32, xid: &str) -> String {
     format!(
-        "shardgate:{node}:{:x}:{coordinator_shard}:{xid}",
+        "shardgate:{}:{:x}:{coordinator_shard}:{xid}",
+        node_name(node),
         incarnation()
     )
 }
@@ -42,7 +72,7 @@ fn incarnation() -> u64 {
 fn parse_gid(gid: &str, node: u16, own: u64) -> Option<(usize, i64)> {
     let rest = gid.strip_prefix("shardgate:")?;
     let (n, rest) = rest.split_once(':')?;
-    if n.parse::<u16>().ok()? != node {
+    if n != node_name(node) {
         return None;
     }
     let (inc, rest) = rest.split_once(':')?;
@@ -127,7 +157,7 @@ async fn recover(app: &App, database: &str) -> Result<usize, String> {
         let rows = c
             .query(
                 "SELECT gid, owner::text FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE $1",
-                &[&format!("shardgate:{node}:%")],
+                &[&format!("shardgate:{}:%", node_name(node))],
             )
             .await
             .map_err(|e| format!("shard {i}: {e}"))?;
@@ -231,5 +261,7 @@ mod tests {
         assert_eq!(parse_gid(&g, 6432, incarnation() + 1), Some((1, 7781)));
         assert_eq!(parse_gid(&g, 6433, incarnation() + 1), None);
         assert_eq!(parse_gid("other:6432:5:1:2", 6432, 0), None);
+        // Another host's proxy on the same port is not us.
+        assert_eq!(parse_gid("shardgate:elsewhere-6432:5:1:2", 6432, 0), None);
     }
 }

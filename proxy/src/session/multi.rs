@@ -55,6 +55,11 @@ pub(super) struct Part {
     wrote: bool,
     /// A transaction block is open on this connection.
     in_tx: bool,
+    /// The connection's state is unknown (an I/O error mid-exchange, replies unread):
+    /// never run anything more on it, never give it back.
+    broken: bool,
+    /// Checked out from the shard's primary.
+    primary: bool,
 }
 
 struct Portal {
@@ -67,8 +72,12 @@ struct Portal {
 pub(super) enum Routed {
     /// Answered (or queued for the client) here.
     Done,
-    /// Run it on this shard through the ordinary path.
-    Shard { shard: u32, primary: bool },
+    /// Run it on this shard through the ordinary path; `write`: it writes data.
+    Shard {
+        shard: u32,
+        primary: bool,
+        write: bool,
+    },
 }
 
 /// One shard's request, and how to read its reply.
@@ -113,6 +122,7 @@ impl Session {
             return Ok(Routed::Shard {
                 shard,
                 primary: true,
+                write: true,
             });
         };
         let sp = match self.settings.get(SHARD_KEY_SETTING) {
@@ -159,10 +169,18 @@ impl Session {
             _ => None,
         };
         match (single, attached) {
-            (Some(s), Some(a)) if a == s => Ok(Routed::Shard { shard: s, primary }),
-            (Some(s), None) => Ok(Routed::Shard { shard: s, primary }),
+            (Some(s), Some(a)) if a == s => Ok(Routed::Shard {
+                shard: s,
+                primary,
+                write: plan_writes(&plan),
+            }),
+            (Some(s), None) => Ok(Routed::Shard {
+                shard: s,
+                primary,
+                write: plan_writes(&plan),
+            }),
             _ => {
-                if !self.pins.is_empty() {
+                if !self.pins.is_empty() || self.changed_session_here() {
                     self.refuse(&pinned_refusal(), io);
                     return Ok(Routed::Done);
                 }
@@ -186,19 +204,27 @@ impl Session {
                     self.batch_tx_control(io);
                     return Ok(Routed::Done);
                 }
-                BatchTarget::One { shard, primary } => {
+                BatchTarget::One {
+                    shard,
+                    primary,
+                    write,
+                } => {
                     let attached = self.attached.as_ref().map(|a| a.shard);
                     if attached.is_none_or(|a| a == shard) {
                         if attached.is_none() && self.shard_tx.as_ref().is_some_and(|t| t.failed) {
                             self.fail_batch(io, None);
                             return Ok(Routed::Done);
                         }
-                        return Ok(Routed::Shard { shard, primary });
+                        return Ok(Routed::Shard {
+                            shard,
+                            primary,
+                            write,
+                        });
                     }
                 }
                 BatchTarget::Many => {}
             }
-            if !self.pins.is_empty() {
+            if !self.pins.is_empty() || self.changed_session_here() {
                 self.fail_batch(io, Some(pinned_refusal()));
                 return Ok(Routed::Done);
             }
@@ -206,6 +232,22 @@ impl Session {
         }
         self.multi_batch(routing, io).await?;
         Ok(Routed::Done)
+    }
+
+    /// The attached transaction changed session settings: they live on its connection
+    /// only, so the transaction cannot spread to other shards.
+    fn changed_session_here(&self) -> bool {
+        self.attached
+            .as_ref()
+            .is_some_and(|a| !a.tx_effects.is_empty())
+    }
+
+    /// The session's extra_float_digits (float sums are printed as the session would).
+    fn extra_float_digits(&self) -> i32 {
+        self.settings
+            .get("extra_float_digits")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(1)
     }
 
     fn plan_needs_primary(&self, plan: &Plan) -> bool {
@@ -321,8 +363,10 @@ impl Session {
             tx.parts.push(Part {
                 shard: a.shard,
                 server: a.server,
-                wrote: a.wrote,
+                wrote: a.data_write,
                 in_tx,
+                broken: false,
+                primary: a.primary,
             });
         }
         Ok(())
@@ -362,7 +406,13 @@ impl Session {
     async fn part_for(&mut self, shard: u32, primary: bool) -> Result<usize, (String, String)> {
         let tx = self.shard_tx.get_or_insert_with(Default::default);
         if let Some(i) = tx.parts.iter().position(|p| p.shard == shard) {
-            return Ok(i);
+            let p = &tx.parts[i];
+            if p.primary || !primary || p.in_tx {
+                return Ok(i);
+            }
+            // A replica connection (taken for a Describe, say) cannot run a write: swap it.
+            let old = tx.parts.remove(i);
+            release_part(old);
         }
         let want = self.want(primary, shard);
         let mut server = match self
@@ -388,8 +438,12 @@ impl Session {
             if let Some(sql) = self.settings.sync_sql(current.as_deref()) {
                 match server.conn.run(&sql).await {
                     Ok(None) => {}
-                    Ok(Some((code, message))) => return Err((code, message)),
+                    Ok(Some((code, message))) => {
+                        server.discard();
+                        return Err((code, message));
+                    }
                     Err(e) => {
+                        server.discard();
                         let (c, m) = e.client_error();
                         return Err((c.to_string(), m));
                     }
@@ -403,6 +457,8 @@ impl Session {
             server,
             wrote: false,
             in_tx: false,
+            broken: false,
+            primary: want == crate::pool::Want::Primary,
         });
         Ok(tx.parts.len() - 1)
     }
@@ -443,6 +499,9 @@ impl Session {
             in_failed_transaction(&mut io.cout);
             return Ok(());
         }
+        if let Some(r) = multi_unsupported(&plan, sql) {
+            return self.multi_refuse(&r, io).await;
+        }
         if scan::statements(sql)
             .filter(|s| !s.trim().is_empty())
             .count()
@@ -458,10 +517,9 @@ impl Session {
             Err(r) => return self.multi_refuse(&r, io).await,
         };
         let list = self.shard_list(&shards, routing);
-        if plan.kind == Kind::Copy
-            && plan.copy.as_ref().is_some_and(|c| c.from)
-            && matches!(plan.target, Target::SplitCopy { .. } | Target::Each)
-        {
+        // Every COPY FROM STDIN relays the client's data here (split by row into a
+        // sharded table, to every shard for a reference table, as is otherwise).
+        if plan.kind == Kind::Copy && plan.copy.as_ref().is_some_and(|c| c.from) {
             return self.multi_copy_in(routing, &plan, sql, &list, io).await;
         }
         // A multi-row INSERT spanning shards: each shard gets its own rows.
@@ -497,7 +555,8 @@ impl Session {
             }
         };
         let literals: Vec<&str> = sp.literals.iter().map(|l| l.text(sql)).collect();
-        let merge_params = MergeParams::literals(&literals);
+        let merge_params =
+            MergeParams::literals(&literals).with_extra_float_digits(self.extra_float_digits());
         let requests = |_: u32, text: &str, out: &mut BytesMut| protocol::query(out, text);
         self.multi_run(&plan, &texts, &merge_params, true, requests, io)
             .await?;
@@ -531,10 +590,7 @@ impl Session {
         io: &mut Buffers,
     ) -> Result<(), Flow> {
         let explicit = self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some());
-        let data_write = matches!(plan.kind, Kind::Write | Kind::Copy)
-            || (plan.role == Role::Primary
-                && matches!(plan.target, Target::Each)
-                && plan.kind != Kind::Ddl);
+        let data_write = plan_writes(plan);
         if data_write {
             let mut written: Vec<u32> = self
                 .shard_tx
@@ -746,7 +802,7 @@ impl Session {
             }
             protocol::query(&mut req, sql);
             if let Err(e) = p.server.conn.send(&req).await {
-                p.in_tx = true;
+                p.broken = true;
                 let m = format!("shard {shard}: {e}");
                 self.fail_statement(&Refusal::unsupported(m.clone()));
                 protocol::error_response(&mut io.cout, "ERROR", sqlstate::CONNECTION_FAILURE, &m);
@@ -952,7 +1008,7 @@ impl Session {
                 let n = match p.server.conn.read_msg().await {
                     Ok(n) => n,
                     Err(e) => {
-                        p.in_tx = true;
+                        p.broken = true;
                         error.get_or_insert_with(|| {
                             error_bytes(
                                 sqlstate::CONNECTION_FAILURE,
@@ -1075,7 +1131,7 @@ impl Session {
             .as_mut()
             .expect("part_for made the transaction");
         let sql = format!(
-            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped",
+            "SELECT string_agg(attname, ',' ORDER BY attnum) FROM pg_attribute WHERE attrelid = '{}'::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
             table.replace('\'', "''")
         );
         let names = query_value(&mut tx.parts[part], &sql).await?;
@@ -1153,7 +1209,7 @@ impl Session {
             let mut first_error = None;
             // The writer (if any) first: a failed COMMIT there leaves nothing committed.
             parts.sort_by_key(|p| !p.wrote);
-            for p in parts.iter_mut().filter(|p| p.in_tx) {
+            for p in parts.iter_mut().filter(|p| p.in_tx && !p.broken) {
                 match p.server.conn.run(sql).await {
                     Ok(None) => p.in_tx = false,
                     Ok(Some((code, message))) => {
@@ -1191,7 +1247,7 @@ impl Session {
         mut parts: Vec<Part>,
         error: Option<(String, String)>,
     ) -> Result<(), (String, String)> {
-        for p in parts.iter_mut().filter(|p| p.in_tx) {
+        for p in parts.iter_mut().filter(|p| p.in_tx && !p.broken) {
             if p.server.conn.run("ROLLBACK").await.is_ok() {
                 p.in_tx = false;
             }
@@ -1228,8 +1284,11 @@ impl Session {
             for r in &requests {
                 let p = &mut tx.parts[r.part];
                 if let Err(e) = p.server.conn.send(&r.bytes).await {
-                    p.in_tx = false;
-                    return Err(format!("shard {}: {e}", p.shard));
+                    let m = format!("shard {}: {e}", p.shard);
+                    for r in &requests {
+                        tx.parts[r.part].broken = true;
+                    }
+                    return Err(m);
                 }
             }
         }
@@ -1238,8 +1297,11 @@ impl Session {
             let p = &mut tx.parts[r.part];
             if serial {
                 if let Err(e) = p.server.conn.send(&r.bytes).await {
-                    p.in_tx = false;
-                    return Err(format!("shard {}: {e}", p.shard));
+                    let m = format!("shard {}: {e}", p.shard);
+                    for r in &requests {
+                        tx.parts[r.part].broken = true;
+                    }
+                    return Err(m);
                 }
             }
             let mut hidden = r.hidden;
@@ -1247,8 +1309,11 @@ impl Session {
                 let n = match p.server.conn.read_msg().await {
                     Ok(n) => n,
                     Err(e) => {
-                        p.in_tx = false;
-                        return Err(format!("shard {}: {e}", p.shard));
+                        let m = format!("shard {}: {e}", p.shard);
+                        for r in &requests {
+                            tx.parts[r.part].broken = true;
+                        }
+                        return Err(m);
                     }
                 };
                 let msg = p.server.conn.rbuf.split_to(n).freeze();
@@ -1289,6 +1354,7 @@ impl Session {
         let mut local: Vec<(Bytes, Arc<Stmt>)> = Vec::new();
         let mut tx_control = false;
         let mut others = false;
+        let mut write = false;
         for m in &io.held {
             let mut r = Reader::new(body(m));
             match m[0] {
@@ -1336,9 +1402,11 @@ impl Session {
                     };
                     primary |= stmt.primary;
                     let Some(plan) = self.stmt_plan(routing, &stmt) else {
+                        write = true;
                         continue;
                     };
                     let plan = &plan;
+                    write |= plan_writes(plan);
                     if plan.tx.is_some() {
                         tx_control = true;
                         continue;
@@ -1373,6 +1441,7 @@ impl Session {
         BatchTarget::One {
             shard: shard.unwrap_or(0),
             primary,
+            write,
         }
     }
 
@@ -1631,7 +1700,8 @@ impl Session {
             .as_ref()
             .and_then(|t| t.parts.first())
             .map_or(0, |p| p.shard);
-        let part = match self.part_for(shard, false).await {
+        let primary = stmt.primary || self.plan_needs_primary_default();
+        let part = match self.part_for(shard, primary).await {
             Ok(i) => i,
             Err((code, message)) => {
                 self.multi_fail(io, &code, &message);
@@ -1665,7 +1735,7 @@ impl Session {
         let p = &mut tx.parts[part];
         p.server.conn.unnamed = None;
         if let Err(e) = p.server.conn.send(&req).await {
-            p.in_tx = false;
+            p.broken = true;
             self.multi_fail(io, sqlstate::CONNECTION_FAILURE, &e.to_string());
             return Ok(());
         }
@@ -1674,7 +1744,7 @@ impl Session {
             let n = match p.server.conn.read_msg().await {
                 Ok(n) => n,
                 Err(e) => {
-                    p.in_tx = false;
+                    p.broken = true;
                     let msg = e.to_string();
                     self.multi_fail(io, sqlstate::CONNECTION_FAILURE, &msg);
                     return Ok(());
@@ -1762,6 +1832,17 @@ impl Session {
             self.skip_until_sync = true;
             return Ok(());
         }
+        if let Some(r) = multi_unsupported(&plan, stmt.text()) {
+            self.multi_fail(io, r.sqlstate, &r.message);
+            return Ok(());
+        }
+        if plan.kind == Kind::Copy {
+            let r = Refusal::unsupported(
+                "COPY through the extended protocol in a transaction that spans shards is not supported; use a simple query",
+            );
+            self.multi_fail(io, r.sqlstate, &r.message);
+            return Ok(());
+        }
         let shards = match routing.shards_bound(&plan, &bind) {
             Ok(s) => s,
             Err(r) => {
@@ -1802,8 +1883,14 @@ impl Session {
             None => list.iter().map(|s| (*s, rewritten.clone())).collect(),
         };
         let (values, formats) = (bind.values(), bind.formats());
-        let merge_params = MergeParams::bind(&values, &formats);
+        let merge_params =
+            MergeParams::bind(&values, &formats).with_extra_float_digits(self.extra_float_digits());
         let types = param_types(&stmt.tail);
+        // The rewritten text's helper columns (sent to several shards only).
+        let hidden = match (&plan.rewritten, &plan.merge, list.len() > 1) {
+            (Some(_), Some(m), true) => m.hidden_columns,
+            _ => 0,
+        };
         let build = |shard: u32, text: &str, out: &mut BytesMut| {
             let params: Option<&Vec<usize>> = split
                 .as_ref()
@@ -1819,15 +1906,15 @@ impl Session {
                             .map(|n| types.get(n - 1).copied().unwrap_or(0))
                             .collect::<Vec<_>>(),
                     );
-                    bind.write_bind(out, Some(order));
+                    bind.write_bind(out, Some(order), 0);
                 }
                 Some(_) => {
                     write_parse_text(out, text, &[]);
-                    bind.write_bind(out, Some(&Vec::new()));
+                    bind.write_bind(out, Some(&Vec::new()), 0);
                 }
                 None => {
                     write_parse_text(out, text, &types);
-                    bind.write_bind(out, None);
+                    bind.write_bind(out, None, hidden);
                 }
             }
             protocol::write_msg(out, b'D', |o| {
@@ -1922,7 +2009,7 @@ async fn two_phase_commit(parts: &mut [Part], node: u16) -> Result<(), (String, 
         }
     }
     // Parts that only read.
-    for p in parts.iter_mut().filter(|p| p.in_tx) {
+    for p in parts.iter_mut().filter(|p| p.in_tx && !p.broken) {
         if run_part(p, "COMMIT").await.is_ok() {
             p.in_tx = false;
         }
@@ -1938,7 +2025,7 @@ async fn rollback_all(parts: &mut [Part], prepared: &[usize], gid: &str) {
             tracing::error!(gid = %gid, shard = parts[i].shard, code = %code, "ROLLBACK PREPARED failed: {message}; resolved at next start");
         }
     }
-    for p in parts.iter_mut().filter(|p| p.in_tx) {
+    for p in parts.iter_mut().filter(|p| p.in_tx && !p.broken) {
         if run_part(p, "ROLLBACK").await.is_ok() {
             p.in_tx = false;
         }
@@ -1947,11 +2034,17 @@ async fn rollback_all(parts: &mut [Part], prepared: &[usize], gid: &str) {
 
 /// Runs a control statement on a part; connection problems are 08006.
 async fn run_part(p: &mut Part, sql: &str) -> Result<(), (String, String)> {
+    if p.broken {
+        return Err((
+            sqlstate::CONNECTION_FAILURE.into(),
+            format!("shard {}: connection lost", p.shard),
+        ));
+    }
     match p.server.conn.run(sql).await {
         Ok(None) => Ok(()),
         Ok(Some(e)) => Err(e),
         Err(e) => {
-            p.in_tx = true; // unknown state: never reuse it
+            p.broken = true;
             Err((
                 sqlstate::CONNECTION_FAILURE.into(),
                 format!("shard {}: {e}", p.shard),
@@ -2009,12 +2102,49 @@ async fn query_value(p: &mut Part, sql: &str) -> Result<String, (String, String)
     }
 }
 
+/// What a transaction spanning shards refuses: savepoints (they would have to exist on
+/// every shard, including ones that join later) and statements that change session state
+/// (settings, LISTEN, temporary tables, advisory locks: they would stick to one shard's
+/// pooled connection). Refused, the transaction fails, as it would in Postgres.
+fn multi_unsupported(plan: &Plan, sql: &str) -> Option<Refusal> {
+    if matches!(
+        plan.tx,
+        Some(
+            TxControl::Savepoint(_)
+                | TxControl::Release(_)
+                | TxControl::RollbackTo(_)
+                | TxControl::PrepareTransaction(_)
+                | TxControl::CommitPrepared(_)
+                | TxControl::RollbackPrepared(_)
+        )
+    ) {
+        return Some(Refusal::unsupported(
+            "savepoints and PREPARE TRANSACTION are not supported in a transaction that spans shards",
+        ));
+    }
+    if !shardgate_router::classify(sql).is_empty() {
+        return Some(Refusal::unsupported(
+            "changing session state (SET, RESET, LISTEN, temporary tables, session advisory locks, ...) is not supported in a transaction that spans shards; do it before the transaction or in its own",
+        ));
+    }
+    None
+}
+
+/// Whether a statement writes data (for two-phase commit and its refusal): writes, COPY,
+/// and reads that need the primary (write functions, row locks). DDL does not count: it
+/// runs shard by shard without two-phase commit.
+pub(super) fn plan_writes(plan: &Plan) -> bool {
+    matches!(plan.kind, Kind::Write | Kind::Copy)
+        || (plan.role == Role::Primary && plan.kind == Kind::Read)
+}
+
 enum BatchTarget {
     /// Transaction control only: answered here.
     Local,
     One {
         shard: u32,
         primary: bool,
+        write: bool,
     },
     Many,
 }
@@ -2041,7 +2171,7 @@ pub(super) fn discard_parts(tx: ShardTx) {
 
 /// Gives a part's connection back if it is clean, closes it otherwise.
 fn release_part(p: Part) {
-    if p.in_tx {
+    if p.in_tx || p.broken {
         p.server.discard();
     } else {
         p.server.release();
@@ -2293,7 +2423,7 @@ fn in_failed_transaction(out: &mut BytesMut) {
 
 fn pinned_refusal() -> Refusal {
     Refusal::unsupported(
-        "this session holds state on one shard (LISTEN, a temporary table, a session advisory lock or a WITH HOLD cursor); statements for other shards must wait until it is released",
+        "this session holds state on one shard (SET in the current transaction, LISTEN, a temporary table, a session advisory lock or a WITH HOLD cursor); statements for other shards must wait until it is released",
     )
 }
 
