@@ -6,6 +6,7 @@
 //! framework: it serves three fixed paths to a scraper.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,8 +24,17 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Whether metrics are exported (`metrics_listen` set): when not, the data path skips
+/// even the clock reads for latency.
+static ENABLED: AtomicBool = AtomicBool::new(false);
+
+pub fn enabled() -> bool {
+    ENABLED.load(Ordering::Relaxed)
+}
+
 /// Installs the recorder; returns the handle that renders the exposition text.
 pub fn install() -> Result<PrometheusHandle, String> {
+    ENABLED.store(true, Ordering::Relaxed);
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
         .map_err(|e| e.to_string())?
@@ -108,6 +118,7 @@ pub async fn serve(
                         }
                         let mut text = handle.render();
                         if let Some(app) = &app {
+                            render_query_latency(app, &mut text);
                             render_shard_maps(app, &mut text);
                         }
                         ("200 OK", "text/plain; version=0.0.4", text)
@@ -238,11 +249,6 @@ fn describe() {
         "Read transactions routed, by where they went"
     );
     describe_counter!("shardgate_writes_routed_total", "Write transactions routed");
-    describe_histogram!(
-        "shardgate_query_duration_seconds",
-        Unit::Seconds,
-        "Time from forwarding a query (or an extended-protocol batch) to its ReadyForQuery"
-    );
 }
 
 /// Process-wide handles.
@@ -310,7 +316,7 @@ impl PoolMetrics {
 /// Per-host handles, labelled `shard` and `host`.
 pub struct HostMetrics {
     /// From forwarding a query (or an extended batch's Sync) to its ReadyForQuery.
-    pub query_seconds: metrics::Histogram,
+    pub query_seconds: LatencyHistogram,
     pub up: Gauge,
     pub primary: Gauge,
     pub banned: Gauge,
@@ -326,7 +332,7 @@ impl HostMetrics {
     pub fn new(shard: usize, host: &str) -> HostMetrics {
         let (s, h) = (shard.to_string(), host.to_string());
         HostMetrics {
-            query_seconds: metrics::histogram!("shardgate_query_duration_seconds", "shard" => s.clone(), "host" => h.clone()),
+            query_seconds: LatencyHistogram::default(),
             up: gauge!("shardgate_host_up", "shard" => s.clone(), "host" => h.clone()),
             primary: gauge!("shardgate_host_primary", "shard" => s.clone(), "host" => h.clone()),
             banned: gauge!("shardgate_host_banned", "shard" => s.clone(), "host" => h.clone()),
@@ -357,6 +363,70 @@ impl ShardMetrics {
             reads_on_primary: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "primary"),
             writes: counter!("shardgate_writes_routed_total", "shard" => s),
         }
+    }
+}
+
+/// A latency histogram with the fixed buckets of the metrics contract: two relaxed atomic
+/// adds per sample, rendered at scrape time. (The exporter's histograms keep every sample
+/// until the next upkeep, which cost a measurable share of a transaction's CPU.)
+#[derive(Default)]
+pub struct LatencyHistogram {
+    /// Samples per bucket (not cumulative); the last one is +Inf.
+    counts: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl LatencyHistogram {
+    pub fn record(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = LATENCY_BUCKETS.partition_point(|le| *le < secs);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos.fetch_add(
+            u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Adds this histogram's samples into `into` (per-bucket counts, then the sum).
+    fn add_to(&self, into: &mut [u64; LATENCY_BUCKETS.len() + 2]) {
+        for (i, c) in self.counts.iter().enumerate() {
+            into[i] += c.load(Ordering::Relaxed);
+        }
+        into[LATENCY_BUCKETS.len() + 1] += self.sum_nanos.load(Ordering::Relaxed);
+    }
+}
+
+/// `shardgate_query_duration_seconds{shard,host}`, summed over databases that share a
+/// host (one series per label set).
+fn render_query_latency(app: &crate::app::App, text: &mut String) {
+    use std::collections::BTreeMap;
+    use std::fmt::Write;
+    let mut series: BTreeMap<(usize, String), [u64; LATENCY_BUCKETS.len() + 2]> = BTreeMap::new();
+    for shards in app.topologies.values() {
+        for t in shards {
+            for h in &t.hosts {
+                let entry = series
+                    .entry((t.index, h.addr.to_string()))
+                    .or_insert([0; LATENCY_BUCKETS.len() + 2]);
+                h.metrics.query_seconds.add_to(entry);
+            }
+        }
+    }
+    const NAME: &str = "shardgate_query_duration_seconds";
+    let _ = writeln!(text, "# HELP {NAME} Time from forwarding a query (or an extended-protocol batch) to its ReadyForQuery.");
+    let _ = writeln!(text, "# TYPE {NAME} histogram");
+    for ((shard, host), v) in series {
+        let labels = format!("shard=\"{shard}\",host=\"{host}\"");
+        let mut cumulative = 0u64;
+        for (i, le) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += v[i];
+            let _ = writeln!(text, "{NAME}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += v[LATENCY_BUCKETS.len()];
+        let _ = writeln!(text, "{NAME}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = v[LATENCY_BUCKETS.len() + 1] as f64 / 1e9;
+        let _ = writeln!(text, "{NAME}_sum{{{labels}}} {sum}");
+        let _ = writeln!(text, "{NAME}_count{{{labels}}} {cumulative}");
     }
 }
 

@@ -572,7 +572,9 @@ impl Session {
                 a.data_write |= data_write;
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
-                a.sent_at.get_or_insert_with(std::time::Instant::now);
+                if crate::metrics::enabled() {
+                    a.sent_at.get_or_insert_with(std::time::Instant::now);
+                }
                 io.sout.extend_from_slice(&msg);
                 io.expects.push_back(Expect::Query {
                     hidden: false,
@@ -954,7 +956,9 @@ impl Session {
             b'S' => {
                 io.sout.extend_from_slice(&msg);
                 io.expects.push_back(Expect::Sync);
-                a.sent_at.get_or_insert_with(std::time::Instant::now);
+                if crate::metrics::enabled() {
+                    a.sent_at.get_or_insert_with(std::time::Instant::now);
+                }
                 a.unsynced = false;
             }
             b'H' => io.sout.extend_from_slice(&msg),

@@ -2830,6 +2830,44 @@ async fn transactions_across_shards() {
     assert_eq!(rows_of(&mut raw, &sql).await, expected, "{sql}: own writes");
     ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
     assert_eq!(value_of(&mut raw, "SELECT count(*) FROM tx_t").await, "4");
+
+    // 8. What a transaction spanning shards cannot do is refused, not half done: a
+    // savepoint (it would exist on some shards only) and a SET (it would stick to one
+    // shard's pooled connection); the transaction then fails as in Postgres.
+    if !direct_mode() {
+        for refused in ["SAVEPOINT s1", "SET search_path = pg_catalog"] {
+            ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+            for key in [k0[6], k1[6]] {
+                let sql = format!("UPDATE tx_t SET v = 'spanning' WHERE id = {key}");
+                ok(&q(&mut raw, &sql).await, &sql, "UPDATE 0", 'T');
+            }
+            err(&q(&mut raw, refused).await, refused, "0A000", 'E');
+            ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
+        }
+        // A SET earlier in a transaction keeps it on its shard.
+        ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+        let sql = format!("SELECT v FROM tx_t WHERE id = {}", k0[0]);
+        ok(&q(&mut raw, &sql).await, &sql, "SELECT 1", 'T');
+        ok(
+            &q(&mut raw, "SET LOCAL statement_timeout = '5s'").await,
+            "SET LOCAL",
+            "SET",
+            'T',
+        );
+        let sql = format!("SELECT v FROM tx_t WHERE id = {}", k1[0]);
+        let a = q(&mut raw, &sql).await;
+        assert!(
+            a.error.as_ref().is_none_or(|(code, _)| code == "0A000"),
+            "{sql}: {}",
+            a.short()
+        );
+        ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
+        // The session's own settings are untouched by all this.
+        assert_eq!(
+            value_of(&mut raw, "SHOW search_path").await,
+            "\"$user\", public"
+        );
+    }
     drop(front);
     sdb.drop_db().await;
     eprintln!("transactions_across_shards: {:?}", started.elapsed());
