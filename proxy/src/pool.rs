@@ -39,6 +39,21 @@ pub enum PoolError {
 }
 
 impl PoolError {
+    /// The SQLSTATE and message a client gets for this failure.
+    pub fn client_error(&self) -> (String, String) {
+        use crate::protocol::sqlstate;
+        match self {
+            PoolError::Server(se) => {
+                let (c, m) = se.client_error();
+                (c.to_string(), m)
+            }
+            PoolError::Timeout { .. } => (sqlstate::TOO_MANY_CONNECTIONS.into(), self.to_string()),
+            PoolError::ConnectTimeout(_) | PoolError::NoPrimary { .. } => {
+                (sqlstate::CONNECTION_FAILURE.into(), self.to_string())
+            }
+        }
+    }
+
     /// A connection problem with the host, as opposed to a full pool or a refusal.
     /// Includes a server that is shutting down or starting up (57P01/57P03) or that drops
     /// the connection during login: all mean "try another host".

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::App;
 use crate::cancel::{CancelSlot, CancelTarget};
-use crate::pool::{Checkout, PoolError, UserPools, Want};
+use crate::pool::{Checkout, UserPools, Want};
 use crate::protocol::{self, body, frame_len, sqlstate, Reader};
 use crate::routing::Routing;
 use crate::server::MAX_SERVER_MESSAGE;
@@ -1263,18 +1263,7 @@ impl Session {
         {
             Ok(s) => s,
             Err(e) => {
-                let (code, message) = match &e {
-                    PoolError::Server(se) => {
-                        let (c, m) = se.client_error();
-                        (c.to_string(), m)
-                    }
-                    PoolError::Timeout { .. } => {
-                        (sqlstate::TOO_MANY_CONNECTIONS.to_string(), e.to_string())
-                    }
-                    PoolError::ConnectTimeout(_) | PoolError::NoPrimary { .. } => {
-                        (sqlstate::CONNECTION_FAILURE.to_string(), e.to_string())
-                    }
-                };
+                let (code, message) = e.client_error();
                 tracing::warn!(pool = %self.pools.name, "{message}");
                 protocol::error_response(&mut io.cout, "ERROR", &code, &message);
                 return false;

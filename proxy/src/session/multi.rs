@@ -422,11 +422,8 @@ impl Session {
         {
             Ok(s) => s,
             Err(e) => {
-                let code = match &e {
-                    crate::pool::PoolError::Timeout { .. } => sqlstate::TOO_MANY_CONNECTIONS,
-                    _ => sqlstate::CONNECTION_FAILURE,
-                };
-                return Err((code.to_string(), format!("shard {shard}: {e}")));
+                let (code, message) = e.client_error();
+                return Err((code, format!("shard {shard}: {message}")));
             }
         };
         server.host().metrics.transactions.increment(1);
@@ -865,7 +862,6 @@ impl Session {
         let mut outs: Vec<BytesMut> = parts.iter().map(|_| BytesMut::new()).collect();
         // Which shards got rows (a header alone writes nothing).
         let mut got_rows = vec![split.is_none(); parts.len()];
-        let index_of = |shard: u32| list.iter().position(|s| *s == shard).unwrap_or(0);
         let mut split = split;
         let mut client_failed: Option<String> = None;
         let max = self.app.config.general.max_client_message_size;
@@ -893,20 +889,15 @@ impl Session {
                     let data = body(&msg);
                     match &mut split {
                         Some((rows, key_type)) => {
-                            let mut each = |line: CopyLine<'_>| match line {
-                                CopyLine::All(l) => {
-                                    for o in outs.iter_mut() {
-                                        o.extend_from_slice(l);
-                                    }
-                                }
-                                CopyLine::Row(l, key) => {
-                                    let shard = key
-                                        .and_then(|k| routing.shard_of_text(*key_type, &k))
-                                        .unwrap_or(list[0]);
-                                    let k = index_of(shard);
-                                    got_rows[k] = true;
-                                    outs[k].extend_from_slice(l);
-                                }
+                            let mut each = |line: CopyLine<'_>| {
+                                route_copy_line(
+                                    line,
+                                    routing,
+                                    *key_type,
+                                    list,
+                                    &mut got_rows,
+                                    &mut outs,
+                                )
                             };
                             rows.feed(data, &mut each);
                         }
@@ -942,20 +933,8 @@ impl Session {
             }
         }
         if let Some((rows, key_type)) = &mut split {
-            let mut each = |line: CopyLine<'_>| match line {
-                CopyLine::All(l) => {
-                    for o in outs.iter_mut() {
-                        o.extend_from_slice(l);
-                    }
-                }
-                CopyLine::Row(l, key) => {
-                    let shard = key
-                        .and_then(|k| routing.shard_of_text(*key_type, &k))
-                        .unwrap_or(list[0]);
-                    let k = index_of(shard);
-                    got_rows[k] = true;
-                    outs[k].extend_from_slice(l);
-                }
+            let mut each = |line: CopyLine<'_>| {
+                route_copy_line(line, routing, *key_type, list, &mut got_rows, &mut outs)
             };
             rows.finish(&mut each);
         }
@@ -2152,6 +2131,34 @@ enum BatchTarget {
 /// `SET shardgate.shard_key = V`: later statements without a key of their own go to V's
 /// shard. (A dotted name is a custom setting to Postgres, so servers accept it too.)
 const SHARD_KEY_SETTING: &str = "shardgate.shard_key";
+
+/// Appends one line of COPY data to the buffer of the shard that owns its key (a header
+/// to every shard). A key that does not read as the key type goes to the first shard,
+/// whose server then rejects the row as the COPY would.
+fn route_copy_line(
+    line: CopyLine<'_>,
+    routing: &Routing,
+    key_type: shardgate_router::KeyType,
+    list: &[u32],
+    got_rows: &mut [bool],
+    outs: &mut [BytesMut],
+) {
+    match line {
+        CopyLine::All(l) => {
+            for o in outs.iter_mut() {
+                o.extend_from_slice(l);
+            }
+        }
+        CopyLine::Row(l, key) => {
+            let shard = key
+                .and_then(|k| routing.shard_of_text(key_type, &k))
+                .unwrap_or(list[0]);
+            let k = list.iter().position(|s| *s == shard).unwrap_or(0);
+            got_rows[k] = true;
+            outs[k].extend_from_slice(l);
+        }
+    }
+}
 
 /// CopyData is sent to a shard once this much is buffered for it.
 const COPY_CHUNK: usize = 64 * 1024;
