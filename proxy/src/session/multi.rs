@@ -62,6 +62,20 @@ pub(super) struct Part {
     primary: bool,
 }
 
+impl Part {
+    /// The next whole message from the shard. A failed read leaves replies unread, so the
+    /// connection is marked broken (never reused).
+    async fn next_message(&mut self) -> Result<BytesMut, String> {
+        match self.server.conn.read_msg().await {
+            Ok(n) => Ok(self.server.conn.rbuf.split_to(n)),
+            Err(e) => {
+                self.broken = true;
+                Err(format!("shard {}: {e}", self.shard))
+            }
+        }
+    }
+}
+
 struct Portal {
     name: Bytes,
     stmt: Arc<Stmt>,
@@ -413,6 +427,11 @@ impl Session {
             // A replica connection (taken for a Describe, say) cannot run a write: swap it.
             let old = tx.parts.remove(i);
             release_part(old);
+        }
+        if tx.parts.is_empty() && self.attached.is_none() {
+            // A new transaction, as in `attach`: the newest configuration, and PAUSE holds it.
+            self.follow_reload();
+            self.app.process.wait_unpaused(&self.pools.database).await;
         }
         let want = self.want(primary, shard);
         let mut server = match self
@@ -816,19 +835,13 @@ impl Session {
             let p = &mut tx.parts[part];
             let mut hidden = hidden;
             loop {
-                let n = match p.server.conn.read_msg().await {
-                    Ok(n) => n,
+                let msg = match p.next_message().await {
+                    Ok(m) => m,
                     Err(e) => {
-                        error.get_or_insert_with(|| {
-                            error_bytes(
-                                sqlstate::CONNECTION_FAILURE,
-                                &format!("shard {}: {e}", p.shard),
-                            )
-                        });
+                        error.get_or_insert_with(|| error_bytes(sqlstate::CONNECTION_FAILURE, &e));
                         break;
                     }
                 };
-                let msg = p.server.conn.rbuf.split_to(n);
                 match msg[0] {
                     b'Z' if hidden > 0 => hidden -= 1,
                     b'Z' => break,
@@ -984,20 +997,13 @@ impl Session {
             let tx = self.shard_tx.as_mut().expect("parts exist");
             let p = &mut tx.parts[part];
             loop {
-                let n = match p.server.conn.read_msg().await {
-                    Ok(n) => n,
+                let msg = match p.next_message().await {
+                    Ok(m) => m,
                     Err(e) => {
-                        p.broken = true;
-                        error.get_or_insert_with(|| {
-                            error_bytes(
-                                sqlstate::CONNECTION_FAILURE,
-                                &format!("shard {}: {e}", p.shard),
-                            )
-                        });
+                        error.get_or_insert_with(|| error_bytes(sqlstate::CONNECTION_FAILURE, &e));
                         break;
                     }
                 };
-                let msg = p.server.conn.rbuf.split_to(n);
                 match msg[0] {
                     b'C' => {
                         let tag = String::from_utf8_lossy(body(&msg));
@@ -1074,8 +1080,7 @@ impl Session {
             if p.server.conn.send(&msg).await.is_err() {
                 continue;
             }
-            while let Ok(n) = p.server.conn.read_msg().await {
-                let m = p.server.conn.rbuf.split_to(n);
+            while let Ok(m) = p.next_message().await {
                 if m[0] == b'Z' {
                     break;
                 }
@@ -1285,17 +1290,15 @@ impl Session {
             }
             let mut hidden = r.hidden;
             loop {
-                let n = match p.server.conn.read_msg().await {
-                    Ok(n) => n,
-                    Err(e) => {
-                        let m = format!("shard {}: {e}", p.shard);
+                let msg = match p.next_message().await {
+                    Ok(m) => m.freeze(),
+                    Err(m) => {
                         for r in &requests {
                             tx.parts[r.part].broken = true;
                         }
                         return Err(m);
                     }
                 };
-                let msg = p.server.conn.rbuf.split_to(n).freeze();
                 match msg[0] {
                     b'S' => {
                         p.server.conn.record_param(body(&msg));
@@ -1720,16 +1723,13 @@ impl Session {
         }
         let mut error = None;
         loop {
-            let n = match p.server.conn.read_msg().await {
-                Ok(n) => n,
+            let msg = match p.next_message().await {
+                Ok(m) => m,
                 Err(e) => {
-                    p.broken = true;
-                    let msg = e.to_string();
-                    self.multi_fail(io, sqlstate::CONNECTION_FAILURE, &msg);
+                    self.multi_fail(io, sqlstate::CONNECTION_FAILURE, &e);
                     return Ok(());
                 }
             };
-            let msg = p.server.conn.rbuf.split_to(n);
             match msg[0] {
                 b't' | b'T' | b'n' => io.cout.extend_from_slice(&msg),
                 b'E' => error = Some(msg.freeze()),
@@ -2048,11 +2048,10 @@ async fn query_value(p: &mut Part, sql: &str) -> Result<String, (String, String)
     let mut value = None;
     let mut error = None;
     loop {
-        let n = match p.server.conn.read_msg().await {
-            Ok(n) => n,
-            Err(e) => return Err(fail(p, e)),
-        };
-        let msg = p.server.conn.rbuf.split_to(n);
+        let msg = p
+            .next_message()
+            .await
+            .map_err(|e| (sqlstate::CONNECTION_FAILURE.to_string(), e))?;
         match msg[0] {
             b'D' if value.is_none() => {
                 let mut r = Reader::new(body(&msg));
