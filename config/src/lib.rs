@@ -214,10 +214,54 @@ pub struct Database {
     /// before anything is written.
     #[serde(default)]
     pub two_phase_commit: bool,
+    // Hot-shard detection and the slot mover (docs/REBALANCING.md).
+    /// Apply a rebalance plan by itself when a shard stays hot for `hot_window`.
+    #[serde(default)]
+    pub auto_rebalance: bool,
+    /// A shard is hot above `hot_ratio` times the mean load.
+    #[serde(default = "default_hot_ratio")]
+    pub hot_ratio: f64,
+    /// ... for at least this long.
+    #[serde(default = "default_hot_window", with = "humantime_serde")]
+    pub hot_window: Duration,
+    /// How often per-slot load is sampled (load = keyed statements per second over the
+    /// last interval).
+    #[serde(default = "default_rebalance_interval", with = "humantime_serde")]
+    pub rebalance_interval: Duration,
+    /// At most this many slots move in one planned round.
+    #[serde(default = "default_max_slots_per_round")]
+    pub max_slots_per_round: u32,
+    /// One cut-over (one write pause) moves whole slots holding at most about this many
+    /// rows; a bigger slot moves alone.
+    #[serde(default = "default_move_batch_rows")]
+    pub move_batch_rows: u64,
+    /// A cut-over waits this long for the transactions in flight to finish, else the
+    /// move is rolled back (nothing lost) and reported failed.
+    #[serde(default = "default_move_drain_timeout", with = "humantime_serde")]
+    pub move_drain_timeout: Duration,
 }
 
 fn default_slots() -> u32 {
     4096
+}
+
+fn default_hot_ratio() -> f64 {
+    1.5
+}
+fn default_hot_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_rebalance_interval() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_max_slots_per_round() -> u32 {
+    64
+}
+fn default_move_batch_rows() -> u64 {
+    5000
+}
+fn default_move_drain_timeout() -> Duration {
+    Duration::from_secs(5)
 }
 
 /// A table split across shards by the hash of one column.
@@ -408,6 +452,37 @@ impl Config {
                     format!(
                         "database \"{}\": slots must be a power of two up to 1048576, not {}",
                         db.name, db.slots
+                    ),
+                ));
+            }
+            if !(db.hot_ratio.is_finite() && db.hot_ratio >= 1.0) {
+                return Err(invalid(
+                    "hot_ratio",
+                    format!(
+                        "database \"{}\": hot_ratio must be a number of at least 1, not {}",
+                        db.name, db.hot_ratio
+                    ),
+                ));
+            }
+            for (key, zero) in [
+                ("rebalance_interval", db.rebalance_interval.is_zero()),
+                ("max_slots_per_round", db.max_slots_per_round == 0),
+                ("move_batch_rows", db.move_batch_rows == 0),
+                ("move_drain_timeout", db.move_drain_timeout.is_zero()),
+            ] {
+                if zero {
+                    return Err(invalid(
+                        key,
+                        format!("database \"{}\": {key} must be more than 0", db.name),
+                    ));
+                }
+            }
+            if db.auto_rebalance && db.shard_map.is_none() {
+                return Err(invalid(
+                    "auto_rebalance",
+                    format!(
+                        "database \"{}\": auto_rebalance needs a shard_map file (moves rewrite it)",
+                        db.name
                     ),
                 ));
             }

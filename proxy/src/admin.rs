@@ -85,8 +85,25 @@ async fn run_command(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
         .map(|w| w.to_ascii_lowercase())
         .collect();
     let words: Vec<&str> = words.iter().map(String::as_str).collect();
+    // Database names keep their case.
+    let original: Vec<&str> = sql.split_whitespace().collect();
     match words.as_slice() {
         [] => protocol::empty_msg(out, b'I'),
+        ["move", "slots", range, "to", shard, rest @ ..] => {
+            let db = match rest {
+                [] => None,
+                ["in", _] => original.last().copied(),
+                _ => return unknown(out, sql),
+            };
+            move_slots(app, range, shard, db, out);
+        }
+        ["rebalance", "plan", rest @ ..] if rest.len() <= 1 => {
+            rebalance_plan(app, rest.first().and(original.last().copied()), out)
+        }
+        ["rebalance", "apply", rest @ ..] if rest.len() <= 1 => {
+            rebalance_apply(app, rest.first().and(original.last().copied()), out)
+        }
+        ["show", "moves"] => show_moves(app, out),
         ["show", what] => match *what {
             "pools" => show_pools(app, out),
             "clients" => show_clients(app, out),
@@ -133,9 +150,178 @@ async fn run_command(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
 
 fn unknown(out: &mut BytesMut, what: &str) {
     let msg = format!(
-        "unknown admin command \"{what}\"; try SHOW POOLS|CLIENTS|SERVERS|SHARDS|STATS|CONFIG|VERSION, RELOAD, PAUSE [db], RESUME [db], SHUTDOWN"
+        "unknown admin command \"{what}\"; try SHOW POOLS|CLIENTS|SERVERS|SHARDS|SLOTS|MOVES|STATS|CONFIG|VERSION, RELOAD, PAUSE [db], RESUME [db], SHUTDOWN, MOVE SLOTS lo-hi TO shard [IN db], REBALANCE PLAN|APPLY [db]"
     );
     protocol::error_response(out, "ERROR", sqlstate::SYNTAX_ERROR, &msg);
+}
+
+/// The sharded database a slot command means: the named one, or the only one.
+fn sharded_database(app: &App, named: Option<&str>) -> Result<String, (&'static str, String)> {
+    if let Some(db) = named {
+        return Ok(db.to_string());
+    }
+    let mut dbs: Vec<&str> = app
+        .config
+        .databases
+        .iter()
+        .map(|d| d.name.as_str())
+        .filter(|d| app.process.shard_state(d).is_some())
+        .collect();
+    dbs.sort_unstable();
+    dbs.dedup();
+    match dbs.as_slice() {
+        [one] => Ok(one.to_string()),
+        [] => Err((
+            sqlstate::FEATURE_NOT_SUPPORTED,
+            "no database is sharded".into(),
+        )),
+        _ => Err((
+            "42601",
+            format!(
+                "several databases are sharded ({}): add IN <database>",
+                dbs.join(", ")
+            ),
+        )),
+    }
+}
+
+fn refuse(out: &mut BytesMut, (code, message): (&'static str, String)) {
+    protocol::error_response(out, "ERROR", code, &message);
+}
+
+/// `MOVE SLOTS lo-hi TO shard [IN db]`: starts a move job; answers its id.
+fn move_slots(app: &Arc<App>, range: &str, shard: &str, db: Option<&str>, out: &mut BytesMut) {
+    let parsed = match range.split_once('-') {
+        Some((a, b)) => a.parse::<u32>().ok().zip(b.parse::<u32>().ok()),
+        None => range.parse::<u32>().ok().map(|s| (s, s)),
+    };
+    let (Some((lo, hi)), Ok(to)) = (parsed, shard.parse::<u32>()) else {
+        return refuse(
+            out,
+            (
+                "22023",
+                format!("MOVE SLOTS wants a slot or a range (0-63) and a shard number, not \"{range}\" and \"{shard}\""),
+            ),
+        );
+    };
+    let result =
+        sharded_database(app, db).and_then(|db| crate::mover::start_move(app, &db, lo, hi, to));
+    match result {
+        Ok(id) => protocol::text_rows(out, &["move"], &[vec![id.to_string()]], "MOVE"),
+        Err(e) => refuse(out, e),
+    }
+}
+
+/// `REBALANCE PLAN [db]`: the planner's proposal from the last load sample.
+fn rebalance_plan(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
+    let plan = sharded_database(app, db).and_then(|db| crate::mover::plan(app, &db));
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => return refuse(out, e),
+    };
+    let mut rows = Vec::new();
+    for m in &plan.plan.moves {
+        rows.push(vec![
+            "move".into(),
+            if m.lo == m.hi {
+                m.lo.to_string()
+            } else {
+                format!("{}-{}", m.lo, m.hi)
+            },
+            m.from.to_string(),
+            m.to.to_string(),
+            String::new(),
+            String::new(),
+        ]);
+    }
+    for (shard, (b, a)) in plan.loads_before.iter().zip(&plan.loads_after).enumerate() {
+        rows.push(vec![
+            "shard".into(),
+            String::new(),
+            shard.to_string(),
+            String::new(),
+            format!("{b:.3}"),
+            format!("{a:.3}"),
+        ]);
+    }
+    rows.push(vec![
+        "ratio".into(),
+        String::new(),
+        String::new(),
+        String::new(),
+        format!("{:.3}", plan.ratio_before),
+        format!("{:.3}", plan.ratio_after),
+    ]);
+    let cols = ["kind", "slots", "from_shard", "to_shard", "load_before", "load_after"];
+    protocol::text_rows(out, &cols, &rows, "REBALANCE");
+}
+
+/// `REBALANCE APPLY [db]`: starts a job for the current plan.
+fn rebalance_apply(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
+    let result = sharded_database(app, db).and_then(|db| {
+        let plan = crate::mover::plan(app, &db)?;
+        if plan.plan.is_empty() {
+            return Ok(0);
+        }
+        crate::mover::start_plan(app, &db, &plan)
+    });
+    match result {
+        Ok(0) => {
+            protocol::notice(out, "the load is balanced: nothing to move");
+            protocol::text_rows(out, &["move"], &[vec!["0".into()]], "REBALANCE");
+        }
+        Ok(id) => protocol::text_rows(out, &["move"], &[vec![id.to_string()]], "REBALANCE"),
+        Err(e) => refuse(out, e),
+    }
+}
+
+/// `SHOW MOVES`: the slot-move jobs of this process.
+fn show_moves(app: &App, out: &mut BytesMut) {
+    let mut dbs: Vec<&str> = app.config.databases.iter().map(|d| d.name.as_str()).collect();
+    dbs.sort_unstable();
+    dbs.dedup();
+    let mut jobs: Vec<crate::moves::JobStatus> = dbs
+        .iter()
+        .filter_map(|d| app.process.shard_state(d))
+        .flat_map(|s| s.jobs())
+        .collect();
+    jobs.sort_by_key(|j| (j.database.clone(), j.id));
+    let rows: Vec<Vec<String>> = jobs
+        .into_iter()
+        .map(|j| {
+            vec![
+                j.id.to_string(),
+                j.database,
+                j.slots,
+                j.from,
+                j.to.to_string(),
+                j.state.to_string(),
+                j.phase.to_string(),
+                j.rows_copied.to_string(),
+                j.rows_total.to_string(),
+                j.cutovers.to_string(),
+                format!("{:.1}", j.pause_ms_last),
+                format!("{:.1}", j.pause_ms_max),
+                j.error,
+            ]
+        })
+        .collect();
+    let cols = [
+        "id",
+        "database",
+        "slots",
+        "from_shard",
+        "to_shard",
+        "state",
+        "phase",
+        "rows_copied",
+        "rows_total",
+        "cutovers",
+        "pause_ms_last",
+        "pause_ms_max",
+        "error",
+    ];
+    protocol::text_rows(out, &cols, &rows, "SHOW");
 }
 
 /// Sorted (database, user) keys, for stable output.
@@ -270,7 +456,7 @@ fn show_shards(app: &App, out: &mut BytesMut) {
             .iter()
             .find(|((d, _), _)| d == db)
             .and_then(|(_, p)| p.routing.clone());
-        let counts = routing.as_ref().map(|r| r.map.slot_counts());
+        let counts = routing.as_ref().map(|r| r.map().slot_counts());
         for t in shards {
             let slots = match &counts {
                 Some(c) => c.get(t.index).copied().unwrap_or(0).to_string(),

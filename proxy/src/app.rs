@@ -49,6 +49,9 @@ pub struct Process {
     reloading: Mutex<()>,
     /// Admin SHUTDOWN: the main task drains as on SIGTERM.
     pub shutdown: Notify,
+    /// Per sharded database: the live shard map, the cut-over gate and the slot moves
+    /// (they outlive reloads).
+    shard_states: Mutex<HashMap<String, Arc<crate::moves::ShardState>>>,
 }
 
 impl Process {
@@ -65,7 +68,42 @@ impl Process {
             resumed: Notify::new(),
             reloading: Mutex::new(()),
             shutdown: Notify::new(),
+            shard_states: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The live state of a sharded database.
+    pub fn shard_state(&self, database: &str) -> Option<Arc<crate::moves::ShardState>> {
+        let states = self.shard_states.lock().unwrap_or_else(|e| e.into_inner());
+        states.get(database).cloned()
+    }
+
+    /// The live state for a database whose configuration (re)loaded `map` from
+    /// `map_path`: the existing one when its slots and shards still match (a newer map
+    /// version from the file is published into it; an older one, e.g. a file not yet
+    /// rewritten, is ignored), else a new one.
+    pub fn adopt_shard_state(
+        &self,
+        database: &str,
+        map: shardgate_shardmap::ShardMap,
+        map_path: Option<PathBuf>,
+    ) -> Arc<crate::moves::ShardState> {
+        let mut states = self.shard_states.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = states.get(database) {
+            let live = s.map();
+            if live.slots() == map.slots()
+                && live.shards() == map.shards()
+                && s.map_path == map_path
+            {
+                if map.version() > live.version() {
+                    s.publish(map);
+                }
+                return s.clone();
+            }
+        }
+        let s = Arc::new(crate::moves::ShardState::new(database, map, map_path));
+        states.insert(database.to_string(), s.clone());
+        s
     }
 
     pub fn generation(&self) -> u64 {
@@ -262,7 +300,7 @@ impl App {
                 .parent()
                 .map(std::path::Path::to_path_buf)
                 .unwrap_or_default();
-            let routing = crate::routing::Routing::build(db, &config_dir)?.map(Arc::new);
+            let routing = crate::routing::Routing::build(db, &config_dir, &process)?.map(Arc::new);
             for user in &config.users {
                 let name = format!("{}/{}", db.name, user.name);
                 let login = (

@@ -7,8 +7,11 @@ mod cancel;
 mod copy_rows;
 mod health;
 mod metrics;
+mod mover;
+mod moves;
 mod pool;
 mod protocol;
+mod rebalance_cli;
 mod roles;
 mod routing;
 mod server;
@@ -51,6 +54,8 @@ enum Command {
     /// Read, create and compare shard map files.
     #[command(subcommand)]
     Shardmap(shardmap_cli::ShardmapCommand),
+    /// Plan, apply and follow slot moves through a running shardgate's admin console.
+    Rebalance(rebalance_cli::RebalanceArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     match cli.command {
+        Some(Command::Rebalance(args)) => rebalance_cli::run(args, cli.config.as_deref()),
         Some(Command::Shardmap(cmd)) => match shardmap_cli::run(cmd) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -152,6 +158,8 @@ async fn serve(config: Config, path: PathBuf) -> Result<(), String> {
     let dbs: Vec<String> = app.topologies.keys().cloned().collect();
     start_health_checks(&app, &dbs).await;
     twophase::spawn_recovery(app.clone());
+    mover::spawn_recovery(&app);
+    mover::spawn_rebalancer(process.clone());
     spawn_reload_on_sighup(process.clone());
     if let (Some(addr), Some(handle)) = (app.config.general.metrics_listen, metrics_handle) {
         let shards = app.topologies.values().flatten().cloned().collect();

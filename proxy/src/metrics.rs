@@ -459,12 +459,12 @@ fn render_shard_maps(app: &crate::app::App, text: &mut String) {
             text,
             "shardgate_shardmap_version{{database=\"{}\"}} {}",
             r.database,
-            r.map.version()
+            r.map().version()
         );
     }
     text.push_str("# HELP shardgate_shard_slots Slots owned by each shard.\n# TYPE shardgate_shard_slots gauge\n");
     for r in &routings {
-        for (shard, n) in r.map.slot_counts().iter().enumerate() {
+        for (shard, n) in r.map().slot_counts().iter().enumerate() {
             let _ = writeln!(
                 text,
                 "shardgate_shard_slots{{database=\"{}\",shard=\"{shard}\"}} {n}",

@@ -136,6 +136,19 @@ pub fn error_response(buf: &mut BytesMut, severity: &str, code: &str, message: &
     });
 }
 
+/// A NoticeResponse (severity NOTICE, SQLSTATE 00000).
+pub fn notice(buf: &mut BytesMut, message: &str) {
+    write_msg(buf, b'N', |b| {
+        for (field, value) in [(b'S', "NOTICE"), (b'V', "NOTICE"), (b'C', "00000")] {
+            b.put_u8(field);
+            put_cstr(b, value.as_bytes());
+        }
+        b.put_u8(b'M');
+        put_cstr(b, message.as_bytes());
+        b.put_u8(0);
+    });
+}
+
 /// A standalone FATAL error, for paths that close the connection right after.
 pub fn fatal(code: &str, message: &str) -> BytesMut {
     let mut b = BytesMut::with_capacity(64 + message.len());

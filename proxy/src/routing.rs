@@ -4,7 +4,7 @@
 //! One `Routing` per database with more than one shard or with sharded tables; a database
 //! with neither never builds one and its sessions skip all of this.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -15,16 +15,17 @@ use shardgate_router::{
 };
 use shardgate_shardmap::{KeyType, KeyValue, ShardMap, ShardSpec};
 
+use crate::moves::ShardState;
+
 use crate::protocol::Reader;
 
 pub struct Routing {
     pub database: String,
     pub catalog: Catalog,
-    pub map: Arc<ShardMap>,
+    /// The live map, the cut-over gate and the per-slot counters (shared across reloads).
+    pub state: Arc<ShardState>,
     pub two_phase_commit: bool,
     cache: Mutex<PlanCache>,
-    /// Keyed statements routed per slot, since start (one relaxed add per statement).
-    slot_hits: Box<[AtomicU64]>,
     /// The hottest slots over the last window, for metrics and `SHOW SLOTS`.
     hot: Mutex<HotSlots>,
 }
@@ -45,7 +46,11 @@ const PLAN_CACHE_ENTRIES: usize = 10_000;
 
 impl Routing {
     /// `None` for a database that needs no routing (one shard, nothing sharded).
-    pub fn build(db: &Database, config_dir: &std::path::Path) -> Result<Option<Routing>, String> {
+    pub fn build(
+        db: &Database,
+        config_dir: &std::path::Path,
+        process: &crate::app::Process,
+    ) -> Result<Option<Routing>, String> {
         if db.shards.len() < 2 && db.sharded_tables.is_empty() {
             return Ok(None);
         }
@@ -66,10 +71,10 @@ impl Routing {
         for f in &db.write_functions {
             catalog = catalog.with_write_function(f);
         }
-        let map = match &db.shard_map {
+        let map_path = db.shard_map.as_ref().map(|p| config_dir.join(p));
+        let map = match &map_path {
             Some(path) => {
-                let path = config_dir.join(path);
-                let text = std::fs::read_to_string(&path)
+                let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
                 ShardMap::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))?
             }
@@ -87,20 +92,24 @@ impl Routing {
                 db.shards.len()
             ));
         }
-        let slot_hits = (0..map.slots()).map(|_| AtomicU64::new(0)).collect();
+        let state = process.adopt_shard_state(&db.name, map, map_path);
         Ok(Some(Routing {
             database: db.name.clone(),
             catalog,
-            slot_hits,
+            state,
             hot: Mutex::new(HotSlots::default()),
-            map: Arc::new(map),
             two_phase_commit: db.two_phase_commit,
             cache: Mutex::new(PlanCache::new(PLAN_CACHE_ENTRIES)),
         }))
     }
 
     pub fn shards(&self) -> usize {
-        self.map.shards() as usize
+        self.state.map_ref().shards() as usize
+    }
+
+    /// The map version to route with now.
+    pub fn map(&self) -> Arc<ShardMap> {
+        self.state.map()
     }
 
     /// The plan of an exact text (extended protocol).
@@ -138,20 +147,83 @@ impl Routing {
         self.shard_of_key(&k)
     }
 
+    fn slot_of(&self, key: &RouterKey) -> u32 {
+        let slots = self.state.map_ref().slots();
+        match key {
+            RouterKey::Int(i) => KeyValue::Int(*i).slot(slots),
+            RouterKey::Text(s) => KeyValue::Text(s.as_bytes().to_vec()).slot(slots),
+            RouterKey::Uuid(u) => KeyValue::Uuid(*u).slot(slots),
+        }
+    }
+
+    /// During a cut-over: whether a simple-protocol statement touches the moving slots
+    /// (by key, or by fanning out to every shard).
+    pub fn touches_moving_simple(&self, sp: &SimplePlan, sql: &str) -> bool {
+        self.touches_moving(&sp.plan, |k, ty| {
+            sp.key_value(sql, k, ty).map(|v| vec![self.slot_of(&v)])
+        })
+    }
+
+    /// The same for an extended-protocol execution, given its Bind.
+    pub fn touches_moving_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> bool {
+        let slots = self.state.map_ref().slots();
+        self.touches_moving(plan, |k, ty| match k {
+            KeyExpr::Literal(v) => Some(vec![self.slot_of(v)]),
+            KeyExpr::Param(n) => match bind.key(*n, ty) {
+                Some(v) => Some(vec![v.slot(slots)]),
+                None if bind.is_null(*n) => Some(Vec::new()),
+                None => None,
+            },
+            KeyExpr::ParamArray(n) => bind
+                .key_array(*n, ty)
+                .map(|keys| keys.iter().map(|v| v.slot(slots)).collect()),
+        })
+    }
+
+    fn touches_moving(
+        &self,
+        plan: &Plan,
+        mut key_slots: impl FnMut(&KeyExpr, RouterKeyType) -> Option<Vec<u32>>,
+    ) -> bool {
+        let Some((lo, hi)) = self.state.gate.moving() else {
+            return false;
+        };
+        if plan.refusal.is_some() {
+            return false;
+        }
+        match &plan.target {
+            // Unsharded tables and reads of reference tables: not in any slot.
+            Target::Default | Target::Any => false,
+            // A shard named by a hint, a fan-out, a COPY split row by row: could be any.
+            Target::Shard(_) | Target::All | Target::Each | Target::SplitCopy { .. } => true,
+            Target::Keys { key_type, keys }
+            | Target::SplitInsert {
+                key_type,
+                rows: keys,
+            } => keys.iter().any(|k| match key_slots(k, *key_type) {
+                Some(slots) => slots.iter().any(|s| (lo..=hi).contains(s)),
+                None => true,
+            }),
+        }
+    }
+
     /// The shard of a key, counting the statement against its slot.
     fn shard_of_key(&self, key: &KeyValue) -> u32 {
-        let slot = self.map.slot_of_key(key);
-        if let Some(h) = self.slot_hits.get(slot as usize) {
+        let map = self.state.map_ref();
+        let slot = map.slot_of_key(key);
+        if let Some(h) = self.state.slot_hits.get(slot as usize) {
             h.fetch_add(1, Ordering::Relaxed);
         }
-        self.map.shard_of_slot(slot)
+        map.shard_of_slot(slot)
     }
 
     /// Closes the current load window: the hottest slots by statements per second since
     /// the last call. Called off the hot path (metrics upkeep).
     pub fn refresh_hot_slots(&self) {
         let now = Instant::now();
+        let map = self.state.map();
         let counts: Vec<u64> = self
+            .state
             .slot_hits
             .iter()
             .map(|h| h.load(Ordering::Relaxed))
@@ -166,7 +238,7 @@ impl Routing {
                 .filter(|(_, (c, b))| c > b)
                 .map(|(slot, (c, b))| {
                     let slot = slot as u32;
-                    (slot, self.map.shard_of_slot(slot), (c - b) as f64 / secs)
+                    (slot, map.shard_of_slot(slot), (c - b) as f64 / secs)
                 })
                 .collect();
             top.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
@@ -300,7 +372,7 @@ impl Routing {
         };
         KeyValue::from_text(ty, field)
             .ok()
-            .map(|v| self.map.shard_of_key(&v))
+            .map(|v| self.state.map_ref().shard_of_key(&v))
     }
 }
 

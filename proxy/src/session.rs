@@ -288,6 +288,9 @@ pub struct Session {
     /// Sharded databases: a transaction block not yet sent anywhere, or one spanning
     /// several shards.
     shard_tx: Option<Box<multi::ShardTx>>,
+    /// Sharded databases: this transaction's place relative to slot-move cut-overs
+    /// (crate::moves), from its first routed statement to its end.
+    ticket: crate::moves::Ticket,
 }
 
 impl Session {
@@ -316,6 +319,7 @@ impl Session {
             last_write_lsn: 0,
             last_write_shard: 0,
             shard_tx: None,
+            ticket: 0,
         }
     }
 
@@ -362,6 +366,9 @@ impl Session {
     async fn burst(&mut self) -> Flow {
         let mut io = Buffers::take();
         let flow = self.serve(&mut io).await;
+        if self.ticket != 0 && self.between_transactions(&io) {
+            self.leave_ticket();
+        }
         if !io.expects.is_empty() {
             // Left mid-exchange (the client went away): the connection is not reusable.
             if let Some(a) = self.attached.as_mut() {
@@ -438,6 +445,10 @@ impl Session {
                 return Some(Flow::Idle);
             }
         }
+        if self.ticket != 0 && self.between_transactions(io) {
+            // A slot move's drain waits for this transaction no longer.
+            self.leave_ticket();
+        }
         let nothing_pending = io.cin.is_empty() && io.held.is_empty() && !self.client.is_tls();
         match &self.attached {
             None if nothing_pending => Some(Flow::Idle),
@@ -445,6 +456,21 @@ impl Session {
             Some(a) if nothing_pending && io.expects.is_empty() && !a.unsynced => Some(Flow::Idle),
             _ => None,
         }
+    }
+
+    fn leave_ticket(&mut self) {
+        if let Some(r) = &self.pools.routing {
+            r.state.leave(std::mem::take(&mut self.ticket));
+        }
+    }
+
+    /// Nothing of a transaction is open: no server in a transaction, no transaction block
+    /// spanning shards, no reply pending.
+    fn between_transactions(&self, io: &Buffers) -> bool {
+        io.expects.is_empty()
+            && io.held.is_empty()
+            && self.attached.as_ref().is_none_or(|a| a.status == b'I')
+            && self.shard_tx.as_ref().is_none_or(|t| t.parts.is_empty())
     }
 
     async fn flush(&mut self, io: &mut Buffers) -> std::io::Result<()> {
@@ -671,14 +697,24 @@ impl Session {
     fn want(&self, primary: bool, shard: u32) -> Want {
         if primary || self.app.session_pooling() {
             Want::Primary
-        } else if self.app.config.general.read_your_writes
-            && (shard == u32::from(self.last_write_shard) || self.last_write_shard == ALL_SHARDS)
-        {
-            Want::Replica {
-                min_lsn: self.last_write_lsn,
-            }
         } else {
-            Want::Replica { min_lsn: 0 }
+            // Rows a slot move copied in: a replica must have them before it answers.
+            let floor = self
+                .pools
+                .routing
+                .as_ref()
+                .map_or(0, |r| r.state.replica_floor(shard));
+            let own = if self.app.config.general.read_your_writes
+                && (shard == u32::from(self.last_write_shard)
+                    || self.last_write_shard == ALL_SHARDS)
+            {
+                self.last_write_lsn
+            } else {
+                0
+            };
+            Want::Replica {
+                min_lsn: own.max(floor),
+            }
         }
     }
 
@@ -1324,7 +1360,21 @@ impl Session {
         };
         let key = (self.pools.database.clone(), self.pools.user.clone());
         if let Some(pools) = app.pools.get(&key) {
+            let same_state = match (&self.pools.routing, &pools.routing) {
+                (Some(a), Some(b)) => Arc::ptr_eq(&a.state, &b.state),
+                (None, None) => true,
+                _ => false,
+            };
+            let held = self.ticket != 0;
+            if !same_state {
+                self.leave_ticket();
+            }
             self.pools = pools.clone();
+            if !same_state && held {
+                if let Some(r) = &self.pools.routing {
+                    self.ticket = r.state.enter();
+                }
+            }
         }
         self.app = app;
     }
@@ -1378,6 +1428,7 @@ impl Session {
     /// The client is gone: return its server connection if it is clean, reset it if only
     /// session state holds it, close it otherwise.
     async fn finish(&mut self) {
+        self.leave_ticket();
         self.app.metrics.clients.decrement(1.0);
         self.app.process.cancels.unregister(self.pid);
         if let Some(tx) = self.shard_tx.take() {

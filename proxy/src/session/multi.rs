@@ -146,6 +146,16 @@ impl Session {
             },
             None => routing.plan_simple(sql),
         };
+        // A slot move's cut-over: new transactions touching the moving slots wait.
+        loop {
+            if self.ticket == 0 {
+                self.ticket = routing.state.enter();
+            }
+            if !routing.state.must_wait(self.ticket) || !routing.touches_moving_simple(&sp, sql) {
+                break;
+            }
+            routing.state.gate.wait_resumed().await;
+        }
         if self.in_multi() {
             self.multi_query(routing, &sp, sql, io).await?;
             return Ok(Routed::Done);
@@ -212,6 +222,15 @@ impl Session {
         routing: &Arc<Routing>,
         io: &mut Buffers,
     ) -> Result<Routed, Flow> {
+        loop {
+            if self.ticket == 0 {
+                self.ticket = routing.state.enter();
+            }
+            if !routing.state.must_wait(self.ticket) || !self.batch_touches_moving(routing, io) {
+                break;
+            }
+            routing.state.gate.wait_resumed().await;
+        }
         if !self.in_multi() {
             match self.batch_target(routing, io) {
                 BatchTarget::Local => {
@@ -1425,6 +1444,49 @@ impl Session {
             primary,
             write,
         }
+    }
+
+    /// During a cut-over: whether a held batch touches the moving slots (rare path: only
+    /// for transactions begun after the pause).
+    fn batch_touches_moving(&self, routing: &Arc<Routing>, io: &Buffers) -> bool {
+        let mut parsed: Vec<(&[u8], Arc<Stmt>)> = Vec::new();
+        for m in &io.held {
+            let mut r = Reader::new(body(m));
+            match m[0] {
+                b'P' => {
+                    let Some(name) = r.cstr() else {
+                        return true;
+                    };
+                    let tail = &body(m)[r.position()..];
+                    let stmt = Stmt::new(Bytes::copy_from_slice(tail), 0, Some(routing));
+                    parsed.push((name, Arc::new(stmt)));
+                }
+                b'B' => {
+                    let (Some(_portal), Some(name)) = (r.cstr(), r.cstr()) else {
+                        return true;
+                    };
+                    let stmt = parsed
+                        .iter()
+                        .rev()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, s)| s.clone())
+                        .or_else(|| self.client_stmt(name));
+                    let Some(stmt) = stmt else {
+                        continue;
+                    };
+                    let Some(plan) = self.stmt_plan(routing, &stmt) else {
+                        return true;
+                    };
+                    let rest = &body(m)[r.position()..];
+                    match BindValues::parse(rest, &stmt.tail) {
+                        Some(bind) if !routing.touches_moving_bound(&plan, &bind) => {}
+                        _ => return true,
+                    }
+                }
+                _ => {}
+            }
+        }
+        false
     }
 
     /// A statement's plan, under the session's shard-key hint if it set one.
