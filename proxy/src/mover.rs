@@ -160,7 +160,8 @@ pub fn plan(app: &Arc<App>, database: &str) -> Result<RebalancePlan, Refused> {
             ),
         ));
     }
-    plan_rebalance(&map, &load.slots, &rebalance_config(&ctx.db)).map_err(|e| ("22023", e.to_string()))
+    plan_rebalance(&map, &load.slots, &rebalance_config(&ctx.db))
+        .map_err(|e| ("22023", e.to_string()))
 }
 
 fn rebalance_config(db: &Database) -> RebalanceConfig {
@@ -291,6 +292,7 @@ async fn run_job(ctx: &Ctx, moves: &[SlotMove], job: &Mutex<JobStatus>) -> Resul
     let mut plans = Vec::with_capacity(moves.len());
     for mv in moves {
         let mut src = connect_primary(ctx, mv.from).await?;
+        ensure_slot_indexes(ctx, &src).await?;
         let counts = slot_counts(ctx, &mut src, mv.lo, mv.hi).await?;
         lock(job).rows_total += counts.values().sum::<u64>();
         plans.push((*mv, counts));
@@ -299,6 +301,9 @@ async fn run_job(ctx: &Ctx, moves: &[SlotMove], job: &Mutex<JobStatus>) -> Resul
         let mut src = connect_primary(ctx, mv.from).await?;
         let mut dst = connect_primary(ctx, mv.to).await?;
         ensure_marker_table(&src).await?;
+        lock(job).phase = "indexing";
+        ensure_slot_indexes(ctx, &src).await?;
+        ensure_slot_indexes(ctx, &dst).await?;
         let columns = column_lists(ctx, &src).await?;
         for (lo, hi, rows) in batches(mv.lo, mv.hi, &counts, ctx.db.move_batch_rows) {
             let part = SlotMove { lo, hi, ..mv };
@@ -384,6 +389,14 @@ async fn connect_primary(ctx: &Ctx, shard: u32) -> Result<Client, String> {
 }
 
 async fn ensure_marker_table(c: &Client) -> Result<(), String> {
+    let exists: bool = c
+        .query_one("SELECT to_regclass('shardgate_moves') IS NOT NULL", &[])
+        .await
+        .map_err(|e| format!("looking for shardgate_moves: {e}"))?
+        .get(0);
+    if exists {
+        return Ok(());
+    }
     c.batch_execute(
         "CREATE TABLE IF NOT EXISTS shardgate_moves (move_id bigint PRIMARY KEY, \
          map_version bigint NOT NULL, lo int NOT NULL, hi int NOT NULL, from_shard int NOT NULL, \
@@ -391,6 +404,66 @@ async fn ensure_marker_table(c: &Client) -> Result<(), String> {
     )
     .await
     .map_err(|e| format!("creating shardgate_moves: {e}"))
+}
+
+/// The name of the slot index of a table (in the table's schema).
+fn slot_index_name(table: &MovedTable) -> String {
+    let plain: String = table
+        .name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let mut name = format!("shardgate_slot{}", plain.replace("__", "_"));
+    name.truncate(63);
+    name
+}
+
+/// Makes sure every sharded table has an index on its slot expression, so that the
+/// mover's slot queries are index range scans: a cut-over then costs what its rows cost,
+/// not what the table costs. Built with CREATE INDEX CONCURRENTLY, before any pause (a
+/// one-off on a big table; writes go on meanwhile). An invalid leftover of an
+/// interrupted build is dropped and rebuilt.
+async fn ensure_slot_indexes(ctx: &Ctx, c: &Client) -> Result<(), String> {
+    let slots = ctx.state.map().slots();
+    for t in &ctx.tables {
+        let name = slot_index_name(t);
+        let found = c
+            .query_opt(
+                "SELECT i.indisvalid, i.indexrelid::regclass::text FROM pg_index i \
+                 JOIN pg_class k ON k.oid = i.indexrelid \
+                 WHERE i.indrelid = $1::text::regclass AND k.relname = $2",
+                &[&t.name, &name],
+            )
+            .await
+            .map_err(|e| format!("{}: {e}", t.name))?;
+        match found {
+            Some(row) if row.get::<_, bool>(0) => continue,
+            Some(row) => {
+                let qualified: String = row.get(1);
+                c.batch_execute(&format!("DROP INDEX CONCURRENTLY IF EXISTS {qualified}"))
+                    .await
+                    .map_err(|e| format!("{}: dropping an invalid {name}: {e}", t.name))?;
+            }
+            None => {}
+        }
+        let started = Instant::now();
+        c.batch_execute(&format!(
+            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (({}))",
+            quote_ident(&name),
+            t.name,
+            slot_sql(&t.column, t.key_type, slots)
+        ))
+        .await
+        .map_err(|e| format!("{}: creating the slot index {name}: {e}", t.name))?;
+        tracing::info!(database = %ctx.db.name, table = %t.name, index = %name, elapsed = ?started.elapsed(), "slot index built");
+    }
+    Ok(())
 }
 
 /// Rows per slot in `lo..=hi` on the source, all sharded tables together.
@@ -429,7 +502,7 @@ async fn column_lists(ctx: &Ctx, src: &Client) -> Result<Vec<String>, String> {
         let row = src
             .query_one(
                 "SELECT string_agg(quote_ident(attname), ', ' ORDER BY attnum) FROM pg_attribute \
-                 WHERE attrelid = $1::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
+                 WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped AND attgenerated = ''",
                 &[&t.name],
             )
             .await
@@ -533,6 +606,7 @@ async fn copy_and_commit(
         .await
         .map_err(|e| format!("shard {}: {e}", u.to))?;
     let mut copied = Vec::with_capacity(ctx.tables.len());
+    let mut sums: Vec<RowSum> = Vec::with_capacity(ctx.tables.len());
     for ((t, cols), filter) in ctx.tables.iter().zip(columns).zip(&filters) {
         // Rows a failed earlier attempt may have left (the target does not own them).
         tx.execute(&format!("DELETE FROM {} WHERE {filter}", t.name), &[])
@@ -551,8 +625,10 @@ async fn copy_and_commit(
             .map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?;
         futures_util::pin_mut!(out);
         futures_util::pin_mut!(sink);
+        let mut sent = RowSum::default();
         while let Some(chunk) = out.next().await {
             let chunk = chunk.map_err(|e| format!("shard {}: {}: {e}", u.from, t.name))?;
+            sent.add(&chunk);
             sink.send(chunk)
                 .await
                 .map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?;
@@ -561,32 +637,38 @@ async fn copy_and_commit(
             .finish()
             .await
             .map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?;
+        if n != sent.rows {
+            return Err(format!(
+                "{}: the source sent {} rows, the target took {n}",
+                t.name, sent.rows
+            ));
+        }
         copied.push(n);
+        sums.push(sent);
         lock(job).rows_copied += n;
         metrics::counter!("shardgate_move_rows_copied_total", "database" => ctx.db.name.clone())
             .increment(n);
     }
+    // Read the copy back inside the target's transaction and compare it with what the
+    // source sent, row by row as text (an order-free sum of row hashes, and the count).
     lock(job).phase = "verifying";
-    for ((t, cols), filter) in ctx.tables.iter().zip(columns).zip(&filters) {
-        let sql = format!(
-            "SELECT count(*), coalesce(sum(hashtextextended(r::text, 0)), 0)::text \
-             FROM (SELECT {cols} FROM {} WHERE {filter}) r",
-            t.name
-        );
-        let a = src
-            .query_one(&sql, &[])
-            .await
-            .map_err(|e| format!("shard {}: {}: {e}", u.from, t.name))?;
-        let b = tx
-            .query_one(&sql, &[])
+    for (((t, cols), filter), sent) in ctx.tables.iter().zip(columns).zip(&filters).zip(&sums) {
+        let back = tx
+            .copy_out(&format!(
+                "COPY (SELECT {cols} FROM {} WHERE {filter}) TO STDOUT",
+                t.name
+            ))
             .await
             .map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?;
-        let (na, sa): (i64, String) = (a.get(0), a.get(1));
-        let (nb, sb): (i64, String) = (b.get(0), b.get(1));
-        if na != nb || sa != sb {
+        futures_util::pin_mut!(back);
+        let mut got = RowSum::default();
+        while let Some(row) = back.next().await {
+            got.add(&row.map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?);
+        }
+        if got != *sent {
             return Err(format!(
-                "verification failed for {}: the source has {na} rows (checksum {sa}), the copy {nb} (checksum {sb})",
-                t.name
+                "verification failed for {}: the source sent {} rows (checksum {:016x}), the target holds {} (checksum {:016x})",
+                t.name, sent.rows, sent.sum, got.rows, got.sum
             ));
         }
     }
@@ -649,6 +731,25 @@ async fn copy_and_commit(
     Ok(())
 }
 
+/// Row count and an order-free checksum of COPY text rows (one CopyData per row, as
+/// Postgres sends them).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct RowSum {
+    rows: u64,
+    sum: u64,
+}
+
+impl RowSum {
+    fn add(&mut self, row: &[u8]) {
+        use std::hash::{Hash, Hasher};
+        // Fixed keys: the same row hashes the same on both sides.
+        let mut h = std::hash::DefaultHasher::new();
+        row.hash(&mut h);
+        self.rows += 1;
+        self.sum = self.sum.wrapping_add(h.finish());
+    }
+}
+
 /// Step 5: the next map version, on disk then in memory. The rows are on the target
 /// already, so the in-memory map follows even if the file cannot be written (the journal
 /// then stays open and a restart rolls the file forward from the marker).
@@ -686,16 +787,20 @@ async fn settle(ctx: &Ctx, u: &Unfinished) -> Result<&'static str, String> {
         return Ok("it had completed");
     }
     let src = connect_primary(ctx, u.from).await?;
-    let marked = src
-        .query_one(
-            "SELECT to_regclass('shardgate_moves') IS NOT NULL \
-             AND EXISTS (SELECT 1 FROM shardgate_moves WHERE move_id = $1)",
-            &[&(u.id as i64)],
-        )
+    let table: bool = src
+        .query_one("SELECT to_regclass('shardgate_moves') IS NOT NULL", &[])
         .await
-        .map_err(|e| format!("shard {}: {e}", u.from))?;
-    // to_regclass is checked first; the EXISTS only runs when the table exists.
-    let marked: bool = marked.get(0);
+        .map_err(|e| format!("shard {}: {e}", u.from))?
+        .get(0);
+    let marked = table
+        && src
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM shardgate_moves WHERE move_id = $1)",
+                &[&(u.id as i64)],
+            )
+            .await
+            .map_err(|e| format!("shard {}: {e}", u.from))?
+            .get::<_, bool>(0);
     if marked {
         publish(ctx, u)?;
         return Ok("rolled forward (the source had committed)");
@@ -820,8 +925,8 @@ mod tests {
 
     #[test]
     fn moves_to_skips_slots_already_there_and_splits_by_owner() {
-        let map = ShardMap::initial_contiguous(&vec![ShardSpec::default(); 3], 12).expect("map");
-        // Shards own 0-3, 4-7, 8-11.
+        let map = ShardMap::initial_contiguous(&[ShardSpec::default(); 4], 16).expect("map");
+        // Shards own 0-3, 4-7, 8-11, 12-15.
         let moves = moves_to(&map, 2, 9, 1);
         assert_eq!(
             moves,

@@ -469,7 +469,11 @@ impl Session {
     fn between_transactions(&self, io: &Buffers) -> bool {
         io.expects.is_empty()
             && io.held.is_empty()
-            && self.attached.as_ref().is_none_or(|a| a.status == b'I')
+            && !self.skip_until_sync
+            && self
+                .attached
+                .as_ref()
+                .is_none_or(|a| a.status == b'I' && !a.unsynced)
             && self.shard_tx.as_ref().is_none_or(|t| t.parts.is_empty())
     }
 
