@@ -153,13 +153,13 @@ fn run_inner(args: RebalanceArgs, config: Option<&Path>) -> Result<(), Failure> 
                 let table = console.query(&sql).await?;
                 let id = job_id(&table, &sql)?;
                 eprintln!("started move {id}: slots {slots} to shard {to}");
-                watch(&mut console, id).await
+                watch(&mut console, id, db).await
             }
             RebalanceCommand::Status => {
                 let moves = console.moves().await?;
                 let moves: Vec<MoveRow> = moves
                     .into_iter()
-                    .filter(|m| db.map_or(true, |d| m.database == d))
+                    .filter(|m| db.is_none_or(|d| m.database == d))
                     .collect();
                 if moves.is_empty() {
                     println!("no slot moves since shardgate started");
@@ -193,7 +193,7 @@ async fn apply(console: &mut Console, db: Option<&str>, yes: bool) -> Result<(),
         return Ok(());
     }
     eprintln!("started move {id}");
-    watch(console, id).await
+    watch(console, id, db).await
 }
 
 /// Asks a yes/no question on the terminal; anything but y/yes is no.
@@ -374,7 +374,7 @@ fn target_from_config(text: &str, origin: &str) -> Result<AdminTarget, String> {
         ip => ip,
     };
     let mut pg = tokio_postgres::Config::new();
-    pg.host(&ip.to_string())
+    pg.host(ip.to_string())
         .port(listen.port())
         .user(&admin.name)
         .dbname(CONSOLE_DB);
@@ -469,7 +469,8 @@ impl Console {
                 }
                 SimpleQueryMessage::Row(row) => {
                     if table.columns.is_empty() {
-                        table.columns = row.columns().iter().map(|c| c.name().to_string()).collect();
+                        table.columns =
+                            row.columns().iter().map(|c| c.name().to_string()).collect();
                     }
                     let mut values = Vec::with_capacity(row.len());
                     for i in 0..row.len() {
@@ -501,9 +502,7 @@ impl Console {
     }
 }
 
-async fn open(
-    target: &AdminTarget,
-) -> Result<(Client, mpsc::UnboundedReceiver<String>), String> {
+async fn open(target: &AdminTarget) -> Result<(Client, mpsc::UnboundedReceiver<String>), String> {
     let (client, mut connection) = target
         .config
         .connect(NoTls)
@@ -618,13 +617,22 @@ fn parse_plan(table: &Table) -> Result<Plan, String> {
                     after: number(get("load_after")),
                 });
             }
-            "ratio" => {
-                plan.ratio = Some((number(get("load_before")), number(get("load_after"))))
-            }
+            "ratio" => plan.ratio = Some((number(get("load_before")), number(get("load_after")))),
             other => return Err(format!("unknown row kind {other:?}")),
         }
     }
     Ok(plan)
+}
+
+/// Slots in `N`, `LO-HI` or a comma list of those (0 when unreadable).
+fn slot_count(ranges: &str) -> u64 {
+    ranges
+        .split(',')
+        .map(|r| match parse_slots(r) {
+            Ok(s) => u64::from(s.hi - s.lo) + 1,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
@@ -639,14 +647,36 @@ fn render_plan(plan: &Plan) -> String {
     if plan.moves.is_empty() {
         s.push_str("No moves planned: no shard is hot enough to move slots off it.\n");
     } else {
-        let _ = writeln!(s, "Planned moves ({}):", plan.moves.len());
-        let width = plan.moves.iter().map(|m| m.slots.len()).max().unwrap_or(0);
+        // One paragraph per (from, to) pair, the slot ranges wrapped.
+        let mut pairs: Vec<(&str, &str, Vec<&str>)> = Vec::new();
         for m in &plan.moves {
+            match pairs
+                .iter_mut()
+                .find(|(f, t, _)| *f == m.from && *t == m.to)
+            {
+                Some((_, _, ranges)) => ranges.push(&m.slots),
+                None => pairs.push((&m.from, &m.to, vec![&m.slots])),
+            }
+        }
+        let total: u64 = plan.moves.iter().map(|m| slot_count(&m.slots)).sum();
+        let _ = writeln!(s, "Planned moves: {}", plural(total, "slot", "slots"));
+        for (from, to, ranges) in pairs {
+            let n: u64 = ranges.iter().map(|r| slot_count(r)).sum();
             let _ = writeln!(
                 s,
-                "  slots {:<width$}  shard {} -> shard {}",
-                m.slots, m.from, m.to
+                "  shard {from} -> shard {to}: {}",
+                plural(n, "slot", "slots")
             );
+            let mut line = String::from("   ");
+            for r in ranges {
+                if line.len() + r.len() + 1 > 88 {
+                    let _ = writeln!(s, "{line}");
+                    line = String::from("   ");
+                }
+                line.push(' ');
+                line.push_str(r);
+            }
+            let _ = writeln!(s, "{line}");
         }
     }
     if !plan.shards.is_empty() {
@@ -656,7 +686,10 @@ fn render_plan(plan: &Plan) -> String {
             .iter()
             .map(|l| vec![l.shard.clone(), fmt_opt(l.before, 1), fmt_opt(l.after, 1)])
             .collect();
-        s.push_str(&indent(&text_table(&["shard", "before", "after"], &rows), "  "));
+        s.push_str(&indent(
+            &text_table(&["shard", "before", "after"], &rows),
+            "  ",
+        ));
     }
     if let Some((before, after)) = plan.ratio {
         let _ = writeln!(
@@ -726,8 +759,7 @@ fn parse_moves(table: &Table) -> Result<Vec<MoveRow>, String> {
                 if v.is_empty() {
                     return Ok(0);
                 }
-                v.parse()
-                    .map_err(|_| format!("{c} = {v:?} is not a count"))
+                v.parse().map_err(|_| format!("{c} = {v:?} is not a count"))
             };
             let state_text = get("state").to_string();
             let state = match state_text.as_str() {
@@ -780,8 +812,28 @@ fn move_title(m: &MoveRow) -> String {
     };
     format!(
         "move {}{db}: slots {}, shard {} -> {}",
-        m.id, m.slots, m.from, m.to
+        m.id,
+        short_slots(&m.slots),
+        m.from,
+        m.to
     )
+}
+
+/// A plan's slot list can be long (`3,17,40-41,...`): the first ranges and the count.
+fn short_slots(slots: &str) -> String {
+    const MAX: usize = 32;
+    if slots.len() <= MAX {
+        return slots.to_string();
+    }
+    let mut shown = String::new();
+    for r in slots.split(',').filter(|r| !r.trim().is_empty()) {
+        if shown.len() + r.len() + 1 > MAX - 8 {
+            break;
+        }
+        shown.push_str(r.trim());
+        shown.push(',');
+    }
+    format!("{shown}... ({} slots)", slot_count(slots))
 }
 
 /// Where a move stands, in one line: phase, rows, cut-overs, pauses, error.
@@ -823,7 +875,7 @@ fn render_moves_table(moves: &[MoveRow]) -> String {
             vec![
                 m.id.to_string(),
                 m.database.clone(),
-                m.slots.clone(),
+                short_slots(&m.slots),
                 m.from.clone(),
                 m.to.clone(),
                 m.state_text.clone(),
@@ -838,8 +890,18 @@ fn render_moves_table(moves: &[MoveRow]) -> String {
         .collect();
     text_table(
         &[
-            "id", "database", "slots", "from", "to", "state", "phase", "rows", "cutovers",
-            "pause", "max pause", "error",
+            "id",
+            "database",
+            "slots",
+            "from",
+            "to",
+            "state",
+            "phase",
+            "rows",
+            "cutovers",
+            "pause",
+            "max pause",
+            "error",
         ],
         &rows,
     )
@@ -875,8 +937,9 @@ fn indent(text: &str, prefix: &str) -> String {
 
 // ---- watching a job -----------------------------------------------------------------------
 
-/// Shows a job's progress until it ends: Ok when `done`, an error when `failed`.
-async fn watch(console: &mut Console, id: u64) -> Result<(), Failure> {
+/// Shows a job's progress until it ends: Ok when `done`, an error when `failed`. Job ids
+/// count per database: without `db` the console acted on its only sharded database.
+async fn watch(console: &mut Console, id: u64, db: Option<&str>) -> Result<(), Failure> {
     let mut view = Progress::new(std::io::stderr().is_terminal());
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -897,7 +960,10 @@ async fn watch(console: &mut Console, id: u64) -> Result<(), Failure> {
                 continue;
             }
         };
-        let Some(m) = moves.into_iter().find(|m| m.id == id) else {
+        let Some(m) = moves
+            .into_iter()
+            .find(|m| m.id == id && db.is_none_or(|d| m.database == d))
+        else {
             view.abandon();
             return Err(Failure::new(format!(
                 "move {id} is not in SHOW MOVES: shardgate restarted since it began (a \
@@ -1041,7 +1107,11 @@ mod tests {
         assert!(err("-5").contains("first slot is missing"), "{}", err("-5"));
         assert!(err("5-").contains("last slot is missing"), "{}", err("5-"));
         assert!(err("a-b").contains("not a slot number"), "{}", err("a-b"));
-        assert!(err("1-2-3").contains("not a slot number"), "{}", err("1-2-3"));
+        assert!(
+            err("1-2-3").contains("not a slot number"),
+            "{}",
+            err("1-2-3")
+        );
         assert!(err("4294967296").contains("not a slot number"));
         assert!(err("1.5").contains("not a slot number"));
     }
@@ -1131,8 +1201,8 @@ hosts = ["127.0.0.1:15432"]
         let t = admin_target(Some(url), None, Some("host=x")).expect("url");
         // The console database is filled in when the URL names none.
         assert_eq!(t.describe(), "10.1.2.3:6000 as a, database shardgate");
-        let t = admin_target(None, None, Some("postgres://u:p@127.0.0.1:6001/shardgate"))
-            .expect("env");
+        let t =
+            admin_target(None, None, Some("postgres://u:p@127.0.0.1:6001/shardgate")).expect("env");
         assert_eq!(t.describe(), "127.0.0.1:6001 as u, database shardgate");
         assert!(admin_target(None, None, None).is_err());
         assert!(admin_target(None, None, Some("  ")).is_err());
@@ -1168,12 +1238,11 @@ hosts = ["127.0.0.1:15432"]
     fn show_moves_row_renders() {
         let t = show_moves(&[
             &[
-                "3", "app", "0-63", "0", "1", "running", "copying", "1200", "5000", "0", "", "",
-                "",
+                "3", "app", "0-63", "0", "1", "running", "copying", "1200", "5000", "0", "", "", "",
             ],
             &[
-                "4", "app", "64-127", "*", "2", "done", "done", "5000", "5000", "2", "8.5",
-                "40", "",
+                "4", "app", "64-127", "*", "2", "done", "done", "5000", "5000", "2", "8.5", "40",
+                "",
             ],
             &[
                 "5",
@@ -1213,7 +1282,10 @@ hosts = ["127.0.0.1:15432"]
         let lines: Vec<&str> = table.lines().collect();
         assert_eq!(lines.len(), 4, "{table}");
         assert!(lines[0].starts_with("id  database  slots"), "{table}");
-        assert!(lines[2].contains("5000/5000") && lines[2].contains("8.5 ms"), "{table}");
+        assert!(
+            lines[2].contains("5000/5000") && lines[2].contains("8.5 ms"),
+            "{table}"
+        );
         assert!(lines[3].ends_with("drain timed out after 5s"), "{table}");
     }
 
@@ -1272,21 +1344,78 @@ hosts = ["127.0.0.1:15432"]
         assert_eq!(plan.shards[2].shard, "2");
         assert_eq!(plan.ratio, Some((Some(2.0), Some(1.3333))));
         let text = render_plan(&plan);
-        assert!(text.contains("Planned moves (2):"), "{text}");
-        assert!(text.contains("slots 0-63     shard 0 -> shard 1"), "{text}");
+        assert!(text.contains("Planned moves: 66 slots\n"), "{text}");
+        assert!(
+            text.contains("  shard 0 -> shard 1: 64 slots\n    0-63\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  shard 0 -> shard 2: 2 slots\n    100-101\n"),
+            "{text}"
+        );
         assert!(text.contains("\n  0      300.0   200.0\n"), "{text}");
         assert!(text.contains("max/mean load: 2.00 -> 1.33"), "{text}");
 
-        let empty = parse_plan(&table(&cols, &[&["ratio", "", "", "", "1.1", "1.1"]]))
-            .expect("empty plan");
+        let empty =
+            parse_plan(&table(&cols, &[&["ratio", "", "", "", "1.1", "1.1"]])).expect("empty plan");
         assert!(render_plan(&empty).starts_with("No moves planned"));
         assert!(parse_plan(&table(&cols, &[&["what", "", "", "", "", ""]])).is_err());
     }
 
     #[test]
+    fn plan_groups_ranges_per_pair_and_wraps() {
+        let moves: Vec<PlannedMove> = (0..40)
+            .map(|i| PlannedMove {
+                slots: format!("{}", 1000 + i * 3),
+                from: "1".into(),
+                to: "0".into(),
+            })
+            .chain([PlannedMove {
+                slots: "7-9".into(),
+                from: "1".into(),
+                to: "2".into(),
+            }])
+            .collect();
+        let plan = Plan {
+            moves,
+            ..Plan::default()
+        };
+        let text = render_plan(&plan);
+        assert!(
+            text.starts_with("Planned moves: 43 slots\n  shard 1 -> shard 0: 40 slots\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  shard 1 -> shard 2: 3 slots\n    7-9\n"),
+            "{text}"
+        );
+        assert!(text.lines().all(|l| l.len() <= 88), "{text}");
+        assert!(
+            text.lines().filter(|l| l.starts_with("    1")).count() >= 2,
+            "{text}"
+        );
+        assert_eq!(slot_count("0-63,100,7-8"), 67);
+        assert_eq!(slot_count("x"), 0);
+    }
+
+    #[test]
+    fn long_slot_lists_are_shortened() {
+        assert_eq!(short_slots("0-63"), "0-63");
+        let long: Vec<String> = (0..64).map(|i| (i * 7).to_string()).collect();
+        let long = long.join(",") + ",";
+        let short = short_slots(&long);
+        assert!(short.starts_with("0,7,14,21,"), "{short}");
+        assert!(short.ends_with("... (64 slots)"), "{short}");
+        assert!(short.len() <= 40, "{short}");
+    }
+
+    #[test]
     fn job_id_from_answer() {
         assert_eq!(job_id(&table(&["move"], &[&["12"]]), "MOVE"), Ok(12));
-        assert_eq!(job_id(&table(&["move"], &[&["0"]]), "REBALANCE APPLY"), Ok(0));
+        assert_eq!(
+            job_id(&table(&["move"], &[&["0"]]), "REBALANCE APPLY"),
+            Ok(0)
+        );
         assert!(job_id(&table(&["x"], &[&["1"]]), "MOVE").is_err());
         assert!(job_id(&table(&["move"], &[]), "MOVE").is_err());
         assert!(job_id(&table(&["move"], &[&["abc"]]), "MOVE").is_err());

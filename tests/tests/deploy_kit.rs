@@ -315,8 +315,12 @@ fn dashboard_is_valid_and_uses_only_contract_metrics() {
         "shardgate_host_primary",
         "shardgate_failovers_total",
         "shardgate_shardmap_version",
-        "shardgate_shard_load_max_mean_ratio",
+        "shardgate_shard_load",
+        "shardgate_shard_load_ratio",
         "shardgate_moves_started_total",
+        "shardgate_moves_completed_total",
+        "shardgate_moves_failed_total",
+        "shardgate_move_rows_copied_total",
         "shardgate_move_pause_seconds_bucket",
     ] {
         assert!(exprs.contains(needed), "no dashboard query uses {needed}");
@@ -352,6 +356,8 @@ fn alert_rules_use_only_contract_metrics() {
         "PoolSaturated",
         "PrimaryDown",
         "ShardgateDown",
+        "ShardgateShardHot",
+        "ShardgateSlotMoveFailed",
     ] {
         assert!(
             rules.contains(&format!("- alert: {alert}\n")),
@@ -984,6 +990,8 @@ async fn prometheus_scrapes_shardgate() {
                 "PoolSaturated",
                 "PrimaryDown",
                 "ShardgateDown",
+                "ShardgateShardHot",
+                "ShardgateSlotMoveFailed",
             ] {
                 assert!(names.contains(alert), "rule {alert} not loaded: {names:?}");
             }
