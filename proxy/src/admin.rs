@@ -252,7 +252,14 @@ fn rebalance_plan(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
         format!("{:.3}", plan.ratio_before),
         format!("{:.3}", plan.ratio_after),
     ]);
-    let cols = ["kind", "slots", "from_shard", "to_shard", "load_before", "load_after"];
+    let cols = [
+        "kind",
+        "slots",
+        "from_shard",
+        "to_shard",
+        "load_before",
+        "load_after",
+    ];
     protocol::text_rows(out, &cols, &rows, "REBALANCE");
 }
 
@@ -277,7 +284,12 @@ fn rebalance_apply(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
 
 /// `SHOW MOVES`: the slot-move jobs of this process.
 fn show_moves(app: &App, out: &mut BytesMut) {
-    let mut dbs: Vec<&str> = app.config.databases.iter().map(|d| d.name.as_str()).collect();
+    let mut dbs: Vec<&str> = app
+        .config
+        .databases
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
     dbs.sort_unstable();
     dbs.dedup();
     let mut jobs: Vec<crate::moves::JobStatus> = dbs

@@ -249,6 +249,35 @@ fn describe() {
         "Read transactions routed, by where they went"
     );
     describe_counter!("shardgate_writes_routed_total", "Write transactions routed");
+    describe_counter!(
+        "shardgate_moves_started_total",
+        "Slot-move jobs started (by hand or by auto_rebalance)"
+    );
+    describe_counter!(
+        "shardgate_moves_completed_total",
+        "Slot-move jobs that moved every slot"
+    );
+    describe_counter!(
+        "shardgate_moves_failed_total",
+        "Slot-move jobs that stopped on an error (the failed cut-over rolled back)"
+    );
+    describe_counter!(
+        "shardgate_move_rows_copied_total",
+        "Rows copied to a new owner by slot moves"
+    );
+    describe_histogram!(
+        "shardgate_move_pause_seconds",
+        Unit::Seconds,
+        "How long a cut-over paused new transactions on its slots"
+    );
+    describe_gauge!(
+        "shardgate_shard_load",
+        "Keyed statements per second routed to the shard's slots over the last rebalance_interval"
+    );
+    describe_gauge!(
+        "shardgate_shard_load_ratio",
+        "Hottest shard's load over the mean (weighted), over the last rebalance_interval"
+    );
 }
 
 /// Process-wide handles.

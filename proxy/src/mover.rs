@@ -544,9 +544,11 @@ async fn cutover(
     let paused_at = Instant::now();
     lock(job).phase = "paused";
     if !state.gate.pause(mv.lo, mv.hi, drain).await {
+        let open = state.gate.open_before_pause();
+        state.gate.resume();
         let _ = journal_append(&map_path, &format!("end {} rolled-back", u.id));
         return Err(format!(
-            "transactions on the moving slots did not finish within move_drain_timeout ({drain:?}); nothing was moved"
+            "{open} transaction(s) begun before the pause were still open after move_drain_timeout ({drain:?}); nothing was moved"
         ));
     }
     fault("move_after_drain");

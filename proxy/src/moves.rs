@@ -216,6 +216,7 @@ impl ShardState {
             let epoch = gate.epoch.load(Ordering::SeqCst);
             gate.active[(epoch & 1) as usize].fetch_add(1, Ordering::SeqCst);
             if gate.epoch.load(Ordering::SeqCst) == epoch {
+                tracing::trace!(epoch, "ticket taken");
                 return epoch.wrapping_add(1).max(1);
             }
             // A pause began in between: count in the new epoch instead.
@@ -230,6 +231,7 @@ impl ShardState {
         }
         let gate = &self.gate;
         let epoch = ticket - 1;
+        tracing::trace!(epoch, "ticket given back");
         if gate.active[(epoch & 1) as usize].fetch_sub(1, Ordering::SeqCst) == 1 {
             gate.released.notify_one();
         }
@@ -251,12 +253,17 @@ impl SlotGate {
 
     /// The moving slots, while paused.
     pub fn moving(&self) -> Option<(u32, u32)> {
-        self.paused()
-            .then(|| (self.lo.load(Ordering::SeqCst), self.hi.load(Ordering::SeqCst)))
+        self.paused().then(|| {
+            (
+                self.lo.load(Ordering::SeqCst),
+                self.hi.load(Ordering::SeqCst),
+            )
+        })
     }
 
     pub fn is_moving(&self, slot: u32) -> bool {
-        self.moving().is_some_and(|(lo, hi)| (lo..=hi).contains(&slot))
+        self.moving()
+            .is_some_and(|(lo, hi)| (lo..=hi).contains(&slot))
     }
 
     /// Waits until no ticket of `epoch` is held, or the deadline passes (false).
@@ -289,18 +296,14 @@ impl SlotGate {
     }
 
     /// Pauses the slots `lo..=hi` (new transactions touching them wait) and waits for the
-    /// transactions in flight to end. False (and resumed) when they do not end in time.
+    /// transactions in flight to end. False when they do not end in time (still paused:
+    /// the caller resumes).
     pub async fn pause(&self, lo: u32, hi: u32, timeout: Duration) -> bool {
         self.lo.store(lo, Ordering::SeqCst);
         self.hi.store(hi, Ordering::SeqCst);
         self.paused.store(true, Ordering::SeqCst);
         let old = self.epoch.fetch_add(1, Ordering::SeqCst);
-        if self.drained(old, Instant::now() + timeout).await {
-            true
-        } else {
-            self.resume();
-            false
-        }
+        self.drained(old, Instant::now() + timeout).await
     }
 
     /// Pauses without draining: only when nothing can be in flight (at start).
@@ -311,20 +314,26 @@ impl SlotGate {
         self.epoch.fetch_add(1, Ordering::SeqCst);
     }
 
+    /// Transactions in flight that began before the current epoch (what a drain waits
+    /// for), for error messages.
+    pub fn open_before_pause(&self) -> u64 {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        self.active[(epoch.wrapping_sub(1) & 1) as usize].load(Ordering::SeqCst)
+    }
+
     pub fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
         self.resumed.notify_waiters();
     }
 
-    /// Waits until the gate is open.
+    /// Waits until the current pause ends (at once if none is on). The caller looks again
+    /// with [`ShardState::must_wait`]: by then another pause may have begun, one that
+    /// drains this transaction rather than holding it.
     pub async fn wait_resumed(&self) {
-        loop {
-            let resumed = self.resumed.notified();
-            tokio::pin!(resumed);
-            resumed.as_mut().enable();
-            if !self.paused() {
-                return;
-            }
+        let resumed = self.resumed.notified();
+        tokio::pin!(resumed);
+        resumed.as_mut().enable();
+        if self.paused() {
             resumed.await;
         }
     }
@@ -454,9 +463,15 @@ mod tests {
                 id: 78
             })
         );
-        assert_eq!(journal_unfinished("begin 3 4 7 0 1 9\nend 9 rolled-back\n"), None);
+        assert_eq!(
+            journal_unfinished("begin 3 4 7 0 1 9\nend 9 rolled-back\n"),
+            None
+        );
         // A torn last line is no begin; an end of another move closes nothing.
-        assert_eq!(journal_unfinished("begin 2 0 3 0 1 5\nend 5 done\nbegin 3 4"), None);
+        assert_eq!(
+            journal_unfinished("begin 2 0 3 0 1 5\nend 5 done\nbegin 3 4"),
+            None
+        );
         assert!(journal_unfinished("begin 2 0 3 0 1 5\nend 6 done\n").is_some());
     }
 
@@ -466,12 +481,8 @@ mod tests {
         let old = s.enter();
         assert!(!s.must_wait(old));
         let gate_state = s.clone();
-        let pause = tokio::spawn(async move {
-            gate_state
-                .gate
-                .pause(0, 3, Duration::from_secs(5))
-                .await
-        });
+        let pause =
+            tokio::spawn(async move { gate_state.gate.pause(0, 3, Duration::from_secs(5)).await });
         // The pause cannot finish while the old ticket is held.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !s.gate.paused() {
@@ -479,7 +490,10 @@ mod tests {
             tokio::task::yield_now().await;
         }
         let new = s.enter();
-        assert!(s.must_wait(new), "a transaction begun after the pause waits");
+        assert!(
+            s.must_wait(new),
+            "a transaction begun after the pause waits"
+        );
         assert!(!s.must_wait(old), "a transaction in flight finishes");
         assert!(!pause.is_finished());
         s.leave(old);
@@ -500,7 +514,8 @@ mod tests {
         let s = state();
         let stuck = s.enter();
         assert!(!s.gate.pause(0, 3, Duration::from_millis(30)).await);
-        assert!(!s.gate.paused(), "resumed after giving up");
+        assert_eq!(s.gate.open_before_pause(), 1);
+        s.gate.resume();
         // The stuck ticket is older than the epoch now: the next move waits for it first.
         assert!(!s.gate.settle(Duration::from_millis(30)).await);
         s.leave(stuck);

@@ -458,17 +458,17 @@ impl Session {
         }
     }
 
-    fn leave_ticket(&mut self) {
+    pub(super) fn leave_ticket(&mut self) {
         if let Some(r) = &self.pools.routing {
             r.state.leave(std::mem::take(&mut self.ticket));
         }
     }
 
-    /// Nothing of a transaction is open: no server in a transaction, no transaction block
-    /// spanning shards, no reply pending.
-    fn between_transactions(&self, io: &Buffers) -> bool {
-        io.expects.is_empty()
-            && io.held.is_empty()
+    /// Nothing of a transaction is open or in flight: no server in a transaction or in an
+    /// unsynced batch, no transaction block spanning shards, no client reply pending
+    /// (shardgate's own bookkeeping queries, like the read-your-writes LSN, aside).
+    pub(super) fn between_transactions(&self, io: &Buffers) -> bool {
+        io.expects.iter().all(Expect::hidden)
             && !self.skip_until_sync
             && self
                 .attached
@@ -1687,7 +1687,8 @@ mod footprint {
     #[test]
     fn idle_session_is_small() {
         let session = std::mem::size_of::<Session>();
-        assert!(session <= 112, "Session is {session} bytes");
+        // 112 until slot moves added the cut-over ticket (4 bytes, 8 with alignment).
+        assert!(session <= 120, "Session is {session} bytes");
         fn future_size<F: std::future::Future>(_: &F) -> usize {
             std::mem::size_of::<F>()
         }

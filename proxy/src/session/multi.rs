@@ -146,7 +146,12 @@ impl Session {
             },
             None => routing.plan_simple(sql),
         };
-        // A slot move's cut-over: new transactions touching the moving slots wait.
+        // A slot move's cut-over: new transactions touching the moving slots wait. A
+        // request outside any transaction starts one: it takes a fresh ticket (a busy
+        // client may never look idle between its transactions).
+        if self.ticket != 0 && self.between_transactions(io) {
+            self.leave_ticket();
+        }
         loop {
             if self.ticket == 0 {
                 self.ticket = routing.state.enter();
@@ -222,6 +227,9 @@ impl Session {
         routing: &Arc<Routing>,
         io: &mut Buffers,
     ) -> Result<Routed, Flow> {
+        if self.ticket != 0 && self.between_transactions(io) {
+            self.leave_ticket();
+        }
         loop {
             if self.ticket == 0 {
                 self.ticket = routing.state.enter();
