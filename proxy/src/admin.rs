@@ -104,6 +104,7 @@ async fn run_command(app: &Arc<App>, sql: &str, out: &mut BytesMut) {
             rebalance_apply(app, rest.first().and(original.last().copied()), out)
         }
         ["show", "moves"] => show_moves(app, out),
+        ["show", "load"] => show_load(app, out),
         ["show", what] => match *what {
             "pools" => show_pools(app, out),
             "clients" => show_clients(app, out),
@@ -282,6 +283,48 @@ fn rebalance_apply(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
     }
 }
 
+/// `SHOW LOAD`: per shard of each sharded database, over the last rebalance_interval.
+fn show_load(app: &App, out: &mut BytesMut) {
+    let mut dbs: Vec<&str> = app
+        .config
+        .databases
+        .iter()
+        .map(|d| d.name.as_str())
+        .collect();
+    dbs.sort_unstable();
+    dbs.dedup();
+    let mut rows = Vec::new();
+    for db in dbs {
+        let Some(state) = app.process.shard_state(db) else {
+            continue;
+        };
+        let l = state.last_load();
+        let slots = state.map().slot_counts();
+        for (shard, owned) in slots.iter().enumerate() {
+            let at = |v: &Vec<f64>| format!("{:.3}", v.get(shard).copied().unwrap_or(0.0));
+            rows.push(vec![
+                db.to_string(),
+                shard.to_string(),
+                owned.to_string(),
+                at(&l.shards),
+                at(&l.checkouts),
+                at(&l.connects),
+                format!("{:.3}", l.ratio),
+            ]);
+        }
+    }
+    let cols = [
+        "database",
+        "shard",
+        "slots",
+        "statements_per_second",
+        "checkouts_per_second",
+        "connections_per_second",
+        "max_mean_ratio",
+    ];
+    protocol::text_rows(out, &cols, &rows, "SHOW");
+}
+
 /// `SHOW MOVES`: the slot-move jobs of this process.
 fn show_moves(app: &App, out: &mut BytesMut) {
     let mut dbs: Vec<&str> = app
@@ -306,7 +349,7 @@ fn show_moves(app: &App, out: &mut BytesMut) {
                 j.database,
                 j.slots,
                 j.from,
-                j.to.to_string(),
+                j.to,
                 j.state.to_string(),
                 j.phase.to_string(),
                 j.rows_copied.to_string(),

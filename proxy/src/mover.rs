@@ -41,8 +41,8 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::app::App;
 use crate::moves::{
-    journal_append, journal_path, journal_unfinished, write_map_file, JobStatus, ShardState,
-    Unfinished,
+    journal_append, journal_path, journal_unfinished, slot_runs, slot_spec, write_map_file,
+    JobStatus, ShardState, Unfinished,
 };
 use crate::twophase::fault;
 
@@ -118,8 +118,8 @@ pub fn start_move(
             ),
         ));
     }
-    let moves = moves_to(&map, lo, hi, to);
-    start_job(ctx, moves, format!("{lo}-{hi}"))
+    let groups = moves_to(&map, lo, hi, to);
+    start_job(ctx, groups, format!("{lo}-{hi}"))
 }
 
 /// Starts a job applying a rebalance plan.
@@ -131,20 +131,11 @@ pub fn start_plan(app: &Arc<App>, database: &str, plan: &RebalancePlan) -> Resul
             "the map changed since the plan was made: plan again".into(),
         ));
     }
-    let slots = plan
-        .plan
-        .moves
-        .iter()
-        .map(|m| {
-            if m.lo == m.hi {
-                m.lo.to_string()
-            } else {
-                format!("{}-{}", m.lo, m.hi)
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",");
-    start_job(ctx, plan.plan.moves.clone(), slots)
+    let groups = group_moves(&plan.plan.moves);
+    let slots: Vec<u32> = plan.plan.moves.iter().flat_map(|m| m.slots()).collect();
+    let mut slots = slots;
+    slots.sort_unstable();
+    start_job(ctx, groups, slot_spec(&slots))
 }
 
 /// The current plan for a database, from the last load sample.
@@ -201,28 +192,58 @@ fn context(app: &Arc<App>, database: &str) -> Result<(Ctx, Arc<ShardMap>), Refus
     ))
 }
 
-/// The moves taking `lo..=hi` to `to`: one per run of slots with the same owner.
-fn moves_to(map: &ShardMap, lo: u32, hi: u32, to: u32) -> Vec<SlotMove> {
-    let mut moves: Vec<SlotMove> = Vec::new();
-    for slot in lo..=hi {
-        let from = map.shard_of_slot(slot);
-        if from == to {
-            continue;
-        }
-        match moves.last_mut() {
-            Some(m) if m.from == from && m.hi + 1 == slot => m.hi = slot,
-            _ => moves.push(SlotMove {
-                lo: slot,
-                hi: slot,
-                from,
-                to,
-            }),
-        }
-    }
-    moves
+/// Slots going from one shard to another: what one series of cut-overs moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct MoveGroup {
+    from: u32,
+    to: u32,
+    /// Sorted, distinct.
+    slots: Vec<u32>,
 }
 
-fn start_job(ctx: Ctx, moves: Vec<SlotMove>, slots: String) -> Result<u64, Refused> {
+/// The groups taking `lo..=hi` to `to` (slots already there stay).
+fn moves_to(map: &ShardMap, lo: u32, hi: u32, to: u32) -> Vec<MoveGroup> {
+    let moves: Vec<SlotMove> = (lo..=hi)
+        .filter(|&s| map.shard_of_slot(s) != to)
+        .map(|s| SlotMove {
+            lo: s,
+            hi: s,
+            from: map.shard_of_slot(s),
+            to,
+        })
+        .collect();
+    group_moves(&moves)
+}
+
+/// Slot moves grouped by (from, to), in that order.
+fn group_moves(moves: &[SlotMove]) -> Vec<MoveGroup> {
+    let mut groups: Vec<MoveGroup> = Vec::new();
+    for m in moves {
+        let g = match groups
+            .iter_mut()
+            .position(|g| g.from == m.from && g.to == m.to)
+        {
+            Some(i) => &mut groups[i],
+            None => {
+                groups.push(MoveGroup {
+                    from: m.from,
+                    to: m.to,
+                    slots: Vec::new(),
+                });
+                groups.last_mut().expect("just pushed")
+            }
+        };
+        g.slots.extend(m.slots());
+    }
+    groups.sort_by_key(|g| (g.from, g.to));
+    for g in &mut groups {
+        g.slots.sort_unstable();
+        g.slots.dedup();
+    }
+    groups
+}
+
+fn start_job(ctx: Ctx, groups: Vec<MoveGroup>, slots: String) -> Result<u64, Refused> {
     if ctx
         .state
         .busy
@@ -237,20 +258,22 @@ fn start_job(ctx: Ctx, moves: Vec<SlotMove>, slots: String) -> Result<u64, Refus
             ),
         ));
     }
-    let mut froms: Vec<u32> = moves.iter().map(|m| m.from).collect();
-    froms.sort_unstable();
-    froms.dedup();
-    let from = match froms.as_slice() {
-        [one] => one.to_string(),
-        _ => "*".to_string(),
+    let one_or_many = |mut v: Vec<u32>| {
+        v.sort_unstable();
+        v.dedup();
+        match v.as_slice() {
+            [one] => one.to_string(),
+            _ => "*".to_string(),
+        }
     };
-    let to = moves.first().map_or(0, |m| m.to);
+    let from = one_or_many(groups.iter().map(|g| g.from).collect());
+    let to = one_or_many(groups.iter().map(|g| g.to).collect());
     let job = ctx.state.new_job(slots, from, to);
     let id = lock(&job).id;
     metrics::counter!("shardgate_moves_started_total", "database" => ctx.db.name.clone())
         .increment(1);
     tokio::spawn(async move {
-        let result = run_job(&ctx, &moves, &job).await;
+        let result = run_job(&ctx, &groups, &job).await;
         let database = ctx.db.name.clone();
         {
             let mut j = lock(&job);
@@ -286,56 +309,72 @@ fn lock(job: &Mutex<JobStatus>) -> std::sync::MutexGuard<'_, JobStatus> {
     job.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-async fn run_job(ctx: &Ctx, moves: &[SlotMove], job: &Mutex<JobStatus>) -> Result<(), String> {
+async fn run_job(ctx: &Ctx, groups: &[MoveGroup], job: &Mutex<JobStatus>) -> Result<(), String> {
     // Count first, so the progress shows a total.
     lock(job).phase = "counting";
-    let mut plans = Vec::with_capacity(moves.len());
-    for mv in moves {
-        let mut src = connect_primary(ctx, mv.from).await?;
+    let mut counted = Vec::with_capacity(groups.len());
+    for g in groups {
+        let mut src = connect_primary(ctx, g.from).await?;
         ensure_slot_indexes(ctx, &src).await?;
-        let counts = slot_counts(ctx, &mut src, mv.lo, mv.hi).await?;
+        let counts = slot_counts(ctx, &mut src, &g.slots).await?;
         lock(job).rows_total += counts.values().sum::<u64>();
-        plans.push((*mv, counts));
+        counted.push(counts);
     }
-    for (mv, counts) in plans {
-        let mut src = connect_primary(ctx, mv.from).await?;
-        let mut dst = connect_primary(ctx, mv.to).await?;
+    for (g, counts) in groups.iter().zip(counted) {
+        let mut src = connect_primary(ctx, g.from).await?;
+        let mut dst = connect_primary(ctx, g.to).await?;
         ensure_marker_table(&src).await?;
         lock(job).phase = "indexing";
         ensure_slot_indexes(ctx, &src).await?;
         ensure_slot_indexes(ctx, &dst).await?;
         let columns = column_lists(ctx, &src).await?;
-        for (lo, hi, rows) in batches(mv.lo, mv.hi, &counts, ctx.db.move_batch_rows) {
-            let part = SlotMove { lo, hi, ..mv };
+        for (slots, rows) in batches(&g.slots, &counts, ctx.db.move_batch_rows) {
             let started = Instant::now();
-            cutover(ctx, &mut src, &mut dst, &columns, part, rows, job).await?;
-            let pause = started.elapsed();
-            let ms = pause.as_secs_f64() * 1000.0;
+            let spec = slot_spec(&slots);
+            cutover(ctx, &mut src, &mut dst, &columns, g, slots, rows, job).await?;
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
             let mut j = lock(job);
             j.cutovers += 1;
             j.pause_ms_last = ms;
             j.pause_ms_max = j.pause_ms_max.max(ms);
-            tracing::info!(database = %ctx.db.name, slots = %format!("{lo}-{hi}"), from = mv.from, to = mv.to, rows, pause_ms = ms, "slots moved");
+            tracing::info!(database = %ctx.db.name, slots = %spec, from = g.from, to = g.to, rows, pause_ms = ms, "slots moved");
         }
     }
     Ok(())
 }
 
-/// Consecutive runs of slots holding at most about `limit` rows each (a bigger slot goes
-/// alone): (lo, hi, rows).
-fn batches(lo: u32, hi: u32, counts: &HashMap<u32, u64>, limit: u64) -> Vec<(u32, u32, u64)> {
-    let mut out: Vec<(u32, u32, u64)> = Vec::new();
-    for slot in lo..=hi {
+/// Batches of whole slots (in order) holding at most about `limit` rows each; a bigger
+/// slot goes alone, empty slots ride along: (slots, rows).
+fn batches(slots: &[u32], counts: &HashMap<u32, u64>, limit: u64) -> Vec<(Vec<u32>, u64)> {
+    let mut out: Vec<(Vec<u32>, u64)> = Vec::new();
+    for &slot in slots {
         let n = counts.get(&slot).copied().unwrap_or(0);
         match out.last_mut() {
-            Some(b) if n == 0 || b.2 == 0 || b.2 + n <= limit => {
-                b.1 = slot;
-                b.2 += n;
+            Some(b) if n == 0 || b.1 == 0 || b.1 + n <= limit => {
+                b.0.push(slot);
+                b.1 += n;
             }
-            _ => out.push((slot, slot, n)),
+            _ => out.push((vec![slot], n)),
         }
     }
     out
+}
+
+/// The SQL predicate selecting the rows of `slots` (sorted) of a table: a range when the
+/// slots are consecutive, else a list; either way an index scan on the slot index.
+fn slot_filter(t: &MovedTable, map_slots: u32, slots: &[u32]) -> String {
+    match slot_runs(slots).as_slice() {
+        [(lo, hi)] => slot_range_sql(&t.column, t.key_type, map_slots, *lo, *hi),
+        _ => format!(
+            "{} = ANY('{{{}}}'::bigint[])",
+            slot_sql(&t.column, t.key_type, map_slots),
+            slots
+                .iter()
+                .map(u32::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+    }
 }
 
 async fn connect_primary(ctx: &Ctx, shard: u32) -> Result<Client, String> {
@@ -399,7 +438,7 @@ async fn ensure_marker_table(c: &Client) -> Result<(), String> {
     }
     c.batch_execute(
         "CREATE TABLE IF NOT EXISTS shardgate_moves (move_id bigint PRIMARY KEY, \
-         map_version bigint NOT NULL, lo int NOT NULL, hi int NOT NULL, from_shard int NOT NULL, \
+         map_version bigint NOT NULL, slots text NOT NULL, from_shard int NOT NULL, \
          to_shard int NOT NULL, moved_at timestamptz NOT NULL DEFAULT now())",
     )
     .await
@@ -466,12 +505,11 @@ async fn ensure_slot_indexes(ctx: &Ctx, c: &Client) -> Result<(), String> {
     Ok(())
 }
 
-/// Rows per slot in `lo..=hi` on the source, all sharded tables together.
+/// Rows per slot of `slots` on the source, all sharded tables together.
 async fn slot_counts(
     ctx: &Ctx,
     src: &mut Client,
-    lo: u32,
-    hi: u32,
+    slots_moving: &[u32],
 ) -> Result<HashMap<u32, u64>, String> {
     let slots = ctx.state.map().slots();
     let mut counts = HashMap::new();
@@ -480,7 +518,7 @@ async fn slot_counts(
             "SELECT ({})::int, count(*) FROM {} WHERE {} GROUP BY 1",
             slot_sql(&t.column, t.key_type, slots),
             t.name,
-            slot_range_sql(&t.column, t.key_type, slots, lo, hi)
+            slot_filter(t, slots, slots_moving)
         );
         for row in src
             .query(&sql, &[])
@@ -513,13 +551,15 @@ async fn column_lists(ctx: &Ctx, src: &Client) -> Result<Vec<String>, String> {
     Ok(out)
 }
 
-/// One cut-over of the slots `mv.lo..=mv.hi` (see the module docs).
+/// One cut-over of `slots` of group `g` (see the module docs).
+#[allow(clippy::too_many_arguments)]
 async fn cutover(
     ctx: &Ctx,
     src: &mut Client,
     dst: &mut Client,
     columns: &[String],
-    mv: SlotMove,
+    g: &MoveGroup,
+    slots: Vec<u32>,
     expected_rows: u64,
     job: &Mutex<JobStatus>,
 ) -> Result<(), String> {
@@ -534,16 +574,15 @@ async fn cutover(
     let version = state.map().version() + 1;
     let u = Unfinished {
         version,
-        lo: mv.lo,
-        hi: mv.hi,
-        from: mv.from,
-        to: mv.to,
+        from: g.from,
+        to: g.to,
         id: rand::random::<u64>() >> 1,
+        slots,
     };
     journal_append(&map_path, &u.begin_line()).map_err(|e| format!("journal: {e}"))?;
     let paused_at = Instant::now();
     lock(job).phase = "paused";
-    if !state.gate.pause(mv.lo, mv.hi, drain).await {
+    if !state.gate.pause(&u.slots, drain).await {
         let open = state.gate.open_before_pause();
         state.gate.resume();
         let _ = journal_append(&map_path, &format!("end {} rolled-back", u.id));
@@ -600,7 +639,7 @@ async fn copy_and_commit(
     let filters: Vec<String> = ctx
         .tables
         .iter()
-        .map(|t| slot_range_sql(&t.column, t.key_type, slots, u.lo, u.hi))
+        .map(|t| slot_filter(t, slots, &u.slots))
         .collect();
     lock(job).phase = "copying";
     let tx = dst
@@ -714,13 +753,12 @@ async fn copy_and_commit(
         }
     }
     stx.execute(
-        "INSERT INTO shardgate_moves (move_id, map_version, lo, hi, from_shard, to_shard) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO shardgate_moves (move_id, map_version, slots, from_shard, to_shard) \
+         VALUES ($1, $2, $3, $4, $5)",
         &[
             &(u.id as i64),
             &(u.version as i64),
-            &(u.lo as i32),
-            &(u.hi as i32),
+            &slot_spec(&u.slots),
             &(u.from as i32),
             &(u.to as i32),
         ],
@@ -758,7 +796,7 @@ impl RowSum {
 fn publish(ctx: &Ctx, u: &Unfinished) -> Result<(), String> {
     let map = ctx.state.map();
     let next = map
-        .apply_moves(&[u.slot_move()])
+        .apply_moves(&u.slot_moves())
         .and_then(|m| m.with_version(u.version).map_err(Into::into))
         .map_err(|e| format!("publishing the map: {e}"))?;
     let path = ctx.state.map_path.clone().ok_or("no shard map file")?;
@@ -782,7 +820,7 @@ fn publish(ctx: &Ctx, u: &Unfinished) -> Result<(), String> {
 async fn settle(ctx: &Ctx, u: &Unfinished) -> Result<&'static str, String> {
     let path = ctx.state.map_path.clone().ok_or("no shard map file")?;
     let map = ctx.state.map();
-    let owners: Vec<u32> = (u.lo..=u.hi).map(|s| map.shard_of_slot(s)).collect();
+    let owners: Vec<u32> = u.slots.iter().map(|&s| map.shard_of_slot(s)).collect();
     if map.version() >= u.version && owners.iter().all(|&o| o == u.to) {
         // The map was written: the move is complete.
         let _ = journal_append(&path, &format!("end {} done", u.id));
@@ -810,7 +848,7 @@ async fn settle(ctx: &Ctx, u: &Unfinished) -> Result<&'static str, String> {
     let dst = connect_primary(ctx, u.to).await?;
     let slots = map.slots();
     for t in &ctx.tables {
-        let filter = slot_range_sql(&t.column, t.key_type, slots, u.lo, u.hi);
+        let filter = slot_filter(t, slots, &u.slots);
         dst.execute(&format!("DELETE FROM {} WHERE {filter}", t.name), &[])
             .await
             .map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?;
@@ -833,9 +871,9 @@ pub fn spawn_recovery(app: &Arc<App>) {
         let Some(u) = journal_unfinished(&text) else {
             continue;
         };
-        tracing::warn!(database = %db.name, slots = %format!("{}-{}", u.lo, u.hi), from = u.from, to = u.to, "a slot move was interrupted: settling it");
+        tracing::warn!(database = %db.name, slots = %slot_spec(&u.slots), from = u.from, to = u.to, "a slot move was interrupted: settling it");
         // Before the listener opens: nothing is in flight, so the pause is immediate.
-        ctx.state.gate.pause_now(u.lo, u.hi);
+        ctx.state.gate.pause_now(&u.slots);
         tokio::spawn(async move {
             let mut wait = Duration::from_millis(100);
             loop {
@@ -882,7 +920,18 @@ pub fn spawn_rebalancer(process: Arc<crate::app::Process>) {
                     continue;
                 }
                 entry.1 = Instant::now();
-                let sample = state.sample_load();
+                let mut pool_counts = vec![(0u64, 0u64); state.map_ref().shards() as usize];
+                for up in app.pools.values().filter(|p| p.database == db.name) {
+                    for (shard, sp) in up.shards.iter().enumerate() {
+                        if let Some(c) = pool_counts.get_mut(shard) {
+                            for pool in &sp.hosts {
+                                c.0 += pool.checkouts.load(Ordering::Relaxed);
+                                c.1 += pool.connects.load(Ordering::Relaxed);
+                            }
+                        }
+                    }
+                }
+                let sample = state.sample_load(pool_counts);
                 for (shard, load) in sample.shards.iter().enumerate() {
                     metrics::gauge!("shardgate_shard_load", "database" => db.name.clone(), "shard" => shard.to_string())
                         .set(*load);
@@ -926,28 +975,43 @@ mod tests {
     use shardgate_shardmap::ShardSpec;
 
     #[test]
-    fn moves_to_skips_slots_already_there_and_splits_by_owner() {
+    fn moves_to_skips_slots_already_there_and_groups_by_owner() {
         let map = ShardMap::initial_contiguous(&[ShardSpec::default(); 4], 16).expect("map");
         // Shards own 0-3, 4-7, 8-11, 12-15.
-        let moves = moves_to(&map, 2, 9, 1);
+        let groups = moves_to(&map, 2, 9, 1);
         assert_eq!(
-            moves,
+            groups,
             vec![
-                SlotMove {
-                    lo: 2,
-                    hi: 3,
+                MoveGroup {
                     from: 0,
-                    to: 1
+                    to: 1,
+                    slots: vec![2, 3]
                 },
-                SlotMove {
-                    lo: 8,
-                    hi: 9,
+                MoveGroup {
                     from: 2,
-                    to: 1
+                    to: 1,
+                    slots: vec![8, 9]
                 },
             ]
         );
         assert!(moves_to(&map, 4, 7, 1).is_empty());
+        // A plan's scattered single-slot moves: one group per (from, to).
+        let plan = [(13, 0), (2, 3), (12, 0), (1, 3)].map(|(slot, to)| SlotMove {
+            lo: slot,
+            hi: slot,
+            from: map.shard_of_slot(slot),
+            to,
+        });
+        let groups = group_moves(&plan);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(
+            (groups[0].from, groups[0].to, groups[0].slots.clone()),
+            (0, 3, vec![1, 2])
+        );
+        assert_eq!(
+            (groups[1].from, groups[1].to, groups[1].slots.clone()),
+            (3, 0, vec![12, 13])
+        );
     }
 
     #[test]
@@ -955,11 +1019,32 @@ mod tests {
         let counts: HashMap<u32, u64> = [(0, 3000), (1, 1500), (2, 1000), (3, 9000), (5, 10)]
             .into_iter()
             .collect();
+        let slots: Vec<u32> = (0..=6).collect();
         assert_eq!(
-            batches(0, 6, &counts, 5000),
-            vec![(0, 1, 4500), (2, 2, 1000), (3, 4, 9000), (5, 6, 10)]
+            batches(&slots, &counts, 5000),
+            vec![
+                (vec![0, 1], 4500),
+                (vec![2], 1000),
+                (vec![3, 4], 9000),
+                (vec![5, 6], 10)
+            ]
         );
-        // Empty slots join whatever batch is open.
-        assert_eq!(batches(7, 9, &counts, 5000), vec![(7, 9, 0)]);
+        // Empty slots join whatever batch is open; scattered slots share a batch.
+        assert_eq!(
+            batches(&[7, 9, 40], &counts, 5000),
+            vec![(vec![7, 9, 40], 0)]
+        );
+    }
+
+    #[test]
+    fn slot_filters_are_ranges_or_lists() {
+        let t = MovedTable {
+            name: "\"users\"".into(),
+            column: "\"id\"".into(),
+            key_type: KeyType::Int8,
+        };
+        assert!(slot_filter(&t, 4096, &[5, 6, 7]).ends_with("BETWEEN 5 AND 7"));
+        assert!(slot_filter(&t, 4096, &[9]).ends_with("= 9"));
+        assert!(slot_filter(&t, 4096, &[5, 9]).ends_with("= ANY('{5,9}'::bigint[])"));
     }
 }

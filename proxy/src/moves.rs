@@ -60,8 +60,13 @@ pub struct LoadSample {
     /// The same, per shard (under the map of the sample).
     pub shards: Vec<f64>,
     pub ratio: f64,
-    /// When the counters were read, and their values then.
-    pub taken: Option<(Instant, Vec<u64>)>,
+    /// Per shard: server-connection checkouts (transactions) and new server connections
+    /// per second, over the same interval.
+    pub checkouts: Vec<f64>,
+    pub connects: Vec<f64>,
+    /// When the counters were read, and their values then (slots, then per shard
+    /// checkouts and connects).
+    pub taken: Option<(Instant, Vec<u64>, Vec<(u64, u64)>)>,
 }
 
 impl ShardState {
@@ -72,7 +77,7 @@ impl ShardState {
             database: database.to_string(),
             map: ArcSwap::from_pointee(map),
             map_path,
-            gate: SlotGate::default(),
+            gate: SlotGate::new(slots),
             slot_hits: (0..slots).map(|_| AtomicU64::new(0)).collect(),
             replica_floor: (0..shards).map(|_| AtomicU64::new(0)).collect(),
             jobs: Mutex::new(Vec::new()),
@@ -110,7 +115,7 @@ impl ShardState {
     }
 
     /// Registers a job for `SHOW MOVES`.
-    pub fn new_job(&self, slots: String, from: String, to: u32) -> Arc<Mutex<JobStatus>> {
+    pub fn new_job(&self, slots: String, from: String, to: String) -> Arc<Mutex<JobStatus>> {
         let job = Arc::new(Mutex::new(JobStatus {
             id: self.next_job.fetch_add(1, Ordering::Relaxed),
             database: self.database.clone(),
@@ -137,8 +142,9 @@ impl ShardState {
     }
 
     /// Closes a load interval: per-slot keyed statements per second since the last call,
-    /// summed per shard under the current map.
-    pub fn sample_load(&self) -> LoadSample {
+    /// summed per shard under the current map; `pool_counts` are the shards' checkout and
+    /// new-connection counters now.
+    pub fn sample_load(&self, pool_counts: Vec<(u64, u64)>) -> LoadSample {
         let now = Instant::now();
         let counts: Vec<u64> = self
             .slot_hits
@@ -147,8 +153,20 @@ impl ShardState {
             .collect();
         let map = self.map();
         let mut load = self.load.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((then, before)) = &load.taken {
+        let taken = load.taken.take();
+        if let Some((then, before, pools_before)) = &taken {
             let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
+            let rate = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
+            load.checkouts = pool_counts
+                .iter()
+                .zip(pools_before)
+                .map(|(a, b)| rate(a.0, b.0))
+                .collect();
+            load.connects = pool_counts
+                .iter()
+                .zip(pools_before)
+                .map(|(a, b)| rate(a.1, b.1))
+                .collect();
             load.slots = counts
                 .iter()
                 .zip(before)
@@ -158,7 +176,7 @@ impl ShardState {
                 .unwrap_or_else(|_| vec![0.0; map.shards() as usize]);
             load.ratio = shardgate_shardmap::max_mean_ratio_weighted(&load.shards, map.weights());
         }
-        load.taken = Some((now, counts));
+        load.taken = Some((now, counts, pool_counts));
         load.clone()
     }
 
@@ -175,7 +193,8 @@ pub struct JobStatus {
     pub slots: String,
     /// A shard number, or `*` when the slots come from several shards.
     pub from: String,
-    pub to: u32,
+    /// Likewise.
+    pub to: String,
     /// running | done | failed
     pub state: &'static str,
     /// queued | counting | copying | paused | verifying | publishing | deleting | done |
@@ -190,14 +209,13 @@ pub struct JobStatus {
 }
 
 /// The cut-over gate (see the module docs).
-#[derive(Default)]
 pub struct SlotGate {
     epoch: AtomicU32,
     /// Tickets held, per epoch parity.
     active: [AtomicU64; 2],
     paused: AtomicBool,
-    lo: AtomicU32,
-    hi: AtomicU32,
+    /// The moving slots, one bit each (read only while `paused`).
+    moving: Box<[AtomicU64]>,
     resumed: Notify,
     released: Notify,
 }
@@ -247,23 +265,36 @@ impl ShardState {
 }
 
 impl SlotGate {
+    fn new(slots: usize) -> SlotGate {
+        SlotGate {
+            epoch: AtomicU32::new(0),
+            active: [AtomicU64::new(0), AtomicU64::new(0)],
+            paused: AtomicBool::new(false),
+            moving: (0..slots.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            resumed: Notify::new(),
+            released: Notify::new(),
+        }
+    }
+
     pub fn paused(&self) -> bool {
         self.paused.load(Ordering::SeqCst)
     }
 
-    /// The moving slots, while paused.
-    pub fn moving(&self) -> Option<(u32, u32)> {
-        self.paused().then(|| {
-            (
-                self.lo.load(Ordering::SeqCst),
-                self.hi.load(Ordering::SeqCst),
-            )
-        })
+    /// Whether `slot` is moving now (false when no cut-over is on).
+    pub fn is_moving(&self, slot: u32) -> bool {
+        self.paused()
+            && self
+                .moving
+                .get(slot as usize / 64)
+                .is_some_and(|w| w.load(Ordering::SeqCst) & (1 << (slot % 64)) != 0)
     }
 
-    pub fn is_moving(&self, slot: u32) -> bool {
-        self.moving()
-            .is_some_and(|(lo, hi)| (lo..=hi).contains(&slot))
+    fn mark(&self, slots: &[u32]) {
+        for &s in slots {
+            if let Some(w) = self.moving.get(s as usize / 64) {
+                w.fetch_or(1 << (s % 64), Ordering::SeqCst);
+            }
+        }
     }
 
     /// Waits until no ticket of `epoch` is held, or the deadline passes (false).
@@ -298,18 +329,16 @@ impl SlotGate {
     /// Pauses the slots `lo..=hi` (new transactions touching them wait) and waits for the
     /// transactions in flight to end. False when they do not end in time (still paused:
     /// the caller resumes).
-    pub async fn pause(&self, lo: u32, hi: u32, timeout: Duration) -> bool {
-        self.lo.store(lo, Ordering::SeqCst);
-        self.hi.store(hi, Ordering::SeqCst);
+    pub async fn pause(&self, slots: &[u32], timeout: Duration) -> bool {
+        self.mark(slots);
         self.paused.store(true, Ordering::SeqCst);
         let old = self.epoch.fetch_add(1, Ordering::SeqCst);
         self.drained(old, Instant::now() + timeout).await
     }
 
     /// Pauses without draining: only when nothing can be in flight (at start).
-    pub fn pause_now(&self, lo: u32, hi: u32) {
-        self.lo.store(lo, Ordering::SeqCst);
-        self.hi.store(hi, Ordering::SeqCst);
+    pub fn pause_now(&self, slots: &[u32]) {
+        self.mark(slots);
         self.paused.store(true, Ordering::SeqCst);
         self.epoch.fetch_add(1, Ordering::SeqCst);
     }
@@ -323,6 +352,9 @@ impl SlotGate {
 
     pub fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
+        for w in self.moving.iter() {
+            w.store(0, Ordering::SeqCst);
+        }
         self.resumed.notify_waiters();
     }
 
@@ -371,34 +403,87 @@ pub fn journal_path(map_path: &Path) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// One cut-over as journaled: the map version it publishes, the slots, and a random id
-/// (also the key of its marker row on the source).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// One cut-over as journaled: the map version it publishes, its slots (one source, one
+/// target), and a random id (also the key of its marker row on the source).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unfinished {
     pub version: u64,
-    pub lo: u32,
-    pub hi: u32,
     pub from: u32,
     pub to: u32,
     pub id: u64,
+    /// Sorted, distinct.
+    pub slots: Vec<u32>,
 }
 
 impl Unfinished {
     pub fn begin_line(&self) -> String {
         format!(
-            "begin {} {} {} {} {} {}",
-            self.version, self.lo, self.hi, self.from, self.to, self.id
+            "begin {} {} {} {} {}",
+            self.version,
+            self.from,
+            self.to,
+            self.id,
+            slot_spec(&self.slots)
         )
     }
 
-    pub fn slot_move(&self) -> shardgate_shardmap::SlotMove {
-        shardgate_shardmap::SlotMove {
-            lo: self.lo,
-            hi: self.hi,
-            from: self.from,
-            to: self.to,
+    /// The slots as runs, for [`ShardMap::apply_moves`].
+    pub fn slot_moves(&self) -> Vec<shardgate_shardmap::SlotMove> {
+        slot_runs(&self.slots)
+            .into_iter()
+            .map(|(lo, hi)| shardgate_shardmap::SlotMove {
+                lo,
+                hi,
+                from: self.from,
+                to: self.to,
+            })
+            .collect()
+    }
+}
+
+/// Runs of consecutive slots in a sorted list: (lo, hi) inclusive.
+pub fn slot_runs(slots: &[u32]) -> Vec<(u32, u32)> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &s in slots {
+        match runs.last_mut() {
+            Some(r) if r.1.checked_add(1) == Some(s) => r.1 = s,
+            _ => runs.push((s, s)),
         }
     }
+    runs
+}
+
+/// `0-63,70,72-75`: a sorted slot list as text (journal, SHOW MOVES, marker rows).
+pub fn slot_spec(slots: &[u32]) -> String {
+    slot_runs(slots)
+        .iter()
+        .map(|&(lo, hi)| {
+            if lo == hi {
+                lo.to_string()
+            } else {
+                format!("{lo}-{hi}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn parse_slot_spec(text: &str) -> Option<Vec<u32>> {
+    let mut out = Vec::new();
+    for part in text.split(',') {
+        let (lo, hi): (u32, u32) = match part.split_once('-') {
+            Some((a, b)) => (a.parse().ok()?, b.parse().ok()?),
+            None => {
+                let s = part.parse().ok()?;
+                (s, s)
+            }
+        };
+        if hi < lo || hi - lo > 1 << 20 {
+            return None;
+        }
+        out.extend(lo..=hi);
+    }
+    Some(out)
 }
 
 pub fn journal_append(map_path: &Path, line: &str) -> std::io::Result<()> {
@@ -418,19 +503,18 @@ pub fn journal_unfinished(text: &str) -> Option<Unfinished> {
     for line in text.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
-            ["begin", v, lo, hi, from, to, id] => {
+            ["begin", v, from, to, id, spec] => {
                 open = (|| {
                     Some(Unfinished {
                         version: v.parse().ok()?,
-                        lo: lo.parse().ok()?,
-                        hi: hi.parse().ok()?,
                         from: from.parse().ok()?,
                         to: to.parse().ok()?,
                         id: id.parse().ok()?,
+                        slots: parse_slot_spec(spec)?,
                     })
                 })();
             }
-            ["end", id, ..] if open.is_some_and(|o| id.parse() == Ok(o.id)) => open = None,
+            ["end", id, ..] if open.as_ref().is_some_and(|o| id.parse() == Ok(o.id)) => open = None,
             _ => {}
         }
     }
@@ -451,28 +535,37 @@ mod tests {
     #[test]
     fn journal_finds_the_begin_without_end() {
         assert_eq!(journal_unfinished(""), None);
-        let t = "begin 2 0 3 0 1 77\nend 77 done\nbegin 3 4 7 0 1 78\n";
+        let t = "begin 2 0 1 77 0-3\nend 77 done\nbegin 3 0 1 78 4-7,9\n";
         assert_eq!(
             journal_unfinished(t),
             Some(Unfinished {
                 version: 3,
-                lo: 4,
-                hi: 7,
                 from: 0,
                 to: 1,
-                id: 78
+                id: 78,
+                slots: vec![4, 5, 6, 7, 9],
             })
         );
         assert_eq!(
-            journal_unfinished("begin 3 4 7 0 1 9\nend 9 rolled-back\n"),
+            journal_unfinished("begin 3 0 1 9 4-7\nend 9 rolled-back\n"),
             None
         );
         // A torn last line is no begin; an end of another move closes nothing.
         assert_eq!(
-            journal_unfinished("begin 2 0 3 0 1 5\nend 5 done\nbegin 3 4"),
+            journal_unfinished("begin 2 0 1 5 0-3\nend 5 done\nbegin 3 0"),
             None
         );
-        assert!(journal_unfinished("begin 2 0 3 0 1 5\nend 6 done\n").is_some());
+        assert!(journal_unfinished("begin 2 0 1 5 0-3\nend 6 done\n").is_some());
+        let u = Unfinished {
+            version: 4,
+            from: 1,
+            to: 0,
+            id: 5,
+            slots: vec![1, 2, 3, 10, 12, 13],
+        };
+        assert_eq!(u.begin_line(), "begin 4 1 0 5 1-3,10,12-13");
+        assert_eq!(journal_unfinished(&u.begin_line()), Some(u.clone()));
+        assert_eq!(u.slot_moves().len(), 3);
     }
 
     #[tokio::test]
@@ -481,8 +574,12 @@ mod tests {
         let old = s.enter();
         assert!(!s.must_wait(old));
         let gate_state = s.clone();
-        let pause =
-            tokio::spawn(async move { gate_state.gate.pause(0, 3, Duration::from_secs(5)).await });
+        let pause = tokio::spawn(async move {
+            gate_state
+                .gate
+                .pause(&[0, 1, 2, 3], Duration::from_secs(5))
+                .await
+        });
         // The pause cannot finish while the old ticket is held.
         let deadline = Instant::now() + Duration::from_secs(5);
         while !s.gate.paused() {
@@ -500,12 +597,13 @@ mod tests {
         assert!(pause.await.expect("pause task"), "drained");
         assert!(s.gate.is_moving(2) && !s.gate.is_moving(4));
         s.gate.resume();
+        assert!(!s.gate.is_moving(2));
         assert!(!s.must_wait(new));
         s.gate.wait_resumed().await;
         s.leave(new);
         // Both epochs are empty again: the next pause is immediate.
         assert!(s.gate.settle(Duration::from_millis(1)).await);
-        assert!(s.gate.pause(5, 5, Duration::from_millis(1)).await);
+        assert!(s.gate.pause(&[5], Duration::from_millis(1)).await);
         s.gate.resume();
     }
 
@@ -513,7 +611,7 @@ mod tests {
     async fn pause_gives_up_when_a_transaction_stays_open() {
         let s = state();
         let stuck = s.enter();
-        assert!(!s.gate.pause(0, 3, Duration::from_millis(30)).await);
+        assert!(!s.gate.pause(&[0, 3], Duration::from_millis(30)).await);
         assert_eq!(s.gate.open_before_pause(), 1);
         s.gate.resume();
         // The stuck ticket is older than the epoch now: the next move waits for it first.

@@ -84,6 +84,8 @@ pub struct Pool {
     /// The configured size; a reload changes it in place.
     size: std::sync::atomic::AtomicUsize,
     pub checkouts: std::sync::atomic::AtomicU64,
+    /// Server connections opened (the connection rate the rebalancer reports).
+    pub connects: std::sync::atomic::AtomicU64,
     waiting: std::sync::atomic::AtomicUsize,
     slots: Arc<Semaphore>,
     #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
@@ -113,6 +115,7 @@ impl Pool {
             slots: Arc::new(Semaphore::new(opts.size)),
             size: std::sync::atomic::AtomicUsize::new(opts.size),
             checkouts: std::sync::atomic::AtomicU64::new(0),
+            connects: std::sync::atomic::AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
             name,
             host,
@@ -167,6 +170,7 @@ impl Pool {
         .await
         .map_err(|_| PoolError::ConnectTimeout(self.host.addr))??;
         self.metrics.connects.increment(1);
+        self.connects.fetch_add(1, Ordering::Relaxed);
         Ok(self.lend(Box::new(conn), permit))
     }
 

@@ -185,9 +185,10 @@ impl Routing {
         plan: &Plan,
         mut key_slots: impl FnMut(&KeyExpr, RouterKeyType) -> Option<Vec<u32>>,
     ) -> bool {
-        let Some((lo, hi)) = self.state.gate.moving() else {
+        let gate = &self.state.gate;
+        if !gate.paused() {
             return false;
-        };
+        }
         if plan.refusal.is_some() {
             return false;
         }
@@ -201,7 +202,7 @@ impl Routing {
                 key_type,
                 rows: keys,
             } => keys.iter().any(|k| match key_slots(k, *key_type) {
-                Some(slots) => slots.iter().any(|s| (lo..=hi).contains(s)),
+                Some(slots) => slots.iter().any(|&s| gate.is_moving(s)),
                 None => true,
             }),
         }
