@@ -66,8 +66,11 @@ pub struct LoadSample {
     pub connects: Vec<f64>,
     /// When the counters were read, and their values then (slots, then per shard
     /// checkouts and connects).
-    pub taken: Option<(Instant, Vec<u64>, Vec<(u64, u64)>)>,
+    pub taken: Option<Counters>,
 }
+
+/// Counter values at one instant: per slot, then per shard (checkouts, connects).
+pub type Counters = (Instant, Vec<u64>, Vec<(u64, u64)>);
 
 impl ShardState {
     pub fn new(database: &str, map: ShardMap, map_path: Option<PathBuf>) -> ShardState {
