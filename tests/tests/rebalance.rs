@@ -1813,7 +1813,8 @@ async fn auto_rebalance_fixes_skew() {
         if now >= version_since + WINDOW && version != initial.version() && ratio < 1.25 {
             break Some((loads, ratio, now - load_start));
         }
-        if now >= deadline {
+        // Every client stopped (an error or a wrong read): no load left to balance.
+        if now >= deadline || tasks.iter().all(|t| t.is_finished()) {
             break None;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
