@@ -99,6 +99,13 @@ write_config() {
         { print }
     ' "$TEMPLATE" >"$CONFIG.tmp"
     mv "$CONFIG.tmp" "$CONFIG"
+    # The shard map: written once (slot moves rewrite it, so it is never overwritten);
+    # a new one only when the number of shards changed (the cluster was recreated).
+    local shards map=$SHARDGATE_HOME/shardmap.toml
+    shards=$(grep -c '^\[\[databases\.shards\]\]' <<<"$blocks")
+    if [[ ! -f $map ]] || ! grep -qx "shards = $shards" "$map"; then
+        "$BIN" shardmap init --shards "$shards" --out "$map" >&2 || die "cannot write $map"
+    fi
     "$BIN" check-config "$CONFIG" >&2 || die "shardgate check-config rejected $CONFIG"
 }
 

@@ -158,7 +158,7 @@ async fn serve(config: Config, path: PathBuf) -> Result<(), String> {
     let dbs: Vec<String> = app.topologies.keys().cloned().collect();
     start_health_checks(&app, &dbs).await;
     twophase::spawn_recovery(app.clone());
-    mover::spawn_recovery(&app);
+    mover::recover(&app).await;
     mover::spawn_rebalancer(process.clone());
     spawn_reload_on_sighup(process.clone());
     if let (Some(addr), Some(handle)) = (app.config.general.metrics_listen, metrics_handle) {

@@ -119,7 +119,7 @@ pub fn start_move(
         ));
     }
     let groups = moves_to(&map, lo, hi, to);
-    start_job(ctx, groups, format!("{lo}-{hi}"))
+    start_job(ctx, groups, format!("{lo}-{hi}"), Some(to))
 }
 
 /// Starts a job applying a rebalance plan.
@@ -135,7 +135,7 @@ pub fn start_plan(app: &Arc<App>, database: &str, plan: &RebalancePlan) -> Resul
     let slots: Vec<u32> = plan.plan.moves.iter().flat_map(|m| m.slots()).collect();
     let mut slots = slots;
     slots.sort_unstable();
-    start_job(ctx, groups, slot_spec(&slots))
+    start_job(ctx, groups, slot_spec(&slots), None)
 }
 
 /// The current plan for a database, from the last load sample.
@@ -243,7 +243,13 @@ fn group_moves(moves: &[SlotMove]) -> Vec<MoveGroup> {
     groups
 }
 
-fn start_job(ctx: Ctx, groups: Vec<MoveGroup>, slots: String) -> Result<u64, Refused> {
+/// `to`: the one target shard, when the job has one even if nothing needs moving.
+fn start_job(
+    ctx: Ctx,
+    groups: Vec<MoveGroup>,
+    slots: String,
+    to: Option<u32>,
+) -> Result<u64, Refused> {
     if ctx
         .state
         .busy
@@ -266,8 +272,15 @@ fn start_job(ctx: Ctx, groups: Vec<MoveGroup>, slots: String) -> Result<u64, Ref
             _ => "*".to_string(),
         }
     };
-    let from = one_or_many(groups.iter().map(|g| g.from).collect());
-    let to = one_or_many(groups.iter().map(|g| g.to).collect());
+    // Nothing to move (the slots are there already): from is "-".
+    let from = match groups.is_empty() {
+        true => "-".to_string(),
+        false => one_or_many(groups.iter().map(|g| g.from).collect()),
+    };
+    let to = match to {
+        Some(t) => t.to_string(),
+        None => one_or_many(groups.iter().map(|g| g.to).collect()),
+    };
     let job = ctx.state.new_job(slots, from, to);
     let id = lock(&job).id;
     metrics::counter!("shardgate_moves_started_total", "database" => ctx.db.name.clone())
@@ -857,9 +870,11 @@ async fn settle(ctx: &Ctx, u: &Unfinished) -> Result<&'static str, String> {
     Ok("rolled back (the source keeps every row)")
 }
 
-/// At start: settles a cut-over a crash interrupted, before its slots take traffic (they
-/// stay paused until then; other slots are served meanwhile).
-pub fn spawn_recovery(app: &Arc<App>) {
+/// At start, before the listener opens: settles a cut-over a crash interrupted. Its
+/// slots stay paused until it is settled; when a shard cannot be reached within
+/// `failover_timeout`, settling goes on in the background (other slots are served
+/// meanwhile, the interrupted ones wait).
+pub async fn recover(app: &Arc<App>) {
     for db in &app.config.databases {
         let Ok((ctx, _)) = context(app, &db.name) else {
             continue;
@@ -872,25 +887,38 @@ pub fn spawn_recovery(app: &Arc<App>) {
             continue;
         };
         tracing::warn!(database = %db.name, slots = %slot_spec(&u.slots), from = u.from, to = u.to, "a slot move was interrupted: settling it");
-        // Before the listener opens: nothing is in flight, so the pause is immediate.
+        // Nothing is in flight yet, so the pause is immediate.
         ctx.state.gate.pause_now(&u.slots);
+        let settled = tokio::time::timeout(
+            app.config.general.failover_timeout,
+            settle_retrying(&ctx, &u),
+        )
+        .await;
+        if settled.is_ok() {
+            ctx.state.gate.resume();
+            continue;
+        }
         tokio::spawn(async move {
-            let mut wait = Duration::from_millis(100);
-            loop {
-                match settle(&ctx, &u).await {
-                    Ok(outcome) => {
-                        tracing::warn!(database = %ctx.db.name, "interrupted slot move {outcome}");
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(database = %ctx.db.name, "settling an interrupted slot move: {e}; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            settle_retrying(&ctx, &u).await;
             ctx.state.gate.resume();
         });
+    }
+}
+
+async fn settle_retrying(ctx: &Ctx, u: &Unfinished) {
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match settle(ctx, u).await {
+            Ok(outcome) => {
+                tracing::warn!(database = %ctx.db.name, "interrupted slot move {outcome}");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(database = %ctx.db.name, "settling an interrupted slot move: {e}; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 

@@ -280,11 +280,9 @@ pub struct Session {
     skip_until_sync: bool,
     /// Boxed: an idle client holds no connection, and every idle byte counts.
     attached: Option<Box<Attached>>,
-    /// WAL position of this client's last committed write: replicas of that shard serve
-    /// its reads only once they have replayed it.
-    last_write_lsn: u64,
-    /// u16: a session's every byte counts (shard indexes fit; see ALL_SHARDS).
-    last_write_shard: u16,
+    /// Read-your-writes: per shard, the WAL position of this client's last committed
+    /// write there (boxed: allocated at the client's first write).
+    writes: Option<Box<WriteLsns>>,
     /// Sharded databases: a transaction block not yet sent anywhere, or one spanning
     /// several shards.
     shard_tx: Option<Box<multi::ShardTx>>,
@@ -316,8 +314,7 @@ impl Session {
             pins: Pins::NONE,
             skip_until_sync: false,
             attached: None,
-            last_write_lsn: 0,
-            last_write_shard: 0,
+            writes: None,
             shard_tx: None,
             ticket: 0,
         }
@@ -708,13 +705,9 @@ impl Session {
                 .routing
                 .as_ref()
                 .map_or(0, |r| r.state.replica_floor(shard));
-            let own = if self.app.config.general.read_your_writes
-                && (shard == u32::from(self.last_write_shard)
-                    || self.last_write_shard == ALL_SHARDS)
-            {
-                self.last_write_lsn
-            } else {
-                0
+            let own = match &self.writes {
+                Some(w) if self.app.config.general.read_your_writes => w.get(shard),
+                _ => 0,
             };
             Want::Replica {
                 min_lsn: own.max(floor),
@@ -1162,14 +1155,10 @@ impl Session {
                         .and_then(crate::topology::parse_lsn),
                     _ => None,
                 };
-                if let Some(lsn) = lsn {
-                    let shard = u16::try_from(a.shard).unwrap_or(ALL_SHARDS);
-                    if self.last_write_shard != shard {
-                        self.last_write_shard = shard;
-                        self.last_write_lsn = 0;
-                    }
-                    self.last_write_lsn = self.last_write_lsn.max(lsn);
-                }
+                let shard = a.shard;
+                self.writes
+                    .get_or_insert_with(Default::default)
+                    .set(shard, lsn.unwrap_or(u64::MAX));
             }
             (b'1', Some(Expect::Parse { prepared, .. })) => {
                 if let Some(hash) = prepared {
@@ -1466,10 +1455,29 @@ impl Session {
     }
 }
 
-/// `last_write_shard` after a write committed on several shards: until the client's next
-/// single-shard write, its reads go to primaries (WAL positions of different servers
-/// cannot be compared, and one position per client keeps the session small).
-const ALL_SHARDS: u16 = u16::MAX;
+/// Read-your-writes positions: (shard, WAL position of the client's last committed write
+/// there). `u64::MAX`: a write whose position is unknown; reads of that shard go to its
+/// primary until the client's next write there tells the position.
+#[derive(Default)]
+pub(crate) struct WriteLsns(Vec<(u32, u64)>);
+
+impl WriteLsns {
+    pub(crate) fn get(&self, shard: u32) -> u64 {
+        self.0
+            .iter()
+            .find(|(s, _)| *s == shard)
+            .map_or(0, |(_, lsn)| *lsn)
+    }
+
+    /// A later commit on the same shard: its position replaces the last one (WAL
+    /// positions of one server only grow; a failover's new primary continues them).
+    pub(crate) fn set(&mut self, shard: u32, lsn: u64) {
+        match self.0.iter_mut().find(|(s, _)| *s == shard) {
+            Some(e) => e.1 = lsn,
+            None => self.0.push((shard, lsn)),
+        }
+    }
+}
 
 /// Where statement logs go (debug level).
 const STATEMENT_LOG: &str = "shardgate::statements";

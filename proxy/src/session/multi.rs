@@ -1242,9 +1242,22 @@ impl Session {
                 None => Ok(()),
             }
         };
-        if commit && result.is_ok() && writers > 0 && self.app.config.general.read_your_writes {
-            self.last_write_shard = super::ALL_SHARDS;
-            self.last_write_lsn = u64::MAX;
+        if commit && result.is_ok() && self.app.config.general.read_your_writes {
+            // Every shard written (in a transaction block or by an autocommit statement):
+            // its replicas serve this client once they have replayed the commit.
+            for p in parts.iter_mut().filter(|p| p.wrote && !p.broken) {
+                let replicas = self.pools.shards[p.shard as usize].topology.hosts.len() > 1;
+                if !replicas {
+                    continue;
+                }
+                let lsn = query_value(p, "SELECT pg_current_wal_lsn()")
+                    .await
+                    .ok()
+                    .and_then(|v| crate::topology::parse_lsn(&v));
+                self.writes
+                    .get_or_insert_with(Default::default)
+                    .set(p.shard, lsn.unwrap_or(u64::MAX));
+            }
         }
         for p in parts {
             release_part(p);
