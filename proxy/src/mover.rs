@@ -735,18 +735,7 @@ async fn copy_and_commit(
         .await
         .map_err(|e| format!("shard {}: commit: {e}", u.to))?;
     // Reads of the moved slots wait for the target's replicas to have these rows.
-    if let Ok(row) = dst
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-    {
-        let lsn: String = row.get(0);
-        if let Some(lsn) = crate::topology::parse_lsn(&lsn) {
-            ctx.state.raise_replica_floor(u.to, lsn);
-        }
-    } else {
-        // Without the position, be safe: nothing newer than now can be assumed.
-        ctx.state.raise_replica_floor(u.to, u64::MAX);
-    }
+    raise_floor(ctx, dst, u.to).await;
     fault("move_after_target_commit");
     lock(job).phase = "deleting";
     let stx = src
@@ -781,7 +770,24 @@ async fn copy_and_commit(
     stx.commit()
         .await
         .map_err(|e| format!("shard {}: commit: {e}", u.from))?;
+    // And the source's replicas serve reads (fan-outs) only once they have replayed the
+    // delete: until then they still hold the rows the target now owns.
+    raise_floor(ctx, src, u.from).await;
     Ok(())
+}
+
+/// Replicas of `shard` serve reads only once they have replayed what `c` (its primary)
+/// committed so far.
+async fn raise_floor(ctx: &Ctx, c: &Client, shard: u32) {
+    let lsn = match c.query_one("SELECT pg_current_wal_lsn()::text", &[]).await {
+        Ok(row) => crate::topology::parse_lsn(&row.get::<_, String>(0)),
+        Err(e) => {
+            tracing::warn!(database = %ctx.db.name, shard, "cannot read the WAL position after a slot move ({e}): the shard's reads go to its primary until restart");
+            None
+        }
+    };
+    ctx.state
+        .raise_replica_floor(shard, lsn.unwrap_or(u64::MAX));
 }
 
 /// Row count and an order-free checksum of COPY text rows (one CopyData per row, as
@@ -855,6 +861,8 @@ async fn settle(ctx: &Ctx, u: &Unfinished) -> Result<&'static str, String> {
             .map_err(|e| format!("shard {}: {e}", u.from))?
             .get::<_, bool>(0);
     if marked {
+        // The source's replicas must have the delete before they answer again.
+        raise_floor(ctx, &src, u.from).await;
         publish(ctx, u)?;
         return Ok("rolled forward (the source had committed)");
     }
@@ -866,6 +874,8 @@ async fn settle(ctx: &Ctx, u: &Unfinished) -> Result<&'static str, String> {
             .await
             .map_err(|e| format!("shard {}: {}: {e}", u.to, t.name))?;
     }
+    // The target's replicas may have replayed the copies: they must have the delete too.
+    raise_floor(ctx, &dst, u.to).await;
     let _ = journal_append(&path, &format!("end {} rolled-back", u.id));
     Ok("rolled back (the source keeps every row)")
 }
