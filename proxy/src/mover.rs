@@ -604,7 +604,14 @@ async fn cutover(
         ));
     }
     fault("move_after_drain");
-    let copied = copy_and_commit(ctx, src, dst, columns, &u, expected_rows, job).await;
+    let copied = match orphaned_prepared(ctx, src).await {
+        Ok(0) => copy_and_commit(ctx, src, dst, columns, &u, expected_rows, job).await,
+        Ok(n) => Err(format!(
+            "shard {} holds {n} prepared transaction(s) no running shardgate owns (a crashed proxy's, being resolved, or another client's): they may write the moving slots after the copy; nothing was moved, retry once they are resolved (pg_prepared_xacts)",
+            u.from
+        )),
+        Err(e) => Err(e),
+    };
     let result = match copied {
         Ok(()) => {
             fault("move_after_source_commit");
@@ -636,6 +643,23 @@ async fn cutover(
     metrics::histogram!("shardgate_move_pause_seconds", "database" => ctx.db.name.clone())
         .record(pause.as_secs_f64());
     result
+}
+
+/// Prepared transactions on the source that are not this process's own: they hold writes
+/// that may land on the moving slots when they commit, after the copy. (This process's
+/// own are drained like any transaction: their sessions hold tickets.)
+async fn orphaned_prepared(ctx: &Ctx, src: &Client) -> Result<i64, String> {
+    let own = format!(
+        "{}%",
+        crate::twophase::own_gid_prefix(ctx.app.config.general.listen.port())
+    );
+    src.query_one(
+        "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid NOT LIKE $1",
+        &[&own],
+    )
+    .await
+    .map(|r| r.get(0))
+    .map_err(|e| format!("looking for prepared transactions: {e}"))
 }
 
 /// Steps 2-4: copy, verify, commit on the target, delete and mark on the source.

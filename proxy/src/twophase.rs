@@ -49,11 +49,12 @@ pub fn node_name(port: u16) -> String {
 }
 
 pub fn gid(node: u16, coordinator_shard: u32, xid: &str) -> String {
-    format!(
-        "shardgate:{}:{:x}:{coordinator_shard}:{xid}",
-        node_name(node),
-        incarnation()
-    )
+    format!("{}{coordinator_shard}:{xid}", own_gid_prefix(node))
+}
+
+/// The start of every gid this process gives its prepared transactions.
+pub fn own_gid_prefix(node: u16) -> String {
+    format!("shardgate:{}:{:x}:", node_name(node), incarnation())
 }
 
 /// This process among the processes that ever served `node`: its start time in
