@@ -328,7 +328,12 @@ async fn run_job(ctx: &Ctx, groups: &[MoveGroup], job: &Mutex<JobStatus>) -> Res
     let mut counted = Vec::with_capacity(groups.len());
     for g in groups {
         let mut src = connect_primary(ctx, g.from).await?;
+        refuse_orphaned_prepared(ctx, &src, g.from).await?;
+        refuse_orphaned_prepared(ctx, &connect_primary(ctx, g.to).await?, g.to).await?;
+        // The slot index first: without it, counting scans the whole table.
+        lock(job).phase = "indexing";
         ensure_slot_indexes(ctx, &src).await?;
+        lock(job).phase = "counting";
         let counts = slot_counts(ctx, &mut src, &g.slots).await?;
         lock(job).rows_total += counts.values().sum::<u64>();
         counted.push(counts);
@@ -604,12 +609,8 @@ async fn cutover(
         ));
     }
     fault("move_after_drain");
-    let copied = match orphaned_prepared(ctx, src).await {
-        Ok(0) => copy_and_commit(ctx, src, dst, columns, &u, expected_rows, job).await,
-        Ok(n) => Err(format!(
-            "shard {} holds {n} prepared transaction(s) no running shardgate owns (a crashed proxy's, being resolved, or another client's): they may write the moving slots after the copy; nothing was moved, retry once they are resolved (pg_prepared_xacts)",
-            u.from
-        )),
+    let copied = match refuse_orphaned_prepared(ctx, src, u.from).await {
+        Ok(()) => copy_and_commit(ctx, src, dst, columns, &u, expected_rows, job).await,
         Err(e) => Err(e),
     };
     let result = match copied {
@@ -645,9 +646,20 @@ async fn cutover(
     result
 }
 
-/// Prepared transactions on the source that are not this process's own: they hold writes
-/// that may land on the moving slots when they commit, after the copy. (This process's
-/// own are drained like any transaction: their sessions hold tickets.)
+/// Refuses while `shard` holds prepared transactions that are not this process's own:
+/// on the source they hold writes that may land on the moving slots when they commit,
+/// after the copy; on either side they would hold the slot index's concurrent build
+/// forever. (This process's own are drained like any transaction: their sessions hold
+/// tickets.)
+async fn refuse_orphaned_prepared(ctx: &Ctx, c: &Client, shard: u32) -> Result<(), String> {
+    match orphaned_prepared(ctx, c).await? {
+        0 => Ok(()),
+        n => Err(format!(
+            "shard {shard} holds {n} prepared transaction(s) no running shardgate owns (a crashed proxy's, still being resolved, or another client's; see pg_prepared_xacts): their writes could land after the copy; nothing was moved, retry once they are resolved"
+        )),
+    }
+}
+
 async fn orphaned_prepared(ctx: &Ctx, src: &Client) -> Result<i64, String> {
     let own = format!(
         "{}%",

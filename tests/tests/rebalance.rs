@@ -2158,3 +2158,100 @@ async fn kill_mid_move_after_source_commit() {
 async fn kill_mid_move_after_map_write() {
     kill_mid_move("move_after_map_write").await;
 }
+
+/// A prepared transaction on the source that no running shardgate owns (here: another
+/// client's) may write a moving slot when it commits, after the copy. The move must refuse
+/// to cut over (nothing moves, nothing is lost) and succeed once it is resolved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_prepared_transaction_holds_a_move_back() {
+    const TEST: &str = "foreign_prepared_transaction_holds_a_move_back";
+    if skip_in_direct_mode(TEST) {
+        return;
+    }
+    let cluster = own_cluster().await;
+    let _light = timing().await;
+    let db = TestDb::create(cluster, "rb_prepared").await;
+    let initial = db.map();
+    let moving = keys_where(1, 40, |k| (KILL_LO..=KILL_HI).contains(&slot(k)));
+    let mut rows = Rows::default();
+    for &u in &moving[..39] {
+        rows.users.push((u, format!("p{u}")));
+        rows.posts.push((u, 1, format!("p{u}-1")));
+    }
+    db.load(&initial, &rows).await;
+    // Another client's transaction, prepared on the source, writing a moving slot.
+    let late = moving[39];
+    let gid = "not-shardgate-1";
+    let src = db.primary(0).await;
+    src.batch_execute(&format!(
+        "BEGIN; INSERT INTO users (id, name) VALUES ({late}, 'late'); PREPARE TRANSACTION '{gid}'"
+    ))
+    .await
+    .unwrap_or_else(|e| panic!("{TEST}: prepare: {}", describe(&e)));
+
+    let proxy = Proxy::start_config_env(&db.config(&[], false), &[]).await;
+    let console = Console::open(&proxy).await;
+    let args = format!("{KILL_LO}-{KILL_HI} TO 2");
+    let job = console
+        .move_slots(&args)
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: {e}"));
+    let failed = console
+        .try_wait_done(job, Duration::from_secs(60), TEST)
+        .await;
+    let err = match failed {
+        Ok((done, _)) => panic!(
+            "{TEST}: the move completed over a foreign prepared transaction: {}",
+            done.short()
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("prepared transaction"),
+        "{TEST}: the failure should name the prepared transaction: {err}"
+    );
+    assert_eq!(
+        db.map().version(),
+        initial.version(),
+        "{TEST}: the refused move changed the map"
+    );
+    let p = db.placement().await;
+    assert_none(
+        &format!("{TEST}: misplaced after the refusal"),
+        &p.misplaced(&initial),
+    );
+    assert_none(
+        &format!("{TEST}: contents after the refusal"),
+        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
+    );
+
+    // Resolved: the row lands on the source, and the retried move takes it along.
+    src.batch_execute(&format!("COMMIT PREPARED '{gid}'"))
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: commit prepared: {}", describe(&e)));
+    rows.users.push((late, "late".to_string()));
+    let job = console
+        .move_slots(&args)
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: retry: {e}"));
+    let (done, _) = console
+        .wait_done(job, Duration::from_secs(60), &format!("{TEST} (retry)"))
+        .await;
+    let map = db.map();
+    for s in KILL_LO..=KILL_HI {
+        assert_eq!(map.shard_of_slot(s), 2, "{TEST}: slot {s} after the retry");
+    }
+    let p = db.placement().await;
+    assert_none(
+        &format!("{TEST}: misplaced after the retry"),
+        &p.misplaced(&map),
+    );
+    assert_none(
+        &format!("{TEST}: contents after the retry"),
+        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
+    );
+    eprintln!("{TEST}: refused with \"{err}\"; retried: {}", done.short());
+    drop(console);
+    drop(proxy);
+    db.drop_db().await;
+}
