@@ -156,20 +156,26 @@ fn unknown(out: &mut BytesMut, what: &str) {
     protocol::error_response(out, "ERROR", sqlstate::SYNTAX_ERROR, &msg);
 }
 
-/// The sharded database a slot command means: the named one, or the only one.
-fn sharded_database(app: &App, named: Option<&str>) -> Result<String, (&'static str, String)> {
-    if let Some(db) = named {
-        return Ok(db.to_string());
-    }
+/// The configured database names, sorted.
+fn database_names(app: &App) -> Vec<&str> {
     let mut dbs: Vec<&str> = app
         .config
         .databases
         .iter()
         .map(|d| d.name.as_str())
-        .filter(|d| app.process.shard_state(d).is_some())
         .collect();
     dbs.sort_unstable();
     dbs.dedup();
+    dbs
+}
+
+/// The sharded database a slot command means: the named one, or the only one.
+fn sharded_database(app: &App, named: Option<&str>) -> Result<String, (&'static str, String)> {
+    if let Some(db) = named {
+        return Ok(db.to_string());
+    }
+    let mut dbs = database_names(app);
+    dbs.retain(|d| app.process.shard_state(d).is_some());
     match dbs.as_slice() {
         [one] => Ok(one.to_string()),
         [] => Err((
@@ -285,14 +291,7 @@ fn rebalance_apply(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
 
 /// `SHOW LOAD`: per shard of each sharded database, over the last rebalance_interval.
 fn show_load(app: &App, out: &mut BytesMut) {
-    let mut dbs: Vec<&str> = app
-        .config
-        .databases
-        .iter()
-        .map(|d| d.name.as_str())
-        .collect();
-    dbs.sort_unstable();
-    dbs.dedup();
+    let dbs = database_names(app);
     let mut rows = Vec::new();
     for db in dbs {
         let Some(state) = app.process.shard_state(db) else {
@@ -325,16 +324,26 @@ fn show_load(app: &App, out: &mut BytesMut) {
     protocol::text_rows(out, &cols, &rows, "SHOW");
 }
 
+/// The columns of `SHOW MOVES` (the rebalance CLI reads them by these names).
+pub const MOVE_COLUMNS: [&str; 13] = [
+    "id",
+    "database",
+    "slots",
+    "from_shard",
+    "to_shard",
+    "state",
+    "phase",
+    "rows_copied",
+    "rows_total",
+    "cutovers",
+    "pause_ms_last",
+    "pause_ms_max",
+    "error",
+];
+
 /// `SHOW MOVES`: the slot-move jobs of this process.
 fn show_moves(app: &App, out: &mut BytesMut) {
-    let mut dbs: Vec<&str> = app
-        .config
-        .databases
-        .iter()
-        .map(|d| d.name.as_str())
-        .collect();
-    dbs.sort_unstable();
-    dbs.dedup();
+    let dbs = database_names(app);
     let mut jobs: Vec<crate::moves::JobStatus> = dbs
         .iter()
         .filter_map(|d| app.process.shard_state(d))
@@ -361,22 +370,7 @@ fn show_moves(app: &App, out: &mut BytesMut) {
             ]
         })
         .collect();
-    let cols = [
-        "id",
-        "database",
-        "slots",
-        "from_shard",
-        "to_shard",
-        "state",
-        "phase",
-        "rows_copied",
-        "rows_total",
-        "cutovers",
-        "pause_ms_last",
-        "pause_ms_max",
-        "error",
-    ];
-    protocol::text_rows(out, &cols, &rows, "SHOW");
+    protocol::text_rows(out, &MOVE_COLUMNS, &rows, "SHOW");
 }
 
 /// Sorted (database, user) keys, for stable output.

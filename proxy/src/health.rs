@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::topology::{parse_lsn, Observation, ShardTopology};
 
@@ -107,21 +107,15 @@ async fn check_host(
 }
 
 async fn connect(addr: SocketAddr, opts: &HealthOptions) -> Result<Client, tokio_postgres::Error> {
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(addr.ip().to_string())
-        .port(addr.port())
-        .user(&opts.user)
-        .dbname(&opts.database)
-        .application_name("shardgate health check")
-        .connect_timeout(opts.timeout);
-    if let Some(p) = &opts.password {
-        cfg.password(p);
-    }
-    let (client, connection) = cfg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    crate::server::connect_client(
+        addr,
+        &opts.user,
+        opts.password.as_deref(),
+        &opts.database,
+        "shardgate health check",
+        opts.timeout,
+    )
+    .await
 }
 
 /// Promotes the most caught-up replica once the primary has been gone long enough.

@@ -37,7 +37,7 @@ use shardgate_shardmap::{
     plan_rebalance, quote_ident, slot_range_sql, slot_sql, HotTracker, KeyType, RebalanceConfig,
     RebalancePlan, ShardMap, SlotMove,
 };
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::app::App;
 use crate::moves::{
@@ -417,23 +417,16 @@ async fn connect_primary(ctx: &Ctx, shard: u32) -> Result<Client, String> {
         .config
         .health_check_user()
         .ok_or("no configured user logs in to the servers with a password")?;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(addr.ip().to_string())
-        .port(addr.port())
-        .user(user.server_user())
-        .dbname(ctx.db.server_database())
-        .application_name("shardgate slot mover")
-        .connect_timeout(ctx.app.config.general.server_connect_timeout);
-    if let Some(p) = user.server_password() {
-        cfg.password(p);
-    }
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| format!("shard {shard} ({addr}): {e}"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = crate::server::connect_client(
+        addr,
+        user.server_user(),
+        user.server_password(),
+        ctx.db.server_database(),
+        "shardgate slot mover",
+        ctx.app.config.general.server_connect_timeout,
+    )
+    .await
+    .map_err(|e| format!("shard {shard} ({addr}): {e}"))?;
     // Row text must read the same on both sides for the checksums.
     client
         .batch_execute(

@@ -731,21 +731,7 @@ struct MoveRow {
     error: String,
 }
 
-const MOVE_COLUMNS: [&str; 13] = [
-    "id",
-    "database",
-    "slots",
-    "from_shard",
-    "to_shard",
-    "state",
-    "phase",
-    "rows_copied",
-    "rows_total",
-    "cutovers",
-    "pause_ms_last",
-    "pause_ms_max",
-    "error",
-];
+use crate::admin::MOVE_COLUMNS;
 
 fn parse_moves(table: &Table) -> Result<Vec<MoveRow>, String> {
     table.require(&MOVE_COLUMNS, "SHOW MOVES")?;

@@ -337,3 +337,30 @@ impl ServerConn {
         }
     }
 }
+
+/// A tokio-postgres connection for shardgate's own work on a server (health checks, 2PC
+/// recovery, the slot mover), its driver task spawned.
+pub async fn connect_client(
+    addr: SocketAddr,
+    user: &str,
+    password: Option<&str>,
+    database: &str,
+    application_name: &str,
+    timeout: std::time::Duration,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host(addr.ip().to_string())
+        .port(addr.port())
+        .user(user)
+        .dbname(database)
+        .application_name(application_name)
+        .connect_timeout(timeout);
+    if let Some(p) = password {
+        cfg.password(p);
+    }
+    let (client, connection) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::app::App;
 
@@ -229,23 +229,16 @@ async fn client_for<'a>(
         .iter()
         .find(|u| u.server_user() == owner && u.server_password().is_some())
         .ok_or_else(|| format!("no configured user logs in to the servers as \"{owner}\""))?;
-    let mut cfg = tokio_postgres::Config::new();
-    cfg.host(addr.ip().to_string())
-        .port(addr.port())
-        .user(owner)
-        .dbname(database)
-        .application_name("shardgate 2pc recovery")
-        .connect_timeout(app.config.general.server_connect_timeout);
-    if let Some(p) = user.server_password() {
-        cfg.password(p);
-    }
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| format!("{addr}: {e}"))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+    let client = crate::server::connect_client(
+        addr,
+        owner,
+        user.server_password(),
+        database,
+        "shardgate 2pc recovery",
+        app.config.general.server_connect_timeout,
+    )
+    .await
+    .map_err(|e| format!("{addr}: {e}"))?;
     cache.push((owner.to_string(), client));
     Ok(&cache[cache.len() - 1].1)
 }

@@ -59,6 +59,17 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}_{n}_{r:08x}", std::process::id())
 }
 
+/// Turns a statement failure into a readable message (tokio-postgres says only "db error").
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => match std::error::Error::source(e) {
+            Some(src) => format!("{e}: {src}"),
+            None => e.to_string(),
+        },
+    }
+}
+
 /// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.code().map(|c| c.code().to_string())

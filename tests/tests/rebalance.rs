@@ -99,15 +99,9 @@ fn keys_where(from: i64, n: usize, mut keep: impl FnMut(i64) -> bool) -> Vec<i64
     out
 }
 
-/// Turns a statement failure into a readable message (tokio-postgres says only "db error").
+/// Turns a statement failure into a readable message.
 fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => match std::error::Error::source(e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    }
+    shardgate_e2e::describe_error(e)
 }
 
 /// A statement with a time limit: a hang is a failure, reported as such.

@@ -91,15 +91,9 @@ async fn keys_on_shard(c: &Client, shards: usize, shard: usize, from: i64, n: us
     keys
 }
 
-/// Turns a statement failure into a readable message (tokio-postgres says only "db error").
+/// Turns a statement failure into a readable message.
 fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => match std::error::Error::source(e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    }
+    shardgate_e2e::describe_error(e)
 }
 
 async fn within<T>(
