@@ -503,17 +503,44 @@ async fn ensure_slot_indexes(ctx: &Ctx, c: &Client) -> Result<(), String> {
             None => {}
         }
         let started = Instant::now();
-        c.batch_execute(&format!(
-            "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (({}))",
-            quote_ident(&name),
-            t.name,
-            slot_sql(&t.column, t.key_type, slots)
-        ))
-        .await
-        .map_err(|e| format!("{}: creating the slot index {name}: {e}", t.name))?;
+        // The build waits for the transactions open on the shard; not forever.
+        // (Statements one by one: CREATE INDEX CONCURRENTLY refuses a transaction block,
+        // and a multi-statement query is one.)
+        let wait = ctx.db.move_drain_timeout;
+        c.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))
+            .await
+            .map_err(|e| format!("{}: {}", t.name, db_error(&e)))?;
+        let built = c
+            .batch_execute(&format!(
+                "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (({}))",
+                quote_ident(&name),
+                t.name,
+                slot_sql(&t.column, t.key_type, slots)
+            ))
+            .await;
+        let _ = c.batch_execute("RESET lock_timeout").await;
+        built.map_err(|e| {
+            let lock_wait = e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE);
+            if lock_wait {
+                format!(
+                    "{}: building the slot index {name} waited move_drain_timeout ({wait:?}) for transactions open on the shard; nothing was moved, retry when they are done",
+                    t.name
+                )
+            } else {
+                format!("{}: creating the slot index {name}: {}", t.name, db_error(&e))
+            }
+        })?;
         tracing::info!(database = %ctx.db.name, table = %t.name, index = %name, elapsed = ?started.elapsed(), "slot index built");
     }
     Ok(())
+}
+
+/// A server error with its message (tokio-postgres's Display says only "db error").
+fn db_error(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 /// Rows per slot of `slots` on the source, all sharded tables together.

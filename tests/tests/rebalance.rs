@@ -2249,3 +2249,122 @@ async fn foreign_prepared_transaction_holds_a_move_back() {
     drop(proxy);
     db.drop_db().await;
 }
+
+/// A transaction in flight on a moving slot finishes on the old owner; if it stays open
+/// past `move_drain_timeout` the cut-over gives up, nothing moves, and the client's
+/// transaction still commits there. The retried move then takes its row along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_transaction_fails_the_drain_and_loses_nothing() {
+    const TEST: &str = "open_transaction_fails_the_drain_and_loses_nothing";
+    if skip_in_direct_mode(TEST) {
+        return;
+    }
+    let cluster = own_cluster().await;
+    let _light = timing().await;
+    let db = TestDb::create(cluster, "rb_drain").await;
+    let initial = db.map();
+    let moving = keys_where(1, 30, |k| (KILL_LO..=KILL_HI).contains(&slot(k)));
+    let mut rows = Rows::default();
+    for &u in &moving {
+        rows.users.push((u, format!("d{u}")));
+    }
+    db.load(&initial, &rows).await;
+
+    let config = db.config(&["move_drain_timeout = \"1s\""], false);
+    let proxy = Proxy::start_config_env(&config, &[]).await;
+    let console = Console::open(&proxy).await;
+    // A first move (of an empty slot) builds the slot indexes: their concurrent build
+    // would wait for the open transaction below, and this test is about the cut-over.
+    let warm = console
+        .move_slots("300 TO 1")
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: {e}"));
+    console
+        .wait_done(warm, Duration::from_secs(60), &format!("{TEST} (indexes)"))
+        .await;
+    let initial = db.map();
+    let client = connect(&proxy.url_for("app", Some("app"), &db.name))
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: connect: {}", describe(&e)));
+    let held = moving[0];
+    client
+        .batch_execute(&format!(
+            "BEGIN; UPDATE users SET name = 'held' WHERE id = {held}"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: begin: {}", describe(&e)));
+
+    let args = format!("{KILL_LO}-{KILL_HI} TO 1");
+    let job = console
+        .move_slots(&args)
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: {e}"));
+    let err = match console
+        .try_wait_done(job, Duration::from_secs(60), TEST)
+        .await
+    {
+        Ok((done, _)) => panic!(
+            "{TEST}: the move completed under an open transaction: {}",
+            done.short()
+        ),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("still open after move_drain_timeout"),
+        "{TEST}: the failure should say the drain timed out: {err}"
+    );
+    assert_eq!(db.map().version(), initial.version(), "{TEST}: map changed");
+    // The transaction in flight was never disturbed: it commits on the old owner.
+    client
+        .batch_execute("COMMIT")
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: commit: {}", describe(&e)));
+    if let Some(r) = rows.users.iter_mut().find(|(u, _)| *u == held) {
+        r.1 = "held".to_string();
+    }
+    let p = db.placement().await;
+    assert_none(
+        &format!("{TEST}: misplaced after the refusal"),
+        &p.misplaced(&initial),
+    );
+    assert_none(
+        &format!("{TEST}: contents after the refusal"),
+        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
+    );
+
+    let job = console
+        .move_slots(&args)
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: retry: {e}"));
+    let (done, _) = console
+        .wait_done(job, Duration::from_secs(60), &format!("{TEST} (retry)"))
+        .await;
+    let map = db.map();
+    for s in KILL_LO..=KILL_HI {
+        assert_eq!(map.shard_of_slot(s), 1, "{TEST}: slot {s} after the retry");
+    }
+    let p = db.placement().await;
+    assert_none(
+        &format!("{TEST}: misplaced after the retry"),
+        &p.misplaced(&map),
+    );
+    assert_none(
+        &format!("{TEST}: contents after the retry"),
+        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
+    );
+    // And through the proxy, on the new owner.
+    let got: String = client
+        .query_one(&format!("SELECT name FROM users WHERE id = {held}"), &[])
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: read: {}", describe(&e)))
+        .get(0);
+    assert_eq!(
+        got, "held",
+        "{TEST}: the held transaction's write after the move"
+    );
+    eprintln!("{TEST}: refused with \"{err}\"; retried: {}", done.short());
+    drop(console);
+    drop(client);
+    drop(proxy);
+    db.drop_db().await;
+}
