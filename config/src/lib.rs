@@ -587,6 +587,46 @@ hosts = ["127.0.0.1:5432", "127.0.0.1:5433"]
     }
 
     #[test]
+    fn rebalance_keys_default_and_are_checked_with_their_line() {
+        let c = Config::parse(GOOD, "good.toml").expect("valid");
+        let db = &c.databases[0];
+        assert!(!db.auto_rebalance);
+        assert_eq!(db.hot_ratio, 1.5);
+        assert_eq!(db.hot_window, Duration::from_secs(60));
+        assert_eq!(db.move_batch_rows, 5000);
+        let with = |line: &str| {
+            GOOD.replace(
+                "name = \"app\"\n[[databases.shards]]",
+                &format!("name = \"app\"\n{line}\n[[databases.shards]]"),
+            )
+        };
+        let err = Config::parse(&with("hot_ratio = 0.5"), "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.toml:13:") && err.contains("hot_ratio"),
+            "{err}"
+        );
+        let err = Config::parse(&with("move_batch_rows = 0"), "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.toml:13:") && err.contains("move_batch_rows"),
+            "{err}"
+        );
+        let err = Config::parse(&with("auto_rebalance = true"), "f.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.toml:13:") && err.contains("shard_map"),
+            "{err}"
+        );
+        let ok = with("auto_rebalance = true\nshard_map = \"m.toml\"\nhot_window = \"3s\"");
+        let c = Config::parse(&ok, "f.toml").expect("valid");
+        assert_eq!(c.databases[0].hot_window, Duration::from_secs(3));
+    }
+
+    #[test]
     fn unknown_key_is_an_error_with_its_line() {
         let text = GOOD.replace("pool_size = 5", "pool_size = 5\npool_sise = 6");
         let err = Config::parse(&text, "f.toml").unwrap_err().to_string();

@@ -219,6 +219,16 @@ fn move_slots(app: &Arc<App>, range: &str, shard: &str, db: Option<&str>, out: &
     }
 }
 
+/// The columns of `REBALANCE PLAN` (the rebalance CLI reads them by these names).
+pub const PLAN_COLUMNS: [&str; 6] = [
+    "kind",
+    "slots",
+    "from_shard",
+    "to_shard",
+    "load_before",
+    "load_after",
+];
+
 /// `REBALANCE PLAN [db]`: the planner's proposal from the last load sample.
 fn rebalance_plan(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
     let plan = sharded_database(app, db).and_then(|db| crate::mover::plan(app, &db));
@@ -259,15 +269,7 @@ fn rebalance_plan(app: &Arc<App>, db: Option<&str>, out: &mut BytesMut) {
         format!("{:.3}", plan.ratio_before),
         format!("{:.3}", plan.ratio_after),
     ]);
-    let cols = [
-        "kind",
-        "slots",
-        "from_shard",
-        "to_shard",
-        "load_before",
-        "load_after",
-    ];
-    protocol::text_rows(out, &cols, &rows, "REBALANCE");
+    protocol::text_rows(out, &PLAN_COLUMNS, &rows, "REBALANCE");
 }
 
 /// `REBALANCE APPLY [db]`: starts a job for the current plan.

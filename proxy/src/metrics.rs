@@ -60,18 +60,11 @@ pub async fn serve(
     // Histogram samples accumulate until drained: drain them on a timer, not only when a
     // scraper happens to come, or an unscraped proxy would grow without bound.
     let upkeep = handle.clone();
-    let upkeep_process = process.clone();
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
             upkeep.run_upkeep();
-            // The per-slot load window closes here too.
-            if let Some(app) = upkeep_process.current() {
-                for r in routings(&app) {
-                    r.refresh_hot_slots();
-                }
-            }
         }
     });
     tokio::spawn(async move {

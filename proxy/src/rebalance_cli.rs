@@ -1306,14 +1306,7 @@ hosts = ["127.0.0.1:15432"]
 
     #[test]
     fn plan_parses_and_renders() {
-        let cols = [
-            "kind",
-            "slots",
-            "from_shard",
-            "to_shard",
-            "load_before",
-            "load_after",
-        ];
+        let cols = crate::admin::PLAN_COLUMNS;
         let t = table(
             &cols,
             &[

@@ -6,7 +6,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
 
 use shardgate_config::{Database, KeyColumnType};
 use shardgate_router::{
@@ -26,20 +25,10 @@ pub struct Routing {
     pub state: Arc<ShardState>,
     pub two_phase_commit: bool,
     cache: Mutex<PlanCache>,
-    /// The hottest slots over the last window, for metrics and `SHOW SLOTS`.
-    hot: Mutex<HotSlots>,
 }
 
 /// How many of the hottest slots are reported (bounded metric cardinality).
 pub const HOT_SLOTS: usize = 20;
-
-#[derive(Default)]
-struct HotSlots {
-    /// When the last window ended, and every slot's count then.
-    taken: Option<(Instant, Vec<u64>)>,
-    /// (slot, owning shard, statements per second), hottest first.
-    top: Vec<(u32, u32, f64)>,
-}
 
 /// Plans kept per database (texts and shapes).
 const PLAN_CACHE_ENTRIES: usize = 10_000;
@@ -97,7 +86,6 @@ impl Routing {
             database: db.name.clone(),
             catalog,
             state,
-            hot: Mutex::new(HotSlots::default()),
             two_phase_commit: db.two_phase_commit,
             cache: Mutex::new(PlanCache::new(PLAN_CACHE_ENTRIES)),
         }))
@@ -218,40 +206,21 @@ impl Routing {
         map.shard_of_slot(slot)
     }
 
-    /// Closes the current load window: the hottest slots by statements per second since
-    /// the last call. Called off the hot path (metrics upkeep).
-    pub fn refresh_hot_slots(&self) {
-        let now = Instant::now();
-        let map = self.state.map();
-        let counts: Vec<u64> = self
-            .state
-            .slot_hits
-            .iter()
-            .map(|h| h.load(Ordering::Relaxed))
-            .collect();
-        let mut hot = self.hot.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((then, before)) = &hot.taken {
-            let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
-            let mut top: Vec<(u32, u32, f64)> = counts
-                .iter()
-                .zip(before)
-                .enumerate()
-                .filter(|(_, (c, b))| c > b)
-                .map(|(slot, (c, b))| {
-                    let slot = slot as u32;
-                    (slot, map.shard_of_slot(slot), (c - b) as f64 / secs)
-                })
-                .collect();
-            top.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
-            top.truncate(HOT_SLOTS);
-            hot.top = top;
-        }
-        hot.taken = Some((now, counts));
-    }
-
-    /// (slot, shard, statements per second) of the hottest slots of the last window.
+    /// (slot, shard, statements per second) of the hottest slots over the last load
+    /// sample (the rebalancer's, every `rebalance_interval`), hottest first.
     pub fn hot_slots(&self) -> Vec<(u32, u32, f64)> {
-        self.hot.lock().map(|h| h.top.clone()).unwrap_or_default()
+        let load = self.state.last_load();
+        let map = self.state.map();
+        let mut top: Vec<(u32, u32, f64)> = load
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, rate)| **rate > 0.0)
+            .map(|(slot, rate)| (slot as u32, map.shard_of_slot(slot as u32), *rate))
+            .collect();
+        top.sort_by(|a, b| b.2.total_cmp(&a.2).then(a.0.cmp(&b.0)));
+        top.truncate(HOT_SLOTS);
+        top
     }
 
     /// The shards a simple-protocol statement runs on (sorted, distinct).

@@ -99,10 +99,7 @@ fn keys_where(from: i64, n: usize, mut keep: impl FnMut(i64) -> bool) -> Vec<i64
     out
 }
 
-/// Turns a statement failure into a readable message.
-fn describe(e: &tokio_postgres::Error) -> String {
-    shardgate_e2e::describe_error(e)
-}
+use shardgate_e2e::describe_error as describe;
 
 /// A statement with a time limit: a hang is a failure, reported as such.
 async fn within<T>(
@@ -2153,6 +2150,16 @@ async fn kill_mid_move_after_map_write() {
     kill_mid_move("move_after_map_write").await;
 }
 
+/// Every row of `rows`, and nothing else, lies on the shard `map` gives it.
+async fn check_rows(what: &str, db: &TestDb, map: &ShardMap, rows: &Rows) {
+    let p = db.placement().await;
+    assert_none(&format!("{what}: misplaced"), &p.misplaced(map));
+    assert_none(
+        &format!("{what}: contents"),
+        &p.differences(&Expected::from_rows(rows), &HashSet::new()),
+    );
+}
+
 /// A prepared transaction on the source that no running shardgate owns (here: another
 /// client's) may write a moving slot when it commits, after the copy. The move must refuse
 /// to cut over (nothing moves, nothing is lost) and succeed once it is resolved.
@@ -2209,15 +2216,7 @@ async fn foreign_prepared_transaction_holds_a_move_back() {
         initial.version(),
         "{TEST}: the refused move changed the map"
     );
-    let p = db.placement().await;
-    assert_none(
-        &format!("{TEST}: misplaced after the refusal"),
-        &p.misplaced(&initial),
-    );
-    assert_none(
-        &format!("{TEST}: contents after the refusal"),
-        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
-    );
+    check_rows(&format!("{TEST}: after the refusal"), &db, &initial, &rows).await;
 
     // Resolved: the row lands on the source, and the retried move takes it along.
     src.batch_execute(&format!("COMMIT PREPARED '{gid}'"))
@@ -2235,15 +2234,7 @@ async fn foreign_prepared_transaction_holds_a_move_back() {
     for s in KILL_LO..=KILL_HI {
         assert_eq!(map.shard_of_slot(s), 2, "{TEST}: slot {s} after the retry");
     }
-    let p = db.placement().await;
-    assert_none(
-        &format!("{TEST}: misplaced after the retry"),
-        &p.misplaced(&map),
-    );
-    assert_none(
-        &format!("{TEST}: contents after the retry"),
-        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
-    );
+    check_rows(&format!("{TEST}: after the retry"), &db, &map, &rows).await;
     eprintln!("{TEST}: refused with \"{err}\"; retried: {}", done.short());
     drop(console);
     drop(proxy);
@@ -2322,15 +2313,7 @@ async fn open_transaction_fails_the_drain_and_loses_nothing() {
     if let Some(r) = rows.users.iter_mut().find(|(u, _)| *u == held) {
         r.1 = "held".to_string();
     }
-    let p = db.placement().await;
-    assert_none(
-        &format!("{TEST}: misplaced after the refusal"),
-        &p.misplaced(&initial),
-    );
-    assert_none(
-        &format!("{TEST}: contents after the refusal"),
-        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
-    );
+    check_rows(&format!("{TEST}: after the refusal"), &db, &initial, &rows).await;
 
     let job = console
         .move_slots(&args)
@@ -2343,15 +2326,7 @@ async fn open_transaction_fails_the_drain_and_loses_nothing() {
     for s in KILL_LO..=KILL_HI {
         assert_eq!(map.shard_of_slot(s), 1, "{TEST}: slot {s} after the retry");
     }
-    let p = db.placement().await;
-    assert_none(
-        &format!("{TEST}: misplaced after the retry"),
-        &p.misplaced(&map),
-    );
-    assert_none(
-        &format!("{TEST}: contents after the retry"),
-        &p.differences(&Expected::from_rows(&rows), &HashSet::new()),
-    );
+    check_rows(&format!("{TEST}: after the retry"), &db, &map, &rows).await;
     // And through the proxy, on the new owner.
     let got: String = client
         .query_one(&format!("SELECT name FROM users WHERE id = {held}"), &[])

@@ -91,10 +91,7 @@ async fn keys_on_shard(c: &Client, shards: usize, shard: usize, from: i64, n: us
     keys
 }
 
-/// Turns a statement failure into a readable message.
-fn describe(e: &tokio_postgres::Error) -> String {
-    shardgate_e2e::describe_error(e)
-}
+use shardgate_e2e::describe_error as describe;
 
 async fn within<T>(
     what: &str,

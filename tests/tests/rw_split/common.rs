@@ -39,15 +39,7 @@ pub async fn within<T>(
 }
 
 /// An error with its SQLSTATE and message (tokio-postgres only says "db error").
-pub fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
-        None => match std::error::Error::source(e) {
-            Some(src) => format!("{e}: {src}"),
-            None => e.to_string(),
-        },
-    }
-}
+pub use shardgate_e2e::describe_error as describe;
 
 /// `WHO` (or `sql`, which must start with the same two columns) over the simple protocol.
 pub async fn who_simple_sql(c: &Client, sql: &str) -> Result<Answer, String> {
