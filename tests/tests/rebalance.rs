@@ -2343,3 +2343,90 @@ async fn open_transaction_fails_the_drain_and_loses_nothing() {
     drop(proxy);
     db.drop_db().await;
 }
+
+/// Bad `MOVE SLOTS` commands get a clear error with a proper SQLSTATE and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn move_slots_refusals_name_the_problem() {
+    const TEST: &str = "move_slots_refusals_name_the_problem";
+    if skip_in_direct_mode(TEST) {
+        return;
+    }
+    let cluster = own_cluster().await;
+    let _light = timing().await;
+    let db = TestDb::create(cluster, "rb_refuse").await;
+    let initial = db.map();
+    let moving = keys_where(1, 20, |k| (KILL_LO..=KILL_HI).contains(&slot(k)));
+    let mut rows = Rows::default();
+    for &u in &moving {
+        rows.users.push((u, format!("r{u}")));
+    }
+    db.load(&initial, &rows).await;
+
+    let config = db.config(&["move_drain_timeout = \"3s\""], false);
+    let proxy = Proxy::start_config_env(&config, &[]).await;
+    let console = Console::open(&proxy).await;
+    let refused = |args: &'static str, code: &'static str, words: &'static str| {
+        let console = &console;
+        async move {
+            match console.move_slots(args).await {
+                Ok(id) => panic!("{TEST}: MOVE SLOTS {args} started job {id}"),
+                Err(e) => assert!(
+                    e.contains(code) && e.contains(words),
+                    "{TEST}: MOVE SLOTS {args}: want {code} mentioning {words:?}, got {e}"
+                ),
+            }
+        }
+    };
+    refused("0-5000 TO 1", "22023", "do not exist").await;
+    refused("0-10 TO 7", "22023", "shard 7 does not exist").await;
+    refused("ten TO 1", "22023", "MOVE SLOTS wants").await;
+    refused("0-10 TO 1 IN nosuchdb", "3D000", "nosuchdb").await;
+
+    // One job at a time: a second MOVE while the first waits for an open transaction.
+    let client = connect(&proxy.url_for("app", Some("app"), &db.name))
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: connect: {}", describe(&e)));
+    client
+        .batch_execute(&format!(
+            "BEGIN; UPDATE users SET name = 'busy' WHERE id = {}",
+            moving[0]
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: begin: {}", describe(&e)));
+    let first = console
+        .move_slots(&format!("{KILL_LO}-{KILL_HI} TO 1"))
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: first move: {e}"));
+    refused("0-10 TO 2", "55006", "already running").await;
+    assert!(
+        console
+            .try_wait_done(first, Duration::from_secs(60), TEST)
+            .await
+            .is_err(),
+        "{TEST}: the first move completed under an open transaction"
+    );
+    client
+        .batch_execute("ROLLBACK")
+        .await
+        .unwrap_or_else(|e| panic!("{TEST}: rollback: {}", describe(&e)));
+    drop(console);
+    drop(proxy);
+
+    // Without a shard map file there is nothing a move could rewrite.
+    let no_map = config.replace(&format!("shard_map = \"{}\"\n", db.map_path.display()), "");
+    assert_ne!(no_map, config, "{TEST}: the config names the map file");
+    let proxy = Proxy::start_config_env(&no_map, &[]).await;
+    let console = Console::open(&proxy).await;
+    match console.move_slots("0-10 TO 1").await {
+        Ok(id) => panic!("{TEST}: a move started without a map file: job {id}"),
+        Err(e) => assert!(
+            e.contains("0A000") && e.contains("shard_map"),
+            "{TEST}: want 0A000 naming shard_map, got {e}"
+        ),
+    }
+    assert_eq!(db.map().version(), initial.version(), "{TEST}: map changed");
+    check_rows(&format!("{TEST}: after the refusals"), &db, &initial, &rows).await;
+    drop(console);
+    drop(proxy);
+    db.drop_db().await;
+}
