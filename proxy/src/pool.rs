@@ -132,10 +132,12 @@ impl Pool {
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
-                let waited = tokio::time::timeout(
+                // Boxed, like the connect below: rare paths whose futures would otherwise
+                // be copied into every session burst (see `Session::run`).
+                let waited = Box::pin(tokio::time::timeout(
                     self.opts.checkout_timeout,
                     self.slots.clone().acquire_owned(),
-                )
+                ))
                 .await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 self.metrics.checkout_wait.record(started.elapsed());
@@ -153,8 +155,10 @@ impl Pool {
         };
         self.metrics.checkouts.increment(1);
         self.checkouts.fetch_add(1, Ordering::Relaxed);
+        let idle_limit = self.opts.idle_timeout.as_millis() as u64;
         while let Some(conn) = self.take_idle(settings) {
-            if conn.idle_since.elapsed() < self.opts.idle_timeout && conn.looks_alive() {
+            let idle_ms = crate::clock::coarse_ms().saturating_sub(conn.idle_since_ms);
+            if idle_ms < idle_limit && conn.looks_alive() {
                 return Ok(self.lend(conn, permit));
             }
         }
@@ -163,10 +167,10 @@ impl Pool {
             password: self.login.1.as_deref(),
             database: &self.login.2,
         };
-        let conn = tokio::time::timeout(
+        let conn = Box::pin(tokio::time::timeout(
             self.opts.connect_timeout,
             ServerConn::connect(self.host.addr, &login),
-        )
+        ))
         .await
         .map_err(|_| PoolError::ConnectTimeout(self.host.addr))??;
         self.metrics.connects.increment(1);
@@ -279,7 +283,7 @@ impl Checkout {
             _permit,
             pool,
         } = self;
-        conn.idle_since = Instant::now();
+        conn.idle_since_ms = crate::clock::coarse_ms();
 
         pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
         pool.idle
@@ -388,7 +392,12 @@ impl UserPools {
         let sp = &self.shards[shard];
         let topo = &sp.topology;
         let mut excluded = 0u64;
-        let deadline = tokio::time::Instant::now() + self.route.failover_timeout;
+        // Read the clock only when there is something to wait for (a failover, a retry).
+        let mut deadline = None;
+        let mut deadline = || {
+            *deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + self.route.failover_timeout)
+        };
         loop {
             let replica = match want {
                 Want::Replica { min_lsn } => topo.pick_replica(&self.route.read, min_lsn, excluded),
@@ -397,8 +406,15 @@ impl UserPools {
             let host = match replica {
                 Some(h) => h,
                 None => {
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match topo.wait_primary(left).await {
+                    let waited = match topo.primary() {
+                        Some(p) => Some(p),
+                        None => {
+                            let left =
+                                deadline().saturating_duration_since(tokio::time::Instant::now());
+                            Box::pin(topo.wait_primary(left)).await
+                        }
+                    };
+                    match waited {
                         Some(p) => p,
                         None => {
                             return Err(PoolError::NoPrimary {
@@ -425,7 +441,7 @@ impl UserPools {
                     topo.ban(host, self.route.ban_time);
                     sp.hosts[host].drain_idle();
                     excluded |= 1 << (host % 64);
-                    if tokio::time::Instant::now() >= deadline {
+                    if tokio::time::Instant::now() >= deadline() {
                         return Err(e);
                     }
                 }

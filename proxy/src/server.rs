@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -107,7 +106,8 @@ pub struct ServerConn {
     /// The session settings this connection carries; `None` when unknown (then it is reset
     /// before use).
     pub settings: Option<Arc<Settings>>,
-    pub idle_since: Instant,
+    /// When it was last returned to its pool (`clock::coarse_ms`).
+    pub idle_since_ms: u64,
 }
 
 pub struct Login<'a> {
@@ -132,7 +132,7 @@ impl ServerConn {
             prepared: PreparedSet::default(),
             unnamed: None,
             settings: Some(Settings::empty()),
-            idle_since: Instant::now(),
+            idle_since_ms: crate::clock::coarse_ms(),
         };
         conn.startup(login).await?;
         Ok(conn)

@@ -10,11 +10,11 @@
 //! asked for, in order.
 
 use std::collections::VecDeque;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use shardgate_router::{classify, Pins, Plan, Role, SessionEffects};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -98,17 +98,29 @@ struct Prepared {
 const RECENT_UNNAMED: usize = 16;
 
 impl Prepared {
+    /// A recent unnamed statement with this text and types. Compared byte for byte, not by
+    /// hash: the texts differ in length or early bytes, and a memcmp costs less than
+    /// hashing the text.
+    fn recent_unnamed(&self, tail: &[u8]) -> Option<&Arc<Stmt>> {
+        self.recent.iter().find(|s| *s.tail == *tail)
+    }
+
     /// The statement for an unnamed Parse: a recent one with the same text and types, or
-    /// a new one (remembered, evicting the oldest).
-    fn unnamed_stmt(&mut self, tail: &[u8], hash: u64, routing: Option<&Routing>) -> Arc<Stmt> {
-        if let Some(i) = self
-            .recent
-            .iter()
-            .position(|s| s.hash == hash && *s.tail == *tail)
-        {
-            return self.recent[i].clone();
+    /// a new one (hashed, remembered, evicting the oldest).
+    fn unnamed_stmt(
+        &mut self,
+        tail: &[u8],
+        hasher: &RandomState,
+        routing: Option<&Routing>,
+    ) -> Arc<Stmt> {
+        if let Some(s) = self.recent_unnamed(tail) {
+            return s.clone();
         }
-        let stmt = Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash, routing));
+        let stmt = Arc::new(Stmt::new(
+            Bytes::copy_from_slice(tail),
+            hasher.hash_one(tail),
+            routing,
+        ));
         if self.recent.len() >= RECENT_UNNAMED {
             self.recent.remove(0);
         }
@@ -687,9 +699,12 @@ impl Session {
                 return Ok(());
             }
         }
-        for m in std::mem::take(&mut io.held) {
+        // Drained in place: the Vec keeps its allocation for the next batch.
+        let mut held = std::mem::take(&mut io.held);
+        for m in held.drain(..) {
             self.extended(m, io);
         }
+        io.held = held;
         Ok(())
     }
 
@@ -726,10 +741,7 @@ impl Session {
                     // The same unnamed text as last time (drivers re-send it every
                     // execution): its classification is already known.
                     if let (true, Some(p)) = (name.is_empty(), self.prepared.as_deref()) {
-                        let hash = self.app.process.statement_hasher.hash_one(tail);
-                        if let Some(s) =
-                            p.recent.iter().find(|s| s.hash == hash && *s.tail == *tail)
-                        {
+                        if let Some(s) = p.recent_unnamed(tail) {
                             return s.primary;
                         }
                     }
@@ -844,14 +856,20 @@ impl Session {
                 };
                 let tail_at = 5 + r.position();
                 if name.is_empty() {
-                    let hash = self.app.process.statement_hasher.hash_one(&msg[tail_at..]);
-                    if p.unnamed.as_ref().map(|s| s.hash) != Some(hash) {
-                        p.unnamed = Some(p.unnamed_stmt(
-                            &msg[tail_at..],
-                            hash,
-                            self.pools.routing.as_deref(),
-                        ));
-                    }
+                    let tail = &msg[tail_at..];
+                    let hash = match &p.unnamed {
+                        Some(s) if *s.tail == *tail => s.hash,
+                        _ => {
+                            let s = p.unnamed_stmt(
+                                tail,
+                                &self.app.process.statement_hasher,
+                                self.pools.routing.as_deref(),
+                            );
+                            let hash = s.hash;
+                            p.unnamed = Some(s);
+                            hash
+                        }
+                    };
                     a.server.conn.unnamed = Some(hash);
                     io.sout.extend_from_slice(&msg);
                     io.expects.push_back(Expect::Parse {
@@ -1011,28 +1029,41 @@ impl Session {
     // ---- server → client -------------------------------------------------------------
 
     fn handle_server_messages(&mut self, io: &mut Buffers) -> Result<(), Flow> {
-        loop {
-            let Some(a) = self.attached.as_mut() else {
-                return Ok(());
-            };
-            let len = match frame_len(&a.server.conn.rbuf, MAX_SERVER_MESSAGE) {
+        let Some(a) = self.attached.as_mut() else {
+            return Ok(());
+        };
+        // Messages are handled as slices of the read buffer, which is lent out meanwhile
+        // (`server_message` needs the session): splitting each one off would cost two
+        // atomic reference-count updates per message.
+        let mut rbuf = std::mem::take(&mut a.server.conn.rbuf);
+        let mut at = 0;
+        let done = loop {
+            let len = match frame_len(&rbuf[at..], MAX_SERVER_MESSAGE) {
                 Ok(Some(n)) => n,
-                Ok(None) => return Ok(()),
-                Err(e) => {
-                    tracing::error!(server = %a.server.conn.addr, "server sent garbage: {e}");
-                    let m = format!("server sent an invalid message: {e}");
-                    io.cout
-                        .extend_from_slice(&protocol::fatal(sqlstate::CONNECTION_FAILURE, &m));
-                    if let Some(a) = self.attached.take() {
-                        a.server.discard();
-                    }
-                    return Err(Flow::Exit);
-                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e),
             };
-            let msg = a.server.conn.rbuf.split_to(len);
-            self.server_message(&msg, io);
+            self.server_message(&rbuf[at..at + len], io);
             self.emit_replies(io);
+            at += len;
+        };
+        // `server_message` never detaches the server, so it is still the one attached.
+        let Some(a) = self.attached.as_mut() else {
+            return Ok(());
+        };
+        rbuf.advance(at);
+        a.server.conn.rbuf = rbuf;
+        if let Err(e) = done {
+            tracing::error!(server = %a.server.conn.addr, "server sent garbage: {e}");
+            let m = format!("server sent an invalid message: {e}");
+            io.cout
+                .extend_from_slice(&protocol::fatal(sqlstate::CONNECTION_FAILURE, &m));
+            if let Some(a) = self.attached.take() {
+                a.server.discard();
+            }
+            return Err(Flow::Exit);
         }
+        Ok(())
     }
 
     fn server_message(&mut self, msg: &[u8], io: &mut Buffers) {
@@ -1731,6 +1762,11 @@ mod footprint {
                 Arc::new(Vec::new()),
             );
             let mut s = s;
+            // A burst's future is allocated and copied in once per transaction (see
+            // `run`): kept small by boxing the rare paths (fan-out, connect, queueing).
+            // Under 1 KiB it is also served from the allocator's per-thread cache.
+            let burst_size = future_size(&s.burst());
+            assert!(burst_size <= 1024, "burst future is {burst_size} bytes");
             let run = s.run();
             let run_size = future_size(&run);
             drop(run);
@@ -1740,7 +1776,7 @@ mod footprint {
             let task_size = future_size(&task);
             let login = crate::startup::login(app.clone(), tcp_for_task(addr).await);
             eprintln!("login future {} B", future_size(&login));
-            eprintln!("session {session} B, run future {run_size} B, client task {task_size} B");
+            eprintln!("session {session} B, run future {run_size} B, client task {task_size} B, burst {burst_size} B");
             assert!(run_size <= 256, "run future is {run_size} bytes");
             assert!(task_size <= 176, "client task is {task_size} bytes");
         });

@@ -162,7 +162,7 @@ impl Session {
             routing.state.gate.wait_resumed().await;
         }
         if self.in_multi() {
-            self.multi_query(routing, &sp, sql, io).await?;
+            Box::pin(self.multi_query(routing, &sp, sql, io)).await?;
             return Ok(Routed::Done);
         }
         let plan = sp.plan.clone();
@@ -213,8 +213,8 @@ impl Session {
                     self.refuse(&pinned_refusal(), io);
                     return Ok(Routed::Done);
                 }
-                self.enter_multi(io).await?;
-                self.multi_query(routing, &sp, sql, io).await?;
+                Box::pin(self.enter_multi(io)).await?;
+                Box::pin(self.multi_query(routing, &sp, sql, io)).await?;
                 Ok(Routed::Done)
             }
         }
@@ -269,9 +269,9 @@ impl Session {
                 self.fail_batch(io, Some(pinned_refusal()));
                 return Ok(Routed::Done);
             }
-            self.enter_multi(io).await?;
+            Box::pin(self.enter_multi(io)).await?;
         }
-        self.multi_batch(routing, io).await?;
+        Box::pin(self.multi_batch(routing, io)).await?;
         Ok(Routed::Done)
     }
 
@@ -1385,16 +1385,12 @@ impl Session {
                         return BatchTarget::Many;
                     };
                     let tail = &body(m)[r.position()..];
-                    let hash = self.app.process.statement_hasher.hash_one(tail);
-                    let stmt = match self.prepared.as_deref() {
-                        Some(p) => p
-                            .recent
-                            .iter()
-                            .find(|s| s.hash == hash && *s.tail == *tail)
-                            .cloned(),
-                        None => None,
-                    };
-                    let stmt = stmt.unwrap_or_else(|| {
+                    let recent = self
+                        .prepared
+                        .as_deref()
+                        .and_then(|p| p.recent_unnamed(tail));
+                    let stmt = recent.cloned().unwrap_or_else(|| {
+                        let hash = self.app.process.statement_hasher.hash_one(tail);
                         Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash, Some(routing)))
                     });
                     if name.is_empty() {
@@ -1610,9 +1606,8 @@ impl Session {
             return;
         };
         let tail = &body(m)[r.position()..];
-        let hash = hasher.hash_one(tail);
         if name.is_empty() {
-            p.unnamed = Some(p.unnamed_stmt(tail, hash, routing.as_deref()));
+            p.unnamed = Some(p.unnamed_stmt(tail, hasher, routing.as_deref()));
         } else if p.named.contains_key(name) {
             super::duplicate_statement(&mut io.cout, name);
             self.skip_until_sync = true;
@@ -1620,7 +1615,7 @@ impl Session {
         } else {
             let stmt = Arc::new(Stmt::new(
                 Bytes::copy_from_slice(tail),
-                hash,
+                hasher.hash_one(tail),
                 routing.as_deref(),
             ));
             p.named.insert(Bytes::copy_from_slice(name), stmt);
