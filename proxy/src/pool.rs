@@ -87,6 +87,9 @@ pub struct Pool {
     /// Server connections opened (the connection rate the rebalancer reports).
     pub connects: std::sync::atomic::AtomicU64,
     waiting: std::sync::atomic::AtomicUsize,
+    /// Connections lent to clients. Not the semaphore's taken permits: a permit released
+    /// to a queued client counts as taken before that client has a connection.
+    lent: std::sync::atomic::AtomicUsize,
     slots: Arc<Semaphore>,
     #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
     idle: Mutex<Vec<Box<ServerConn>>>,
@@ -99,7 +102,23 @@ pub struct Checkout {
     /// Boxed so that a session holding one stays small and moving it is a pointer copy.
     pub conn: Box<ServerConn>,
     _permit: OwnedSemaphorePermit,
+    lent: Lent,
+}
+
+/// Counts a connection as lent (in the pool's `lent` and its host's `outstanding`) until
+/// it is released, discarded or dropped with its session.
+struct Lent {
     pool: Arc<Pool>,
+    counted: bool,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        if self.counted {
+            self.pool.lent.fetch_sub(1, Ordering::Relaxed);
+            self.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
 }
 
 impl Pool {
@@ -117,6 +136,7 @@ impl Pool {
             checkouts: std::sync::atomic::AtomicU64::new(0),
             connects: std::sync::atomic::AtomicU64::new(0),
             waiting: std::sync::atomic::AtomicUsize::new(0),
+            lent: std::sync::atomic::AtomicUsize::new(0),
             name,
             host,
             login,
@@ -180,10 +200,14 @@ impl Pool {
 
     fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Checkout {
         self.host.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.lent.fetch_add(1, Ordering::Relaxed);
         Checkout {
             conn,
             _permit: permit,
-            pool: self.clone(),
+            lent: Lent {
+                pool: self.clone(),
+                counted: true,
+            },
         }
     }
 
@@ -210,7 +234,7 @@ impl Pool {
 
     /// Server connections lent to clients right now.
     pub fn active(&self) -> usize {
-        self.size().saturating_sub(self.slots.available_permits())
+        self.lent.load(Ordering::Relaxed)
     }
 
     pub fn waiting(&self) -> usize {
@@ -271,36 +295,37 @@ impl Checkout {
     /// Returns a clean connection to the pool (or closes it when a reload shrank the pool
     /// and the pool already holds enough connections).
     pub fn release(self) {
-        let surplus = {
-            let idle = self.pool.idle.lock().map(|i| i.len()).unwrap_or(0);
-            idle + self.pool.active() > self.pool.size()
-        };
-        if surplus {
-            return self.discard();
-        }
         let Checkout {
             mut conn,
             _permit,
-            pool,
+            mut lent,
         } = self;
+        let pool = &lent.pool;
+        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Open connections (idle + lent, this one included) beyond the size: a reload
+        // shrank the pool. Counted under the idle list's lock, so two releases never both
+        // see room for one.
+        if idle.len() + pool.lent.load(Ordering::Relaxed) > pool.size() {
+            drop(idle);
+            pool.metrics.discards.increment(1);
+            return;
+        }
         conn.idle_since_ms = crate::clock::coarse_ms();
-
+        idle.push(conn);
+        pool.lent.fetch_sub(1, Ordering::Relaxed);
         pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
-        pool.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
-        // The permit drops here, after the connection is back, so a waiter finds it.
+        drop(idle);
+        lent.counted = false;
+        // The permit drops last, after the connection is back, so a waiter finds it.
     }
 
     pub fn host(&self) -> &Arc<Host> {
-        &self.pool.host
+        &self.lent.pool.host
     }
 
     /// Closes the connection (it is in a state no other client may inherit).
     pub fn discard(self) {
-        self.pool.metrics.discards.increment(1);
-        self.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+        self.lent.pool.metrics.discards.increment(1);
     }
 }
 

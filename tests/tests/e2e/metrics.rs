@@ -5,7 +5,7 @@ use std::time::Duration;
 use shardgate_e2e::{connect, http_get, simple_value, skip_in_direct_mode, wait_for, Proxy};
 
 /// Sum of the values of every sample of `name` (any labels) in an exposition text.
-fn sample_sum(text: &str, name: &str) -> Option<f64> {
+pub(crate) fn sample_sum(text: &str, name: &str) -> Option<f64> {
     let mut found = None;
     for line in text.lines() {
         if line.starts_with('#') {
