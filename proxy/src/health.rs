@@ -4,6 +4,7 @@
 //! tokio-postgres on connections of its own, never the data path's.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +39,10 @@ pub async fn check_once(
     for (h, client) in shard.hosts.iter().zip(clients.iter_mut()) {
         let r = tokio::time::timeout(opts.timeout, check_host(h.addr, client, opts)).await;
         let obs = match r {
-            Ok(Ok(o)) => Some(o),
+            Ok(Ok(o)) => {
+                h.check_timeouts.store(0, Ordering::Relaxed);
+                Some(o)
+            }
             Ok(Err(e)) => {
                 if h.is_up() {
                     tracing::warn!(shard = shard.index, host = %h.addr, "health check failed: {e}");
@@ -47,11 +51,21 @@ pub async fn check_once(
                 None
             }
             Err(_) => {
-                if h.is_up() {
-                    tracing::warn!(shard = shard.index, host = %h.addr, "health check timed out");
-                }
                 *client = None;
-                None
+                // One slow answer from a host that is up (a busy server, a stalled VM) is
+                // no evidence it is gone: it counts as down after two timeouts in a row.
+                // A refused or broken connection counts at once, and sessions ban a host
+                // they cannot reach without waiting for a check.
+                let first = h.check_timeouts.fetch_add(1, Ordering::Relaxed) == 0;
+                if first && h.is_up() && h.checked() && !shard.is_banned(h.index) {
+                    tracing::info!(shard = shard.index, host = %h.addr, "health check timed out; checking again before taking the host out");
+                    Some(h.last_observation())
+                } else {
+                    if h.is_up() {
+                        tracing::warn!(shard = shard.index, host = %h.addr, "health check timed out");
+                    }
+                    None
+                }
             }
         };
         results.push(obs);
@@ -147,5 +161,60 @@ async fn maybe_promote(
             tracing::error!(shard = shard.index, host = %host.addr, "pg_promote returned false")
         }
         Err(e) => tracing::error!(shard = shard.index, host = %host.addr, "promotion failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A host that accepts connections and never says a word: every check times out.
+    #[test]
+    fn one_timed_out_check_keeps_a_host_two_take_it_out() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            let addr = silent.local_addr().expect("addr");
+            let held = tokio::spawn(async move {
+                let mut conns = Vec::new();
+                while let Ok((c, _)) = silent.accept().await {
+                    conns.push(c);
+                }
+            });
+            let shard = ShardTopology::new(0, &[addr]);
+            let answered = Observation {
+                in_recovery: false,
+                lsn: 42,
+                timeline: 1,
+                replay_age: Duration::ZERO,
+            };
+            shard.observe(&[Some(answered)]);
+            assert_eq!(shard.primary(), Some(0));
+            let opts = HealthOptions {
+                user: "u".into(),
+                password: None,
+                database: "d".into(),
+                interval: Duration::from_millis(100),
+                timeout: Duration::from_millis(100),
+                auto_promote: false,
+                auto_promote_after: Duration::from_secs(30),
+            };
+            let mut clients = vec![None];
+            check_once(&shard, &mut clients, &opts).await;
+            assert_eq!(shard.primary(), Some(0), "one timeout took the primary out");
+            assert_eq!(shard.hosts[0].lsn(), 42, "the last answer stands");
+            check_once(&shard, &mut clients, &opts).await;
+            assert_eq!(
+                shard.primary(),
+                None,
+                "two timeouts in a row kept the primary"
+            );
+            held.abort();
+        });
     }
 }

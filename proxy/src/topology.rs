@@ -36,6 +36,8 @@ pub struct Host {
     fenced: AtomicBool,
     /// Whether any health check has answered yet.
     checked: AtomicBool,
+    /// Health checks in a row that timed out (see `health::check_once`).
+    pub check_timeouts: AtomicU32,
     pub metrics: HostMetrics,
 }
 
@@ -55,6 +57,22 @@ impl Host {
             outstanding: AtomicUsize::new(0),
             fenced: AtomicBool::new(false),
             checked: AtomicBool::new(false),
+            check_timeouts: AtomicU32::new(0),
+        }
+    }
+
+    /// A health check has answered at least once.
+    pub fn checked(&self) -> bool {
+        self.checked.load(Ordering::Relaxed)
+    }
+
+    /// What the last answered health check said, as if it had just said it again.
+    pub fn last_observation(&self) -> Observation {
+        Observation {
+            in_recovery: self.in_recovery(),
+            lsn: self.lsn(),
+            timeline: self.timeline.load(Ordering::Relaxed),
+            replay_age: self.lag(),
         }
     }
 
@@ -327,7 +345,10 @@ impl ShardTopology {
                 h.lag_bytes.store(lag, Ordering::Relaxed);
             }
         }
-        if changed {
+        // Wake transactions waiting for a primary whenever there is one, not only when it
+        // changed: a primary that missed checks and answers again is the same primary,
+        // and its waiters would otherwise sleep out `failover_timeout` (30 s by default).
+        if changed || self.primary().is_some() {
             self.changed.notify_waiters();
         }
         self.publish_metrics();
@@ -398,6 +419,36 @@ mod tests {
         max_lag_time: None,
         balance: LoadBalance::LeastOutstanding,
     };
+
+    #[test]
+    fn waiters_wake_when_the_same_primary_answers_again() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let s = std::sync::Arc::new(shard(2));
+            s.observe(&[obs(false, 10), obs(true, 10)]);
+            assert_eq!(s.primary(), Some(0));
+            // One missed check: the primary counts as down, a transaction waits for it.
+            s.observe(&[None, obs(true, 10)]);
+            assert_eq!(s.primary(), None);
+            let waiter = {
+                let s = s.clone();
+                tokio::spawn(async move { s.wait_primary(Duration::from_secs(30)).await })
+            };
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            // It answers the next check: the waiter goes on at once, not after 30 s.
+            s.observe(&[obs(false, 20), obs(true, 20)]);
+            let woke = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert!(
+                matches!(woke, Ok(Ok(Some(0)))),
+                "waiter after the primary came back: {woke:?}"
+            );
+        });
+    }
 
     #[test]
     fn lsn_parses_like_postgres_prints_it() {
