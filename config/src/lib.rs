@@ -600,27 +600,19 @@ hosts = ["127.0.0.1:5432", "127.0.0.1:5433"]
                 &format!("name = \"app\"\n{line}\n[[databases.shards]]"),
             )
         };
-        let err = Config::parse(&with("hot_ratio = 0.5"), "f.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("f.toml:13:") && err.contains("hot_ratio"),
-            "{err}"
-        );
-        let err = Config::parse(&with("move_batch_rows = 0"), "f.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("f.toml:13:") && err.contains("move_batch_rows"),
-            "{err}"
-        );
-        let err = Config::parse(&with("auto_rebalance = true"), "f.toml")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.starts_with("f.toml:13:") && err.contains("shard_map"),
-            "{err}"
-        );
+        for (line, named) in [
+            ("hot_ratio = 0.5", "hot_ratio"),
+            ("move_batch_rows = 0", "move_batch_rows"),
+            ("auto_rebalance = true", "shard_map"),
+        ] {
+            let err = Config::parse(&with(line), "f.toml")
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.starts_with("f.toml:13:") && err.contains(named),
+                "{line}: {err}"
+            );
+        }
         let ok = with("auto_rebalance = true\nshard_map = \"m.toml\"\nhot_window = \"3s\"");
         let c = Config::parse(&ok, "f.toml").expect("valid");
         assert_eq!(c.databases[0].hot_window, Duration::from_secs(3));

@@ -509,7 +509,7 @@ async fn ensure_slot_indexes(ctx: &Ctx, c: &Client) -> Result<(), String> {
         let wait = ctx.db.move_drain_timeout;
         c.batch_execute(&format!("SET lock_timeout = {}", wait.as_millis().max(1)))
             .await
-            .map_err(|e| format!("{}: {}", t.name, db_error(&e)))?;
+            .map_err(|e| format!("{}: {}", t.name, crate::server::describe_error(&e)))?;
         let built = c
             .batch_execute(&format!(
                 "CREATE INDEX CONCURRENTLY IF NOT EXISTS {} ON {} (({}))",
@@ -527,20 +527,12 @@ async fn ensure_slot_indexes(ctx: &Ctx, c: &Client) -> Result<(), String> {
                     t.name
                 )
             } else {
-                format!("{}: creating the slot index {name}: {}", t.name, db_error(&e))
+                format!("{}: creating the slot index {name}: {}", t.name, crate::server::describe_error(&e))
             }
         })?;
         tracing::info!(database = %ctx.db.name, table = %t.name, index = %name, elapsed = ?started.elapsed(), "slot index built");
     }
     Ok(())
-}
-
-/// A server error with its message (tokio-postgres's Display says only "db error").
-fn db_error(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{} ({})", db.message(), db.code().code()),
-        None => e.to_string(),
-    }
 }
 
 /// Rows per slot of `slots` on the source, all sharded tables together.
@@ -642,20 +634,7 @@ async fn cutover(
         Err(e) => {
             // Settle before the slots take traffic again: the source keeps everything.
             lock(job).phase = "rolled back";
-            let mut wait = Duration::from_millis(100);
-            loop {
-                match settle(ctx, &u).await {
-                    Ok(outcome) => {
-                        tracing::warn!(database = %ctx.db.name, "cut-over failed ({e}); {outcome}");
-                        break;
-                    }
-                    Err(e2) => {
-                        tracing::error!(database = %ctx.db.name, "cut-over failed ({e}) and settling it failed: {e2}; retrying");
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            settle_retrying(ctx, &u, &format!("cut-over failed ({e})")).await;
             Err(e)
         }
     };
@@ -680,12 +659,12 @@ async fn refuse_orphaned_prepared(ctx: &Ctx, c: &Client, shard: u32) -> Result<(
     }
 }
 
-async fn orphaned_prepared(ctx: &Ctx, src: &Client) -> Result<i64, String> {
+async fn orphaned_prepared(ctx: &Ctx, c: &Client) -> Result<i64, String> {
     let own = format!(
         "{}%",
         crate::twophase::own_gid_prefix(ctx.app.config.general.listen.port())
     );
-    src.query_one(
+    c.query_one(
         "SELECT count(*) FROM pg_prepared_xacts WHERE database = current_database() AND gid NOT LIKE $1",
         &[&own],
     )
@@ -957,7 +936,7 @@ pub async fn recover(app: &Arc<App>) {
         ctx.state.gate.pause_now(&u.slots);
         let settled = tokio::time::timeout(
             app.config.general.failover_timeout,
-            settle_retrying(&ctx, &u),
+            settle_retrying(&ctx, &u, "interrupted slot move"),
         )
         .await;
         if settled.is_ok() {
@@ -965,22 +944,24 @@ pub async fn recover(app: &Arc<App>) {
             continue;
         }
         tokio::spawn(async move {
-            settle_retrying(&ctx, &u).await;
+            settle_retrying(&ctx, &u, "interrupted slot move").await;
             ctx.state.gate.resume();
         });
     }
 }
 
-async fn settle_retrying(ctx: &Ctx, u: &Unfinished) {
+/// Settles `u` (see `settle`), retrying with backoff until it is settled: its slots take
+/// no traffic before. `why` says in the log what left it unfinished.
+async fn settle_retrying(ctx: &Ctx, u: &Unfinished, why: &str) {
     let mut wait = Duration::from_millis(100);
     loop {
         match settle(ctx, u).await {
             Ok(outcome) => {
-                tracing::warn!(database = %ctx.db.name, "interrupted slot move {outcome}");
+                tracing::warn!(database = %ctx.db.name, "{why}; {outcome}");
                 return;
             }
             Err(e) => {
-                tracing::warn!(database = %ctx.db.name, "settling an interrupted slot move: {e}; retrying");
+                tracing::error!(database = %ctx.db.name, "{why}; settling it failed: {e}; retrying");
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(5));
             }

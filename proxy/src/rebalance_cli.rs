@@ -460,7 +460,8 @@ impl Console {
         while let Ok(n) = self.notices.try_recv() {
             eprintln!("shardgate: {n}");
         }
-        let messages = result.map_err(|e| format!("{sql}: {}", describe_error(&e)))?;
+        let messages =
+            result.map_err(|e| format!("{sql}: {}", crate::server::describe_error(&e)))?;
         let mut table = Table::default();
         for m in messages {
             match m {
@@ -507,7 +508,7 @@ async fn open(target: &AdminTarget) -> Result<(Client, mpsc::UnboundedReceiver<S
         .config
         .connect(NoTls)
         .await
-        .map_err(|e| describe_error(&e))?;
+        .map_err(|e| crate::server::describe_error(&e))?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -519,31 +520,6 @@ async fn open(target: &AdminTarget) -> Result<(Client, mpsc::UnboundedReceiver<S
         }
     });
     Ok((client, rx))
-}
-
-/// A server error as `message (SQLSTATE xxxxx)` with its detail and hint; other errors
-/// with their cause.
-fn describe_error(e: &tokio_postgres::Error) -> String {
-    if let Some(db) = e.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-        if let Some(d) = db.detail() {
-            let _ = write!(s, "; {d}");
-        }
-        if let Some(h) = db.hint() {
-            let _ = write!(s, "; hint: {h}");
-        }
-        return s;
-    }
-    let mut s = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        let text = cause.to_string();
-        if !s.contains(&text) {
-            let _ = write!(s, ": {text}");
-        }
-        source = cause.source();
-    }
-    s
 }
 
 /// The job id a `MOVE SLOTS` / `REBALANCE APPLY` answer carries in its `move` column.

@@ -364,3 +364,29 @@ pub async fn connect_client(
     });
     Ok(client)
 }
+
+/// A server error as `message (SQLSTATE xxxxx)` with its detail and hint; other errors
+/// with their cause.
+pub fn describe_error(e: &tokio_postgres::Error) -> String {
+    use std::fmt::Write as _;
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(d) = db.detail() {
+            let _ = write!(s, "; {d}");
+        }
+        if let Some(h) = db.hint() {
+            let _ = write!(s, "; hint: {h}");
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.contains(&text) {
+            let _ = write!(s, ": {text}");
+        }
+        source = cause.source();
+    }
+    s
+}

@@ -1245,18 +1245,23 @@ impl Session {
         if commit && result.is_ok() && self.app.config.general.read_your_writes {
             // Every shard written (in a transaction block or by an autocommit statement):
             // its replicas serve this client once they have replayed the commit.
-            for p in parts.iter_mut().filter(|p| p.wrote && !p.broken) {
-                let replicas = self.pools.shards[p.shard as usize].topology.hosts.len() > 1;
-                if !replicas {
-                    continue;
-                }
+            // Asked of all of them at once: the client's reply waits for this round trip.
+            let shards = &self.pools.shards;
+            let asked = parts.iter_mut().filter(|p| {
+                p.wrote && !p.broken && shards[p.shard as usize].topology.hosts.len() > 1
+            });
+            let positions = futures_util::future::join_all(asked.map(|p| async move {
                 let lsn = query_value(p, "SELECT pg_current_wal_lsn()")
                     .await
                     .ok()
                     .and_then(|v| crate::topology::parse_lsn(&v));
+                (p.shard, lsn)
+            }))
+            .await;
+            for (shard, lsn) in positions {
                 self.writes
                     .get_or_insert_with(Default::default)
-                    .set(p.shard, lsn.unwrap_or(u64::MAX));
+                    .set(shard, lsn.unwrap_or(u64::MAX));
             }
         }
         for p in parts {
