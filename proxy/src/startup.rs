@@ -38,8 +38,8 @@ pub enum Accepted {
 /// freed: the session task's size is what every idle client costs.
 pub async fn serve_client(app: Arc<App>, tcp: TcpStream) {
     match Box::pin(login_outcome(app.clone(), tcp)).await {
-        Some(Accepted::Session(mut session)) => {
-            tokio::spawn(async move { session.run().await });
+        Some(Accepted::Session(session)) => {
+            tokio::spawn(session.task());
         }
         // The console runs outside the login timeout, for as long as the admin stays.
         Some(Accepted::Admin(stream, user)) => crate::admin::serve(app, stream, user).await,
