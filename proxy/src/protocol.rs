@@ -65,8 +65,15 @@ impl<'a> Reader<'a> {
         Reader { buf: body, pos: 0 }
     }
     pub fn cstr(&mut self) -> Option<&'a [u8]> {
-        let rest = &self.buf[self.pos..];
-        let end = memchr::memchr(0, rest)?;
+        let rest = self.buf.get(self.pos..)?;
+        // Statement and portal names are mostly empty or short: a plain scan of the first
+        // bytes costs less than memchr's set-up; long strings (query text) go to memchr.
+        const SHORT: usize = 16;
+        let end = match rest.iter().take(SHORT).position(|&b| b == 0) {
+            Some(end) => end,
+            None if rest.len() <= SHORT => return None,
+            None => SHORT + memchr::memchr(0, &rest[SHORT..])?,
+        };
         self.pos += end + 1;
         Some(&rest[..end])
     }

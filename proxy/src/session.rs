@@ -215,6 +215,68 @@ struct Attached {
     sent_at: Option<std::time::Instant>,
 }
 
+/// Extended-protocol messages held until Sync or Flush decides where they go: whole frames
+/// back to back in one buffer. Copying a message in costs less than splitting it off the
+/// read buffer as `Bytes` (two atomic reference-count updates per message, five messages
+/// per pgbench transaction), and the buffer keeps its allocation from batch to batch.
+#[derive(Default)]
+pub(super) struct Held {
+    frames: BytesMut,
+    last_tag: u8,
+}
+
+impl Held {
+    /// `msg` is one whole frame (checked by `frame_len`).
+    fn push(&mut self, msg: &[u8]) {
+        self.frames.extend_from_slice(msg);
+        self.last_tag = msg.first().copied().unwrap_or(0);
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.frames.clear();
+        self.last_tag = 0;
+    }
+
+    pub(super) fn ends_with_sync(&self) -> bool {
+        self.last_tag == b'S'
+    }
+
+    pub(super) fn iter(&self) -> Frames<'_> {
+        Frames(&self.frames)
+    }
+
+    /// Empties `io.held` for a pass over its messages; `give_back` returns the allocation.
+    pub(super) fn take(io: &mut Buffers) -> Held {
+        std::mem::take(&mut io.held)
+    }
+
+    pub(super) fn give_back(mut self, io: &mut Buffers) {
+        if io.held.is_empty() {
+            self.clear();
+            io.held = self;
+        }
+    }
+}
+
+/// The frames of a `Held`, in order.
+pub(super) struct Frames<'a>(&'a [u8]);
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let len = self.0.get(1..5)?;
+        let len = 1 + u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let frame = self.0.get(..len)?;
+        self.0 = &self.0[len..];
+        Some(frame)
+    }
+}
+
 /// Buffers lent to a session only while it has work, so idle clients cost no buffer memory.
 pub struct Buffers {
     /// Bytes read from the client, not yet handled.
@@ -224,7 +286,7 @@ pub struct Buffers {
     /// Bytes for the server.
     sout: BytesMut,
     /// Extended-protocol messages held until Sync/Flush decides where they go.
-    held: Vec<Bytes>,
+    held: Held,
     /// What the attached server owes. Empty whenever the session goes idle, so it lives
     /// here rather than in the session.
     expects: VecDeque<Expect>,
@@ -238,7 +300,7 @@ impl Buffers {
                 cin: BytesMut::with_capacity(8192),
                 cout: BytesMut::with_capacity(8192),
                 sout: BytesMut::with_capacity(8192),
-                held: Vec::new(),
+                held: Held::default(),
                 expects: VecDeque::new(),
             })
     }
@@ -553,9 +615,10 @@ impl Session {
     }
 
     async fn flush(&mut self, io: &mut Buffers) -> std::io::Result<()> {
+        use crate::stream::send_all;
         if !io.sout.is_empty() {
             if let Some(a) = self.attached.as_mut() {
-                if let Err(e) = a.server.conn.stream.write_all(&io.sout).await {
+                if let Err(e) = send_all(&mut a.server.conn.stream, &io.sout).await {
                     io.sout.clear();
                     self.server_lost(io).await;
                     return Err(e);
@@ -564,9 +627,12 @@ impl Session {
             io.sout.clear();
         }
         if !io.cout.is_empty() {
-            self.client.write_all(&io.cout).await?;
-            if self.client.is_tls() {
-                self.client.flush().await?;
+            match &mut self.client {
+                ClientStream::Plain(tcp) => send_all(tcp, &io.cout).await?,
+                ClientStream::Tls(_) => {
+                    self.client.write_all(&io.cout).await?;
+                    self.client.flush().await?;
+                }
             }
             io.cout.clear();
         }
@@ -589,9 +655,41 @@ impl Session {
                     return Err(Flow::Exit);
                 }
             };
-            let msg = io.cin.split_to(len).freeze();
-            self.client_message(msg, io).await?;
+            if matches!(io.cin[0], b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H') {
+                self.extended_message(len, io).await?;
+            } else {
+                let msg = io.cin.split_to(len).freeze();
+                self.client_message(msg, io).await?;
+            }
         }
+    }
+
+    /// The extended-protocol message at the head of `io.cin`, `len` bytes long.
+    async fn extended_message(&mut self, len: usize, io: &mut Buffers) -> Result<(), Flow> {
+        let tag = io.cin[0];
+        tracing::trace!(client = self.pid, tag = %(tag as char), attached = self.attached.is_some(), "from client");
+        if matches!(tag, b'S' | b'H') && len != 5 {
+            // These carry no body; one with a body is garbage the server would reject
+            // out of step with what shardgate expects.
+            self.app.metrics.protocol_errors.increment(1);
+            io.cout.extend_from_slice(&protocol::fatal(
+                sqlstate::PROTOCOL_VIOLATION,
+                "invalid message format",
+            ));
+            return Err(Flow::Exit);
+        }
+        // Sharded databases hold the batch until Sync: its Bind values may send it to
+        // another shard. Otherwise, attached, it goes to the server at once.
+        let at_once = self.attached.is_some() && io.held.is_empty() && self.pools.routing.is_none();
+        io.held.push(&io.cin[..len]);
+        io.cin.advance(len);
+        if matches!(tag, b'S' | b'H') {
+            self.route_held(io).await?;
+        } else if at_once {
+            self.send_held(io);
+        }
+        self.emit_replies(io);
+        Ok(())
     }
 
     async fn client_message(&mut self, msg: Bytes, io: &mut Buffers) -> Result<(), Flow> {
@@ -686,16 +784,7 @@ impl Session {
                     effects,
                 });
             }
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
-                // Sharded databases hold the batch until Sync: its Bind values may send it
-                // to another shard.
-                if self.attached.is_some() && io.held.is_empty() && self.pools.routing.is_none() {
-                    self.extended(msg, io);
-                } else {
-                    io.held.push(msg);
-                }
-            }
-            b'S' | b'H' | b'c' | b'X' if msg.len() != 5 => {
+            b'c' | b'X' if msg.len() != 5 => {
                 // These carry no body; one with a body is garbage the server would reject
                 // out of step with what shardgate expects.
                 self.app.metrics.protocol_errors.increment(1);
@@ -704,10 +793,6 @@ impl Session {
                     "invalid message format",
                 ));
                 return Err(Flow::Exit);
-            }
-            b'S' | b'H' => {
-                io.held.push(msg);
-                self.route_held(io).await?;
             }
             b'd' | b'c' | b'f' => {
                 // Copy traffic; a server outside COPY ignores it, and so do we when detached.
@@ -735,9 +820,11 @@ impl Session {
         if self.attached.is_none() {
             let local = self.skip_until_sync || io.held.iter().all(|m| self.answerable_locally(m));
             if local && self.shard_tx.as_ref().is_none_or(|t| t.parts.is_empty()) {
-                for m in std::mem::take(&mut io.held) {
-                    self.extended_local(&m, io);
+                let held = Held::take(io);
+                for m in held.iter() {
+                    self.extended_local(m, io);
                 }
+                held.give_back(io);
                 return Ok(());
             }
         }
@@ -755,7 +842,7 @@ impl Session {
                 self.held_needs_primary(io)
             };
             if !self.attach(io, primary, shard).await {
-                let ends_with_sync = io.held.last().is_some_and(|m| m[0] == b'S');
+                let ends_with_sync = io.held.ends_with_sync();
                 io.held.clear();
                 if ends_with_sync {
                     protocol::ready_for_query(&mut io.cout, b'I');
@@ -765,13 +852,17 @@ impl Session {
                 return Ok(());
             }
         }
-        // Drained in place: the Vec keeps its allocation for the next batch.
-        let mut held = std::mem::take(&mut io.held);
-        for m in held.drain(..) {
+        self.send_held(io);
+        Ok(())
+    }
+
+    /// The held messages, to the attached server.
+    fn send_held(&mut self, io: &mut Buffers) {
+        let held = Held::take(io);
+        for m in held.iter() {
             self.extended(m, io);
         }
-        io.held = held;
-        Ok(())
+        held.give_back(io);
     }
 
     /// Primary for writes (and everything in session pooling), else a replica that has
@@ -897,7 +988,7 @@ impl Session {
     }
 
     /// One extended-protocol message for the attached server.
-    fn extended(&mut self, msg: Bytes, io: &mut Buffers) {
+    fn extended(&mut self, msg: &[u8], io: &mut Buffers) {
         let tag = msg[0];
         if self.skip_until_sync {
             if tag != b'S' {
@@ -915,10 +1006,10 @@ impl Session {
         }
         match tag {
             b'P' => {
-                let b = body(&msg);
+                let b = body(msg);
                 let mut r = Reader::new(b);
                 let Some(name) = r.cstr() else {
-                    return forward_malformed(&msg, io);
+                    return forward_malformed(msg, io);
                 };
                 let tail_at = 5 + r.position();
                 if name.is_empty() {
@@ -937,7 +1028,7 @@ impl Session {
                         }
                     };
                     a.server.conn.unnamed = Some(hash);
-                    io.sout.extend_from_slice(&msg);
+                    io.sout.extend_from_slice(msg);
                     io.expects.push_back(Expect::Parse {
                         hidden: false,
                         prepared: None,
@@ -977,75 +1068,74 @@ impl Session {
                 }
             }
             b'B' => {
-                let b = body(&msg);
+                let b = body(msg);
                 let mut r = Reader::new(b);
                 let (Some(portal), Some(stmt_name)) = (r.cstr(), r.cstr()) else {
-                    return forward_malformed(&msg, io);
+                    return forward_malformed(msg, io);
                 };
                 let rest_at = 5 + r.position();
-                let portal = Bytes::copy_from_slice(portal);
                 let stmt = if stmt_name.is_empty() {
-                    p.unnamed.clone()
+                    p.unnamed.as_ref()
                 } else {
-                    p.named.get(stmt_name).cloned()
+                    p.named.get(stmt_name)
                 };
-                match &stmt {
+                match stmt {
                     Some(s) if stmt_name.is_empty() => {
                         ensure_unnamed(a, s, io);
-                        io.sout.extend_from_slice(&msg);
+                        io.sout.extend_from_slice(msg);
                     }
                     Some(s) => {
                         ensure_prepared(a, s, cap, io);
                         protocol::write_msg(&mut io.sout, b'B', |o| {
-                            protocol::put_cstr(o, &portal);
+                            protocol::put_cstr(o, portal);
                             protocol::put_cstr(o, &s.name);
                             o.put_slice(&msg[rest_at..]);
                         });
                     }
                     // Unknown statement: the server gives the proper error.
-                    None => io.sout.extend_from_slice(&msg),
+                    None => io.sout.extend_from_slice(msg),
                 }
-                if let Some(s) = &stmt {
+                if let Some(s) = stmt {
                     log_bind(self.pid, &self.app, s, &msg[rest_at..]);
                 }
-                p.portal_effects.retain(|(name, _)| *name != portal);
-                a.wrote |= stmt.as_ref().is_none_or(|s| s.primary);
-                a.data_write |= stmt
-                    .as_ref()
-                    .is_none_or(|s| s.plan.as_deref().is_none_or(multi::plan_writes));
-                if let Some(fx) = stmt.and_then(|s| s.effects.clone()) {
-                    p.portal_effects.push((portal, fx));
+                a.wrote |= stmt.is_none_or(|s| s.primary);
+                a.data_write |=
+                    stmt.is_none_or(|s| s.plan.as_deref().is_none_or(multi::plan_writes));
+                let effects = stmt.and_then(|s| s.effects.clone());
+                p.portal_effects.retain(|(name, _)| **name != *portal);
+                if let Some(fx) = effects {
+                    p.portal_effects.push((Bytes::copy_from_slice(portal), fx));
                 }
                 io.expects.push_back(Expect::Bind);
             }
             b'D' => {
-                let mut r = Reader::new(body(&msg));
+                let mut r = Reader::new(body(msg));
                 let (Some(kind), Some(name)) = (r.u8(), r.cstr()) else {
-                    return forward_malformed(&msg, io);
+                    return forward_malformed(msg, io);
                 };
                 let stmt = match (kind, name) {
-                    (b'S', b"") => p.unnamed.clone(),
-                    (b'S', n) => p.named.get(n).cloned(),
+                    (b'S', b"") => p.unnamed.as_ref(),
+                    (b'S', n) => p.named.get(n),
                     _ => None,
                 };
                 match stmt {
                     Some(s) if name.is_empty() => {
-                        ensure_unnamed(a, &s, io);
-                        io.sout.extend_from_slice(&msg);
+                        ensure_unnamed(a, s, io);
+                        io.sout.extend_from_slice(msg);
                     }
                     Some(s) => {
-                        ensure_prepared(a, &s, cap, io);
+                        ensure_prepared(a, s, cap, io);
                         protocol::write_msg(&mut io.sout, b'D', |o| {
                             o.put_u8(b'S');
                             protocol::put_cstr(o, &s.name);
                         });
                     }
-                    None => io.sout.extend_from_slice(&msg),
+                    None => io.sout.extend_from_slice(msg),
                 }
                 io.expects.push_back(Expect::Describe);
             }
             b'E' => {
-                let portal = Reader::new(body(&msg)).cstr().unwrap_or_default();
+                let portal = Reader::new(body(msg)).cstr().unwrap_or_default();
                 let effects = p
                     .portal_effects
                     .iter()
@@ -1055,31 +1145,31 @@ impl Session {
                 self.pools
                     .queries
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                io.sout.extend_from_slice(&msg);
+                io.sout.extend_from_slice(msg);
                 io.expects.push_back(Expect::Execute { effects });
             }
             b'C' => {
-                let mut r = Reader::new(body(&msg));
+                let mut r = Reader::new(body(msg));
                 if r.u8() == Some(b'S') {
-                    p.close(&msg);
+                    p.close(msg);
                     let mut reply = BytesMut::with_capacity(5);
                     protocol::empty_msg(&mut reply, b'3');
                     io.expects.push_back(Expect::Reply(reply.freeze()));
                 } else {
-                    io.sout.extend_from_slice(&msg);
+                    io.sout.extend_from_slice(msg);
                     io.expects.push_back(Expect::Close { hidden: false });
                 }
             }
             b'S' => {
-                io.sout.extend_from_slice(&msg);
+                io.sout.extend_from_slice(msg);
                 io.expects.push_back(Expect::Sync);
                 if crate::metrics::enabled() {
                     a.sent_at.get_or_insert_with(std::time::Instant::now);
                 }
                 a.unsynced = false;
             }
-            b'H' => io.sout.extend_from_slice(&msg),
-            _ => io.sout.extend_from_slice(&msg),
+            b'H' => io.sout.extend_from_slice(msg),
+            _ => io.sout.extend_from_slice(msg),
         }
     }
 
@@ -1103,16 +1193,38 @@ impl Session {
         // atomic reference-count updates per message.
         let mut rbuf = std::mem::take(&mut a.server.conn.rbuf);
         let mut at = 0;
+        // rbuf[run..at]: messages that go to the client as they are, not yet copied to its
+        // buffer; copied as one run rather than one message at a time.
+        let mut run = 0;
         let done = loop {
             let len = match frame_len(&rbuf[at..], MAX_SERVER_MESSAGE) {
                 Ok(Some(n)) => n,
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            self.server_message(&rbuf[at..at + len], io);
-            self.emit_replies(io);
+            let mark = io.cout.len();
+            let forward = self.server_message(&rbuf[at..at + len], io);
+            if io.cout.len() != mark {
+                // The session wrote something of its own: the run goes before it (rare:
+                // ParameterStatus).
+                let own = io.cout[mark..].to_vec();
+                io.cout.truncate(mark);
+                io.cout.extend_from_slice(&rbuf[run..at]);
+                io.cout.extend_from_slice(&own);
+                run = at;
+            }
+            if !forward {
+                io.cout.extend_from_slice(&rbuf[run..at]);
+                run = at + len;
+            }
             at += len;
+            if matches!(io.expects.front(), Some(Expect::Reply(_))) {
+                io.cout.extend_from_slice(&rbuf[run..at]);
+                run = at;
+                self.emit_replies(io);
+            }
         };
+        io.cout.extend_from_slice(&rbuf[run..at]);
         // `server_message` never detaches the server, so it is still the one attached.
         let Some(a) = self.attached.as_mut() else {
             return Ok(());
@@ -1132,9 +1244,12 @@ impl Session {
         Ok(())
     }
 
-    fn server_message(&mut self, msg: &[u8], io: &mut Buffers) {
+    /// Handles one server message; true when it goes to the client as it is, which the
+    /// caller does (see `handle_server_messages`). Anything else for the client it writes
+    /// to `io.cout` itself.
+    fn server_message(&mut self, msg: &[u8], io: &mut Buffers) -> bool {
         let Some(a) = self.attached.as_mut() else {
-            return;
+            return false;
         };
         let tag = msg[0];
         let hidden = io.expects.front().is_some_and(Expect::hidden);
@@ -1143,14 +1258,9 @@ impl Session {
             b'S' => {
                 a.server.conn.record_param(body(msg));
                 self.report_param(msg, io);
-                return;
+                return false;
             }
-            b'N' | b'A' => {
-                if !hidden {
-                    io.cout.extend_from_slice(msg);
-                }
-                return;
-            }
+            b'N' | b'A' => return !hidden,
             _ => {}
         }
         match (tag, io.expects.front()) {
@@ -1158,13 +1268,12 @@ impl Session {
                 // An error nothing asked for: the connection's state is unknown.
                 a.poisoned = true;
                 a.tx_failed = true;
-                io.cout.extend_from_slice(msg);
+                true
             }
             (b'E', Some(Expect::Query { .. } | Expect::Sync | Expect::WriteLsn)) => {
                 if !hidden {
                     a.query_failed = true;
                     a.tx_failed = true;
-                    io.cout.extend_from_slice(msg);
                 } else {
                     let f = protocol::parse_error_fields(body(msg));
                     tracing::warn!(
@@ -1174,6 +1283,7 @@ impl Session {
                     );
                     a.server.conn.settings = None;
                 }
+                !hidden
             }
             (b'E', Some(_)) => {
                 // The message at the head failed; the server now skips everything up to Sync.
@@ -1189,7 +1299,7 @@ impl Session {
                         self.forget_failed(skipped);
                     }
                 }
-                io.cout.extend_from_slice(msg);
+                true
             }
             (b'Z', _) => {
                 let status = msg.get(5).copied().unwrap_or(b'I');
@@ -1209,17 +1319,17 @@ impl Session {
                     if !a.query_failed {
                         self.apply_now(fx);
                         let Some(a) = self.attached.as_mut() else {
-                            return;
+                            return false;
                         };
                         a.tx_effects.push(fx.clone());
                     }
                 }
                 let Some(a) = self.attached.as_mut() else {
-                    return;
+                    return false;
                 };
                 a.query_failed = false;
                 if hidden {
-                    return;
+                    return false;
                 }
                 a.status = status;
                 if let Some(sent) = a.sent_at.take() {
@@ -1241,7 +1351,7 @@ impl Session {
                     self.shard_tx = None;
                     self.end_transaction();
                 }
-                io.cout.extend_from_slice(msg);
+                true
             }
             (b'D', Some(Expect::WriteLsn)) => {
                 let mut r = Reader::new(body(msg));
@@ -1256,24 +1366,21 @@ impl Session {
                 self.writes
                     .get_or_insert_with(Default::default)
                     .set(shard, lsn.unwrap_or(u64::MAX));
+                false
             }
             (b'1', Some(Expect::Parse { prepared, .. })) => {
                 if let Some(hash) = prepared {
                     self.pools.mark_known_statement(*hash);
                 }
                 io.expects.pop_front();
-                if !hidden {
-                    io.cout.extend_from_slice(msg);
-                }
+                !hidden
             }
             (b'2', Some(Expect::Bind))
             | (b'3', Some(Expect::Close { .. }))
             | (b'n' | b'T', Some(Expect::Describe))
             | (b'I' | b's', Some(Expect::Execute { .. })) => {
                 io.expects.pop_front();
-                if !hidden {
-                    io.cout.extend_from_slice(msg);
-                }
+                !hidden
             }
             (b'C', head) => {
                 if body(msg).starts_with(b"ROLLBACK") {
@@ -1287,15 +1394,9 @@ impl Session {
                         }
                     }
                 }
-                if !hidden {
-                    io.cout.extend_from_slice(msg);
-                }
+                !hidden
             }
-            _ => {
-                if !hidden {
-                    io.cout.extend_from_slice(msg);
-                }
-            }
+            _ => !hidden,
         }
     }
 
@@ -1662,17 +1763,18 @@ async fn read_plain(
     mut server: Option<&mut Box<crate::server::ServerConn>>,
     wait: bool,
 ) -> Option<Side> {
-    use crate::stream::read_drained;
-    use std::io::ErrorKind::WouldBlock;
+    use crate::stream::{read_drained, Read};
     loop {
         match read_drained(client, cin) {
-            Err(e) if e.kind() == WouldBlock => {}
-            r => return Some(Side::Client(r)),
+            Ok(Read::Nothing) => {}
+            Ok(Read::Got(n)) => return Some(Side::Client(Ok(n))),
+            Err(e) => return Some(Side::Client(Err(e))),
         }
         if let Some(s) = server.as_deref_mut() {
             match read_drained(&s.stream, &mut s.rbuf) {
-                Err(e) if e.kind() == WouldBlock => {}
-                r => return Some(Side::Server(r)),
+                Ok(Read::Nothing) => {}
+                Ok(Read::Got(n)) => return Some(Side::Server(Ok(n))),
+                Err(e) => return Some(Side::Server(Err(e))),
             }
         }
         if !wait {

@@ -71,13 +71,21 @@ impl AsyncWrite for ClientStream {
     }
 }
 
-/// Reads what a socket has into `buf` without waiting (`WouldBlock` when it has nothing).
+/// What a read that does not wait found.
+pub enum Read {
+    /// Bytes appended to the buffer; 0 is end of file.
+    Got(usize),
+    /// Nothing to read now.
+    Nothing,
+}
+
+/// Reads what a socket has into `buf` without waiting.
 ///
 /// When the read returns less than it asked for, the socket is drained for now: tokio is
 /// told so (its readiness is cleared), which saves the extra `recv` returning EAGAIN that a
 /// plain `try_read` would need before the task can sleep. Tokio's readiness ticks keep
 /// this race-free: data arriving after the `recv` raises a new readiness event.
-pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<Read> {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(8192);
     }
@@ -103,8 +111,38 @@ pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
         Ok(n)
     });
     match r {
+        Ok(n) => Ok(Read::Got(n)),
+        Err(_) if got > 0 => Ok(Read::Got(got)),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Read::Nothing),
+        Err(e) => Err(e),
+    }
+}
+
+/// Writes all of `buf`: at once when the socket takes it, which is the usual case and
+/// skips tokio's `write_all` future and its readiness polling; else it waits for the rest.
+pub async fn send_all(tcp: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
+    let n = write_now(tcp, buf)?;
+    if n < buf.len() {
+        tokio::io::AsyncWriteExt::write_all(tcp, &buf[n..]).await?;
+    }
+    Ok(())
+}
+
+/// Writes as much of `buf` as the socket takes now, without waiting; 0 when it takes
+/// nothing.
+fn write_now(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let fd = tcp.as_raw_fd();
+    let r = tcp.try_io(Interest::WRITABLE, || {
+        // SAFETY: `buf` is readable memory of `buf.len()` bytes for the duration of the call.
+        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    });
+    match r {
         Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
         Err(e) => Err(e),
     }
 }

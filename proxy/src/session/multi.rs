@@ -26,7 +26,7 @@ use shardgate_router::{
     Target, TxControl,
 };
 
-use super::{Buffers, Flow, Session, Stmt};
+use super::{Buffers, Flow, Held, Session, Stmt};
 use crate::copy_rows::{CopyLine, CopyRows};
 use crate::pool::Checkout;
 use crate::protocol::{self, body, sqlstate, Reader};
@@ -1378,11 +1378,11 @@ impl Session {
         let mut primary = false;
         // Statements parsed in this batch (no allocation for the usual unnamed one).
         let mut local_unnamed: Option<Arc<Stmt>> = None;
-        let mut local: Vec<(Bytes, Arc<Stmt>)> = Vec::new();
+        let mut local: Vec<(&[u8], Arc<Stmt>)> = Vec::new();
         let mut tx_control = false;
         let mut others = false;
         let mut write = false;
-        for m in &io.held {
+        for m in io.held.iter() {
             let mut r = Reader::new(body(m));
             match m[0] {
                 b'P' => {
@@ -1402,7 +1402,7 @@ impl Session {
                         local_unnamed = Some(stmt);
                     } else {
                         local.retain(|(n, _)| **n != *name);
-                        local.push((m.slice(5..5 + name.len()), stmt));
+                        local.push((name, stmt));
                     }
                 }
                 b'B' => {
@@ -1472,7 +1472,7 @@ impl Session {
     /// for transactions begun after the pause).
     fn batch_touches_moving(&self, routing: &Arc<Routing>, io: &Buffers) -> bool {
         let mut parsed: Vec<(&[u8], Arc<Stmt>)> = Vec::new();
-        for m in &io.held {
+        for m in io.held.iter() {
             let mut r = Reader::new(body(m));
             match m[0] {
                 b'P' => {
@@ -1536,25 +1536,25 @@ impl Session {
 
     /// A batch of transaction control only, while no server is held: answered here.
     fn batch_tx_control(&mut self, io: &mut Buffers) {
-        let held = std::mem::take(&mut io.held);
+        let held = Held::take(io);
         let mut portal_stmt: Option<Arc<Stmt>> = None;
-        for m in held {
+        for m in held.iter() {
             if self.skip_until_sync && m[0] != b'S' {
                 continue;
             }
             match m[0] {
                 b'P' => {
-                    self.register_parse(&m, io);
+                    self.register_parse(m, io);
                 }
                 b'B' => {
-                    let mut r = Reader::new(body(&m));
+                    let mut r = Reader::new(body(m));
                     let _ = r.cstr();
                     let name = r.cstr().unwrap_or_default();
                     portal_stmt = self.client_stmt(name);
                     protocol::empty_msg(&mut io.cout, b'2');
                 }
                 b'D' => {
-                    let mut r = Reader::new(body(&m));
+                    let mut r = Reader::new(body(m));
                     if r.u8() == Some(b'S') {
                         // Transaction control has no parameters and returns no rows.
                         protocol::write_msg(&mut io.cout, b't', |o| o.put_i16(0));
@@ -1579,7 +1579,7 @@ impl Session {
                 }
                 b'C' => {
                     if let Some(p) = self.prepared.as_mut() {
-                        p.close(&m);
+                        p.close(m);
                     }
                     protocol::empty_msg(&mut io.cout, b'3');
                 }
@@ -1631,7 +1631,7 @@ impl Session {
     /// Answers every held message of a batch that cannot run with an error (once), as a
     /// server skipping to Sync would.
     fn fail_batch(&mut self, io: &mut Buffers, r: Option<Refusal>) {
-        let held = std::mem::take(&mut io.held);
+        let held = Held::take(io);
         match r {
             Some(r) => protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message),
             None => in_failed_transaction_error(&mut io.cout),
@@ -1641,7 +1641,7 @@ impl Session {
                 t.failed = true;
             }
         }
-        if held.last().is_some_and(|m| m[0] == b'S') {
+        if held.ends_with_sync() {
             let status = self.multi_status();
             protocol::ready_for_query(&mut io.cout, status);
         } else {
@@ -1651,8 +1651,8 @@ impl Session {
 
     /// Runs a held batch message by message in multi-shard mode.
     async fn multi_batch(&mut self, routing: &Arc<Routing>, io: &mut Buffers) -> Result<(), Flow> {
-        let held = std::mem::take(&mut io.held);
-        for m in held {
+        let held = Held::take(io);
+        for m in held.iter() {
             if self.skip_until_sync {
                 if m[0] == b'S' {
                     self.skip_until_sync = false;
@@ -1661,16 +1661,16 @@ impl Session {
                 continue;
             }
             match m[0] {
-                b'P' => self.register_parse(&m, io),
-                b'B' => self.multi_bind(routing, &m, io),
-                b'D' => self.multi_describe(routing, &m, io).await?,
-                b'E' => self.multi_execute(routing, &m, io).await?,
+                b'P' => self.register_parse(m, io),
+                b'B' => self.multi_bind(routing, m, io),
+                b'D' => self.multi_describe(routing, m, io).await?,
+                b'E' => self.multi_execute(routing, m, io).await?,
                 b'C' => {
-                    let mut r = Reader::new(body(&m));
+                    let mut r = Reader::new(body(m));
                     match r.u8() {
                         Some(b'S') => {
                             if let Some(p) = self.prepared.as_mut() {
-                                p.close(&m);
+                                p.close(m);
                             }
                         }
                         _ => {
@@ -1697,7 +1697,7 @@ impl Session {
         self.skip_until_sync = true;
     }
 
-    fn multi_bind(&mut self, _routing: &Arc<Routing>, m: &Bytes, io: &mut Buffers) {
+    fn multi_bind(&mut self, _routing: &Arc<Routing>, m: &[u8], io: &mut Buffers) {
         if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
             in_failed_transaction_error(&mut io.cout);
             self.skip_until_sync = true;
@@ -1714,7 +1714,7 @@ impl Session {
             );
             return self.multi_fail(io, "26000", &msg);
         };
-        let rest = m.slice(5 + r.position()..);
+        let rest = Bytes::copy_from_slice(&m[5 + r.position()..]);
         let portal = Portal {
             name: Bytes::copy_from_slice(portal),
             stmt,
@@ -1731,7 +1731,7 @@ impl Session {
     async fn multi_describe(
         &mut self,
         routing: &Arc<Routing>,
-        m: &Bytes,
+        m: &[u8],
         io: &mut Buffers,
     ) -> Result<(), Flow> {
         let mut r = Reader::new(body(m));
@@ -1833,7 +1833,7 @@ impl Session {
     async fn multi_execute(
         &mut self,
         routing: &Arc<Routing>,
-        m: &Bytes,
+        m: &[u8],
         io: &mut Buffers,
     ) -> Result<(), Flow> {
         let name = Reader::new(body(m)).cstr().unwrap_or_default();
