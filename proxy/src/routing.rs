@@ -225,8 +225,12 @@ impl Routing {
 
     /// The shards a simple-protocol statement runs on (sorted, distinct).
     pub fn shards_simple(&self, sp: &SimplePlan, sql: &str) -> Result<Shards, Refusal> {
-        self.resolve(&sp.plan, |k, ty| {
-            sp.key_value(sql, k, ty).map(|v| vec![self.shard_of(&v)])
+        self.resolve(&sp.plan, |k, ty, found| match sp.key_value(sql, k, ty) {
+            Some(v) => {
+                found.add(self.shard_of(&v));
+                true
+            }
+            None => false,
         })
     }
 
@@ -234,26 +238,40 @@ impl Routing {
     pub fn shards_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> Result<Shards, Refusal> {
         let writes = matches!(plan.kind, Kind::Write | Kind::Copy);
         let mut unreadable: Option<usize> = None;
-        let shards = self.resolve(plan, |k, ty| match k {
-            KeyExpr::Literal(v) => Some(vec![self.shard_of(v)]),
+        let shards = self.resolve(plan, |k, ty, found| match k {
+            KeyExpr::Literal(v) => {
+                found.add(self.shard_of(v));
+                true
+            }
             KeyExpr::Param(n) => match bind.key(*n, ty) {
-                Some(v) => Some(vec![self.shard_of_key(&v)]),
+                Some(v) => {
+                    found.add(self.shard_of_key(&v));
+                    true
+                }
                 // NULL matches no row: any one shard answers right.
-                None if bind.is_null(*n) => Some(vec![0]),
+                None if bind.is_null(*n) => {
+                    found.add(0);
+                    true
+                }
                 // A value shardgate cannot read as the key type (say a numeric 42.0 for an
                 // integer key, which Postgres compares equal to 42): every shard, for a read.
                 None => {
                     unreadable.get_or_insert(*n);
-                    None
+                    false
                 }
             },
-            KeyExpr::ParamArray(n) => {
-                let keys = bind.key_array(*n, ty);
-                if keys.is_none() {
-                    unreadable.get_or_insert(*n);
+            KeyExpr::ParamArray(n) => match bind.key_array(*n, ty) {
+                Some(keys) => {
+                    for v in &keys {
+                        found.add(self.shard_of_key(v));
+                    }
+                    true
                 }
-                keys.map(|keys| keys.iter().map(|v| self.shard_of_key(v)).collect())
-            }
+                None => {
+                    unreadable.get_or_insert(*n);
+                    false
+                }
+            },
         })?;
         match unreadable {
             Some(n) if writes => Err(Refusal::unsupported(format!(
@@ -263,10 +281,12 @@ impl Routing {
         }
     }
 
+    /// The shards of a plan; `key_shards` adds each key's shards to `found`, or says false
+    /// when it cannot read the key (then every shard).
     fn resolve(
         &self,
         plan: &Plan,
-        mut key_shards: impl FnMut(&KeyExpr, RouterKeyType) -> Option<Vec<u32>>,
+        mut key_shards: impl FnMut(&KeyExpr, RouterKeyType, &mut Found) -> bool,
     ) -> Result<Shards, Refusal> {
         if let Some(r) = &plan.refusal {
             return Err(r.clone());
@@ -288,23 +308,25 @@ impl Routing {
                 key_type,
                 rows: keys,
             } => {
-                let mut set: Vec<u32> = Vec::with_capacity(keys.len());
+                let mut found = Found::Nothing;
                 for k in keys {
-                    match key_shards(k, *key_type) {
-                        Some(s) => set.extend(s),
-                        None => {
-                            set = (0..n).collect();
-                            break;
-                        }
+                    if !key_shards(k, *key_type, &mut found) {
+                        found = Found::Many((0..n).collect());
+                        break;
                     }
                 }
-                set.sort_unstable();
-                set.dedup();
-                match set.as_slice() {
-                    [] => Shards::One(0),
-                    [one] => Shards::One(*one),
-                    _ if set.len() == n as usize => Shards::All,
-                    _ => Shards::Some(set),
+                match found {
+                    Found::Nothing => Shards::One(0),
+                    Found::One(s) => Shards::One(s),
+                    Found::Many(mut set) => {
+                        set.sort_unstable();
+                        set.dedup();
+                        match set.as_slice() {
+                            [one] => Shards::One(*one),
+                            _ if set.len() == n as usize => Shards::All,
+                            _ => Shards::Some(set),
+                        }
+                    }
                 }
             }
         };
@@ -372,6 +394,40 @@ impl Shards {
     }
 }
 
+/// Where the parameter type OIDs (4 bytes each) are in the tail of a Parse message (after
+/// the statement name: query text, parameter count, types); empty when it has none.
+pub fn param_types_at(parse_tail: &[u8]) -> std::ops::Range<usize> {
+    let mut t = Reader::new(parse_tail);
+    if t.cstr().is_none() {
+        return 0..0;
+    }
+    let n = usize::try_from(t.i16().unwrap_or(0)).unwrap_or(0);
+    let start = t.position();
+    match t.bytes(n * 4) {
+        Some(_) => start..start + n * 4,
+        None => 0..0,
+    }
+}
+
+/// The shards a statement's keys fall on, as they are found: no allocation for the usual
+/// case of one key (or keys all on one shard).
+enum Found {
+    Nothing,
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl Found {
+    fn add(&mut self, shard: u32) {
+        match self {
+            Found::Nothing => *self = Found::One(shard),
+            Found::One(s) if *s == shard => {}
+            Found::One(s) => *self = Found::Many(vec![*s, shard]),
+            Found::Many(set) => set.push(shard),
+        }
+    }
+}
+
 /// The parameter values of a Bind, with the statement's declared parameter types. Reads
 /// the message in place: routing a keyed execution allocates nothing.
 pub struct BindValues<'a> {
@@ -388,8 +444,8 @@ pub struct BindValues<'a> {
 
 impl<'a> BindValues<'a> {
     /// From a Bind body after the portal and statement names (`rest`), and the statement's
-    /// Parse tail (query text, parameter count, types).
-    pub fn parse(rest: &'a [u8], parse_tail: &'a [u8]) -> Option<BindValues<'a>> {
+    /// parameter types (see `param_types`).
+    pub fn parse(rest: &'a [u8], types: &'a [u8]) -> Option<BindValues<'a>> {
         let mut r = Reader::new(rest);
         let nf = usize::try_from(r.i16()?).ok()?;
         let formats = r.bytes(nf * 2)?;
@@ -403,10 +459,6 @@ impl<'a> BindValues<'a> {
         }
         let params = &rest[params_at..r.position()];
         let result_formats = r.rest();
-        let mut t = Reader::new(parse_tail);
-        t.cstr()?;
-        let nt = usize::try_from(t.i16().unwrap_or(0)).unwrap_or(0);
-        let types = t.bytes(nt * 4).unwrap_or_default();
         Some(BindValues {
             formats,
             params,
@@ -688,7 +740,7 @@ mod tests {
         tail.extend_from_slice(&2i16.to_be_bytes());
         tail.extend_from_slice(&20i32.to_be_bytes());
         tail.extend_from_slice(&20i32.to_be_bytes());
-        let b = BindValues::parse(&rest, &tail).expect("parses");
+        let b = BindValues::parse(&rest, &tail[param_types_at(&tail)]).expect("parses");
         assert_eq!(b.key(1, RouterKeyType::Int), Some(KeyValue::Int(7)));
         assert_eq!(b.key(2, RouterKeyType::Int), None);
         assert_eq!(b.values(), vec![Some(&7i64.to_be_bytes()[..]), None]);

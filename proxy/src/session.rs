@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
+use std::ops::Range;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -41,6 +42,8 @@ struct Stmt {
     primary: bool,
     /// Where it runs, in a sharded database.
     plan: Option<Arc<Plan>>,
+    /// Where in `tail` the parameter types are (found once, read at every Bind).
+    types: std::ops::Range<u32>,
 }
 
 impl Stmt {
@@ -56,6 +59,8 @@ impl Stmt {
             Some(p) => p.role == Role::Primary,
             None => text.is_none_or(crate::roles::needs_primary),
         } || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
+        let Range { start, end } = crate::routing::param_types_at(&tail);
+        let types = start as u32..end as u32;
         Stmt {
             tail,
             hash,
@@ -63,7 +68,16 @@ impl Stmt {
             effects,
             primary,
             plan,
+            types,
         }
+    }
+
+    /// The parameter type OIDs, 4 bytes each.
+    fn param_types(&self) -> &[u8] {
+        let Range { start, end } = &self.types;
+        self.tail
+            .get(*start as usize..*end as usize)
+            .unwrap_or_default()
     }
 
     fn text(&self) -> &str {
@@ -1735,7 +1749,7 @@ fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
     if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
         return;
     }
-    let params = crate::routing::BindValues::parse(rest, &stmt.tail);
+    let params = crate::routing::BindValues::parse(rest, stmt.param_types());
     let count = params.as_ref().map_or(0, |b| b.len());
     if app.config.general.log_parameters {
         let values: Vec<String> = params

@@ -1436,7 +1436,7 @@ impl Session {
                     }
                     others = true;
                     let rest = &body(m)[r.position()..];
-                    let Some(bind) = BindValues::parse(rest, &stmt.tail) else {
+                    let Some(bind) = BindValues::parse(rest, stmt.param_types()) else {
                         continue;
                     };
                     let s = match routing.shards_bound(plan, &bind) {
@@ -1500,7 +1500,7 @@ impl Session {
                         return true;
                     };
                     let rest = &body(m)[r.position()..];
-                    match BindValues::parse(rest, &stmt.tail) {
+                    match BindValues::parse(rest, stmt.param_types()) {
                         Some(bind) if !routing.touches_moving_bound(&plan, &bind) => {}
                         _ => return true,
                     }
@@ -1854,7 +1854,7 @@ impl Session {
             self.multi_fail(io, "XX000", "statement has no plan");
             return Ok(());
         };
-        let Some(bind) = BindValues::parse(&rest, &stmt.tail) else {
+        let Some(bind) = BindValues::parse(&rest, stmt.param_types()) else {
             self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
             return Ok(());
         };
