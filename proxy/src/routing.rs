@@ -395,18 +395,17 @@ impl Shards {
 }
 
 /// Where the parameter type OIDs (4 bytes each) are in the tail of a Parse message (after
-/// the statement name: query text, parameter count, types); empty when it has none.
-pub fn param_types_at(parse_tail: &[u8]) -> std::ops::Range<usize> {
+/// the statement name: query text, parameter count, types); empty when it declares none or
+/// they are cut short, `None` when the query text is not terminated.
+pub fn param_types_at(parse_tail: &[u8]) -> Option<std::ops::Range<usize>> {
     let mut t = Reader::new(parse_tail);
-    if t.cstr().is_none() {
-        return 0..0;
-    }
+    t.cstr()?;
     let n = usize::try_from(t.i16().unwrap_or(0)).unwrap_or(0);
     let start = t.position();
-    match t.bytes(n * 4) {
+    Some(match t.bytes(n * 4) {
         Some(_) => start..start + n * 4,
-        None => 0..0,
-    }
+        None => start..start,
+    })
 }
 
 /// The shards a statement's keys fall on, as they are found: no allocation for the usual
@@ -740,7 +739,8 @@ mod tests {
         tail.extend_from_slice(&2i16.to_be_bytes());
         tail.extend_from_slice(&20i32.to_be_bytes());
         tail.extend_from_slice(&20i32.to_be_bytes());
-        let b = BindValues::parse(&rest, &tail[param_types_at(&tail)]).expect("parses");
+        let types = &tail[param_types_at(&tail).expect("terminated text")];
+        let b = BindValues::parse(&rest, types).expect("parses");
         assert_eq!(b.key(1, RouterKeyType::Int), Some(KeyValue::Int(7)));
         assert_eq!(b.key(2, RouterKeyType::Int), None);
         assert_eq!(b.values(), vec![Some(&7i64.to_be_bytes()[..]), None]);

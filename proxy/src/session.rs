@@ -42,8 +42,9 @@ struct Stmt {
     primary: bool,
     /// Where it runs, in a sharded database.
     plan: Option<Arc<Plan>>,
-    /// Where in `tail` the parameter types are (found once, read at every Bind).
-    types: std::ops::Range<u32>,
+    /// Where in `tail` the parameter types are (found once, read at every Bind); `None`
+    /// for a Parse without a terminated query text.
+    types: Option<Range<u32>>,
 }
 
 impl Stmt {
@@ -59,8 +60,7 @@ impl Stmt {
             Some(p) => p.role == Role::Primary,
             None => text.is_none_or(crate::roles::needs_primary),
         } || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
-        let Range { start, end } = crate::routing::param_types_at(&tail);
-        let types = start as u32..end as u32;
+        let types = crate::routing::param_types_at(&tail).map(|r| r.start as u32..r.end as u32);
         Stmt {
             tail,
             hash,
@@ -72,12 +72,10 @@ impl Stmt {
         }
     }
 
-    /// The parameter type OIDs, 4 bytes each.
-    fn param_types(&self) -> &[u8] {
-        let Range { start, end } = &self.types;
-        self.tail
-            .get(*start as usize..*end as usize)
-            .unwrap_or_default()
+    /// The parameter type OIDs, 4 bytes each (`None`: a malformed Parse).
+    fn param_types(&self) -> Option<&[u8]> {
+        let Range { start, end } = self.types.as_ref()?;
+        self.tail.get(*start as usize..*end as usize)
     }
 
     fn text(&self) -> &str {
@@ -324,6 +322,7 @@ impl Buffers {
         if self.cin.capacity() > 65536
             || self.cout.capacity() > 65536
             || self.sout.capacity() > 65536
+            || self.held.frames.capacity() > 65536
         {
             return;
         }
@@ -1749,7 +1748,9 @@ fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
     if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
         return;
     }
-    let params = crate::routing::BindValues::parse(rest, stmt.param_types());
+    let params = stmt
+        .param_types()
+        .and_then(|types| crate::routing::BindValues::parse(rest, types));
     let count = params.as_ref().map_or(0, |b| b.len());
     if app.config.general.log_parameters {
         let values: Vec<String> = params

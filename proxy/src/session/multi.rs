@@ -1436,7 +1436,10 @@ impl Session {
                     }
                     others = true;
                     let rest = &body(m)[r.position()..];
-                    let Some(bind) = BindValues::parse(rest, stmt.param_types()) else {
+                    let Some(bind) = stmt
+                        .param_types()
+                        .and_then(|types| BindValues::parse(rest, types))
+                    else {
                         continue;
                     };
                     let s = match routing.shards_bound(plan, &bind) {
@@ -1500,7 +1503,10 @@ impl Session {
                         return true;
                     };
                     let rest = &body(m)[r.position()..];
-                    match BindValues::parse(rest, stmt.param_types()) {
+                    match stmt
+                        .param_types()
+                        .and_then(|types| BindValues::parse(rest, types))
+                    {
                         Some(bind) if !routing.touches_moving_bound(&plan, &bind) => {}
                         _ => return true,
                     }
@@ -1591,6 +1597,7 @@ impl Session {
                 _ => {}
             }
         }
+        held.give_back(io);
     }
 
     /// Registers a client's Parse as the driver expects; replies ParseComplete (or the
@@ -1647,6 +1654,7 @@ impl Session {
         } else {
             self.skip_until_sync = true;
         }
+        held.give_back(io);
     }
 
     /// Runs a held batch message by message in multi-shard mode.
@@ -1686,6 +1694,7 @@ impl Session {
                 _ => {}
             }
         }
+        held.give_back(io);
         Ok(())
     }
 
@@ -1854,7 +1863,10 @@ impl Session {
             self.multi_fail(io, "XX000", "statement has no plan");
             return Ok(());
         };
-        let Some(bind) = BindValues::parse(&rest, stmt.param_types()) else {
+        let Some(bind) = stmt
+            .param_types()
+            .and_then(|types| BindValues::parse(&rest, types))
+        else {
             self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
             return Ok(());
         };
