@@ -289,6 +289,34 @@ impl StartupParams {
 mod tests {
     use super::*;
 
+    /// The short-string scan and memchr must agree wherever the NUL is: before, at and
+    /// after the 16-byte boundary, and nowhere.
+    #[test]
+    fn cstr_finds_the_first_nul_at_any_length() {
+        for len in 0..40 {
+            for nul_at in (0..len).map(Some).chain([None]) {
+                let mut buf = vec![b'x'; len];
+                if let Some(i) = nul_at {
+                    buf[i] = 0;
+                }
+                buf.extend_from_slice(b"tail\0");
+                // The "tail\0" after a missing NUL terminates the string there instead.
+                let (want, next) = match nul_at {
+                    Some(i) => (vec![b'x'; i], i + 1),
+                    None => ([vec![b'x'; len], b"tail".to_vec()].concat(), buf.len()),
+                };
+                let mut r = Reader::new(&buf);
+                assert_eq!(r.cstr(), Some(&want[..]), "len {len}, NUL at {nul_at:?}");
+                assert_eq!(r.position(), next, "len {len}, NUL at {nul_at:?}");
+            }
+            let unterminated = vec![b'x'; len];
+            assert_eq!(Reader::new(&unterminated).cstr(), None, "len {len}");
+        }
+        let mut r = Reader::new(b"a\0");
+        assert_eq!(r.cstr(), Some(&b"a"[..]));
+        assert_eq!(r.cstr(), None, "nothing left");
+    }
+
     #[test]
     fn frames_need_header_and_body() {
         assert_eq!(frame_len(b"Q\0\0", 100), Ok(None));

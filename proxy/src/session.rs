@@ -1894,6 +1894,32 @@ mod tests {
     }
 
     #[test]
+    fn held_frames_come_back_whole_and_in_order() {
+        let frames: [&[u8]; 4] = [
+            b"P\0\0\0\x10\0SELECT 1\0\0\0",
+            b"B\0\0\0\x0c\0\0\0\0\0\0\0\0",
+            b"E\0\0\0\x09\0\0\0\0\0",
+            b"S\0\0\0\x04",
+        ];
+        let mut io = Buffers::take();
+        assert!(io.held.is_empty() && !io.held.ends_with_sync());
+        for f in frames {
+            assert_eq!(frame_len(f, 1 << 20), Ok(Some(f.len())), "test frame {f:?}");
+            io.held.push(f);
+        }
+        assert!(io.held.ends_with_sync());
+        let held = Held::take(&mut io);
+        assert!(io.held.is_empty());
+        assert_eq!(held.iter().collect::<Vec<_>>(), frames);
+        let capacity = held.frames.capacity();
+        held.give_back(&mut io);
+        // Back empty, keeping its allocation for the next batch.
+        assert!(io.held.is_empty() && !io.held.ends_with_sync());
+        assert_eq!(io.held.frames.capacity(), capacity);
+        assert_eq!(io.held.iter().count(), 0);
+    }
+
+    #[test]
     fn global_names_are_fixed_width_hex() {
         assert_eq!(&global_name(0), b"sg0000000000000000");
         assert_eq!(&global_name(0xdead_beef_0123_4567), b"sgdeadbeef01234567");
