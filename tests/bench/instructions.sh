@@ -25,6 +25,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=SCRIPTDIR/pgbouncer_conf.sh
+source "$REPO/tests/bench/pgbouncer_conf.sh"
 TARGETS=${TARGETS:-shardgate pgbouncer}
 SHARDS=${SHARDS:-1}
 PG_PORT=${PG_PORT:-28432}
@@ -125,21 +127,7 @@ for target in $TARGETS; do
         ((SHARDS == 1)) || { log "pgbouncer: skipped (no sharding)"; continue; }
         pgb=$(command -v pgbouncer || echo /usr/sbin/pgbouncer)
         [[ -x $pgb ]] || { log "pgbouncer: not installed, skipped"; continue; }
-        mkdir -p "$WORK/pgbouncer"
-        echo '"app" "app"' >"$WORK/pgbouncer/userlist.txt"
-        cat >"$WORK/pgbouncer/pgbouncer.ini" <<EOF
-[databases]
-app = host=127.0.0.1 port=$PG_PORT dbname=app
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGBOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $WORK/pgbouncer/userlist.txt
-pool_mode = transaction
-default_pool_size = 20
-logfile = $WORK/pgbouncer/pgbouncer.log
-EOF
+        write_pgbouncer_conf "$WORK/pgbouncer" "$PG_PORT" "$PGBOUNCER_PORT" 20
         [[ ${#AS[@]} -gt 0 ]] && chown -R postgres "$WORK/pgbouncer" && chmod 777 "$WORK"
         "${AS[@]}" valgrind --tool=callgrind --callgrind-out-file="$WORK/pgb.out.%p" \
             "$pgb" "$WORK/pgbouncer/pgbouncer.ini" >"$WORK/pgbouncer.log" 2>&1 &

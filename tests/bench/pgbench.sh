@@ -25,6 +25,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
+# shellcheck source=SCRIPTDIR/pgbouncer_conf.sh
+source "$HERE/pgbouncer_conf.sh"
 
 usage() {
     cat <<'EOF'
@@ -426,30 +428,7 @@ start_direct() { TARGET_PORT[direct]=$PG_PORT; }
 
 start_pgbouncer() {
     local dir=$WORK/pgbouncer pid
-    mkdir -p "$dir"
-    printf '"app" "app"\n' >"$dir/userlist.txt"
-    cat >"$dir/pgbouncer.ini" <<EOF
-[databases]
-app = host=127.0.0.1 port=$PG_PORT dbname=app
-
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $PGBOUNCER_PORT
-unix_socket_dir =
-auth_type = scram-sha-256
-auth_file = $dir/userlist.txt
-pool_mode = transaction
-default_pool_size = $POOL_SIZE
-min_pool_size = 0
-reserve_pool_size = 0
-max_client_conn = 20000
-max_db_connections = 0
-logfile = $dir/pgbouncer.log
-log_connections = 0
-log_disconnections = 0
-log_pooler_errors = 1
-server_login_retry = 1
-EOF
+    write_pgbouncer_conf "$dir" "$PG_PORT" "$PGBOUNCER_PORT" "$POOL_SIZE"
     [[ $(id -u) -eq 0 ]] && chown -R "$RUN_USER" "$dir"
     # Our own process and ini; the Debian package's service is never used.
     run_as_prefix "$RUN_USER"
