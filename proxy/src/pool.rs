@@ -153,7 +153,7 @@ impl Pool {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
                 // Boxed, like the connect below: rare paths whose futures would otherwise
-                // be copied into every session burst (see `Session::run`).
+                // be copied into every session burst (see `SessionTask`).
                 let waited = Box::pin(tokio::time::timeout(
                     self.opts.checkout_timeout,
                     self.slots.clone().acquire_owned(),

@@ -395,17 +395,16 @@ impl Shards {
 }
 
 /// Where the parameter type OIDs (4 bytes each) are in the tail of a Parse message (after
-/// the statement name: query text, parameter count, types); empty when it declares none or
-/// they are cut short, `None` when the query text is not terminated.
+/// the statement name: query text, parameter count, types): as many whole ones as the
+/// message holds, up to the count it declares; `None` when the query text is not
+/// terminated.
 pub fn param_types_at(parse_tail: &[u8]) -> Option<std::ops::Range<usize>> {
     let mut t = Reader::new(parse_tail);
     t.cstr()?;
-    let n = usize::try_from(t.i16().unwrap_or(0)).unwrap_or(0);
+    let declared = usize::try_from(t.i16().unwrap_or(0)).unwrap_or(0);
     let start = t.position();
-    Some(match t.bytes(n * 4) {
-        Some(_) => start..start + n * 4,
-        None => start..start,
-    })
+    let whole = declared.min(parse_tail.len().saturating_sub(start) / 4);
+    Some(start..start + whole * 4)
 }
 
 /// The shards a statement's keys fall on, as they are found: no allocation for the usual
@@ -443,7 +442,7 @@ pub struct BindValues<'a> {
 
 impl<'a> BindValues<'a> {
     /// From a Bind body after the portal and statement names (`rest`), and the statement's
-    /// parameter types (see `param_types`).
+    /// parameter types (see `param_types_at`).
     pub fn parse(rest: &'a [u8], types: &'a [u8]) -> Option<BindValues<'a>> {
         let mut r = Reader::new(rest);
         let nf = usize::try_from(r.i16()?).ok()?;
@@ -703,6 +702,21 @@ fn parse_binary_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn param_types_are_the_whole_oids_a_parse_holds() {
+        let tail = |text: &[u8], declared: i16, oids: &[u8]| {
+            [text, &declared.to_be_bytes(), oids].concat()
+        };
+        // "q\0" is 2 bytes, the count 2 more: the types start at 4.
+        assert_eq!(param_types_at(&tail(b"q\0", 0, b"")), Some(4..4));
+        assert_eq!(param_types_at(&tail(b"q\0", 2, &[0; 8])), Some(4..12));
+        // Cut short: the whole OIDs that are there (the server rejects the Parse itself).
+        assert_eq!(param_types_at(&tail(b"q\0", 3, &[0; 6])), Some(4..8));
+        assert_eq!(param_types_at(&tail(b"q\0", -1, b"")), Some(4..4));
+        assert_eq!(param_types_at(b"q\0"), Some(2..2), "no count at all");
+        assert_eq!(param_types_at(b"unterminated"), None);
+    }
 
     #[test]
     fn text_arrays() {

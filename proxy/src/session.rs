@@ -78,6 +78,21 @@ impl Stmt {
         self.tail.get(*start as usize..*end as usize)
     }
 
+    /// The same as numbers, for writing a Parse of another text with the same parameters.
+    fn param_type_oids(&self) -> Vec<u32> {
+        let types = self.param_types().unwrap_or_default();
+        types
+            .chunks_exact(4)
+            .map(|t| u32::from_be_bytes([t[0], t[1], t[2], t[3]]))
+            .collect()
+    }
+
+    /// A Bind's values (`rest`: the Bind body after portal and statement names) with this
+    /// statement's parameter types; `None` for a malformed Bind or Parse.
+    fn bind_values<'a>(&'a self, rest: &'a [u8]) -> Option<crate::routing::BindValues<'a>> {
+        crate::routing::BindValues::parse(rest, self.param_types()?)
+    }
+
     fn text(&self) -> &str {
         let t = Reader::new(&self.tail).cstr().unwrap_or_default();
         std::str::from_utf8(t).unwrap_or_default()
@@ -668,6 +683,16 @@ impl Session {
                     return Err(Flow::Exit);
                 }
             };
+            if matches!(io.cin[0], b'S' | b'H' | b'c' | b'X') && len != 5 {
+                // These carry no body; one with a body is garbage the server would reject
+                // out of step with what shardgate expects.
+                self.app.metrics.protocol_errors.increment(1);
+                io.cout.extend_from_slice(&protocol::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "invalid message format",
+                ));
+                return Err(Flow::Exit);
+            }
             if matches!(io.cin[0], b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H') {
                 self.extended_message(len, io).await?;
             } else {
@@ -681,16 +706,6 @@ impl Session {
     async fn extended_message(&mut self, len: usize, io: &mut Buffers) -> Result<(), Flow> {
         let tag = io.cin[0];
         tracing::trace!(client = self.pid, tag = %(tag as char), attached = self.attached.is_some(), "from client");
-        if matches!(tag, b'S' | b'H') && len != 5 {
-            // These carry no body; one with a body is garbage the server would reject
-            // out of step with what shardgate expects.
-            self.app.metrics.protocol_errors.increment(1);
-            io.cout.extend_from_slice(&protocol::fatal(
-                sqlstate::PROTOCOL_VIOLATION,
-                "invalid message format",
-            ));
-            return Err(Flow::Exit);
-        }
         // Sharded databases hold the batch until Sync: its Bind values may send it to
         // another shard. Otherwise, attached, it goes to the server at once.
         let at_once = self.attached.is_some() && io.held.is_empty() && self.pools.routing.is_none();
@@ -796,16 +811,6 @@ impl Session {
                     hidden: false,
                     effects,
                 });
-            }
-            b'c' | b'X' if msg.len() != 5 => {
-                // These carry no body; one with a body is garbage the server would reject
-                // out of step with what shardgate expects.
-                self.app.metrics.protocol_errors.increment(1);
-                io.cout.extend_from_slice(&protocol::fatal(
-                    sqlstate::PROTOCOL_VIOLATION,
-                    "invalid message format",
-                ));
-                return Err(Flow::Exit);
             }
             b'd' | b'c' | b'f' => {
                 // Copy traffic; a server outside COPY ignores it, and so do we when detached.
@@ -1215,17 +1220,7 @@ impl Session {
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
-            let mark = io.cout.len();
             let forward = self.server_message(&rbuf[at..at + len], io);
-            if io.cout.len() != mark {
-                // The session wrote something of its own: the run goes before it (rare:
-                // ParameterStatus).
-                let own = io.cout[mark..].to_vec();
-                io.cout.truncate(mark);
-                io.cout.extend_from_slice(&rbuf[run..at]);
-                io.cout.extend_from_slice(&own);
-                run = at;
-            }
             if !forward {
                 io.cout.extend_from_slice(&rbuf[run..at]);
                 run = at + len;
@@ -1258,8 +1253,8 @@ impl Session {
     }
 
     /// Handles one server message; true when it goes to the client as it is, which the
-    /// caller does (see `handle_server_messages`). Anything else for the client it writes
-    /// to `io.cout` itself.
+    /// caller does (see `handle_server_messages`). It writes nothing to `io.cout` itself:
+    /// what shardgate says on its own goes through `Expect::Reply`.
     fn server_message(&mut self, msg: &[u8], io: &mut Buffers) -> bool {
         let Some(a) = self.attached.as_mut() else {
             return false;
@@ -1270,8 +1265,7 @@ impl Session {
         match tag {
             b'S' => {
                 a.server.conn.record_param(body(msg));
-                self.report_param(msg, io);
-                return false;
+                return self.report_param(msg);
             }
             b'N' | b'A' => return !hidden,
             _ => {}
@@ -1467,17 +1461,19 @@ impl Session {
     }
 
     /// Forwards a ParameterStatus only if the client has not seen that value.
-    fn report_param(&mut self, msg: &[u8], io: &mut Buffers) {
+    /// A ParameterStatus from the server: true when the client has not seen this value
+    /// yet (it is then remembered, and the message goes on to the client).
+    fn report_param(&mut self, msg: &[u8]) -> bool {
         let mut r = Reader::new(body(msg));
         let (Some(name), Some(value)) = (r.cstr(), r.cstr()) else {
-            return;
+            return false;
         };
         let seen = self
             .reported
             .iter()
             .any(|(n, v)| n.as_bytes() == name && v.as_bytes() == value);
         if seen {
-            return;
+            return false;
         }
         let name = String::from_utf8_lossy(name).into_owned();
         let value = String::from_utf8_lossy(value).into_owned();
@@ -1486,7 +1482,7 @@ impl Session {
             Some((_, v)) => *v = value,
             None => reported.push((name, value)),
         }
-        io.cout.extend_from_slice(msg);
+        true
     }
 
     // ---- holding and giving back a server connection -----------------------------------
@@ -1748,9 +1744,7 @@ fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
     if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
         return;
     }
-    let params = stmt
-        .param_types()
-        .and_then(|types| crate::routing::BindValues::parse(rest, types));
+    let params = stmt.bind_values(rest);
     let count = params.as_ref().map_or(0, |b| b.len());
     if app.config.general.log_parameters {
         let values: Vec<String> = params

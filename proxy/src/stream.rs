@@ -121,28 +121,13 @@ pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<Read> {
 /// Writes all of `buf`: at once when the socket takes it, which is the usual case and
 /// skips tokio's `write_all` future and its readiness polling; else it waits for the rest.
 pub async fn send_all(tcp: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
-    let n = write_now(tcp, buf)?;
+    let n = match tcp.try_write(buf) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
     if n < buf.len() {
         tokio::io::AsyncWriteExt::write_all(tcp, &buf[n..]).await?;
     }
     Ok(())
-}
-
-/// Writes as much of `buf` as the socket takes now, without waiting; 0 when it takes
-/// nothing.
-fn write_now(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    let fd = tcp.as_raw_fd();
-    let r = tcp.try_io(Interest::WRITABLE, || {
-        // SAFETY: `buf` is readable memory of `buf.len()` bytes for the duration of the call.
-        let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(n as usize)
-    });
-    match r {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(e),
-    }
 }

@@ -30,7 +30,7 @@ use super::{Buffers, Flow, Held, Session, Stmt};
 use crate::copy_rows::{CopyLine, CopyRows};
 use crate::pool::Checkout;
 use crate::protocol::{self, body, sqlstate, Reader};
-use crate::routing::{BindValues, Routing, Shards};
+use crate::routing::{Routing, Shards};
 
 /// A transaction block answered but not yet sent anywhere, or one spanning shards.
 #[derive(Default)]
@@ -1436,10 +1436,7 @@ impl Session {
                     }
                     others = true;
                     let rest = &body(m)[r.position()..];
-                    let Some(bind) = stmt
-                        .param_types()
-                        .and_then(|types| BindValues::parse(rest, types))
-                    else {
+                    let Some(bind) = stmt.bind_values(rest) else {
                         continue;
                     };
                     let s = match routing.shards_bound(plan, &bind) {
@@ -1503,10 +1500,7 @@ impl Session {
                         return true;
                     };
                     let rest = &body(m)[r.position()..];
-                    match stmt
-                        .param_types()
-                        .and_then(|types| BindValues::parse(rest, types))
-                    {
+                    match stmt.bind_values(rest) {
                         Some(bind) if !routing.touches_moving_bound(&plan, &bind) => {}
                         _ => return true,
                     }
@@ -1863,10 +1857,7 @@ impl Session {
             self.multi_fail(io, "XX000", "statement has no plan");
             return Ok(());
         };
-        let Some(bind) = stmt
-            .param_types()
-            .and_then(|types| BindValues::parse(&rest, types))
-        else {
+        let Some(bind) = stmt.bind_values(&rest) else {
             self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
             return Ok(());
         };
@@ -1959,7 +1950,7 @@ impl Session {
         let (values, formats) = (bind.values(), bind.formats());
         let merge_params =
             MergeParams::bind(&values, &formats).with_extra_float_digits(self.extra_float_digits());
-        let types = param_types(&stmt.tail);
+        let types = stmt.param_type_oids();
         // The rewritten text's helper columns (sent to several shards only).
         let hidden = match (&plan.rewritten, &plan.merge, list.len() > 1) {
             (Some(_), Some(m), true) => m.hidden_columns,
@@ -2457,15 +2448,6 @@ impl<'p> Combiner<'p> {
             rows: self.rows,
         }
     }
-}
-
-fn param_types(tail: &[u8]) -> Vec<u32> {
-    let mut r = Reader::new(tail);
-    if r.cstr().is_none() {
-        return Vec::new();
-    }
-    let n = r.i16().unwrap_or(0).max(0);
-    (0..n).map_while(|_| r.i32().map(|t| t as u32)).collect()
 }
 
 fn write_parse_text(out: &mut BytesMut, text: &str, types: &[u32]) {
