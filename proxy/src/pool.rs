@@ -1,19 +1,22 @@
 //! Server connection pools.
 //!
 //! A `Pool` holds connections to one host for one (database, user): capped, with clients
-//! queueing up to `checkout_timeout`. Its idle list is a plain `Mutex<Vec<_>>`, never held
-//! across an await; a checkout prefers the most recently used idle connection that already
-//! carries the client's settings (no `SET` round trip), else the most recently used one.
+//! queueing (first come, first served) up to `checkout_timeout`. Its state (idle list,
+//! count of lent connections, queue) is one `Mutex`, taken once per checkout and once per
+//! release and never held across an await; a checkout prefers the most recently used idle
+//! connection that already carries the client's settings (no `SET` round trip), else the
+//! most recently used one. A released connection goes straight to the first waiting client.
 //!
 //! `UserPools` is what a client session sees: for each shard, a pool per host, and the
 //! choice of host by role (primary for writes, a replica for reads) from the topology.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::oneshot;
 
 use crate::metrics::PoolMetrics;
 use crate::server::{Login, ServerConn, ServerError};
@@ -82,18 +85,75 @@ pub struct Pool {
     login: (String, Option<String>, String),
     opts: PoolOptions,
     /// The configured size; a reload changes it in place.
-    size: std::sync::atomic::AtomicUsize,
-    pub checkouts: std::sync::atomic::AtomicU64,
-    /// Server connections opened (the connection rate the rebalancer reports).
-    pub connects: std::sync::atomic::AtomicU64,
-    waiting: std::sync::atomic::AtomicUsize,
-    /// Connections lent to clients. Not the semaphore's taken permits: a permit released
-    /// to a queued client counts as taken before that client has a connection.
-    lent: std::sync::atomic::AtomicUsize,
-    slots: Arc<Semaphore>,
-    #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
-    idle: Mutex<Vec<Box<ServerConn>>>,
+    size: AtomicUsize,
+    /// Checkouts (the rate the rebalancer reports). Written only under `state`'s lock,
+    /// with a plain load and store: an atomic read-modify-write on every transaction
+    /// costs more than a counter is worth.
+    pub checkouts: AtomicU64,
+    /// Server connections opened.
+    pub connects: AtomicU64,
+    /// Clients queued for a connection.
+    waiting: AtomicUsize,
+    /// A copy of `state.taken` for the gauges, written under the lock.
+    lent: AtomicUsize,
+    /// What a checkout and a release change, under one lock taken once by each: the idle
+    /// list, the count of taken connections and the queue of waiting clients. Never held
+    /// across an await.
+    state: Mutex<PoolState>,
     pub metrics: PoolMetrics,
+}
+
+struct PoolState {
+    /// Most recently used last.
+    #[allow(clippy::vec_box)] // boxes move between this list and sessions by pointer
+    idle: Vec<Box<ServerConn>>,
+    /// Connections lent to clients, counting a client that holds the right to open one
+    /// and is still connecting. At most the pool's size, but for a while after a reload
+    /// shrank it.
+    taken: usize,
+    /// Clients waiting for a connection, first come first served. One that gave up has
+    /// dropped its receiver: a send to it fails and the next one is tried.
+    waiters: VecDeque<oneshot::Sender<Grant>>,
+}
+
+/// What a waiting client is handed: a connection another client gave back, or the right
+/// to open one (a slot: a connection closed, or a reload grew the pool).
+enum Grant {
+    Conn(Box<ServerConn>),
+    Slot,
+}
+
+impl PoolState {
+    /// Gives `grant` to the first client still waiting, who then counts as taken; hands
+    /// it back when nobody waits.
+    fn hand_to_waiter(&mut self, mut grant: Grant) -> Result<(), Grant> {
+        while let Some(waiter) = self.waiters.pop_front() {
+            match waiter.send(grant) {
+                Ok(()) => {
+                    self.taken += 1;
+                    return Ok(());
+                }
+                Err(back) => grant = back,
+            }
+        }
+        Err(grant)
+    }
+
+    /// Serves waiting clients while there is room: idle connections first, then slots.
+    fn grant_waiters(&mut self, size: usize) {
+        while !self.waiters.is_empty() && self.taken < size {
+            let grant = match self.idle.pop() {
+                Some(conn) => Grant::Conn(conn),
+                None => Grant::Slot,
+            };
+            if let Err(back) = self.hand_to_waiter(grant) {
+                if let Grant::Conn(conn) = back {
+                    self.idle.push(conn);
+                }
+                return;
+            }
+        }
+    }
 }
 
 /// A server connection lent to one client. Dropping it closes the connection; `release`
@@ -101,12 +161,11 @@ pub struct Pool {
 pub struct Checkout {
     /// Boxed so that a session holding one stays small and moving it is a pointer copy.
     pub conn: Box<ServerConn>,
-    _permit: OwnedSemaphorePermit,
     lent: Lent,
 }
 
-/// Counts a connection as lent (in the pool's `lent` and its host's `outstanding`) until
-/// it is released, discarded or dropped with its session.
+/// A taken place in the pool (and an outstanding request on its host) until it is
+/// released, discarded or dropped with its session.
 struct Lent {
     pool: Arc<Pool>,
     counted: bool,
@@ -115,10 +174,44 @@ struct Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         if self.counted {
-            self.pool.lent.fetch_sub(1, Ordering::Relaxed);
             self.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+            self.pool.give_back(None);
         }
     }
+}
+
+/// A client in the queue. Dropped (it timed out, or the client went away) with a grant
+/// already on its way, it passes the grant on rather than lose a connection or a place.
+struct Waiting<'a> {
+    pool: &'a Pool,
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let grant = {
+            // Grants are sent under this lock: once it is held, none can arrive between
+            // this look and the receiver's drop.
+            let _state = self.pool.lock();
+            let grant = rx.try_recv().ok();
+            drop(rx);
+            grant
+        };
+        match grant {
+            Some(Grant::Conn(conn)) => self.pool.give_back(Some(conn)),
+            Some(Grant::Slot) => self.pool.give_back(None),
+            None => {}
+        }
+    }
+}
+
+/// Adds one to a counter only ever written under the pool's lock.
+fn bump(counter: &AtomicU64) {
+    counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 }
 
 impl Pool {
@@ -131,56 +224,48 @@ impl Pool {
         let metrics = PoolMetrics::new(&name);
         metrics.size.set(opts.size as f64);
         Pool {
-            slots: Arc::new(Semaphore::new(opts.size)),
-            size: std::sync::atomic::AtomicUsize::new(opts.size),
-            checkouts: std::sync::atomic::AtomicU64::new(0),
-            connects: std::sync::atomic::AtomicU64::new(0),
-            waiting: std::sync::atomic::AtomicUsize::new(0),
-            lent: std::sync::atomic::AtomicUsize::new(0),
+            size: AtomicUsize::new(opts.size),
+            checkouts: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            lent: AtomicUsize::new(0),
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                taken: 0,
+                waiters: VecDeque::new(),
+            }),
             name,
             host,
             login,
             opts,
-            idle: Mutex::new(Vec::new()),
             metrics,
         }
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub async fn checkout(self: &Arc<Self>, settings: &Settings) -> Result<Checkout, PoolError> {
-        let permit = match self.slots.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(_) => {
-                self.waiting.fetch_add(1, Ordering::Relaxed);
-                let started = Instant::now();
-                // Boxed, like the connect below: rare paths whose futures would otherwise
-                // be copied into every session burst (see `SessionTask`).
-                let waited = Box::pin(tokio::time::timeout(
-                    self.opts.checkout_timeout,
-                    self.slots.clone().acquire_owned(),
-                ))
-                .await;
-                self.waiting.fetch_sub(1, Ordering::Relaxed);
-                self.metrics.checkout_wait.record(started.elapsed());
-                match waited {
-                    Ok(Ok(p)) => p,
-                    _ => {
-                        return Err(PoolError::Timeout {
-                            pool: self.name.clone(),
-                            waited: self.opts.checkout_timeout,
-                            size: self.size(),
-                        })
-                    }
-                }
-            }
+        let mut candidate = match self.try_take(settings) {
+            Ok(conn) => conn,
+            // Boxed, like the connect below: rare paths whose futures would otherwise be
+            // copied into every session burst (see `SessionTask`).
+            Err(rx) => Box::pin(self.wait_turn(rx)).await?,
         };
-        self.metrics.checkouts.increment(1);
-        self.checkouts.fetch_add(1, Ordering::Relaxed);
+        // The place is ours from here: `Lent` gives it back on every way out.
+        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
+        let lent = Lent {
+            pool: self.clone(),
+            counted: true,
+        };
         let idle_limit = self.opts.idle_timeout.as_millis() as u64;
-        while let Some(conn) = self.take_idle(settings) {
+        while let Some(conn) = candidate.take().or_else(|| self.take_idle(settings)) {
             let idle_ms = crate::clock::coarse_ms().saturating_sub(conn.idle_since_ms);
             if idle_ms < idle_limit && conn.looks_alive() {
-                return Ok(self.lend(conn, permit));
+                return Ok(Checkout { conn, lent });
             }
+            // Stale or closed by the server: it closes here, and the place stays ours.
         }
         let login = Login {
             user: &self.login.0,
@@ -195,33 +280,99 @@ impl Pool {
         .map_err(|_| PoolError::ConnectTimeout(self.host.addr))??;
         self.metrics.connects.increment(1);
         self.connects.fetch_add(1, Ordering::Relaxed);
-        Ok(self.lend(Box::new(conn), permit))
+        Ok(Checkout {
+            conn: Box::new(conn),
+            lent,
+        })
     }
 
-    fn lend(self: &Arc<Self>, conn: Box<ServerConn>, permit: OwnedSemaphorePermit) -> Checkout {
-        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
-        self.lent.fetch_add(1, Ordering::Relaxed);
-        Checkout {
-            conn,
-            _permit: permit,
-            lent: Lent {
-                pool: self.clone(),
-                counted: true,
-            },
+    /// Takes a place in the pool, with an idle connection when there is one (preferring
+    /// one that carries `settings`), or joins the queue.
+    fn try_take(
+        &self,
+        settings: &Settings,
+    ) -> Result<Option<Box<ServerConn>>, oneshot::Receiver<Grant>> {
+        let size = self.size();
+        let mut st = self.lock();
+        if st.taken >= size {
+            let (tx, rx) = oneshot::channel();
+            st.waiters.push_back(tx);
+            self.waiting.fetch_add(1, Ordering::Relaxed);
+            return Err(rx);
         }
+        st.taken += 1;
+        self.lent.store(st.taken, Ordering::Relaxed);
+        bump(&self.checkouts);
+        Ok(take_matching(&mut st.idle, settings))
+    }
+
+    /// Waits in the queue up to `checkout_timeout` for a connection or a place.
+    async fn wait_turn(
+        &self,
+        rx: oneshot::Receiver<Grant>,
+    ) -> Result<Option<Box<ServerConn>>, PoolError> {
+        let mut waiting = Waiting {
+            pool: self,
+            rx: Some(rx),
+        };
+        let started = Instant::now();
+        let got = match waiting.rx.as_mut() {
+            Some(rx) => tokio::time::timeout(self.opts.checkout_timeout, rx).await,
+            None => Ok(Ok(Grant::Slot)),
+        };
+        self.metrics.checkout_wait.record(started.elapsed());
+        match got {
+            Ok(Ok(grant)) => {
+                waiting.rx = None;
+                {
+                    let _state = self.lock();
+                    bump(&self.checkouts);
+                }
+                Ok(match grant {
+                    Grant::Conn(conn) => Some(conn),
+                    Grant::Slot => None,
+                })
+            }
+            // Timed out. A grant that raced the timeout is passed on by `Waiting`'s drop.
+            _ => Err(PoolError::Timeout {
+                pool: self.name.clone(),
+                waited: self.opts.checkout_timeout,
+                size: self.size(),
+            }),
+        }
+    }
+
+    /// A place in the pool comes back, with its connection when that can serve another
+    /// client: to the first waiting client, else to the idle list. Without one (the
+    /// connection closed) the place may go to a waiting client, who opens a new one.
+    fn give_back(&self, conn: Option<Box<ServerConn>>) {
+        let size = self.size();
+        let mut st = self.lock();
+        st.taken -= 1;
+        let mut closing = None;
+        match conn {
+            // Open connections (idle + taken, this one included) beyond the size: a
+            // reload shrank the pool, and this one closes.
+            Some(conn) if st.idle.len() + st.taken >= size => {
+                closing = Some(conn);
+                self.metrics.discards.increment(1);
+            }
+            Some(mut conn) => {
+                conn.idle_since_ms = crate::clock::coarse_ms();
+                if let Err(Grant::Conn(conn)) = st.hand_to_waiter(Grant::Conn(conn)) {
+                    st.idle.push(conn);
+                }
+            }
+            None => st.grant_waiters(size),
+        }
+        self.lent.store(st.taken, Ordering::Relaxed);
+        drop(st);
+        // Closed outside the lock.
+        drop(closing);
     }
 
     fn take_idle(&self, settings: &Settings) -> Option<Box<ServerConn>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let matching = idle.iter().rposition(|c| {
-            c.settings
-                .as_deref()
-                .is_some_and(|s| s.hash() == settings.hash() && s == settings)
-        });
-        match matching {
-            Some(i) => Some(idle.swap_remove(i)),
-            None => idle.pop(),
-        }
+        take_matching(&mut self.lock().idle, settings)
     }
 
     pub fn login(&self) -> &(String, Option<String>, String) {
@@ -242,42 +393,33 @@ impl Pool {
     }
 
     pub fn idle_backend_pids(&self) -> Vec<i32> {
-        self.idle
-            .lock()
-            .map(|i| i.iter().map(|c| c.backend_pid).collect())
-            .unwrap_or_default()
+        self.lock().idle.iter().map(|c| c.backend_pid).collect()
     }
 
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().map(|i| i.len()).unwrap_or(0)
+        self.lock().idle.len()
     }
 
-    /// Changes the pool size in place. Growing adds permits at once; shrinking takes
-    /// permits as connections come back, so no client loses its connection.
+    /// Changes the pool size in place. Growing serves waiting clients at once; shrinking
+    /// closes idle connections beyond the new size now and lent ones as they come back,
+    /// so no client loses its connection.
     pub fn resize(&self, new: usize) {
-        let old = self.size.swap(new, Ordering::Relaxed);
         self.metrics.size.set(new as f64);
-        if new > old {
-            self.slots.add_permits(new - old);
-        } else if new < old {
-            let slots = self.slots.clone();
-            let fewer = (old - new) as u32;
-            tokio::spawn(async move {
-                if let Ok(p) = slots.acquire_many_owned(fewer).await {
-                    p.forget();
-                }
-            });
-            // Idle connections beyond the new size are closed.
-            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-            while idle.len() > new {
-                idle.remove(0);
-            }
+        let mut st = self.lock();
+        self.size.store(new, Ordering::Relaxed);
+        let mut closing = Vec::new();
+        while !st.idle.is_empty() && st.idle.len() + st.taken > new {
+            closing.push(st.idle.remove(0));
         }
+        st.grant_waiters(new);
+        self.lent.store(st.taken, Ordering::Relaxed);
+        drop(st);
+        drop(closing);
     }
 
     /// Closes idle connections (the host failed or was replaced).
     pub fn drain_idle(&self) {
-        let drained = std::mem::take(&mut *self.idle.lock().unwrap_or_else(|e| e.into_inner()));
+        let drained = std::mem::take(&mut self.lock().idle);
         drop(drained);
     }
 
@@ -291,32 +433,29 @@ impl Pool {
     }
 }
 
+/// The most recently used idle connection that already carries `settings` (no `SET`
+/// round trip), else the most recently used one.
+#[allow(clippy::vec_box)]
+fn take_matching(idle: &mut Vec<Box<ServerConn>>, settings: &Settings) -> Option<Box<ServerConn>> {
+    let matching = idle.iter().rposition(|c| {
+        c.settings
+            .as_deref()
+            .is_some_and(|s| s.hash() == settings.hash() && s == settings)
+    });
+    match matching {
+        Some(i) => Some(idle.swap_remove(i)),
+        None => idle.pop(),
+    }
+}
+
 impl Checkout {
     /// Returns a clean connection to the pool (or closes it when a reload shrank the pool
     /// and the pool already holds enough connections).
     pub fn release(self) {
-        let Checkout {
-            mut conn,
-            _permit,
-            mut lent,
-        } = self;
-        let pool = &lent.pool;
-        let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Open connections (idle + lent, this one included) beyond the size: a reload
-        // shrank the pool. Counted under the idle list's lock, so two releases never both
-        // see room for one.
-        if idle.len() + pool.lent.load(Ordering::Relaxed) > pool.size() {
-            drop(idle);
-            pool.metrics.discards.increment(1);
-            return;
-        }
-        conn.idle_since_ms = crate::clock::coarse_ms();
-        idle.push(conn);
-        pool.lent.fetch_sub(1, Ordering::Relaxed);
-        pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
-        drop(idle);
+        let Checkout { conn, mut lent } = self;
         lent.counted = false;
-        // The permit drops last, after the connection is back, so a waiter finds it.
+        lent.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+        lent.pool.give_back(Some(conn));
     }
 
     pub fn host(&self) -> &Arc<Host> {
@@ -519,5 +658,60 @@ impl UserPools {
             known.clear();
         }
         known.insert(hash);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(taken: usize) -> PoolState {
+        PoolState {
+            idle: Vec::new(),
+            taken,
+            waiters: VecDeque::new(),
+        }
+    }
+
+    fn slot(r: &mut oneshot::Receiver<Grant>) -> bool {
+        matches!(r.try_recv(), Ok(Grant::Slot))
+    }
+
+    #[test]
+    fn places_go_to_waiters_in_order_and_only_while_there_is_room() {
+        let mut st = state(2);
+        let (tx1, mut rx1) = oneshot::channel();
+        let (tx2, mut rx2) = oneshot::channel();
+        st.waiters.extend([tx1, tx2]);
+        // Full: nobody is served.
+        st.grant_waiters(2);
+        assert!(rx1.try_recv().is_err() && rx2.try_recv().is_err());
+        // One place frees: the first waiter gets it, the second keeps waiting.
+        st.taken -= 1;
+        st.grant_waiters(2);
+        assert!(slot(&mut rx1));
+        assert!(rx2.try_recv().is_err());
+        assert_eq!(st.taken, 2);
+        // A reload grows the pool: the second is served too.
+        st.grant_waiters(3);
+        assert!(slot(&mut rx2));
+        assert_eq!(st.taken, 3);
+        assert!(st.waiters.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_that_gave_up_is_skipped_and_costs_no_place() {
+        let mut st = state(1);
+        let (gone, rx_gone) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
+        st.waiters.extend([gone, tx]);
+        drop(rx_gone);
+        st.taken -= 1;
+        st.grant_waiters(1);
+        assert!(slot(&mut rx));
+        assert_eq!(st.taken, 1);
+        // Nobody left: a grant comes back to the caller and no place is counted.
+        assert!(matches!(st.hand_to_waiter(Grant::Slot), Err(Grant::Slot)));
+        assert_eq!(st.taken, 1);
     }
 }
