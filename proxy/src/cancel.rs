@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rand::Rng;
@@ -26,13 +26,38 @@ pub struct CancelSlot {
     label: Arc<str>,
     /// The client's socket, so a draining proxy can end idle sessions (see `poke_idle`).
     fd: std::os::fd::RawFd,
+    /// The server connection the client attached to last; it still holds it while
+    /// `attached` is set. Kept when the client detaches, so that attaching to the same
+    /// connection again takes no lock.
     target: Mutex<Option<CancelTarget>>,
-    poked: std::sync::atomic::AtomicBool,
+    /// `ServerConn::id` of `target`. Written only by the session, so a plain load and
+    /// store serve.
+    target_conn: AtomicU64,
+    attached: AtomicBool,
+    poked: AtomicBool,
 }
 
 impl CancelSlot {
-    pub fn set(&self, target: Option<CancelTarget>) {
-        *self.target.lock().unwrap_or_else(|e| e.into_inner()) = target;
+    /// The client now holds server connection `conn` (`ServerConn::id`), reached at `target`.
+    pub fn attach(&self, conn: u64, target: CancelTarget) {
+        if self.target_conn.load(Ordering::Relaxed) != conn {
+            *self.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(target);
+            self.target_conn.store(conn, Ordering::Relaxed);
+        }
+        self.attached.store(true, Ordering::Release);
+    }
+
+    /// The client holds no server connection any more.
+    pub fn detach(&self) {
+        self.attached.store(false, Ordering::Release);
+    }
+
+    /// Where the client's running query can be cancelled, if it holds a server connection.
+    fn current(&self) -> Option<CancelTarget> {
+        if !self.attached.load(Ordering::Acquire) {
+            return None;
+        }
+        *self.target.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -61,6 +86,8 @@ impl CancelRegistry {
             label,
             fd,
             target: Mutex::new(None),
+            target_conn: AtomicU64::new(0),
+            attached: AtomicBool::new(false),
             poked: Default::default(),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -87,7 +114,7 @@ impl CancelRegistry {
         let mut out: Vec<ClientInfo> = slots
             .iter()
             .map(|(pid, slot)| {
-                let target = *slot.target.lock().unwrap_or_else(|e| e.into_inner());
+                let target = slot.current();
                 ClientInfo {
                     pid: *pid,
                     label: slot.label.to_string(),
@@ -119,7 +146,7 @@ impl CancelRegistry {
     pub fn poke_idle(&self) {
         let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         for slot in slots.values() {
-            let idle = slot.target.lock().map(|t| t.is_none()).unwrap_or(false);
+            let idle = !slot.attached.load(Ordering::Acquire);
             if idle && !slot.poked.swap(true, Ordering::Relaxed) {
                 // SAFETY: the fd belongs to a live session (see above); SHUT_RD only stops
                 // further reads on it.
@@ -135,9 +162,7 @@ impl CancelRegistry {
         let target = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             match slots.get(&pid) {
-                Some(slot) if slot.secret == secret => {
-                    *slot.target.lock().unwrap_or_else(|e| e.into_inner())
-                }
+                Some(slot) if slot.secret == secret => slot.current(),
                 _ => None,
             }
         };

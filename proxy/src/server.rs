@@ -108,7 +108,12 @@ pub struct ServerConn {
     pub settings: Option<Arc<Settings>>,
     /// When it was last returned to its pool (`clock::coarse_ms`).
     pub idle_since_ms: u64,
+    /// Unique in this process (see `CancelSlot::attach`).
+    pub id: u64,
 }
+
+/// Numbers server connections (`ServerConn::id`).
+static NEXT_CONN_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 pub struct Login<'a> {
     pub user: &'a str,
@@ -133,6 +138,7 @@ impl ServerConn {
             unnamed: None,
             settings: Some(Settings::empty()),
             idle_since_ms: crate::clock::coarse_ms(),
+            id: NEXT_CONN_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         };
         conn.startup(login).await?;
         Ok(conn)

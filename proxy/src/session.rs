@@ -320,19 +320,21 @@ pub struct Buffers {
 }
 
 impl Buffers {
-    fn take() -> Buffers {
-        BUFFERS
-            .with(|b| b.borrow_mut().pop())
-            .unwrap_or_else(|| Buffers {
+    /// Boxed, so that lending them out and taking them back moves a pointer, not ~170
+    /// bytes, twice per burst.
+    fn take() -> Box<Buffers> {
+        BUFFERS.with(|b| b.borrow_mut().pop()).unwrap_or_else(|| {
+            Box::new(Buffers {
                 cin: BytesMut::with_capacity(8192),
                 cout: BytesMut::with_capacity(8192),
                 sout: BytesMut::with_capacity(8192),
                 held: Held::default(),
                 expects: VecDeque::new(),
             })
+        })
     }
 
-    fn give(mut self) {
+    fn give(mut self: Box<Self>) {
         // Keep only ordinary-sized buffers; a big COPY's buffer goes back to the allocator.
         if self.cin.capacity() > 65536
             || self.cout.capacity() > 65536
@@ -356,7 +358,8 @@ impl Buffers {
 }
 
 thread_local! {
-    static BUFFERS: std::cell::RefCell<Vec<Buffers>> = const { std::cell::RefCell::new(Vec::new()) };
+    #[allow(clippy::vec_box)] // boxed on purpose, see `Buffers::take`
+    static BUFFERS: std::cell::RefCell<Vec<Box<Buffers>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 enum Flow {
@@ -1192,6 +1195,7 @@ impl Session {
     }
 
     /// Sends replies shardgate makes itself once everything before them is answered.
+    #[inline]
     fn emit_replies(&mut self, io: &mut Buffers) {
         while let Some(Expect::Reply(_)) = io.expects.front() {
             if let Some(Expect::Reply(bytes)) = io.expects.pop_front() {
@@ -1506,11 +1510,14 @@ impl Session {
             }
         };
         server.host().metrics.transactions.increment(1);
-        self.cancel.set(Some(CancelTarget {
-            addr: server.conn.addr,
-            pid: server.conn.backend_pid,
-            secret: server.conn.backend_secret,
-        }));
+        self.cancel.attach(
+            server.conn.id,
+            CancelTarget {
+                addr: server.conn.addr,
+                pid: server.conn.backend_pid,
+                secret: server.conn.backend_secret,
+            },
+        );
         debug_assert!(io.expects.is_empty());
         let current = server.conn.settings.as_ref();
         let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
@@ -1598,7 +1605,7 @@ impl Session {
     /// Gives the server connection back (`clean`) or closes it.
     fn detach(&mut self, clean: bool) {
         if let Some(a) = self.attached.take() {
-            self.cancel.set(None);
+            self.cancel.detach();
             if let Some(p) = self.prepared.as_mut() {
                 p.portal_effects.clear();
             }
@@ -1615,7 +1622,7 @@ impl Session {
             tracing::warn!(server = %a.server.conn.addr, client = self.pid, "server connection lost");
             a.server.discard();
         }
-        self.cancel.set(None);
+        self.cancel.detach();
         io.cout.extend_from_slice(&protocol::fatal(
             sqlstate::CONNECTION_FAILURE,
             "server closed the connection unexpectedly",

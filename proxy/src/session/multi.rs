@@ -392,7 +392,7 @@ impl Session {
         self.settle(io).await?;
         let tx = self.shard_tx.get_or_insert_with(Default::default);
         if let Some(a) = self.attached.take() {
-            self.cancel.set(None);
+            self.cancel.detach();
             let in_tx = a.status != b'I';
             if in_tx && tx.begin.is_none() {
                 tx.begin = Some("BEGIN".into());
