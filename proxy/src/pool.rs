@@ -292,12 +292,10 @@ impl Pool {
         &self,
         settings: &Settings,
     ) -> Result<Option<Box<ServerConn>>, oneshot::Receiver<Grant>> {
-        let size = self.size();
         let mut st = self.lock();
-        if st.taken >= size {
+        if st.taken >= self.size() {
             let (tx, rx) = oneshot::channel();
             st.waiters.push_back(tx);
-            self.waiting.fetch_add(1, Ordering::Relaxed);
             return Err(rx);
         }
         st.taken += 1;
@@ -311,6 +309,7 @@ impl Pool {
         &self,
         rx: oneshot::Receiver<Grant>,
     ) -> Result<Option<Box<ServerConn>>, PoolError> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         let mut waiting = Waiting {
             pool: self,
             rx: Some(rx),
@@ -346,8 +345,9 @@ impl Pool {
     /// client: to the first waiting client, else to the idle list. Without one (the
     /// connection closed) the place may go to a waiting client, who opens a new one.
     fn give_back(&self, conn: Option<Box<ServerConn>>) {
-        let size = self.size();
         let mut st = self.lock();
+        // Read under the lock, which `resize` holds to change it.
+        let size = self.size();
         st.taken -= 1;
         let mut closing = None;
         match conn {
@@ -356,6 +356,7 @@ impl Pool {
             Some(conn) if st.idle.len() + st.taken >= size => {
                 closing = Some(conn);
                 self.metrics.discards.increment(1);
+                st.grant_waiters(size);
             }
             Some(mut conn) => {
                 conn.idle_since_ms = crate::clock::coarse_ms();
