@@ -302,51 +302,58 @@ fn parse_int(ty: KeyType, bytes: &[u8]) -> Result<i64, KeyError> {
     let syntax = || KeyError::InvalidSyntax { ty, value: shown() };
     let range = || KeyError::OutOfRange { ty, value: shown() };
 
-    let start = bytes
-        .iter()
-        .position(|&b| !is_c_space(b))
-        .ok_or_else(syntax)?;
-    let end = bytes
-        .iter()
-        .rposition(|&b| !is_c_space(b))
-        .map_or(start, |e| e + 1);
-    let mut s = &bytes[start..end];
-    let negative = match s.first() {
+    // One pass, in the order Postgres checks (a key is parsed on every Bind that routes):
+    // leading blanks, a sign, digits (overflow is "out of range" at once, before any
+    // trailing garbage is seen), trailing blanks, then nothing.
+    let mut i = 0;
+    while i < bytes.len() && is_c_space(bytes[i]) {
+        i += 1;
+    }
+    let negative = match bytes.get(i) {
         Some(b'-') => {
-            s = &s[1..];
+            i += 1;
             true
         }
         Some(b'+') => {
-            s = &s[1..];
+            i += 1;
             false
         }
         _ => false,
     };
-    if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
-        return Err(syntax());
-    }
-    // Accumulate negatively so that i64::MIN, whose magnitude has no positive i64, parses.
+    let digits = i;
+    let min = match ty {
+        KeyType::Int2 => i64::from(i16::MIN),
+        KeyType::Int4 => i64::from(i32::MIN),
+        _ => i64::MIN,
+    };
+    // Accumulate negatively, as Postgres does, so that the type's minimum, whose
+    // magnitude has no positive value of the type, parses.
     let mut acc: i64 = 0;
-    for &d in s {
+    while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
         acc = acc
             .checked_mul(10)
             .and_then(|v| v.checked_sub(i64::from(d - b'0')))
+            .filter(|v| *v >= min)
             .ok_or_else(range)?;
+        i += 1;
     }
-    let v = if negative {
-        acc
+    if i == digits {
+        return Err(syntax());
+    }
+    while i < bytes.len() && is_c_space(bytes[i]) {
+        i += 1;
+    }
+    if i != bytes.len() {
+        return Err(syntax());
+    }
+    if negative {
+        Ok(acc)
+    } else if acc == min {
+        // One more than the type's maximum.
+        Err(range())
     } else {
-        acc.checked_neg().ok_or_else(range)?
-    };
-    let (min, max) = match ty {
-        KeyType::Int2 => (i64::from(i16::MIN), i64::from(i16::MAX)),
-        KeyType::Int4 => (i64::from(i32::MIN), i64::from(i32::MAX)),
-        _ => (i64::MIN, i64::MAX),
-    };
-    if v < min || v > max {
-        return Err(range());
+        Ok(-acc)
     }
-    Ok(v)
 }
 
 /// Postgres's `uuid_in`: 32 hex digits (either case), optionally wrapped in `{}`, with an
@@ -450,6 +457,29 @@ mod tests {
         ));
         assert!(matches!(
             text(KeyType::Int8, "99999999999999999999999"),
+            Err(KeyError::OutOfRange { .. })
+        ));
+        // Too many digits is "out of range" before trailing garbage is seen, as in
+        // PostgreSQL 15.18: '99999x'::int2 and '99999999999999999999x'::int8.
+        for (ty, v) in [
+            (KeyType::Int2, "99999x"),
+            (KeyType::Int4, "2147483649x"),
+            (KeyType::Int8, "99999999999999999999x"),
+        ] {
+            assert!(
+                matches!(text(ty, v), Err(KeyError::OutOfRange { .. })),
+                "{ty} {v:?}"
+            );
+        }
+        // Exactly one past the maximum reaches the minimum's magnitude without
+        // overflowing, so trailing garbage is seen first: invalid syntax, as in Postgres.
+        assert!(matches!(
+            text(KeyType::Int4, "2147483648 x"),
+            Err(KeyError::InvalidSyntax { .. })
+        ));
+        assert_eq!(text(KeyType::Int2, "-32768"), Ok(KeyValue::Int(-32768)));
+        assert!(matches!(
+            text(KeyType::Int2, "-32769"),
             Err(KeyError::OutOfRange { .. })
         ));
     }
