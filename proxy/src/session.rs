@@ -623,24 +623,17 @@ impl Session {
                     None => Side::Client(self.client.read_buf(&mut io.cin).await),
                 },
             };
-            if !self.after_read(got, io).await {
-                return Flow::Exit;
+            match got {
+                Side::Client(Ok(n)) | Side::Server(Ok(n)) if n > 0 => {}
+                Side::Client(_) => return Flow::Exit,
+                Side::Server(_) => {
+                    self.server_lost(io).await;
+                    return Flow::Exit;
+                }
             }
             if let Some(flow) = self.process(io).await {
                 return flow;
             }
-        }
-    }
-
-    /// False when the read ended the session (EOF or error on either side).
-    async fn after_read(&mut self, got: Side, io: &mut Buffers) -> bool {
-        match got {
-            Side::Client(Ok(0)) | Side::Client(Err(_)) => false,
-            Side::Server(Ok(0)) | Side::Server(Err(_)) => {
-                self.server_lost(io).await;
-                false
-            }
-            Side::Client(Ok(_)) | Side::Server(Ok(_)) => true,
         }
     }
 
@@ -697,10 +690,16 @@ impl Session {
     }
 
     async fn flush(&mut self, io: &mut Buffers) -> std::io::Result<()> {
-        use crate::stream::send_all;
+        use crate::stream::{send_rest, try_send};
         if !io.sout.is_empty() {
             if let Some(a) = self.attached.as_mut() {
-                if let Err(e) = send_all(&mut a.server.conn.stream, &io.sout).await {
+                let stream = &mut a.server.conn.stream;
+                let sent = match try_send(stream, &io.sout) {
+                    Ok(n) if n == io.sout.len() => Ok(()),
+                    Ok(n) => send_rest(stream, &io.sout[n..]).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = sent {
                     io.sout.clear();
                     self.server_lost(io).await;
                     return Err(e);
@@ -710,7 +709,12 @@ impl Session {
         }
         if !io.cout.is_empty() {
             match &mut self.client {
-                ClientStream::Plain(tcp) => send_all(tcp, &io.cout).await?,
+                ClientStream::Plain(tcp) => {
+                    let n = try_send(tcp, &io.cout)?;
+                    if n < io.cout.len() {
+                        send_rest(tcp, &io.cout[n..]).await?;
+                    }
+                }
                 ClientStream::Tls(_) => {
                     self.client.write_all(&io.cout).await?;
                     self.client.flush().await?;
@@ -748,7 +752,10 @@ impl Session {
                 return Err(Flow::Exit);
             }
             if matches!(io.cin[0], b'P' | b'B' | b'D' | b'E' | b'C' | b'S' | b'H') {
-                self.extended_message(len, io).await?;
+                if self.hold_message(len, io) {
+                    self.route_held(io).await?;
+                    self.emit_replies(io);
+                }
             } else {
                 let msg = io.cin.split_to(len).freeze();
                 self.client_message(msg, io).await?;
@@ -756,8 +763,11 @@ impl Session {
         }
     }
 
-    /// The extended-protocol message at the head of `io.cin`, `len` bytes long.
-    async fn extended_message(&mut self, len: usize, io: &mut Buffers) -> Result<(), Flow> {
+    /// Holds the extended-protocol message at the head of `io.cin`, `len` bytes long;
+    /// true when it ends the batch (Sync, Flush), which the caller then routes.
+    ///
+    /// Not async: only routing waits, so a batch's other messages cost no future each.
+    fn hold_message(&mut self, len: usize, io: &mut Buffers) -> bool {
         let tag = io.cin[0];
         tracing::trace!(client = self.pid, tag = %(tag as char), attached = self.attached.is_some(), "from client");
         // Sharded databases hold the batch until Sync: its Bind values may send it to
@@ -766,12 +776,13 @@ impl Session {
         io.held.push(&io.cin[..len]);
         io.cin.advance(len);
         if matches!(tag, b'S' | b'H') {
-            self.route_held(io).await?;
-        } else if at_once {
+            return true;
+        }
+        if at_once {
             self.send_held(io);
         }
         self.emit_replies(io);
-        Ok(())
+        false
     }
 
     async fn client_message(&mut self, msg: Bytes, io: &mut Buffers) -> Result<(), Flow> {

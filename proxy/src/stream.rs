@@ -118,16 +118,17 @@ pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<Read> {
     }
 }
 
-/// Writes all of `buf`: at once when the socket takes it, which is the usual case and
-/// skips tokio's `write_all` future and its readiness polling; else it waits for the rest.
-pub async fn send_all(tcp: &mut TcpStream, buf: &[u8]) -> io::Result<()> {
-    let n = match tcp.try_write(buf) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(e),
-    };
-    if n < buf.len() {
-        tokio::io::AsyncWriteExt::write_all(tcp, &buf[n..]).await?;
+/// Writes what of `buf` the socket takes now, without waiting: all of it, usually. The
+/// caller awaits `send_rest` only when that is not all, so the usual send costs no future.
+pub fn try_send(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    match tcp.try_write(buf) {
+        Ok(n) => Ok(n),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+        Err(e) => Err(e),
     }
-    Ok(())
+}
+
+/// Writes the rest of a buffer `try_send` could not, waiting for the socket.
+pub async fn send_rest(tcp: &mut TcpStream, rest: &[u8]) -> io::Result<()> {
+    tokio::io::AsyncWriteExt::write_all(tcp, rest).await
 }
