@@ -198,7 +198,7 @@ impl Process {
         self.resumed.notify_waiters();
     }
 
-    fn is_paused(&self, database: &str) -> bool {
+    pub fn is_paused(&self, database: &str) -> bool {
         self.any_paused.load(Ordering::Acquire)
             && (self.paused_all.load(Ordering::Acquire)
                 || self

@@ -286,6 +286,34 @@ impl Pool {
         })
     }
 
+    /// A checkout that needs no waiting: a free place and an idle connection that looks
+    /// alive. `None` sends the caller to `checkout`, which can wait and connect.
+    pub fn checkout_now(self: &Arc<Self>, settings: &Settings) -> Option<Checkout> {
+        let conn = {
+            let mut st = self.lock();
+            if st.taken >= self.size() {
+                return None;
+            }
+            let conn = take_matching(&mut st.idle, settings)?;
+            st.taken += 1;
+            self.lent.store(st.taken, Ordering::Relaxed);
+            bump(&self.checkouts);
+            conn
+        };
+        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
+        let lent = Lent {
+            pool: self.clone(),
+            counted: true,
+        };
+        let idle_ms = crate::clock::coarse_ms().saturating_sub(conn.idle_since_ms);
+        if idle_ms < self.opts.idle_timeout.as_millis() as u64 && conn.looks_alive() {
+            Some(Checkout { conn, lent })
+        } else {
+            // Stale: it closes, and `lent` gives the place back.
+            None
+        }
+    }
+
     /// Takes a place in the pool, with an idle connection when there is one (preferring
     /// one that carries `settings`), or joins the queue.
     fn try_take(
@@ -513,6 +541,15 @@ pub struct UserPools {
     known_statements: Mutex<std::collections::HashSet<u64>>,
 }
 
+/// Counts where a checkout went: a write, a read on the primary or one on a replica.
+fn count_route(topo: &ShardTopology, want: Want, host: usize) {
+    match want {
+        Want::Primary => topo.metrics.writes.increment(1),
+        _ if topo.primary() == Some(host) => topo.metrics.reads_on_primary.increment(1),
+        _ => topo.metrics.reads_on_replica.increment(1),
+    }
+}
+
 /// Bound on `known_statements`; past it the set starts over.
 const MAX_KNOWN_STATEMENTS: usize = 100_000;
 
@@ -553,6 +590,7 @@ impl UserPools {
         shard: usize,
         want: Want,
         settings: &Settings,
+        picked: Option<usize>,
     ) -> Result<Checkout, PoolError> {
         let sp = &self.shards[shard];
         let topo = &sp.topology;
@@ -563,10 +601,15 @@ impl UserPools {
             *deadline
                 .get_or_insert_with(|| tokio::time::Instant::now() + self.route.failover_timeout)
         };
+        // A host `checkout_now` picked is the first one tried.
+        let mut picked = picked;
         loop {
-            let replica = match want {
-                Want::Replica { min_lsn } => topo.pick_replica(&self.route.read, min_lsn, excluded),
-                Want::Primary => None,
+            let replica = match (picked.take(), want) {
+                (Some(h), _) => Some(h),
+                (None, Want::Replica { min_lsn }) => {
+                    topo.pick_replica(&self.route.read, min_lsn, excluded)
+                }
+                (None, Want::Primary) => None,
             };
             let host = match replica {
                 Some(h) => h,
@@ -592,13 +635,7 @@ impl UserPools {
             };
             match sp.hosts[host].checkout(settings).await {
                 Ok(c) => {
-                    match want {
-                        Want::Primary => topo.metrics.writes.increment(1),
-                        _ if topo.primary() == Some(host) => {
-                            topo.metrics.reads_on_primary.increment(1)
-                        }
-                        _ => topo.metrics.reads_on_replica.increment(1),
-                    }
+                    count_route(topo, want, host);
                     return Ok(c);
                 }
                 Err(e) if e.host_unreachable() => {
@@ -613,6 +650,31 @@ impl UserPools {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// `checkout` when it needs no waiting: the host is known at once (a replica that
+    /// qualifies, else a primary that is up) and its pool has an idle connection.
+    /// Otherwise the host it picked, if any, for `checkout` to start from: picking again
+    /// would move the load balancer on a second time and skew its spread.
+    pub fn checkout_now(
+        &self,
+        shard: usize,
+        want: Want,
+        settings: &Settings,
+    ) -> Result<Checkout, Option<usize>> {
+        let sp = &self.shards[shard];
+        let topo = &sp.topology;
+        let replica = match want {
+            Want::Replica { min_lsn } => topo.pick_replica(&self.route.read, min_lsn, 0),
+            Want::Primary => None,
+        };
+        let host = match replica {
+            Some(h) => h,
+            None => topo.primary().ok_or(None)?,
+        };
+        let c = sp.hosts[host].checkout_now(settings).ok_or(Some(host))?;
+        count_route(topo, want, host);
+        Ok(c)
     }
 
     /// Shares `settings` with earlier logins that had the same ones.

@@ -1556,20 +1556,30 @@ impl Session {
     /// Takes a server connection for the client; on failure the client has an ErrorResponse.
     async fn attach(&mut self, io: &mut Buffers, primary: bool, shard: u32) -> bool {
         self.follow_reload();
-        self.app.process.wait_unpaused(&self.pools.database).await;
+        // Checked here first: the usual case, nothing paused and an idle connection at
+        // hand, then costs no future (see `UserPools::checkout_now`).
+        if self.app.process.is_paused(&self.pools.database) {
+            self.app.process.wait_unpaused(&self.pools.database).await;
+        }
         let want = self.want(primary, shard);
-        let mut server = match self
+        let ready = self
             .pools
-            .checkout(shard as usize, want, &self.settings)
-            .await
-        {
+            .checkout_now(shard as usize, want, &self.settings);
+        let mut server = match ready {
             Ok(s) => s,
-            Err(e) => {
-                let (code, message) = e.client_error();
-                tracing::warn!(pool = %self.pools.name, "{message}");
-                protocol::error_response(&mut io.cout, "ERROR", &code, &message);
-                return false;
-            }
+            Err(picked) => match self
+                .pools
+                .checkout(shard as usize, want, &self.settings, picked)
+                .await
+            {
+                Ok(s) => s,
+                Err(e) => {
+                    let (code, message) = e.client_error();
+                    tracing::warn!(pool = %self.pools.name, "{message}");
+                    protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+                    return false;
+                }
+            },
         };
         server.host().metrics.transactions.increment(1);
         self.cancel.attach(

@@ -161,7 +161,12 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
     // values arrive normalised exactly as Postgres would send them.
     let settings = pool.intern_settings(Settings::from_startup(&params.0));
     let mut server = match pool
-        .checkout(0, crate::pool::Want::Replica { min_lsn: 0 }, &settings)
+        .checkout(
+            0,
+            crate::pool::Want::Replica { min_lsn: 0 },
+            &settings,
+            None,
+        )
         .await
     {
         Ok(s) => s,

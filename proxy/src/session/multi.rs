@@ -463,7 +463,7 @@ impl Session {
         let want = self.want(primary, shard);
         let mut server = match self
             .pools
-            .checkout(shard as usize, want, &self.settings)
+            .checkout(shard as usize, want, &self.settings, None)
             .await
         {
             Ok(s) => s,
