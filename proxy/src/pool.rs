@@ -123,6 +123,16 @@ enum Grant {
     Slot,
 }
 
+impl Grant {
+    /// The connection granted, if it was one rather than a slot.
+    fn into_conn(self) -> Option<Box<ServerConn>> {
+        match self {
+            Grant::Conn(conn) => Some(conn),
+            Grant::Slot => None,
+        }
+    }
+}
+
 impl PoolState {
     /// Gives `grant` to the first client still waiting, who then counts as taken; hands
     /// it back when nobody waits.
@@ -184,27 +194,27 @@ impl Drop for Lent {
 /// already on its way, it passes the grant on rather than lose a connection or a place.
 struct Waiting<'a> {
     pool: &'a Pool,
-    rx: Option<oneshot::Receiver<Grant>>,
+    rx: oneshot::Receiver<Grant>,
+    /// The grant was received: nothing to pass on.
+    served: bool,
 }
 
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         self.pool.waiting.fetch_sub(1, Ordering::Relaxed);
-        let Some(mut rx) = self.rx.take() else {
+        if self.served {
             return;
-        };
+        }
         let grant = {
             // Grants are sent under this lock: once it is held, none can arrive between
-            // this look and the receiver's drop.
+            // this look and the receiver's drop, which closes it to later sends.
             let _state = self.pool.lock();
-            let grant = rx.try_recv().ok();
-            drop(rx);
+            let grant = self.rx.try_recv().ok();
+            self.rx.close();
             grant
         };
-        match grant {
-            Some(Grant::Conn(conn)) => self.pool.give_back(Some(conn)),
-            Some(Grant::Slot) => self.pool.give_back(None),
-            None => {}
+        if let Some(grant) = grant {
+            self.pool.give_back(grant.into_conn());
         }
     }
 }
@@ -253,16 +263,10 @@ impl Pool {
             // copied into every session burst (see `SessionTask`).
             Err(rx) => Box::pin(self.wait_turn(rx)).await?,
         };
-        // The place is ours from here: `Lent` gives it back on every way out.
-        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
-        let lent = Lent {
-            pool: self.clone(),
-            counted: true,
-        };
-        let idle_limit = self.opts.idle_timeout.as_millis() as u64;
+        // The place is ours from here.
+        let lent = self.lend();
         while let Some(conn) = candidate.take().or_else(|| self.take_idle(settings)) {
-            let idle_ms = crate::clock::coarse_ms().saturating_sub(conn.idle_since_ms);
-            if idle_ms < idle_limit && conn.looks_alive() {
+            if self.usable(&conn) {
                 return Ok(Checkout { conn, lent });
             }
             // Stale or closed by the server: it closes here, and the place stays ours.
@@ -295,18 +299,11 @@ impl Pool {
                 return None;
             }
             let conn = take_matching(&mut st.idle, settings)?;
-            st.taken += 1;
-            self.lent.store(st.taken, Ordering::Relaxed);
-            bump(&self.checkouts);
+            self.take_place(&mut st);
             conn
         };
-        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
-        let lent = Lent {
-            pool: self.clone(),
-            counted: true,
-        };
-        let idle_ms = crate::clock::coarse_ms().saturating_sub(conn.idle_since_ms);
-        if idle_ms < self.opts.idle_timeout.as_millis() as u64 && conn.looks_alive() {
+        let lent = self.lend();
+        if self.usable(&conn) {
             Some(Checkout { conn, lent })
         } else {
             // Stale: it closes, and `lent` gives the place back.
@@ -326,10 +323,30 @@ impl Pool {
             st.waiters.push_back(tx);
             return Err(rx);
         }
+        self.take_place(&mut st);
+        Ok(take_matching(&mut st.idle, settings))
+    }
+
+    /// Counts a place taken, under the lock.
+    fn take_place(&self, st: &mut PoolState) {
         st.taken += 1;
         self.lent.store(st.taken, Ordering::Relaxed);
         bump(&self.checkouts);
-        Ok(take_matching(&mut st.idle, settings))
+    }
+
+    /// The guard of a place just taken: it gives the place back on every way out.
+    fn lend(self: &Arc<Self>) -> Lent {
+        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
+        Lent {
+            pool: self.clone(),
+            counted: true,
+        }
+    }
+
+    /// An idle connection fit to lend: not idle too long, and not closed by the server.
+    fn usable(&self, conn: &ServerConn) -> bool {
+        let idle_ms = crate::clock::coarse_ms().saturating_sub(conn.idle_since_ms);
+        idle_ms < self.opts.idle_timeout.as_millis() as u64 && conn.looks_alive()
     }
 
     /// Waits in the queue up to `checkout_timeout` for a connection or a place.
@@ -340,25 +357,20 @@ impl Pool {
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let mut waiting = Waiting {
             pool: self,
-            rx: Some(rx),
+            rx,
+            served: false,
         };
         let started = Instant::now();
-        let got = match waiting.rx.as_mut() {
-            Some(rx) => tokio::time::timeout(self.opts.checkout_timeout, rx).await,
-            None => Ok(Ok(Grant::Slot)),
-        };
+        let got = tokio::time::timeout(self.opts.checkout_timeout, &mut waiting.rx).await;
         self.metrics.checkout_wait.record(started.elapsed());
         match got {
             Ok(Ok(grant)) => {
-                waiting.rx = None;
+                waiting.served = true;
                 {
                     let _state = self.lock();
                     bump(&self.checkouts);
                 }
-                Ok(match grant {
-                    Grant::Conn(conn) => Some(conn),
-                    Grant::Slot => None,
-                })
+                Ok(grant.into_conn())
             }
             // Timed out. A grant that raced the timeout is passed on by `Waiting`'s drop.
             _ => Err(PoolError::Timeout {
