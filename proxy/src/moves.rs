@@ -95,6 +95,12 @@ impl ShardState {
         self.map.load_full()
     }
 
+    /// How many shards the map has: fixed for the life of this state (a new map version
+    /// moves slots, never adds or removes a shard), so it is read without loading the map.
+    pub fn shard_count(&self) -> u32 {
+        self.replica_floor.len() as u32
+    }
+
     /// Cheap access for one routing decision.
     pub fn map_ref(&self) -> arc_swap::Guard<Arc<ShardMap>> {
         self.map.load()
@@ -102,6 +108,11 @@ impl ShardState {
 
     /// Publishes a new map version (same slots and shards).
     pub fn publish(&self, map: ShardMap) {
+        debug_assert_eq!(
+            map.shards(),
+            self.shard_count(),
+            "a map version changes no shard"
+        );
         self.map.store(Arc::new(map));
     }
 

@@ -92,7 +92,7 @@ impl Routing {
     }
 
     pub fn shards(&self) -> usize {
-        self.state.map_ref().shards() as usize
+        self.state.shard_count() as usize
     }
 
     /// The map version to route with now.

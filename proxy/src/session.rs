@@ -236,6 +236,19 @@ impl Expects {
         let slot = self.items.get_mut(self.head)?;
         // `Bind` holds nothing: a free placeholder.
         let e = std::mem::replace(slot, Expect::Bind);
+        self.advance();
+        Some(e)
+    }
+
+    /// Drops the head when what it holds is not needed: it stays in place until the queue
+    /// is emptied, which saves moving it out and dropping it one at a time.
+    fn skip_front(&mut self) {
+        if self.head < self.items.len() {
+            self.advance();
+        }
+    }
+
+    fn advance(&mut self) {
         self.head += 1;
         if self.head == self.items.len() {
             self.clear();
@@ -245,7 +258,6 @@ impl Expects {
             self.items.drain(..self.head);
             self.head = 0;
         }
-        Some(e)
     }
 
     fn is_empty(&self) -> bool {
@@ -291,6 +303,48 @@ struct Attached {
     poisoned: bool,
     /// When the oldest unanswered query or Sync was forwarded, for the latency histogram.
     sent_at: Option<std::time::Instant>,
+}
+
+/// Allocations of `Attached` values given up on this thread, for reuse: a client attaches
+/// and detaches once per transaction, and a reused box saves a malloc and a free each
+/// time. Bounded: as many as this thread's clients hold at once, up to `SPARES_KEPT`.
+const SPARES_KEPT: usize = 64;
+
+thread_local! {
+    static SPARE_ATTACHED: std::cell::RefCell<Vec<Box<std::mem::MaybeUninit<Attached>>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Attached {
+    fn boxed(self) -> Box<Attached> {
+        let spare = SPARE_ATTACHED.with(|s| s.try_borrow_mut().ok().and_then(|mut s| s.pop()));
+        match spare {
+            Some(spare) => Box::write(spare, self),
+            None => Box::new(self),
+        }
+    }
+
+    /// Moves the value out and keeps the allocation for a later `boxed`.
+    fn unboxed(b: Box<Attached>) -> Attached {
+        let raw = Box::into_raw(b);
+        // SAFETY: `raw` comes from a live Box, so it is valid and aligned for `Attached`;
+        // the value is read out exactly once, and from then on the allocation is treated
+        // as uninitialised memory, which `MaybeUninit` never drops.
+        let (value, spare) = unsafe {
+            (
+                raw.read(),
+                Box::from_raw(raw.cast::<std::mem::MaybeUninit<Attached>>()),
+            )
+        };
+        SPARE_ATTACHED.with(|s| {
+            if let Ok(mut s) = s.try_borrow_mut() {
+                if s.len() < SPARES_KEPT {
+                    s.push(spare);
+                }
+            }
+        });
+        value
+    }
 }
 
 /// Extended-protocol messages held until Sync or Flush decides where they go: whole frames
@@ -434,6 +488,8 @@ pub struct Session {
     pins: Pins,
     /// After an error shardgate raised mid-batch, drop messages until Sync, as a server does.
     skip_until_sync: bool,
+    /// Idle with its wakers registered: the next poll of its task is a wake-up.
+    armed: bool,
     /// Boxed: an idle client holds no connection, and every idle byte counts.
     attached: Option<Box<Attached>>,
     /// Read-your-writes: per shard, the WAL position of this client's last committed
@@ -473,8 +529,20 @@ impl std::future::Future for SessionTask {
             // The common wake-ups (readable while idle, a busy burst not done) are handled
             // in place; only a change of phase moves the session.
             match phase {
+                // Woken while armed: what it waited on is ready (or the drain's shutdown
+                // made it so); the burst reads whatever there is, or finds nothing and goes
+                // idle. Asking the readiness first would only say so once more.
+                Phase::Idle(s) if s.armed => {
+                    s.armed = false;
+                    if let Phase::Idle(s) = std::mem::replace(phase, Phase::Done) {
+                        *phase = Phase::Busy(Box::pin(s.into_burst()));
+                    }
+                }
                 Phase::Idle(s) => match s.poll_readable(cx) {
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Pending => {
+                        s.armed = true;
+                        return Poll::Pending;
+                    }
                     Poll::Ready(readable) => {
                         if let Phase::Idle(s) = std::mem::replace(phase, Phase::Done) {
                             *phase = match readable {
@@ -530,6 +598,7 @@ impl Session {
             prepared: None,
             pins: Pins::NONE,
             skip_until_sync: false,
+            armed: false,
             attached: None,
             writes: None,
             shard_tx: None,
@@ -1445,14 +1514,14 @@ impl Session {
                 if let Some(hash) = prepared {
                     self.pools.mark_known_statement(*hash);
                 }
-                io.expects.pop_front();
+                io.expects.skip_front();
                 !hidden
             }
             (b'2', Some(Expect::Bind))
             | (b'3', Some(Expect::Close { .. }))
             | (b'n' | b'T', Some(Expect::Describe))
             | (b'I' | b's', Some(Expect::Execute { .. })) => {
-                io.expects.pop_front();
+                io.expects.skip_front();
                 !hidden
             }
             (b'C', head) => {
@@ -1611,20 +1680,23 @@ impl Session {
                 effects: None,
             });
         }
-        self.attached = Some(Box::new(Attached {
-            server,
-            shard,
-            unsynced: false,
-            status: b'I',
-            tx_failed: false,
-            query_failed: false,
-            tx_effects: Vec::new(),
-            wrote: false,
-            data_write: false,
-            primary: want == Want::Primary,
-            poisoned: false,
-            sent_at: None,
-        }));
+        self.attached = Some(
+            Attached {
+                server,
+                shard,
+                unsynced: false,
+                status: b'I',
+                tx_failed: false,
+                query_failed: false,
+                tx_effects: Vec::new(),
+                wrote: false,
+                data_write: false,
+                primary: want == Want::Primary,
+                poisoned: false,
+                sent_at: None,
+            }
+            .boxed(),
+        );
         true
     }
 
@@ -1677,6 +1749,7 @@ impl Session {
     /// Gives the server connection back (`clean`) or closes it.
     fn detach(&mut self, clean: bool) {
         if let Some(a) = self.attached.take() {
+            let a = Attached::unboxed(a);
             self.cancel.detach();
             if let Some(p) = self.prepared.as_mut() {
                 p.portal_effects.clear();
@@ -1843,8 +1916,13 @@ fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
     }
 }
 
-/// One read from whichever of the client and the server has data. With `wait` false,
-/// `None` when neither has any right now.
+/// Reads what the client or the attached server has sent; with `wait`, waits until one
+/// of them has something (or is gone), else `None` when neither has anything now.
+///
+/// Readiness is asked first and only a ready socket is read: a read of a socket tokio
+/// knows to be drained is wasted work, and a burst would otherwise try each socket again
+/// after every exchange (three such reads per pgbench transaction). The server is asked
+/// first: while attached, its answer is what the session usually waits for.
 async fn read_plain(
     client: &tokio::net::TcpStream,
     cin: &mut BytesMut,
@@ -1852,37 +1930,38 @@ async fn read_plain(
     wait: bool,
 ) -> Option<Side> {
     use crate::stream::{read_drained, Read};
-    loop {
-        match read_drained(client, cin) {
-            Ok(Read::Nothing) => {}
-            Ok(Read::Got(n)) => return Some(Side::Client(Ok(n))),
-            Err(e) => return Some(Side::Client(Err(e))),
-        }
+    std::future::poll_fn(|cx| loop {
+        // A socket that was ready but had nothing (its readiness is cleared by the read)
+        // must be asked again, so that its waker is registered before going to sleep.
+        let mut stale = false;
         if let Some(s) = server.as_deref_mut() {
-            match read_drained(&s.stream, &mut s.rbuf) {
-                Ok(Read::Nothing) => {}
-                Ok(Read::Got(n)) => return Some(Side::Server(Ok(n))),
-                Err(e) => return Some(Side::Server(Err(e))),
+            match s.stream.poll_read_ready(cx) {
+                Poll::Ready(Ok(())) => match read_drained(&s.stream, &mut s.rbuf) {
+                    Ok(Read::Got(n)) => return Poll::Ready(Some(Side::Server(Ok(n)))),
+                    Ok(Read::Nothing) => stale = true,
+                    Err(e) => return Poll::Ready(Some(Side::Server(Err(e)))),
+                },
+                Poll::Ready(Err(e)) => return Poll::Ready(Some(Side::Server(Err(e)))),
+                Poll::Pending => {}
             }
+        }
+        match client.poll_read_ready(cx) {
+            Poll::Ready(Ok(())) => match read_drained(client, cin) {
+                Ok(Read::Got(n)) => return Poll::Ready(Some(Side::Client(Ok(n)))),
+                Ok(Read::Nothing) => stale = true,
+                Err(e) => return Poll::Ready(Some(Side::Client(Err(e)))),
+            },
+            Poll::Ready(Err(e)) => return Poll::Ready(Some(Side::Client(Err(e)))),
+            Poll::Pending => {}
         }
         if !wait {
-            return None;
+            return Poll::Ready(None);
         }
-        let server_stream = server.as_deref().map(|s| &s.stream);
-        let ready = std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = client.poll_read_ready(cx) {
-                return Poll::Ready(r);
-            }
-            match server_stream {
-                Some(s) => s.poll_read_ready(cx),
-                None => Poll::Pending,
-            }
-        })
-        .await;
-        if let Err(e) = ready {
-            return Some(Side::Client(Err(e)));
+        if !stale {
+            return Poll::Pending;
         }
-    }
+    })
+    .await
 }
 
 enum Side {
@@ -2005,6 +2084,15 @@ mod tests {
         assert!(matches!(q.pop_front(), Some(Expect::Describe)));
         // Drained: empty again, and its storage starts over.
         assert!(q.is_empty() && q.items.is_empty() && q.head == 0);
+        // Skipping the head works the same, and does nothing on an empty queue.
+        q.push_back(Expect::Execute { effects: None });
+        q.push_back(Expect::Sync);
+        q.skip_front();
+        assert!(matches!(q.front(), Some(Expect::Sync)) && q.len() == 1);
+        q.skip_front();
+        assert!(q.is_empty() && q.items.is_empty() && q.head == 0);
+        q.skip_front();
+        assert!(q.is_empty() && q.head == 0);
         // A pipelining client: always one more owed than answered.
         q.push_back(Expect::Execute { effects: None });
         for i in 0..10_000u32 {

@@ -191,7 +191,9 @@ impl ShardTopology {
         // Least outstanding; ties (and round_robin) rotate over the tied candidates only,
         // so the primary's place in the host list does not skew the choice.
         let mut best_load = usize::MAX;
-        let mut tied = [0usize; 64];
+        // u16: a quarter of the bytes to zero on every read than usize (hosts per shard
+        // are few; any beyond 65,535 would never be picked, not be picked wrongly).
+        let mut tied = [0u16; 64];
         let mut ntied = 0;
         for (i, h) in self.hosts.iter().enumerate() {
             if exclude & (1 << (i % 64)) != 0 || !self.usable(h) {
@@ -222,11 +224,13 @@ impl ShardTopology {
                 ntied = 0;
             }
             if load == best_load && ntied < tied.len() {
-                tied[ntied] = i;
-                ntied += 1;
+                if let Ok(i) = u16::try_from(i) {
+                    tied[ntied] = i;
+                    ntied += 1;
+                }
             }
         }
-        (ntied > 0).then(|| tied[self.rr.fetch_add(1, Ordering::Relaxed) % ntied])
+        (ntied > 0).then(|| usize::from(tied[self.rr.fetch_add(1, Ordering::Relaxed) % ntied]))
     }
 
     pub fn is_banned(&self, host: usize) -> bool {

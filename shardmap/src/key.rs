@@ -320,25 +320,37 @@ fn parse_int(ty: KeyType, bytes: &[u8]) -> Result<i64, KeyError> {
         }
         _ => false,
     };
-    let digits = i;
     let min = match ty {
         KeyType::Int2 => i64::from(i16::MIN),
         KeyType::Int4 => i64::from(i32::MIN),
         _ => i64::MIN,
     };
     // Accumulate negatively, as Postgres does, so that the type's minimum, whose
-    // magnitude has no positive value of the type, parses.
+    // magnitude has no positive value of the type, parses. The first 18 digits cannot
+    // overflow an i64, so the usual key needs no overflow check per digit.
+    let first_digit = i;
     let mut acc: i64 = 0;
-    while let Some(&d) = bytes.get(i).filter(|d| d.is_ascii_digit()) {
-        acc = acc
-            .checked_mul(10)
-            .and_then(|v| v.checked_sub(i64::from(d - b'0')))
-            .filter(|v| *v >= min)
-            .ok_or_else(range)?;
+    while let Some(d) = bytes
+        .get(i)
+        .map(|b| b.wrapping_sub(b'0'))
+        .filter(|d| *d <= 9)
+    {
+        if i - first_digit >= 18 {
+            // 19 digits or more: from here on, check every step.
+            acc = acc
+                .checked_mul(10)
+                .and_then(|v| v.checked_sub(i64::from(d)))
+                .ok_or_else(range)?;
+        } else {
+            acc = acc * 10 - i64::from(d);
+        }
         i += 1;
     }
-    if i == digits {
+    if i == first_digit {
         return Err(syntax());
+    }
+    if acc < min {
+        return Err(range());
     }
     while i < bytes.len() && is_c_space(bytes[i]) {
         i += 1;
@@ -427,6 +439,15 @@ mod tests {
         );
         assert_eq!(text(KeyType::Int2, "32767"), Ok(KeyValue::Int(32767)));
         assert_eq!(text(KeyType::Int8, "007"), Ok(KeyValue::Int(7)));
+        // More than 18 digits takes the checked path; leading zeros do not overflow.
+        assert_eq!(
+            text(KeyType::Int2, "-0000000000000000000000042"),
+            Ok(KeyValue::Int(-42))
+        );
+        assert_eq!(
+            text(KeyType::Int8, "999999999999999999"),
+            Ok(KeyValue::Int(999_999_999_999_999_999))
+        );
         // Rejected by the server as invalid syntax (PG 16 would take 1_000 and 0x10).
         for bad in [
             "1_000", "0x10", "", " ", "+", "-", "4 2", "42.0", "1e3", "--1", "٣",
