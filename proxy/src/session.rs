@@ -1254,7 +1254,9 @@ impl Session {
                 a.data_write |=
                     stmt.is_none_or(|s| s.plan.as_deref().is_none_or(multi::plan_writes));
                 let effects = stmt.and_then(|s| s.effects.clone());
-                p.portal_effects.retain(|(name, _)| **name != *portal);
+                if !p.portal_effects.is_empty() {
+                    p.portal_effects.retain(|(name, _)| **name != *portal);
+                }
                 if let Some(fx) = effects {
                     p.portal_effects.push((Bytes::copy_from_slice(portal), fx));
                 }
@@ -1355,6 +1357,17 @@ impl Session {
                 Ok(None) => break Ok(()),
                 Err(e) => break Err(e),
             };
+            // A data row answering the client's own statement goes through untouched and
+            // changes no state: the bulk of a result skips the bookkeeping below.
+            if rbuf[at] == b'D'
+                && matches!(
+                    io.expects.front(),
+                    Some(Expect::Execute { .. } | Expect::Query { hidden: false, .. })
+                )
+            {
+                at += len;
+                continue;
+            }
             let forward = self.server_message(&rbuf[at..at + len], io);
             if !forward {
                 io.cout.extend_from_slice(&rbuf[run..at]);
