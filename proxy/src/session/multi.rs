@@ -159,7 +159,8 @@ impl Session {
             if !routing.state.must_wait(self.ticket) || !routing.touches_moving_simple(&sp, sql) {
                 break;
             }
-            routing.state.gate.wait_resumed().await;
+            // Boxed: rare, and it would otherwise grow every burst's future.
+            Box::pin(routing.state.gate.wait_resumed()).await;
         }
         if self.in_multi() {
             Box::pin(self.multi_query(routing, &sp, sql, io)).await?;
@@ -237,7 +238,8 @@ impl Session {
             if !routing.state.must_wait(self.ticket) || !self.batch_touches_moving(routing, io) {
                 break;
             }
-            routing.state.gate.wait_resumed().await;
+            // Boxed: rare, and it would otherwise grow every burst's future.
+            Box::pin(routing.state.gate.wait_resumed()).await;
         }
         if !self.in_multi() {
             match self.batch_target(routing, io) {
