@@ -3,7 +3,7 @@
 #
 # Compares direct Postgres, PgBouncer (Debian package) and shardgate:
 #   * throughput: every (scenario, target) pair once per round, targets in a
-#     rotating order per round; reports median TPS, ratio to direct, each
+#     balanced order (rounds in pairs: an order, then the same backwards); reports median TPS, ratio to direct, each
 #     proxy's CPU-µs per transaction (utime+stime from /proc) and failed tx;
 #   * memory: RSS of PgBouncer and shardgate holding 1,000 and 10,000 idle
 #     authenticated (SCRAM-SHA-256) clients.
@@ -33,7 +33,8 @@ usage() {
 Usage: tests/bench/pgbench.sh [options]
 
 Options (each also settable by the environment variable in brackets):
-  --rounds N          rounds of the interleaved throughput run [ROUNDS=3]
+  --rounds N          rounds of the interleaved throughput run; even keeps the
+                      target order balanced [ROUNDS=4]
   --duration S        seconds per pgbench run [DURATION=10]
   --scale N           pgbench -i scale factor [SCALE=10]
   --pool-size N       server connections per pool, both proxies [POOL_SIZE=20]
@@ -58,7 +59,7 @@ temp dir with every pgbench log and the proxies' configs and logs).
 EOF
 }
 
-ROUNDS=${ROUNDS:-3}
+ROUNDS=${ROUNDS:-4}
 DURATION=${DURATION:-10}
 SCALE=${SCALE:-10}
 POOL_SIZE=${POOL_SIZE:-20}
@@ -833,7 +834,12 @@ run_throughput() {
     : >"$RAW"
     for ((r = 1; r <= ROUNDS; r++)); do
         for s in "${SCEN_IDS[@]}"; do
-            # Targets of this scenario that are up, rotated by the round number.
+            # Targets of this scenario that are up, in a balanced order: rounds come
+            # in pairs, the second of a pair runs the first's order backwards, and each
+            # pair starts one place further on. A plain rotation would run one proxy
+            # right after the other in two rounds of three (with three targets), and a
+            # run right after another load tends to be the slower one; with pairs,
+            # every target goes before every other in half the rounds (even ROUNDS).
             order=()
             for t in ${SCEN_TARGETS[$s]}; do
                 [[ -n ${TARGET_PORT[$t]:-} ]] && order+=("$t")
@@ -842,7 +848,11 @@ run_throughput() {
             ((n > 0)) || continue
             log "round $r/$ROUNDS: $s (pgbench ${SCEN_ARGS[$s]} -T $DURATION)"
             for ((i = 0; i < n; i++)); do
-                run_one "$s" "$r" "${order[$(((i + r - 1) % n))]}"
+                if ((r % 2 == 1)); then
+                    run_one "$s" "$r" "${order[$(((i + (r - 1) / 2) % n))]}"
+                else
+                    run_one "$s" "$r" "${order[$(((n - 1 - i + (r - 1) / 2) % n))]}"
+                fi
             done
         done
     done
