@@ -310,8 +310,12 @@ struct Attached {
 /// time. Bounded: as many as this thread's clients hold at once, up to `SPARES_KEPT`.
 const SPARES_KEPT: usize = 64;
 
+/// Boxes in a Vec on purpose: the allocations themselves are what is kept for reuse.
+#[allow(clippy::vec_box)]
+type SpareAttached = Vec<Box<std::mem::MaybeUninit<Attached>>>;
+
 thread_local! {
-    static SPARE_ATTACHED: std::cell::RefCell<Vec<Box<std::mem::MaybeUninit<Attached>>>> =
+    static SPARE_ATTACHED: std::cell::RefCell<SpareAttached> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
