@@ -717,11 +717,15 @@ impl Session {
             let _ = self.flush(io).await;
             return Some(flow);
         }
-        if let Err(flow) = self.handle_client_messages(io).await {
-            let _ = self.flush(io).await;
-            return Some(flow);
+        // The usual steps finish without waiting; their futures are made only when there
+        // is something to wait for (a server's answer wakes a burst with no client bytes).
+        if !io.cin.is_empty() {
+            if let Err(flow) = self.handle_client_messages(io).await {
+                let _ = self.flush(io).await;
+                return Some(flow);
+            }
         }
-        if self.flush(io).await.is_err() {
+        if !self.flush_now(io) && self.flush(io).await.is_err() {
             return Some(Flow::Exit);
         }
         if self.releasable(io) {
@@ -760,6 +764,40 @@ impl Session {
                 .as_ref()
                 .is_none_or(|a| a.status == b'I' && !a.unsynced)
             && self.shard_tx.as_ref().is_none_or(|t| t.parts.is_empty())
+    }
+
+    /// Sends what is due without waiting; true when all of it went. Otherwise what went
+    /// is taken off the buffers and `flush` sends the rest, or meets the error again and
+    /// handles it.
+    fn flush_now(&mut self, io: &mut Buffers) -> bool {
+        use crate::stream::try_send;
+        if !io.sout.is_empty() {
+            let Some(a) = self.attached.as_mut() else {
+                return false;
+            };
+            match try_send(&a.server.conn.stream, &io.sout) {
+                Ok(n) if n == io.sout.len() => io.sout.clear(),
+                Ok(n) => {
+                    io.sout.advance(n);
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        if !io.cout.is_empty() {
+            let ClientStream::Plain(tcp) = &self.client else {
+                return false;
+            };
+            match try_send(tcp, &io.cout) {
+                Ok(n) if n == io.cout.len() => io.cout.clear(),
+                Ok(n) => {
+                    io.cout.advance(n);
+                    return false;
+                }
+                Err(_) => return false,
+            }
+        }
+        true
     }
 
     async fn flush(&mut self, io: &mut Buffers) -> std::io::Result<()> {
