@@ -725,7 +725,7 @@ impl Session {
                 return Some(flow);
             }
         }
-        if !self.flush_now(io) && self.flush(io).await.is_err() {
+        if !self.flush_now(io) && self.flush_rest(io).await.is_err() {
             return Some(Flow::Exit);
         }
         if self.releasable(io) {
@@ -767,8 +767,8 @@ impl Session {
     }
 
     /// Sends what is due without waiting; true when all of it went. Otherwise what went
-    /// is taken off the buffers and `flush` sends the rest, or meets the error again and
-    /// handles it.
+    /// is taken off the buffers, for `flush_rest`. The usual send, whole at once, then
+    /// costs no future.
     fn flush_now(&mut self, io: &mut Buffers) -> bool {
         use crate::stream::try_send;
         if !io.sout.is_empty() {
@@ -800,17 +800,21 @@ impl Session {
         true
     }
 
+    /// Sends everything due, waiting when a socket is full.
     async fn flush(&mut self, io: &mut Buffers) -> std::io::Result<()> {
-        use crate::stream::{send_rest, try_send};
+        if self.flush_now(io) {
+            return Ok(());
+        }
+        self.flush_rest(io).await
+    }
+
+    /// Sends what `flush_now` left (after a partial send or an error, which it meets
+    /// again here), waiting for the sockets. A server that cannot be written to is lost.
+    async fn flush_rest(&mut self, io: &mut Buffers) -> std::io::Result<()> {
         if !io.sout.is_empty() {
             if let Some(a) = self.attached.as_mut() {
-                let stream = &mut a.server.conn.stream;
-                let sent = match try_send(stream, &io.sout) {
-                    Ok(n) if n == io.sout.len() => Ok(()),
-                    Ok(n) => send_rest(stream, &io.sout[n..]).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = sent {
+                if let Err(e) = crate::stream::send_rest(&mut a.server.conn.stream, &io.sout).await
+                {
                     io.sout.clear();
                     self.server_lost(io).await;
                     return Err(e);
@@ -820,12 +824,7 @@ impl Session {
         }
         if !io.cout.is_empty() {
             match &mut self.client {
-                ClientStream::Plain(tcp) => {
-                    let n = try_send(tcp, &io.cout)?;
-                    if n < io.cout.len() {
-                        send_rest(tcp, &io.cout[n..]).await?;
-                    }
-                }
+                ClientStream::Plain(tcp) => crate::stream::send_rest(tcp, &io.cout).await?,
                 ClientStream::Tls(_) => {
                     self.client.write_all(&io.cout).await?;
                     self.client.flush().await?;
@@ -1680,10 +1679,10 @@ impl Session {
     /// Takes a server connection for the client; on failure the client has an ErrorResponse.
     async fn attach(&mut self, io: &mut Buffers, primary: bool, shard: u32) -> bool {
         self.follow_reload();
-        // Checked here first: the usual case, nothing paused and an idle connection at
-        // hand, then costs no future (see `UserPools::checkout_now`).
-        // The rare waits are boxed: their futures would otherwise make every burst's
-        // future (allocated and copied once per transaction) several hundred bytes bigger.
+        // The usual case, nothing paused and an idle connection at hand, costs no future
+        // (see `UserPools::checkout_now`). The rare waits are boxed: inline, their futures
+        // would make every burst's future (set up once per transaction) hundreds of bytes
+        // bigger.
         if self.app.process.is_paused(&self.pools.database) {
             Box::pin(self.app.process.wait_unpaused(&self.pools.database)).await;
         }

@@ -128,7 +128,7 @@ pub fn try_send(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes the rest of a buffer `try_send` could not, waiting for the socket.
+/// Writes all of `buf`, waiting for the socket: the rest of what `try_send` could not.
 pub async fn send_rest(tcp: &mut TcpStream, rest: &[u8]) -> io::Result<()> {
     tokio::io::AsyncWriteExt::write_all(tcp, rest).await
 }

@@ -459,30 +459,15 @@ mod tests {
                 );
             }
         }
-        // Out of range for the type.
-        assert!(matches!(
-            text(KeyType::Int2, "32768"),
-            Err(KeyError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            text(KeyType::Int4, "2147483648"),
-            Err(KeyError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            text(KeyType::Int8, "9223372036854775808"),
-            Err(KeyError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            text(KeyType::Int8, "-9223372036854775809"),
-            Err(KeyError::OutOfRange { .. })
-        ));
-        assert!(matches!(
-            text(KeyType::Int8, "99999999999999999999999"),
-            Err(KeyError::OutOfRange { .. })
-        ));
-        // Too many digits is "out of range" before trailing garbage is seen, as in
-        // PostgreSQL 15.18: '99999x'::int2 and '99999999999999999999x'::int8.
+        // Out of range for the type. Too many digits is "out of range" before trailing
+        // garbage is seen, as in PostgreSQL 15.18 ('99999x'::int2).
         for (ty, v) in [
+            (KeyType::Int2, "32768"),
+            (KeyType::Int2, "-32769"),
+            (KeyType::Int4, "2147483648"),
+            (KeyType::Int8, "9223372036854775808"),
+            (KeyType::Int8, "-9223372036854775809"),
+            (KeyType::Int8, "99999999999999999999999"),
             (KeyType::Int2, "99999x"),
             (KeyType::Int4, "2147483649x"),
             (KeyType::Int8, "99999999999999999999x"),
@@ -499,10 +484,6 @@ mod tests {
             Err(KeyError::InvalidSyntax { .. })
         ));
         assert_eq!(text(KeyType::Int2, "-32768"), Ok(KeyValue::Int(-32768)));
-        assert!(matches!(
-            text(KeyType::Int2, "-32769"),
-            Err(KeyError::OutOfRange { .. })
-        ));
     }
 
     #[test]

@@ -81,6 +81,33 @@ proptest! {
         }
     }
 
+    /// Integer text of any length around the 18 digits parsed without overflow checks
+    /// (leading zeros included), against a reference in i128: the value, or "out of
+    /// range" for the type, as Postgres says.
+    #[test]
+    fn integer_text_of_any_length_parses_exactly(
+        lead in "[ \t]{0,2}",
+        sign in prop_oneof![Just(""), Just("+"), Just("-")],
+        digits in "[0-9]{1,30}",
+        trail in "[ \t]{0,2}",
+    ) {
+        let text = format!("{lead}{sign}{digits}{trail}");
+        // At most 30 digits: always fits an i128.
+        let magnitude: i128 = digits.parse().expect("30 digits fit an i128");
+        let value = if sign == "-" { -magnitude } else { magnitude };
+        for (ty, min, max) in [
+            (KeyType::Int2, i128::from(i16::MIN), i128::from(i16::MAX)),
+            (KeyType::Int4, i128::from(i32::MIN), i128::from(i32::MAX)),
+            (KeyType::Int8, i128::from(i64::MIN), i128::from(i64::MAX)),
+        ] {
+            let got = KeyValue::from_text(ty, text.as_bytes());
+            match value {
+                v if (min..=max).contains(&v) => prop_assert_eq!(got, Ok(KeyValue::Int(v as i64)), "{} {:?}", ty, text),
+                _ => prop_assert!(matches!(got, Err(shardgate_shardmap::KeyError::OutOfRange { .. })), "{} {:?}: {:?}", ty, text, got),
+            }
+        }
+    }
+
     #[test]
     fn integer_text_and_binary_round_trip(v in any::<i64>()) {
         prop_assert_eq!(KeyValue::from_text(KeyType::Int8, v.to_string().as_bytes()), Ok(KeyValue::Int(v)));

@@ -364,3 +364,57 @@ async fn unnamed_statement_across_round_trips() {
     }
     a.terminate().await;
 }
+
+/// A result far bigger than the socket buffers, to a client that does not read until the
+/// server is stuck writing: shardgate's sends to the client fill up partway (the path that
+/// waits for the socket), and the client still gets every row, in order, then a working
+/// connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_big_result_reaches_a_client_that_reads_late_whole() {
+    let proxy = Proxy::builder().pool_size(2).start().await;
+    let observer = connect(&Cluster::shared().primary_url(0, "app"))
+        .await
+        .unwrap();
+    let mut c = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let marker = unique_name("late_reader");
+    // 20,000 rows of 1,000 bytes: about 20 MB, several times what the sockets buffer.
+    let rows = 20_000;
+    let sql =
+        format!("SELECT g, repeat('x', 1000) FROM generate_series(1, {rows}) g /* {marker} */");
+    postgres_protocol::message::frontend::query(&sql, c.buf()).unwrap();
+    c.flush().await.unwrap();
+    // Everything in between is full once the server waits to write to its client.
+    let pattern = format!("%{marker}%");
+    shardgate_e2e::wait_for(
+        "the server to wait on a full socket",
+        std::time::Duration::from_secs(10),
+        || async {
+            observer
+                .query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE query LIKE $1 \
+                     AND wait_event = 'ClientWrite' AND pid <> pg_backend_pid()",
+                    &[&pattern],
+                )
+                .await
+                .unwrap()
+                .map(|_| ())
+        },
+    )
+    .await;
+    let msgs = c.read_until_ready().await.unwrap();
+    let got = Msg::rows(&msgs);
+    assert_eq!(got.len(), rows, "rows received");
+    let filler = "x".repeat(1000);
+    for (i, row) in got.iter().enumerate() {
+        assert_eq!(
+            row[0].as_deref(),
+            Some((i + 1).to_string().as_str()),
+            "row {i}"
+        );
+        assert_eq!(row[1].as_deref(), Some(filler.as_str()), "row {i}");
+    }
+    assert_eq!(msgs.last().map(|m| m.ready_status()), Some(b'I'));
+    let after = c.simple_query("SELECT 42").await.unwrap();
+    assert_eq!(Msg::rows(&after), vec![vec![Some("42".to_string())]]);
+    c.terminate().await;
+}
