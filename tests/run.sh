@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check of the project: system packages, rustfmt, release build, clippy,
-# a shared PostgreSQL test cluster, then `cargo test --release --workspace`.
+# a shared PostgreSQL test cluster, then `cargo test --profile suite --workspace`
+# (the release optimisations with faster links; see Cargo.toml).
 #
 # Usage: tests/run.sh [CARGO-TEST-ARGS...]     e.g. tests/run.sh -p shardgate-e2e -- --nocapture
 #
@@ -16,7 +17,7 @@
 #   SHARDGATE_TEST_SCRATCH    a directory for clusters the tests start themselves, each
 #                             in its own subdirectory used as SHARDGATE_HOME; whatever
 #                             runs there at the end is stopped and deleted
-#   SHARDGATE_BIN             <repo>/target/release/shardgate
+#   SHARDGATE_BIN             <repo>/target/suite/shardgate
 #   SHARDGATE_CLUSTER_SH      <repo>/deploy/local/cluster.sh
 #   SHARDGATE_TEST_SHARD<i>_PRIMARY_URL, SHARDGATE_TEST_SHARD<i>_REPLICA<j>_URL
 #
@@ -167,8 +168,8 @@ fi
 
 # --- 3. build -------------------------------------------------------------------------------------
 
-stage "build (cargo build --release --workspace --all-targets)"
-if cargo build --release --workspace --all-targets; then
+stage "build (cargo build --profile suite --workspace --all-targets)"
+if cargo build --profile suite --workspace --all-targets; then
     passed
 else
     failed
@@ -177,12 +178,12 @@ fi
 
 # --- 4. clippy -------------------------------------------------------------------------------------
 
-stage "clippy (cargo clippy --release --workspace --all-targets -- -D warnings)"
+stage "clippy (cargo clippy --profile suite --workspace --all-targets -- -D warnings)"
 if [[ ${SHARDGATE_SKIP_LINT:-} == 1 ]]; then
     skipped "SHARDGATE_SKIP_LINT=1"
 elif ! have_cargo_tool clippy clippy; then
     skipped "clippy is not installed and could not be added"
-elif cargo clippy --release --workspace --all-targets -- -D warnings; then
+elif cargo clippy --profile suite --workspace --all-targets -- -D warnings; then
     passed
 else
     failed
@@ -200,7 +201,7 @@ export SHARDGATE_TEST_SHARDS=2
 export SHARDGATE_TEST_REPLICAS=2
 export SHARDGATE_TEST_HOME=$TEST_ROOT/cluster
 export SHARDGATE_TEST_SCRATCH=$TEST_ROOT/scratch
-export SHARDGATE_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/shardgate
+export SHARDGATE_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/suite/shardgate
 export SHARDGATE_CLUSTER_SH=$CLUSTER_SH
 cluster_env() {
     SHARDGATE_HOME=$SHARDGATE_TEST_HOME SHARDGATE_PG_PORT=$SHARDGATE_TEST_PG_PORT \
@@ -219,9 +220,9 @@ fi
 
 # --- 6. tests -----------------------------------------------------------------------------------------
 
-stage "tests (cargo test --release --workspace $*)"
+stage "tests (cargo test --profile suite --workspace $*)"
 export RUST_BACKTRACE=${RUST_BACKTRACE:-1}
-if cargo test --release --workspace "$@"; then
+if cargo test --profile suite --workspace "$@"; then
     passed
 else
     TEST_STATUS=$?

@@ -29,12 +29,12 @@ const ROWS: i64 = 20_000;
 const ADMIN: &str = "rbadmin";
 const ADMIN_PASSWORD: &str = "rb-Admin-5t";
 
-/// `$SHARDGATE_BIN`, else the release binary of this checkout.
+/// `$SHARDGATE_BIN`, else the binary `./tests/run.sh` builds (profile `suite`).
 fn shardgate_bin() -> PathBuf {
     match std::env::var_os("SHARDGATE_BIN") {
         Some(p) => PathBuf::from(p),
         None => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/release/shardgate")
+            .join("../target/suite/shardgate")
             .to_path_buf(),
     }
 }
