@@ -52,8 +52,9 @@ Options (each also settable by the environment variable in brackets):
 
 Other environment: PG_PORT (25432), PGBOUNCER_PORT (26432),
 SHARDGATE_PORT (27432; sharded mode: the shards are PG_PORT+1..PG_PORT+N),
-SHARDGATE_BIN (default target/release/shardgate,
-brought up to date with cargo build --release unless SHARDGATE_BUILD=0),
+SHARDGATE_PGO (1: the PGO build of deploy/pgo/build.sh, target/pgo/shardgate;
+0: the plain target/release/shardgate; default 1), SHARDGATE_BIN (default: that
+build's binary, brought up to date first unless SHARDGATE_BUILD=0),
 SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
 temp dir with every pgbench log and the proxies' configs and logs).
 EOF
@@ -80,7 +81,18 @@ SHARDGATE_PORT=${SHARDGATE_PORT:-27432}
 # sg_r1..sg_rN: shardgate with the primary and 1..N replicas (reads go to replicas; the
 # read/write split is on), on ports SHARDGATE_PORT+1..N.
 REPLICAS=${REPLICAS:-0}
-SHARDGATE_BIN=${SHARDGATE_BIN:-$REPO/target/release/shardgate}
+# SHARDGATE_PGO=1 (default): the release build with profile-guided optimisation, the
+# one deploy/ ships (deploy/pgo/build.sh); 0: the plain `cargo build --release`.
+SHARDGATE_PGO=${SHARDGATE_PGO:-1}
+if [[ $SHARDGATE_PGO == 1 ]]; then
+    DEFAULT_SHARDGATE_BIN=${CARGO_TARGET_DIR:-$REPO/target}/pgo/shardgate
+    SHARDGATE_BUILD_KIND="PGO build"
+else
+    DEFAULT_SHARDGATE_BIN=${CARGO_TARGET_DIR:-$REPO/target}/release/shardgate
+    SHARDGATE_BUILD_KIND="plain release build"
+fi
+SHARDGATE_BIN=${SHARDGATE_BIN:-$DEFAULT_SHARDGATE_BIN}
+[[ $SHARDGATE_BIN == "$DEFAULT_SHARDGATE_BIN" ]] || SHARDGATE_BUILD_KIND="given in SHARDGATE_BIN"
 SHARDGATE_BUILD=${SHARDGATE_BUILD:-1}
 SHARDGATE_LOG=${SHARDGATE_LOG:-warn}
 KEEP_TMP=${KEEP_TMP:-0}
@@ -441,21 +453,22 @@ start_pgbouncer() {
         { tail -n 20 "$dir/pgbouncer.log" "$dir/stderr.log" >&2; die "pgbouncer did not start"; }
 }
 
-# The default binary is (re)built with cargo, a no-op when it is up to date,
-# so a stale build is never measured by accident. If the build fails, an
-# existing binary is used with a warning.
+# The default binary is (re)built first (cargo is a no-op when it is up to date; the
+# PGO build reruns its training, about 8 minutes), so a stale build is never measured
+# by accident. If the build fails, an existing binary is used with a warning.
 ensure_shardgate_bin() {
-    if [[ $SHARDGATE_BUILD == 1 && $SHARDGATE_BIN == "$REPO/target/release/shardgate" ]] &&
+    if [[ $SHARDGATE_BUILD == 1 && $SHARDGATE_BIN == "$DEFAULT_SHARDGATE_BIN" ]] &&
         command -v cargo >/dev/null; then
-        log "building shardgate (cargo build --release -p shardgate)"
-        if ! run_waited cargo build --release -p shardgate --manifest-path "$REPO/Cargo.toml" \
-            >"$WORK/cargo-build.log" 2>&1; then
+        local build=(cargo build --release -p shardgate --manifest-path "$REPO/Cargo.toml")
+        [[ $SHARDGATE_PGO == 1 ]] && build=("$REPO/deploy/pgo/build.sh" --out "$SHARDGATE_BIN")
+        log "building shardgate (${build[*]})"
+        if ! run_waited "${build[@]}" >"$WORK/cargo-build.log" 2>&1; then
             tail -n 30 "$WORK/cargo-build.log" >&2
             if [[ -x $SHARDGATE_BIN ]]; then
-                log "warning: cargo build failed; using the existing (older) $SHARDGATE_BIN"
-                SHARDGATE_STALE=" (stale: cargo build failed)"
+                log "warning: the build failed; using the existing (older) $SHARDGATE_BIN"
+                SHARDGATE_STALE=" (stale: the build failed)"
             else
-                TARGET_NOTE[shardgate]="cargo build failed"
+                TARGET_NOTE[shardgate]="the build failed"
                 return 1
             fi
         fi
@@ -1043,7 +1056,7 @@ if selected pgbouncer; then
 fi
 if selected shardgate; then
     if ensure_shardgate_bin; then
-        SHARDGATE_VERSION="$SHARDGATE_BIN (git $(git_rev))${SHARDGATE_STALE:-}"
+        SHARDGATE_VERSION="$SHARDGATE_BIN ($SHARDGATE_BUILD_KIND, git $(git_rev))${SHARDGATE_STALE:-}"
         ((SHARDS > 1)) && crosscheck_slots
         start_target shardgate "$SHARDGATE_PORT" || log "shardgate skipped: ${TARGET_NOTE[shardgate]}"
         ((SHARDS > 1)) && { check_sharded || true; }

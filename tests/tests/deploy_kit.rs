@@ -19,6 +19,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -586,6 +587,15 @@ fn docker_kit_is_consistent() {
             );
         }
     }
+    // The build stage runs the profile-guided build script; it must be there and
+    // executable (the build context is the repository root).
+    assert!(dockerfile.contains("deploy/pgo/build.sh --out /out/shardgate"));
+    let pgo = repo_root().join("deploy/pgo/build.sh");
+    let mode = std::fs::metadata(&pgo)
+        .unwrap_or_else(|e| panic!("{}: {e}", pgo.display()))
+        .permissions()
+        .mode();
+    assert!(mode & 0o111 != 0, "{} is not executable", pgo.display());
     let mut mounts = 0;
     for line in compose.lines() {
         let line = line.trim();
