@@ -17,7 +17,8 @@
 #   SHARDGATE_TEST_SCRATCH    a directory for clusters the tests start themselves, each
 #                             in its own subdirectory used as SHARDGATE_HOME; whatever
 #                             runs there at the end is stopped and deleted
-#   SHARDGATE_BIN             <repo>/target/suite/shardgate
+#   SHARDGATE_BIN             the binary under test (default <repo>/target/suite/shardgate;
+#                             e.g. target/pgo/shardgate to test the profile-guided build)
 #   SHARDGATE_CLUSTER_SH      <repo>/deploy/local/cluster.sh
 #   SHARDGATE_TEST_SHARD<i>_PRIMARY_URL, SHARDGATE_TEST_SHARD<i>_REPLICA<j>_URL
 #
@@ -201,7 +202,7 @@ export SHARDGATE_TEST_SHARDS=2
 export SHARDGATE_TEST_REPLICAS=2
 export SHARDGATE_TEST_HOME=$TEST_ROOT/cluster
 export SHARDGATE_TEST_SCRATCH=$TEST_ROOT/scratch
-export SHARDGATE_BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/suite/shardgate
+export SHARDGATE_BIN=${SHARDGATE_BIN:-${CARGO_TARGET_DIR:-$REPO_ROOT/target}/suite/shardgate}
 export SHARDGATE_CLUSTER_SH=$CLUSTER_SH
 cluster_env() {
     SHARDGATE_HOME=$SHARDGATE_TEST_HOME SHARDGATE_PG_PORT=$SHARDGATE_TEST_PG_PORT \
