@@ -42,6 +42,8 @@ Options (each also settable by the environment variable in brackets):
   --threads N         pgbench -j for throughput runs [THREADS=2]
   --idle-clients LIST idle client counts for the memory run [IDLE_CLIENTS=1000,10000]
   --only LIST         targets to run [ONLY=direct,pgbouncer,shardgate]
+  --scenarios LIST    scenarios to run, by id prefix (select-only, tpcb-like,
+                      select-only-c16, ...) [SCENARIOS=all]
   --shards N          N >= 2: sharded mode, direct vs shardgate over N shards,
                       select-only with -M extended and -M simple; skips the
                       memory run unless SKIP_MEMORY=0 [SHARDS=1]
@@ -69,6 +71,7 @@ THREADS=${THREADS:-2}
 IDLE_CLIENTS=${IDLE_CLIENTS:-1000,10000}
 SHARDS=${SHARDS:-1}
 ONLY=${ONLY:-}
+SCENARIOS=${SCENARIOS:-}
 SKIP_MEMORY=${SKIP_MEMORY:-}
 SKIP_THROUGHPUT=${SKIP_THROUGHPUT:-0}
 OUT=${OUT:-}
@@ -107,6 +110,7 @@ while (($#)); do
         --threads) THREADS=$2; shift ;;
         --idle-clients) IDLE_CLIENTS=$2; shift ;;
         --only) ONLY=$2; shift ;;
+        --scenarios) SCENARIOS=$2; shift ;;
         --shards) SHARDS=$2; shift ;;
         --skip-memory) SKIP_MEMORY=1 ;;
         --skip-throughput) SKIP_THROUGHPUT=1 ;;
@@ -761,6 +765,11 @@ SCEN_IDS=()
 declare -A SCEN_TITLE=() SCEN_ARGS=() SCEN_TARGETS=()
 
 add_scenario() { # id title "pgbench args" ["targets"]
+    if [[ -n $SCENARIOS ]]; then
+        local p wanted=0
+        for p in ${SCENARIOS//,/ }; do [[ $1 == "$p"* ]] && wanted=1; done
+        ((wanted)) || return 0
+    fi
     SCEN_IDS+=("$1")
     SCEN_TITLE[$1]=$2
     SCEN_ARGS[$1]=$3
@@ -1077,6 +1086,7 @@ for t in "${ALL_TARGETS[@]}"; do
 done
 
 define_scenarios
+((${#SCEN_IDS[@]})) || die "no scenario matches SCENARIOS=$SCENARIOS"
 if [[ $SKIP_THROUGHPUT != 1 ]]; then
     run_throughput
 else
