@@ -2,6 +2,9 @@
 # Builds the shardgate release binary with profile-guided optimisation (PGO).
 #
 # Usage: deploy/pgo/build.sh [--out FILE]
+#        deploy/pgo/build.sh --check BIN   only step 2, against BIN, one second per run:
+#                                          checks that the training workload still runs
+#                                          (the end-to-end suite does this)
 #
 # 1. an instrumented release build (`-Cprofile-generate`, its own target directory);
 # 2. a training run: a throwaway local cluster (deploy/local/cluster.sh, three servers,
@@ -29,6 +32,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO=$(cd "$HERE/../.." && pwd -P)
 TARGET=${CARGO_TARGET_DIR:-$REPO/target}
 OUT=$TARGET/pgo/shardgate
+CHECK_BIN=
 PORT=${SHARDGATE_PGO_PORT:-29432}
 SG_PORT=$((PORT + 10))
 
@@ -37,7 +41,8 @@ die() { printf 'pgo: error: %s\n' "$*" >&2; exit 1; }
 
 while (($#)); do
     case $1 in
-        --out) OUT=$(realpath -m "$2"); shift ;;
+        --out) OUT=$(realpath -m "${2:?--out needs a file}"); shift ;;
+        --check) CHECK_BIN=$(realpath -m "${2:?--check needs a binary}"); shift ;;
         -h | --help) sed -n '2,/^set -euo/{/^set /d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
@@ -50,42 +55,65 @@ SG_PID=
 cluster() { SHARDGATE_HOME=$WORK/cluster SHARDGATE_PG_PORT=$PORT SHARDGATE_SHARDS=3 \
     SHARDGATE_REPLICAS=0 "$REPO/deploy/local/cluster.sh" "$@"; }
 cleanup() {
+    [[ -n $CHILD ]] && kill "$CHILD" 2>/dev/null
     [[ -n $SG_PID ]] && kill "$SG_PID" 2>/dev/null
     [[ -d $WORK/cluster ]] && cluster down --purge >/dev/null 2>&1
     rm -rf "$WORK"
 }
 trap cleanup EXIT
+# A signal ends the script through its EXIT trap, so the cluster never outlives it.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-# --- the tools ------------------------------------------------------------------------
+# Runs a command so that a signal interrupts the wait at once (bash defers traps until a
+# foreground command ends; `wait` returns early).
+CHILD=
+waited() {
+    local rc=0
+    "$@" &
+    CHILD=$!
+    wait "$CHILD" || rc=$?
+    CHILD=
+    return "$rc"
+}
 
-command -v cargo >/dev/null || die "cargo not found: install Rust (rustup)"
-sysroot=$(rustc --print sysroot)
-host=$(rustc -vV | sed -n 's/^host: //p')
-PROFDATA=$sysroot/lib/rustlib/$host/bin/llvm-profdata
-if [[ ! -x $PROFDATA ]]; then
-    log "adding rustup's llvm-tools component (for llvm-profdata)"
-    rustup component add llvm-tools >&2 || die "could not add llvm-tools: run 'rustup component add llvm-tools'"
-fi
-[[ -x $PROFDATA ]] || die "$PROFDATA not found after adding llvm-tools"
+# --- the tools, and 1. instrumented build --------------------------------------------------
 
 build() { # TARGET-DIR EXTRA-RUSTFLAGS
     RUSTFLAGS="${RUSTFLAGS:-} $2" CARGO_TARGET_DIR=$1 \
-        cargo build --release --locked -p shardgate --manifest-path "$REPO/Cargo.toml" >&2
+        waited cargo build --release --locked -p shardgate --manifest-path "$REPO/Cargo.toml" >&2
 }
 
-# --- 1. instrumented build -----------------------------------------------------------------
+if [[ -n $CHECK_BIN ]]; then
+    [[ -x $CHECK_BIN ]] || die "--check: $CHECK_BIN is not an executable"
+    PROFILES=$WORK/profiles
+    INSTRUMENTED=$CHECK_BIN
+    SECS=1
+else
+    command -v cargo >/dev/null || die "cargo not found: install Rust (rustup)"
+    sysroot=$(rustc --print sysroot)
+    host=$(rustc -vV | sed -n 's/^host: //p')
+    PROFDATA=$sysroot/lib/rustlib/$host/bin/llvm-profdata
+    if [[ ! -x $PROFDATA ]]; then
+        log "adding rustup's llvm-tools component (for llvm-profdata)"
+        rustup component add llvm-tools >&2 ||
+            die "could not add llvm-tools: run 'rustup component add llvm-tools'"
+    fi
+    [[ -x $PROFDATA ]] || die "$PROFDATA not found after adding llvm-tools"
 
-# A fixed profile directory keeps RUSTFLAGS, and so this build, the same from run to run.
-PROFILES=$TARGET/pgo-instrumented/profiles
-log "instrumented build ($TARGET/pgo-instrumented)"
-mkdir -p "$PROFILES"
-build "$TARGET/pgo-instrumented" "-Cprofile-generate=$PROFILES"
-INSTRUMENTED=$TARGET/pgo-instrumented/release/shardgate
+    # A fixed profile directory keeps RUSTFLAGS, and so this build, the same from run to run.
+    PROFILES=$TARGET/pgo-instrumented/profiles
+    log "instrumented build ($TARGET/pgo-instrumented)"
+    mkdir -p "$PROFILES"
+    build "$TARGET/pgo-instrumented" "-Cprofile-generate=$PROFILES"
+    INSTRUMENTED=$TARGET/pgo-instrumented/release/shardgate
+    SECS=3
+fi
 
 # --- 2. training -------------------------------------------------------------------------------
 
 log "training cluster on 127.0.0.1:$PORT-$((PORT + 2))"
-cluster up >/dev/null
+waited cluster up >/dev/null
 pgbin=$(cluster bindir)
 # Build scripts are instrumented too; only shardgate's own profiles are merged.
 rm -f "$PROFILES"/*.profraw
@@ -129,9 +157,10 @@ PGBENCH=$pgbin/pgbench PSQL=$pgbin/psql
 LLVM_PROFILE_FILE="$PROFILES/shardgate-%p-%m.profraw" RUST_LOG=warn \
     "$INSTRUMENTED" --config "$WORK/shardgate.toml" >"$WORK/shardgate.log" 2>&1 &
 SG_PID=$!
-for _ in $(seq 100); do
+for try in $(seq 100); do
     "$PSQL" -X -At -h 127.0.0.1 -p "$SG_PORT" -U app -c 'select 1' pooled >/dev/null 2>&1 && break
     kill -0 "$SG_PID" 2>/dev/null || { cat "$WORK/shardgate.log" >&2; die "shardgate exited"; }
+    ((try < 100)) || { cat "$WORK/shardgate.log" >&2; die "shardgate did not answer on port $SG_PORT"; }
     sleep 0.1
 done
 
@@ -149,10 +178,10 @@ train() {
     log "training: pooled database"
     "$PGBENCH" -i -q -s 2 -h 127.0.0.1 -p "$PORT" -U app app >/dev/null 2>&1 || die "pgbench -i failed"
     for mode in extended simple prepared; do
-        bench pooled -c 16 -T 3 -S -M "$mode"
-        bench pooled -c 8 -T 3 -M "$mode"
+        bench pooled -c 16 -T "$SECS" -S -M "$mode"
+        bench pooled -c 8 -T "$SECS" -M "$mode"
     done
-    bench pooled -c 48 -T 2 -S -M extended
+    bench pooled -c 48 -T "$SECS" -S -M extended
 
     log "training: sharded database"
     seq 1 20000 | awk '{ printf "%d\tuser %d\n", $1, $1 }' |
@@ -170,9 +199,9 @@ SELECT count(*), max(id) FROM users;
 SELECT id, name FROM users ORDER BY id DESC LIMIT 5;
 EOF
     for mode in extended simple prepared; do
-        bench sharded -c 16 -T 3 -M "$mode" -f "$WORK/keyed.sql"
+        bench sharded -c 16 -T "$SECS" -M "$mode" -f "$WORK/keyed.sql"
     done
-    bench sharded -c 4 -T 2 -M extended -f "$WORK/fanout.sql"
+    bench sharded -c 4 -T "$SECS" -M extended -f "$WORK/fanout.sql"
 }
 train
 
@@ -181,6 +210,10 @@ for _ in $(seq 100); do kill -0 "$SG_PID" 2>/dev/null || break; sleep 0.1; done
 kill -0 "$SG_PID" 2>/dev/null && die "shardgate did not stop on SIGTERM"
 SG_PID=
 cluster down --purge >/dev/null 2>&1
+if [[ -n $CHECK_BIN ]]; then
+    log "check passed: the training workload runs against $CHECK_BIN"
+    exit 0
+fi
 
 # --- 3. merge ---------------------------------------------------------------------------------
 
