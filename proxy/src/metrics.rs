@@ -17,6 +17,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::tally::Tally;
 use crate::topology::ShardTopology;
 
 /// Latency buckets in seconds (histograms, not summaries, so they aggregate across proxies).
@@ -108,6 +109,7 @@ pub async fn serve(
                                     }
                                 }
                             }
+                            publish_tallies(app);
                         }
                         let mut text = handle.render();
                         if let Some(app) = &app {
@@ -345,9 +347,9 @@ pub struct HostMetrics {
     pub lag_bytes: Gauge,
     pub lag_seconds: Gauge,
     /// Statements forwarded to this host (simple queries and Executes).
-    pub queries: Counter,
+    pub queries: Tally,
     /// Server connections checked out from this host for a transaction.
-    pub transactions: Counter,
+    pub transactions: Tally,
 }
 
 impl HostMetrics {
@@ -360,9 +362,18 @@ impl HostMetrics {
             banned: gauge!("shardgate_host_banned", "shard" => s.clone(), "host" => h.clone()),
             lag_bytes: gauge!("shardgate_replica_lag_bytes", "shard" => s.clone(), "host" => h.clone()),
             lag_seconds: gauge!("shardgate_replica_lag_seconds", "shard" => s.clone(), "host" => h.clone()),
-            queries: counter!("shardgate_queries_total", "shard" => s.clone(), "host" => h.clone()),
-            transactions: counter!("shardgate_transactions_total", "shard" => s, "host" => h),
+            queries: Tally::new(
+                counter!("shardgate_queries_total", "shard" => s.clone(), "host" => h.clone()),
+            ),
+            transactions: Tally::new(
+                counter!("shardgate_transactions_total", "shard" => s, "host" => h),
+            ),
         }
+    }
+
+    fn publish(&self) {
+        self.queries.publish();
+        self.transactions.publish();
     }
 }
 
@@ -370,9 +381,9 @@ impl HostMetrics {
 pub struct ShardMetrics {
     pub failovers: Counter,
     pub has_primary: Gauge,
-    pub reads_on_replica: Counter,
-    pub reads_on_primary: Counter,
-    pub writes: Counter,
+    pub reads_on_replica: Tally,
+    pub reads_on_primary: Tally,
+    pub writes: Tally,
 }
 
 impl ShardMetrics {
@@ -381,10 +392,20 @@ impl ShardMetrics {
         ShardMetrics {
             failovers: counter!("shardgate_failovers_total", "shard" => s.clone()),
             has_primary: gauge!("shardgate_shard_has_primary", "shard" => s.clone()),
-            reads_on_replica: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "replica"),
-            reads_on_primary: counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "primary"),
-            writes: counter!("shardgate_writes_routed_total", "shard" => s),
+            reads_on_replica: Tally::new(
+                counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "replica"),
+            ),
+            reads_on_primary: Tally::new(
+                counter!("shardgate_reads_routed_total", "shard" => s.clone(), "role" => "primary"),
+            ),
+            writes: Tally::new(counter!("shardgate_writes_routed_total", "shard" => s)),
         }
+    }
+
+    fn publish(&self) {
+        self.reads_on_replica.publish();
+        self.reads_on_primary.publish();
+        self.writes.publish();
     }
 }
 
@@ -402,10 +423,10 @@ impl LatencyHistogram {
     pub fn record(&self, d: Duration) {
         let secs = d.as_secs_f64();
         let i = LATENCY_BUCKETS.partition_point(|le| *le < secs);
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_nanos.fetch_add(
+        crate::tally::add(&self.counts[i], 1);
+        crate::tally::add(
+            &self.sum_nanos,
             u64::try_from(d.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
         );
     }
 
@@ -415,6 +436,18 @@ impl LatencyHistogram {
             into[i] += c.load(Ordering::Relaxed);
         }
         into[LATENCY_BUCKETS.len() + 1] += self.sum_nanos.load(Ordering::Relaxed);
+    }
+}
+
+/// Hands the per-transaction counts of every host and shard to the registry.
+fn publish_tallies(app: &crate::app::App) {
+    for shards in app.topologies.values() {
+        for t in shards {
+            t.metrics.publish();
+            for h in &t.hosts {
+                h.metrics.publish();
+            }
+        }
     }
 }
 

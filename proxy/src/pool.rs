@@ -184,7 +184,7 @@ struct Lent {
 impl Drop for Lent {
     fn drop(&mut self) {
         if self.counted {
-            self.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+            crate::tally::dec(&self.pool.host.outstanding);
             self.pool.give_back(None);
         }
     }
@@ -336,7 +336,7 @@ impl Pool {
 
     /// The guard of a place just taken: it gives the place back on every way out.
     fn lend(self: &Arc<Self>) -> Lent {
-        self.host.outstanding.fetch_add(1, Ordering::Relaxed);
+        crate::tally::inc(&self.host.outstanding);
         Lent {
             pool: self.clone(),
             counted: true,
@@ -495,7 +495,7 @@ impl Checkout {
     pub fn release(self) {
         let Checkout { conn, mut lent } = self;
         lent.counted = false;
-        lent.pool.host.outstanding.fetch_sub(1, Ordering::Relaxed);
+        crate::tally::dec(&lent.pool.host.outstanding);
         lent.pool.give_back(Some(conn));
     }
 
@@ -556,9 +556,9 @@ pub struct UserPools {
 /// Counts where a checkout went: a write, a read on the primary or one on a replica.
 fn count_route(topo: &ShardTopology, want: Want, host: usize) {
     match want {
-        Want::Primary => topo.metrics.writes.increment(1),
-        _ if topo.primary() == Some(host) => topo.metrics.reads_on_primary.increment(1),
-        _ => topo.metrics.reads_on_replica.increment(1),
+        Want::Primary => topo.metrics.writes.increment(),
+        _ if topo.primary() == Some(host) => topo.metrics.reads_on_primary.increment(),
+        _ => topo.metrics.reads_on_replica.increment(),
     }
 }
 

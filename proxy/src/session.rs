@@ -967,13 +967,11 @@ impl Session {
                     protocol::ready_for_query(&mut io.cout, status);
                     return Ok(());
                 }
-                self.pools
-                    .queries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                crate::tally::add(&self.pools.queries, 1);
                 let Some(a) = self.attached.as_mut() else {
                     return Ok(());
                 };
-                a.server.host().metrics.queries.increment(1);
+                a.server.host().metrics.queries.increment();
                 a.wrote |= primary;
                 a.data_write |= data_write;
                 // A simple query destroys the unnamed statement on the server.
@@ -1336,10 +1334,8 @@ impl Session {
                     .iter()
                     .find(|(name, _)| **name == *portal)
                     .map(|(_, fx)| fx.clone());
-                a.server.host().metrics.queries.increment(1);
-                self.pools
-                    .queries
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                a.server.host().metrics.queries.increment();
+                crate::tally::add(&self.pools.queries, 1);
                 io.sout.extend_from_slice(msg);
                 io.expects.push_back(Expect::Execute { effects });
             }
@@ -1709,7 +1705,7 @@ impl Session {
                 }
             }
         };
-        server.host().metrics.transactions.increment(1);
+        server.host().metrics.transactions.increment();
         self.cancel.attach(
             server.conn.id,
             CancelTarget {

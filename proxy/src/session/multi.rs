@@ -474,7 +474,7 @@ impl Session {
                 return Err((code, format!("shard {shard}: {message}")));
             }
         };
-        server.host().metrics.transactions.increment(1);
+        server.host().metrics.transactions.increment();
         let current = server.conn.settings.clone();
         let same = current
             .as_ref()
@@ -713,7 +713,7 @@ impl Session {
         }
         if let Some(tx) = self.shard_tx.as_ref() {
             for r in &requests {
-                tx.parts[r.part].server.host().metrics.queries.increment(1);
+                tx.parts[r.part].server.host().metrics.queries.increment();
             }
         }
         let combined = match self.exchange(plan, requests, merge_params, describe).await {
