@@ -109,8 +109,8 @@ pub async fn serve(
                                     }
                                 }
                             }
-                            publish_tallies(app);
                         }
+                        crate::tally::publish_all();
                         let mut text = handle.render();
                         if let Some(app) = &app {
                             render_query_latency(app, &mut text);
@@ -370,11 +370,6 @@ impl HostMetrics {
             ),
         }
     }
-
-    fn publish(&self) {
-        self.queries.publish();
-        self.transactions.publish();
-    }
 }
 
 /// Per-shard handles.
@@ -401,16 +396,10 @@ impl ShardMetrics {
             writes: Tally::new(counter!("shardgate_writes_routed_total", "shard" => s)),
         }
     }
-
-    fn publish(&self) {
-        self.reads_on_replica.publish();
-        self.reads_on_primary.publish();
-        self.writes.publish();
-    }
 }
 
-/// A latency histogram with the fixed buckets of the metrics contract: two relaxed atomic
-/// adds per sample, rendered at scrape time. (The exporter's histograms keep every sample
+/// A latency histogram with the fixed buckets of the metrics contract: two adds per sample
+/// (`tally::add`: no locked instruction with one runtime thread), rendered at scrape time. (The exporter's histograms keep every sample
 /// until the next upkeep, which cost a measurable share of a transaction's CPU.)
 #[derive(Default)]
 pub struct LatencyHistogram {
@@ -436,18 +425,6 @@ impl LatencyHistogram {
             into[i] += c.load(Ordering::Relaxed);
         }
         into[LATENCY_BUCKETS.len() + 1] += self.sum_nanos.load(Ordering::Relaxed);
-    }
-}
-
-/// Hands the per-transaction counts of every host and shard to the registry.
-fn publish_tallies(app: &crate::app::App) {
-    for shards in app.topologies.values() {
-        for t in shards {
-            t.metrics.publish();
-            for h in &t.hosts {
-                h.metrics.publish();
-            }
-        }
     }
 }
 

@@ -4,12 +4,13 @@
 //! An atomic add (`lock xadd`) costs about 20 cycles and drains the store buffer; a
 //! pgbench `-S` transaction made 45 locked instructions (callgrind, with the lock-prefixed
 //! addresses from `objdump`), 11 of them our own counters. With one runtime thread, the
-//! default below 8 cores, every write to these counts comes from that thread (the metrics
-//! and admin endpoints run on it too and only read them), so a plain load and store is
-//! exact. With more threads they are atomic adds. `main` says which when it builds the
-//! runtime; until then (and in unit tests) the atomic add is used.
+//! default below 8 cores, every access to these counts happens on that thread (sessions,
+//! the admin console and the `/metrics` task are all tasks of that runtime), so a plain
+//! load and store is exact. With more threads they are atomic adds. `main` says which
+//! when it builds the runtime; until then (and in unit tests) the atomic add is used.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
 
 use metrics::Counter;
 
@@ -49,41 +50,66 @@ pub fn dec(a: &AtomicUsize) {
     }
 }
 
-/// A Prometheus counter counted locally and handed to the registry when the metrics are
-/// scraped (`publish`) and when it is dropped (a reload replaced its host), so the
-/// exposition is the same as counting into the registry directly. The registry's counter
-/// costs two locked adds and three pointer hops per increment.
-pub struct Tally {
-    pending: AtomicU64,
+/// A Prometheus counter counted locally and handed to the registry by `publish_all`
+/// (before every scrape) and when it is dropped, so the exposition is the same as
+/// counting into the registry directly. The registry's counter costs two locked adds and
+/// three pointer hops per increment.
+///
+/// Every live tally is published, not only those of the current configuration: a host
+/// of a replaced generation keeps counting for the sessions still on it until they move.
+pub struct Tally(Arc<Pending>);
+
+struct Pending {
+    count: AtomicU64,
     counter: Counter,
 }
 
-impl Tally {
-    pub fn new(counter: Counter) -> Tally {
-        Tally {
-            pending: AtomicU64::new(0),
-            counter,
-        }
-    }
-
-    pub fn increment(&self) {
-        add(&self.pending, 1);
-    }
-
-    /// Moves what was counted since the last call into the registry. Runs on the runtime
-    /// (the scrape is a task), so with one writer it cannot fall between an increment's
-    /// load and store.
-    pub fn publish(&self) {
-        let n = self.pending.swap(0, Relaxed);
+impl Pending {
+    fn publish(&self) {
+        let n = self.count.swap(0, Relaxed);
         if n > 0 {
             self.counter.increment(n);
         }
     }
 }
 
+/// Every tally made and not yet dropped (pruned as they go).
+static LIVE: Mutex<Vec<Weak<Pending>>> = Mutex::new(Vec::new());
+
+impl Tally {
+    pub fn new(counter: Counter) -> Tally {
+        let pending = Arc::new(Pending {
+            count: AtomicU64::new(0),
+            counter,
+        });
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|w| w.strong_count() > 0);
+        live.push(Arc::downgrade(&pending));
+        Tally(pending)
+    }
+
+    pub fn increment(&self) {
+        add(&self.0.count, 1);
+    }
+}
+
 impl Drop for Tally {
     fn drop(&mut self) {
-        self.publish();
+        self.0.publish();
+    }
+}
+
+/// Moves what every live tally counted since the last call into the registry. Called by
+/// the `/metrics` task, on the runtime, so with one writer it cannot fall between an
+/// increment's load and store.
+pub fn publish_all() {
+    let live: Vec<Arc<Pending>> = {
+        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|w| w.strong_count() > 0);
+        live.iter().filter_map(Weak::upgrade).collect()
+    };
+    for pending in live {
+        pending.publish();
     }
 }
 
@@ -91,31 +117,46 @@ impl Drop for Tally {
 mod tests {
     use super::*;
 
+    /// One test, because `publish_all` publishes every tally in the process.
     #[test]
     fn counts_reach_the_registry_on_publish_and_on_drop() {
         let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
-        let count = || {
+        let count = |name: &str| {
             handle
                 .render()
                 .lines()
-                .find_map(|l| l.strip_prefix("t_total ").map(str::to_string))
+                .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_string))
         };
         metrics::with_local_recorder(&recorder, || {
-            let t = Tally::new(metrics::counter!("t_total"));
-            t.increment();
-            t.increment();
+            let current = Tally::new(metrics::counter!("current_total"));
+            // A host of a replaced configuration, still in use.
+            let replaced = Tally::new(metrics::counter!("replaced_total"));
+            current.increment();
+            current.increment();
+            replaced.increment();
             assert_eq!(
-                count().as_deref(),
+                count("current_total").as_deref(),
                 Some("0"),
                 "nothing reaches the registry before a publish"
             );
-            t.publish();
-            assert_eq!(count().as_deref(), Some("2"));
-            t.increment();
-            drop(t);
+            publish_all();
+            assert_eq!(count("current_total").as_deref(), Some("2"));
+            assert_eq!(count("replaced_total").as_deref(), Some("1"));
+            publish_all();
+            assert_eq!(
+                count("current_total").as_deref(),
+                Some("2"),
+                "published once"
+            );
+            replaced.increment();
+            drop(replaced);
+            assert_eq!(count("replaced_total").as_deref(), Some("2"), "on drop");
+            current.increment();
+            publish_all();
+            assert_eq!(count("current_total").as_deref(), Some("3"));
+            assert_eq!(count("replaced_total").as_deref(), Some("2"));
         });
-        assert_eq!(count().as_deref(), Some("3"));
     }
 
     #[test]

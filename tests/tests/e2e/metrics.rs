@@ -63,6 +63,43 @@ async fn metrics_endpoint_counts_queries() {
         clients >= 1.0,
         "one client is connected, metrics say {clients}\n{body}"
     );
+    // The per-transaction counters are counted locally and handed to the registry at
+    // each scrape: every statement counted exactly once, however often it is scraped.
+    // (Reads routed also counts the checkout that fetched the server's parameters for
+    // the first login, so it is at least 10.)
+    let counts = |body: &str| {
+        [
+            "shardgate_queries_total",
+            "shardgate_transactions_total",
+            "shardgate_reads_routed_total",
+        ]
+        .map(|name| sample_sum(body, name).unwrap_or(0.0))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let (_, body) = http_get(mport, "/metrics").await.unwrap();
+        let [queries, transactions, reads] = counts(&body);
+        if queries == 10.0 && transactions == 10.0 && reads >= 10.0 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after 10 SELECTs: queries, transactions, reads routed = {:?}\n{body}",
+            counts(&body)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (_, again) = http_get(mport, "/metrics").await.unwrap();
+    assert_eq!(
+        counts(&again),
+        counts(&body),
+        "a second scrape counted again\n{again}"
+    );
+    assert_eq!(
+        sample_sum(&body, "shardgate_writes_routed_total").unwrap_or(0.0),
+        0.0,
+        "ten SELECTs routed as writes\n{body}"
+    );
 }
 
 #[test]
