@@ -303,6 +303,9 @@ struct Attached {
     poisoned: bool,
     /// When the oldest unanswered query or Sync was forwarded, for the latency histogram.
     sent_at: Option<std::time::Instant>,
+    /// This task's waker is registered for the server's readability (see
+    /// `stream::poll_read_ready_again`). Whatever else reads the server clears it.
+    server_waiting: bool,
 }
 
 /// Allocations of `Attached` values given up on this thread, for reuse: a client attaches
@@ -494,6 +497,9 @@ pub struct Session {
     skip_until_sync: bool,
     /// Idle with its wakers registered: the next poll of its task is a wake-up.
     armed: bool,
+    /// This task's waker is registered for the client's readability (plain TCP only; see
+    /// `stream::poll_read_ready_again`). Whatever else reads the client clears it.
+    client_waiting: bool,
     /// Boxed: an idle client holds no connection, and every idle byte counts.
     attached: Option<Box<Attached>>,
     /// Read-your-writes: per shard, the WAL position of this client's last committed
@@ -603,6 +609,7 @@ impl Session {
             pins: Pins::NONE,
             skip_until_sync: false,
             armed: false,
+            client_waiting: false,
             attached: None,
             writes: None,
             shard_tx: None,
@@ -617,13 +624,18 @@ impl Session {
 
     /// Ready when the client has something to say or, idle in a transaction or pinned, the
     /// server does (NOTIFY, FATAL).
-    fn poll_readable(&self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
-        if let Some(a) = &self.attached {
-            if let Poll::Ready(r) = a.server.conn.stream.poll_read_ready(cx) {
-                return Poll::Ready(r);
+    fn poll_readable(&mut self, cx: &mut std::task::Context<'_>) -> Poll<std::io::Result<()>> {
+        use crate::stream::poll_read_ready_again;
+        if let Some(a) = self.attached.as_deref_mut() {
+            let server = poll_read_ready_again(&a.server.conn.stream, &mut a.server_waiting, cx);
+            if server.is_ready() {
+                return server;
             }
         }
-        self.client.poll_read_ready(cx)
+        match &self.client {
+            ClientStream::Plain(tcp) => poll_read_ready_again(tcp, &mut self.client_waiting, cx),
+            ClientStream::Tls(_) => self.client.poll_read_ready(cx),
+        }
     }
 
     /// One burst, in a future that owns the session and hands it back.
@@ -682,17 +694,24 @@ impl Session {
                 && self.attached.as_ref().is_none_or(|a| !a.unsynced);
             let got = match &self.client {
                 ClientStream::Plain(tcp) => {
-                    let server = self.attached.as_mut().map(|a| &mut a.server.conn);
-                    match read_plain(tcp, &mut io.cin, server, !quiet).await {
+                    let server = self
+                        .attached
+                        .as_deref_mut()
+                        .map(|a| (&mut a.server.conn, &mut a.server_waiting));
+                    let waiting = &mut self.client_waiting;
+                    match read_plain(tcp, &mut io.cin, waiting, server, !quiet).await {
                         Some(side) => side,
                         None => return Flow::Idle,
                     }
                 }
                 ClientStream::Tls(_) => match self.attached.as_mut() {
-                    Some(a) => tokio::select! {
-                        r = self.client.read_buf(&mut io.cin) => Side::Client(r),
-                        r = a.server.conn.stream.read_buf(&mut a.server.conn.rbuf) => Side::Server(r),
-                    },
+                    Some(a) => {
+                        a.server_waiting = false;
+                        tokio::select! {
+                            r = self.client.read_buf(&mut io.cin) => Side::Client(r),
+                            r = a.server.conn.stream.read_buf(&mut a.server.conn.rbuf) => Side::Server(r),
+                        }
+                    }
                     None => Side::Client(self.client.read_buf(&mut io.cin).await),
                 },
             };
@@ -1749,6 +1768,7 @@ impl Session {
                 primary: want == Want::Primary,
                 poisoned: false,
                 sent_at: None,
+                server_waiting: false,
             }
             .boxed(),
         );
@@ -1852,6 +1872,7 @@ impl Session {
             return;
         }
         if idle {
+            a.server_waiting = false;
             let reset = tokio::time::timeout(
                 self.app.config.general.server_connect_timeout,
                 a.server.conn.run("DISCARD ALL"),
@@ -1981,16 +2002,17 @@ fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
 async fn read_plain(
     client: &tokio::net::TcpStream,
     cin: &mut BytesMut,
-    mut server: Option<&mut Box<crate::server::ServerConn>>,
+    client_waiting: &mut bool,
+    mut server: Option<(&mut Box<crate::server::ServerConn>, &mut bool)>,
     wait: bool,
 ) -> Option<Side> {
-    use crate::stream::{read_drained, Read};
+    use crate::stream::{poll_read_ready_again, read_drained, Read};
     std::future::poll_fn(|cx| loop {
         // A socket that was ready but had nothing (its readiness is cleared by the read)
         // must be asked again, so that its waker is registered before going to sleep.
         let mut stale = false;
-        if let Some(s) = server.as_deref_mut() {
-            match s.stream.poll_read_ready(cx) {
+        if let Some((s, waiting)) = server.as_mut() {
+            match poll_read_ready_again(&s.stream, waiting, cx) {
                 Poll::Ready(Ok(())) => match read_drained(&s.stream, &mut s.rbuf) {
                     Ok(Read::Got(n)) => return Poll::Ready(Some(Side::Server(Ok(n)))),
                     Ok(Read::Nothing) => stale = true,
@@ -2000,7 +2022,7 @@ async fn read_plain(
                 Poll::Pending => {}
             }
         }
-        match client.poll_read_ready(cx) {
+        match poll_read_ready_again(client, client_waiting, cx) {
             Poll::Ready(Ok(())) => match read_drained(client, cin) {
                 Ok(Read::Got(n)) => return Poll::Ready(Some(Side::Client(Ok(n)))),
                 Ok(Read::Nothing) => stale = true,

@@ -118,6 +118,29 @@ pub fn read_drained(tcp: &TcpStream, buf: &mut BytesMut) -> io::Result<Read> {
     }
 }
 
+/// `poll_read_ready` for a task that waits on the same socket again and again.
+///
+/// `waiting` says the last poll was Pending, which registered this task's waker, and that
+/// nothing has read the socket since. While tokio does not show the socket readable, that
+/// registration still stands: a wake-up sets readiness before it takes the waker, and only
+/// a read clears readiness. Then this answers Pending without registering again, which
+/// would cost a lock and unlock of tokio's waiter list. Whoever reads the socket by other
+/// means must clear `waiting`.
+pub fn poll_read_ready_again(
+    tcp: &TcpStream,
+    waiting: &mut bool,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    // `try_io` runs the closure only when tokio shows the socket readable: a check of its
+    // readiness that neither reads nor registers.
+    if *waiting && tcp.try_io(Interest::READABLE, || Ok(())).is_err() {
+        return Poll::Pending;
+    }
+    let ready = tcp.poll_read_ready(cx);
+    *waiting = ready.is_pending();
+    ready
+}
+
 /// Writes what of `buf` the socket takes now, without waiting: all of it, usually. The
 /// caller awaits `send_rest` only when that is not all, so the usual send costs no future.
 pub fn try_send(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
@@ -131,4 +154,75 @@ pub fn try_send(tcp: &TcpStream, buf: &[u8]) -> io::Result<usize> {
 /// Writes all of `buf`, waiting for the socket: the rest of what `try_send` could not.
 pub async fn send_rest(tcp: &mut TcpStream, rest: &[u8]) -> io::Result<()> {
     tokio::io::AsyncWriteExt::write_all(tcp, rest).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::poll_read_ready_again;
+    use std::task::Poll;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (ours, theirs) = tokio::join!(tokio::net::TcpStream::connect(addr), listener.accept());
+        (ours.expect("connect"), theirs.expect("accept").0)
+    }
+
+    /// A task that registered once, was polled again for other reasons (answered Pending
+    /// without registering) and then sleeps, is woken by the first registration when data
+    /// arrives. Had the later polls been wrong to skip registering, this would hang.
+    #[tokio::test]
+    async fn a_standing_registration_wakes_the_task() {
+        let (ours, mut theirs) = pair().await;
+        let mut waiting = false;
+        let mut polls = 0;
+        let wait = std::future::poll_fn(|cx| {
+            polls += 1;
+            let r = poll_read_ready_again(&ours, &mut waiting, cx);
+            if r.is_pending() {
+                assert!(waiting, "a Pending poll leaves the registration marked");
+            }
+            r
+        });
+        let write = async {
+            // Each yield makes `join!` poll the wait again while nothing has arrived.
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            theirs.write_all(b"x").await.expect("write");
+        };
+        let (ready, ()) =
+            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(wait, write) })
+                .await
+                .expect("the wait was never woken");
+        assert!(ready.is_ok());
+        assert!(!waiting, "readiness seen: the registration is used up");
+        assert!(polls >= 4, "the wait was polled {polls} times");
+    }
+
+    /// Readiness that arrived while the task was busy elsewhere is reported at once.
+    #[tokio::test]
+    async fn readiness_that_arrived_meanwhile_is_seen() {
+        let (ours, mut theirs) = pair().await;
+        let mut waiting = false;
+        std::future::poll_fn(|cx| {
+            assert!(poll_read_ready_again(&ours, &mut waiting, cx).is_pending());
+            Poll::Ready(())
+        })
+        .await;
+        assert!(waiting);
+        theirs.write_all(b"x").await.expect("write");
+        let ready = tokio::time::timeout(
+            Duration::from_secs(10),
+            std::future::poll_fn(|cx| poll_read_ready_again(&ours, &mut waiting, cx)),
+        )
+        .await
+        .expect("readiness not seen");
+        assert!(ready.is_ok());
+        assert!(!waiting);
+    }
 }

@@ -427,6 +427,7 @@ impl Session {
             if io.expects.is_empty() {
                 return Ok(());
             }
+            a.server_waiting = false;
             match tokio::io::AsyncReadExt::read_buf(
                 &mut a.server.conn.stream,
                 &mut a.server.conn.rbuf,
@@ -911,6 +912,7 @@ impl Session {
             let len = match protocol::frame_len(&io.cin, max) {
                 Ok(Some(n)) => n,
                 Ok(None) => {
+                    self.client_waiting = false;
                     match tokio::io::AsyncReadExt::read_buf(&mut self.client, &mut io.cin).await {
                         Ok(0) | Err(_) => {
                             self.copy_abort(&parts, &copying, "client went away during COPY")
