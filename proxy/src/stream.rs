@@ -136,8 +136,11 @@ pub fn poll_read_ready_again(
     if *waiting && tcp.try_io(Interest::READABLE, || Ok(())).is_err() {
         return Poll::Pending;
     }
+    // A task that has used up its coop budget gets Pending before tokio looks at the
+    // socket: a wake-up is deferred, but no waker is registered there.
+    let budget = tokio::task::coop::has_budget_remaining();
     let ready = tcp.poll_read_ready(cx);
-    *waiting = ready.is_pending();
+    *waiting = ready.is_pending() && budget;
     ready
 }
 
@@ -159,9 +162,21 @@ pub async fn send_rest(tcp: &mut TcpStream, rest: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::poll_read_ready_again;
+    use std::future::Future;
     use std::task::Poll;
     use std::time::Duration;
     use tokio::io::AsyncWriteExt;
+
+    /// `fut`'s output, or a panic when it is not done within 10 s. The deadline is polled
+    /// first: a future that only completes because the deadline's timer woke the task
+    /// (a lost wake-up) fails rather than passes.
+    async fn within_deadline<T>(what: &str, fut: impl Future<Output = T>) -> T {
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep(Duration::from_secs(10)) => panic!("{what}"),
+            out = fut => out,
+        }
+    }
 
     async fn pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -195,16 +210,17 @@ mod tests {
             }
             theirs.write_all(b"x").await.expect("write");
         };
-        let (ready, ()) =
-            tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(wait, write) })
-                .await
-                .expect("the wait was never woken");
+        let (ready, ()) = within_deadline("the wait was never woken", async {
+            tokio::join!(wait, write)
+        })
+        .await;
         assert!(ready.is_ok());
         assert!(!waiting, "readiness seen: the registration is used up");
         assert!(polls >= 4, "the wait was polled {polls} times");
     }
 
-    /// Readiness that arrived while the task was busy elsewhere is reported at once.
+    /// Readiness that arrived after the registration, while the task was not waiting, is
+    /// reported (the registration also wakes the task; the deadline is not what ends it).
     #[tokio::test]
     async fn readiness_that_arrived_meanwhile_is_seen() {
         let (ours, mut theirs) = pair().await;
@@ -216,13 +232,46 @@ mod tests {
         .await;
         assert!(waiting);
         theirs.write_all(b"x").await.expect("write");
-        let ready = tokio::time::timeout(
-            Duration::from_secs(10),
+        let ready = within_deadline(
+            "readiness not seen",
             std::future::poll_fn(|cx| poll_read_ready_again(&ours, &mut waiting, cx)),
         )
-        .await
-        .expect("readiness not seen");
+        .await;
         assert!(ready.is_ok());
         assert!(!waiting);
+    }
+
+    /// A poll that finds the task's coop budget used up registers nothing, so it must not
+    /// leave the socket marked as waited on: the task would then never be woken for it.
+    #[tokio::test]
+    async fn a_poll_without_budget_registers_nothing() {
+        let (ours, mut theirs) = pair().await;
+        let mut waiting = false;
+        let mut first = true;
+        let wait = std::future::poll_fn(|cx| {
+            if first {
+                first = false;
+                // Use up the budget, as a long burst does.
+                while let Poll::Ready(progress) = tokio::task::coop::poll_proceed(cx) {
+                    progress.made_progress();
+                }
+                let r = poll_read_ready_again(&ours, &mut waiting, cx);
+                assert!(r.is_pending());
+                assert!(!waiting, "nothing was registered");
+                return Poll::Pending; // tokio re-polls: it deferred a wake-up
+            }
+            poll_read_ready_again(&ours, &mut waiting, cx)
+        });
+        let write = async {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            theirs.write_all(b"x").await.expect("write");
+        };
+        let (ready, ()) = within_deadline("the wait was never woken", async {
+            tokio::join!(wait, write)
+        })
+        .await;
+        assert!(ready.is_ok());
     }
 }
