@@ -187,6 +187,26 @@ mod tests {
         (ours.expect("connect"), theirs.expect("accept").0)
     }
 
+    /// Runs `wait` while, in the same task, the peer writes a byte after three yields (each
+    /// of which has `join!` poll `wait` again while nothing has arrived); `wait`'s output,
+    /// within the deadline.
+    async fn wait_for_a_late_byte<T>(
+        wait: impl Future<Output = T>,
+        theirs: &mut tokio::net::TcpStream,
+    ) -> T {
+        let write = async {
+            for _ in 0..3 {
+                tokio::task::yield_now().await;
+            }
+            theirs.write_all(b"x").await.expect("write");
+        };
+        let (out, ()) = within_deadline("the wait was never woken", async {
+            tokio::join!(wait, write)
+        })
+        .await;
+        out
+    }
+
     /// A task that registered once, was polled again for other reasons (answered Pending
     /// without registering) and then sleeps, is woken by the first registration when data
     /// arrives. Had the later polls been wrong to skip registering, this would hang.
@@ -203,17 +223,7 @@ mod tests {
             }
             r
         });
-        let write = async {
-            // Each yield makes `join!` poll the wait again while nothing has arrived.
-            for _ in 0..3 {
-                tokio::task::yield_now().await;
-            }
-            theirs.write_all(b"x").await.expect("write");
-        };
-        let (ready, ()) = within_deadline("the wait was never woken", async {
-            tokio::join!(wait, write)
-        })
-        .await;
+        let ready = wait_for_a_late_byte(wait, &mut theirs).await;
         assert!(ready.is_ok());
         assert!(!waiting, "readiness seen: the registration is used up");
         assert!(polls >= 4, "the wait was polled {polls} times");
@@ -262,16 +272,6 @@ mod tests {
             }
             poll_read_ready_again(&ours, &mut waiting, cx)
         });
-        let write = async {
-            for _ in 0..3 {
-                tokio::task::yield_now().await;
-            }
-            theirs.write_all(b"x").await.expect("write");
-        };
-        let (ready, ()) = within_deadline("the wait was never woken", async {
-            tokio::join!(wait, write)
-        })
-        .await;
-        assert!(ready.is_ok());
+        assert!(wait_for_a_late_byte(wait, &mut theirs).await.is_ok());
     }
 }
