@@ -399,8 +399,9 @@ impl ShardMetrics {
 }
 
 /// A latency histogram with the fixed buckets of the metrics contract: two adds per sample
-/// (`tally::add`: no locked instruction with one runtime thread), rendered at scrape time. (The exporter's histograms keep every sample
-/// until the next upkeep, which cost a measurable share of a transaction's CPU.)
+/// (`tally::add`: no locked instruction with one runtime thread), rendered at scrape
+/// time. (The exporter's histograms keep every sample until the next upkeep, which cost a
+/// measurable share of a transaction's CPU.)
 #[derive(Default)]
 pub struct LatencyHistogram {
     /// Samples per bucket (not cumulative); the last one is +Inf.

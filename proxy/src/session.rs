@@ -632,10 +632,7 @@ impl Session {
                 return server;
             }
         }
-        match &self.client {
-            ClientStream::Plain(tcp) => poll_read_ready_again(tcp, &mut self.client_waiting, cx),
-            ClientStream::Tls(_) => self.client.poll_read_ready(cx),
-        }
+        self.client.poll_read_ready(&mut self.client_waiting, cx)
     }
 
     /// One burst, in a future that owns the session and hands it back.

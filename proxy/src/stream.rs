@@ -19,11 +19,15 @@ pub enum ClientStream {
 impl ClientStream {
     /// Ready when the socket has data (or EOF), without reading it, so an idle client holds
     /// no buffer. Polled directly rather than through `readable()`, whose future is ~170
-    /// bytes that every idle client would carry. TLS is always "ready": it may hold
-    /// decrypted bytes the socket no longer shows.
-    pub fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// bytes that every idle client would carry; `waiting` as in `poll_read_ready_again`.
+    /// TLS is always "ready": it may hold decrypted bytes the socket no longer shows.
+    pub fn poll_read_ready(
+        &self,
+        waiting: &mut bool,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
         match self {
-            ClientStream::Plain(s) => s.poll_read_ready(cx),
+            ClientStream::Plain(s) => poll_read_ready_again(s, waiting, cx),
             ClientStream::Tls(_) => Poll::Ready(Ok(())),
         }
     }

@@ -73,8 +73,15 @@ impl Pending {
     }
 }
 
-/// Every tally made and not yet dropped (pruned as they go).
+/// Every tally made and not yet dropped.
 static LIVE: Mutex<Vec<Weak<Pending>>> = Mutex::new(Vec::new());
+
+/// `LIVE`, locked, without the tallies dropped since the last look.
+fn live() -> std::sync::MutexGuard<'static, Vec<Weak<Pending>>> {
+    let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live
+}
 
 impl Tally {
     pub fn new(counter: Counter) -> Tally {
@@ -82,9 +89,7 @@ impl Tally {
             count: AtomicU64::new(0),
             counter,
         });
-        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-        live.retain(|w| w.strong_count() > 0);
-        live.push(Arc::downgrade(&pending));
+        live().push(Arc::downgrade(&pending));
         Tally(pending)
     }
 
@@ -103,11 +108,8 @@ impl Drop for Tally {
 /// the `/metrics` task, on the runtime, so with one writer it cannot fall between an
 /// increment's load and store.
 pub fn publish_all() {
-    let live: Vec<Arc<Pending>> = {
-        let mut live = LIVE.lock().unwrap_or_else(|e| e.into_inner());
-        live.retain(|w| w.strong_count() > 0);
-        live.iter().filter_map(Weak::upgrade).collect()
-    };
+    // Upgraded under the lock, published after it: a publish may reach the recorder.
+    let live: Vec<Arc<Pending>> = live().iter().filter_map(Weak::upgrade).collect();
     for pending in live {
         pending.publish();
     }
