@@ -48,6 +48,13 @@ pub struct General {
     pub max_client_message_size: usize,
     /// Prepared statements kept per server connection before the oldest is closed.
     pub server_prepared_statements: usize,
+    /// An unnamed statement a client parses again (same text and parameter types) is
+    /// prepared on the server under its global name and reused there, so Postgres parses
+    /// and plans it once per connection instead of at every execution. Off by default: the
+    /// server then caches the statement's plan (after five runs it may settle on a generic
+    /// plan), and a table change that alters its result columns fails its next run once
+    /// per server connection with 0A000, as it does for any prepared statement.
+    pub prepare_unnamed: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     /// Plain reads may go to the primary even when a replica is healthy.
@@ -111,6 +118,7 @@ impl Default for General {
             server_idle_timeout: Duration::from_secs(600),
             max_client_message_size: 64 << 20,
             server_prepared_statements: 1000,
+            prepare_unnamed: false,
             tls_cert: None,
             tls_key: None,
             primary_reads: false,

@@ -627,6 +627,7 @@ fn show_config(app: &App, out: &mut BytesMut) {
             "server_prepared_statements",
             g.server_prepared_statements.to_string(),
         ),
+        ("prepare_unnamed", g.prepare_unnamed.to_string()),
         ("tls", (g.tls_cert.is_some()).to_string()),
         ("primary_reads", g.primary_reads.to_string()),
         ("read_your_writes", g.read_your_writes.to_string()),

@@ -112,6 +112,9 @@ fn global_name(hash: u64) -> [u8; 18] {
 struct Prepared {
     named: std::collections::HashMap<Bytes, Arc<Stmt>>,
     unnamed: Option<Arc<Stmt>>,
+    /// The unnamed statement lives on servers under its global name (`prepare_unnamed`),
+    /// so its Binds and Describes name that statement rather than the server's unnamed one.
+    unnamed_global: bool,
     /// Session effects of bound portals (only those that have any).
     portal_effects: Vec<(Bytes, Arc<SessionEffects>)>,
     /// Recently parsed unnamed statements: drivers re-send the same few texts as the
@@ -132,15 +135,15 @@ impl Prepared {
     }
 
     /// The statement for an unnamed Parse: a recent one with the same text and types, or
-    /// a new one (hashed, remembered, evicting the oldest).
+    /// a new one (hashed, remembered, evicting the oldest); true for a recent one.
     fn unnamed_stmt(
         &mut self,
         tail: &[u8],
         hasher: &RandomState,
         routing: Option<&Routing>,
-    ) -> Arc<Stmt> {
+    ) -> (Arc<Stmt>, bool) {
         if let Some(s) = self.recent_unnamed(tail) {
-            return s.clone();
+            return (s.clone(), true);
         }
         let stmt = Arc::new(Stmt::new(
             Bytes::copy_from_slice(tail),
@@ -151,7 +154,7 @@ impl Prepared {
             self.recent.remove(0);
         }
         self.recent.push(stmt.clone());
-        stmt
+        (stmt, false)
     }
 
     /// Forgets a statement the client closes (`Close 'S'`); portals are the server's.
@@ -745,7 +748,10 @@ impl Session {
             return Some(Flow::Exit);
         }
         if self.releasable(io) {
-            self.detach(true);
+            // A poisoned connection leaves the client at the same point, to be closed: the
+            // client's next transaction gets a fresh one.
+            let clean = self.attached.as_ref().is_some_and(|a| !a.poisoned);
+            self.detach(clean);
             if self.app.process.cancels.draining() {
                 return Some(Flow::Idle);
             }
@@ -1221,20 +1227,42 @@ impl Session {
                 let tail_at = 5 + r.position();
                 if name.is_empty() {
                     let tail = &msg[tail_at..];
-                    let hash = match &p.unnamed {
-                        Some(s) if *s.tail == *tail => s.hash,
+                    let again = match &p.unnamed {
+                        Some(s) if *s.tail == *tail => true,
                         _ => {
-                            let s = p.unnamed_stmt(
+                            let (s, again) = p.unnamed_stmt(
                                 tail,
                                 &self.app.process.statement_hasher,
                                 self.pools.routing.as_deref(),
                             );
-                            let hash = s.hash;
                             p.unnamed = Some(s);
-                            hash
+                            again
                         }
                     };
-                    a.server.conn.unnamed = Some(hash);
+                    let Some(s) = p.unnamed.as_ref() else {
+                        return;
+                    };
+                    // Parsed before by this client: worth keeping on the server. Statements
+                    // with session effects stay unnamed, as sent.
+                    p.unnamed_global =
+                        again && self.app.config.general.prepare_unnamed && s.effects.is_none();
+                    if p.unnamed_global {
+                        if a.server.conn.prepared.contains(s.hash) {
+                            io.expects
+                                .push_back(Expect::Reply(Bytes::from_static(PARSE_COMPLETE)));
+                        } else {
+                            evict_if_full(a, cap, io);
+                            write_parse(&mut io.sout, &s.name, &s.tail);
+                            a.server.conn.prepared.insert(s.hash);
+                            io.expects.push_back(Expect::Parse {
+                                hidden: false,
+                                prepared: Some(s.hash),
+                                client_name: None,
+                            });
+                        }
+                        return;
+                    }
+                    a.server.conn.unnamed = Some(s.hash);
                     io.sout.extend_from_slice(msg);
                     io.expects.push_back(Expect::Parse {
                         hidden: false,
@@ -1287,7 +1315,7 @@ impl Session {
                     p.named.get(stmt_name)
                 };
                 match stmt {
-                    Some(s) if stmt_name.is_empty() => {
+                    Some(s) if stmt_name.is_empty() && !p.unnamed_global => {
                         ensure_unnamed(a, s, io);
                         io.sout.extend_from_slice(msg);
                     }
@@ -1328,7 +1356,7 @@ impl Session {
                     _ => None,
                 };
                 match stmt {
-                    Some(s) if name.is_empty() => {
+                    Some(s) if name.is_empty() && !p.unnamed_global => {
                         ensure_unnamed(a, s, io);
                         io.sout.extend_from_slice(msg);
                     }
@@ -1496,6 +1524,12 @@ impl Session {
             (b'E', Some(_)) => {
                 // The message at the head failed; the server now skips everything up to Sync.
                 a.tx_failed = true;
+                if stale_plan(msg) {
+                    // A table change altered a prepared statement's result columns: the
+                    // server fails it at every run from now on, for every client sharing
+                    // it. A fresh connection prepares it again.
+                    a.poisoned = true;
+                }
                 if let Some(failed) = io.expects.pop_front() {
                     self.forget_failed(failed);
                 }
@@ -1802,13 +1836,13 @@ impl Session {
         self.app = app;
     }
 
-    /// True when the connection can go back to the pool for another client.
+    /// True when the connection can leave the client: back to the pool for another
+    /// client, or closed if it is poisoned.
     fn releasable(&self, io: &Buffers) -> bool {
         match &self.attached {
             Some(a) => {
                 io.expects.is_empty()
                     && !a.unsynced
-                    && !a.poisoned
                     && a.status == b'I'
                     && self.pins.is_empty()
                     && !self.skip_until_sync
@@ -2063,6 +2097,16 @@ fn write_parse(out: &mut BytesMut, name: &[u8], tail: &[u8]) {
         o.put_slice(tail);
     });
 }
+
+/// Whether a server error says a prepared statement's cached plan no longer fits its
+/// result columns ("cached plan must not change result type", after an ALTER TABLE).
+fn stale_plan(msg: &[u8]) -> bool {
+    let f = protocol::parse_error_fields(body(msg));
+    f.code == sqlstate::FEATURE_NOT_SUPPORTED.as_bytes() && f.message.starts_with(b"cached plan")
+}
+
+/// ParseComplete, for a Parse of a statement the server already has.
+const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 
 /// Makes the client's unnamed statement the connection's unnamed statement.
 fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {

@@ -57,7 +57,8 @@ SHARDGATE_PORT (27432; sharded mode: the shards are PG_PORT+1..PG_PORT+N),
 SHARDGATE_PGO (1: the PGO build of deploy/pgo/build.sh, target/pgo/shardgate;
 0: the plain target/release/shardgate; default 1), SHARDGATE_BIN (default: that
 build's binary, brought up to date first unless SHARDGATE_BUILD=0),
-SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
+PREPARE_UNNAMED=1 (adds target sg_prep: shardgate with prepare_unnamed = true, on
+SHARDGATE_PORT+9), SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
 temp dir with every pgbench log and the proxies' configs and logs).
 EOF
 }
@@ -84,6 +85,10 @@ SHARDGATE_PORT=${SHARDGATE_PORT:-27432}
 # sg_r1..sg_rN: shardgate with the primary and 1..N replicas (reads go to replicas; the
 # read/write split is on), on ports SHARDGATE_PORT+1..N.
 REPLICAS=${REPLICAS:-0}
+# PREPARE_UNNAMED=1 (default 0; not with SHARDS): adds target sg_prep, shardgate with
+# `prepare_unnamed = true` (repeated unnamed statements are prepared on the server), on
+# port SHARDGATE_PORT+9.
+PREPARE_UNNAMED=${PREPARE_UNNAMED:-0}
 # SHARDGATE_PGO=1 (default): the release build with profile-guided optimisation, the
 # one deploy/ ships (deploy/pgo/build.sh); 0: the plain `cargo build --release`.
 SHARDGATE_PGO=${SHARDGATE_PGO:-1}
@@ -121,12 +126,13 @@ while (($#)); do
     shift
 done
 
-for v in ROUNDS DURATION SCALE POOL_SIZE THREADS PG_PORT PGBOUNCER_PORT SHARDGATE_PORT SHARDS REPLICAS; do
+for v in ROUNDS DURATION SCALE POOL_SIZE THREADS PG_PORT PGBOUNCER_PORT SHARDGATE_PORT SHARDS REPLICAS PREPARE_UNNAMED; do
     [[ ${!v} =~ ^[0-9]+$ ]] || { echo "$v must be a number, got '${!v}'" >&2; exit 2; }
 done
 ((SHARDS >= 1)) || { echo "SHARDS must be at least 1" >&2; exit 2; }
 if ((SHARDS > 1)); then
     ((REPLICAS == 0)) || { echo "SHARDS and REPLICAS cannot be combined" >&2; exit 2; }
+    ((PREPARE_UNNAMED == 0)) || { echo "SHARDS and PREPARE_UNNAMED cannot be combined" >&2; exit 2; }
     ((SHARDS <= 64)) || { echo "SHARDS must be at most 64" >&2; exit 2; }
     ((SCALE < 20000)) || { echo "sharded mode needs SCALE < 20000 (aid integer)" >&2; exit 2; }
     if [[ ,$ONLY, == *,pgbouncer,* ]]; then
@@ -507,12 +513,16 @@ replica_hosts() { # N -> "127.0.0.1:primary", "127.0.0.1:replica1", ... (quoted,
     for ((j = 1; j <= $1; j++)); do list+=", \"127.0.0.1:$((PG_PORT + j))\""; done
     echo "$list"
 }
+start_sg_prep() {
+    start_shardgate_with sg_prep $((SHARDGATE_PORT + 9)) "$(shard_toml "\"127.0.0.1:$PG_PORT\"")" \
+        "prepare_unnamed = true"
+}
 # sg_rN: the primary and N replicas.
 for ((r = 1; r <= REPLICAS; r++)); do
     eval "start_sg_r$r() { start_shardgate_with sg_r$r \$((SHARDGATE_PORT + $r)) \"\$(shard_toml \"\$(replica_hosts $r)\")\"; }"
 done
 
-start_shardgate_with() { # target port database-toml (what follows name = "app")
+start_shardgate_with() { # target port database-toml (what follows name = "app") [general-lines]
     local t=$1 port=$2 db_toml=$3 dir=$WORK/$1 pid
     mkdir -p "$dir"
     cat >"$dir/shardgate.toml" <<EOF
@@ -522,6 +532,7 @@ pool_mode = "transaction"
 pool_size = $POOL_SIZE
 checkout_timeout = "30s"
 client_login_timeout = "60s"
+${4:-}
 
 [[users]]
 name = "app"
@@ -1080,6 +1091,13 @@ for ((r = 1; r <= REPLICAS; r++)); do
         start_target "sg_r$r" $((SHARDGATE_PORT + r)) || log "sg_r$r skipped: ${TARGET_NOTE[sg_r$r]:-}"
     fi
 done
+if ((PREPARE_UNNAMED)); then
+    ALL_TARGETS+=(sg_prep)
+    ONLY+="sg_prep "
+    if [[ -n ${TARGET_PORT[shardgate]:-} ]]; then
+        start_target sg_prep $((SHARDGATE_PORT + 9)) || log "sg_prep skipped: ${TARGET_NOTE[sg_prep]:-}"
+    fi
+fi
 selected direct || unset 'TARGET_PORT[direct]'
 for t in "${ALL_TARGETS[@]}"; do
     selected "$t" || TARGET_NOTE[$t]="not selected (ONLY)"

@@ -1617,7 +1617,7 @@ impl Session {
         };
         let tail = &body(m)[r.position()..];
         if name.is_empty() {
-            p.unnamed = Some(p.unnamed_stmt(tail, hasher, routing.as_deref()));
+            p.unnamed = Some(p.unnamed_stmt(tail, hasher, routing.as_deref()).0);
         } else if p.named.contains_key(name) {
             super::duplicate_statement(&mut io.cout, name);
             self.skip_until_sync = true;

@@ -418,3 +418,125 @@ async fn a_big_result_reaches_a_client_that_reads_late_whole() {
     assert_eq!(Msg::rows(&after), vec![vec![Some("42".to_string())]]);
     c.terminate().await;
 }
+
+/// One execution of `sql` as the unnamed statement (Parse, Bind, Describe portal, Execute,
+/// Sync) with text parameters; the messages up to ReadyForQuery.
+async fn run_unnamed(conn: &mut RawConn, sql: &str, params: &[Option<&str>]) -> Vec<Msg> {
+    conn.parse("", sql, &[]);
+    conn.bind_text("", "", params);
+    conn.describe(b'P', "");
+    conn.execute("", 0);
+    conn.sync();
+    conn.round_trip().await.expect("unnamed round trip")
+}
+
+/// How often the server connection behind `observer` ran a statement with this text as a
+/// prepared statement: `None` when it holds no such statement (an unnamed statement is
+/// never listed). The observer shares a one-connection pool with the client it checks.
+async fn server_statement_runs(observer: &tokio_postgres::Client, sql: &str) -> Option<i64> {
+    observer
+        .query_opt(
+            "SELECT (generic_plans + custom_plans)::int8, name FROM pg_prepared_statements \
+             WHERE statement = $1",
+            &[&sql],
+        )
+        .await
+        .expect("pg_prepared_statements")
+        .map(|row| {
+            let name: String = row.get(1);
+            assert!(
+                name.starts_with("sg"),
+                "statement {name:?} is not shardgate's"
+            );
+            row.get(0)
+        })
+}
+
+/// `prepare_unnamed = true`: the second Parse of the same unnamed text prepares it on the
+/// server under its global name, and later executions reuse that statement (the server
+/// counts their runs) with the same answers; a Describe of the unnamed statement still
+/// describes it. Without the setting the server never holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn repeated_unnamed_statement_is_prepared_on_the_server() {
+    if shardgate_e2e::skip_in_direct_mode("repeated_unnamed_statement_is_prepared_on_the_server") {
+        return;
+    }
+    for prepare in [true, false] {
+        let proxy = Proxy::builder()
+            .pool_size(1)
+            .general(&format!("prepare_unnamed = {prepare}"))
+            .start()
+            .await;
+        let observer = connect(&proxy.url()).await.unwrap();
+        let mut client = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+        let marker = unique_name("prep_unnamed");
+        let sql = format!("SELECT $1::int4 * 2 AS r /* {marker} */");
+
+        for round in 1..=5i64 {
+            let v = (round * 10).to_string();
+            let r = run_unnamed(&mut client, &sql, &[Some(&v)]).await;
+            assert_eq!(
+                command_tags(&r),
+                ['1', '2', 'T', 'D', 'C', 'Z'],
+                "prepare_unnamed = {prepare}, round {round}: {r:?}"
+            );
+            assert_eq!(Msg::rows(&r), [[Some((round * 20).to_string())]]);
+            let runs = server_statement_runs(&observer, &sql).await;
+            // Round 1 goes as sent; from round 2 on, one prepared statement serves them.
+            let want = (prepare && round >= 2).then_some(round - 1);
+            assert_eq!(runs, want, "prepare_unnamed = {prepare}, round {round}");
+        }
+
+        client.parse("", &sql, &[]);
+        client.describe(b'S', "");
+        client.sync();
+        let r = client.round_trip().await.expect("describe");
+        assert_eq!(command_tags(&r), ['1', 't', 'T', 'Z'], "{r:?}");
+        client.terminate().await;
+    }
+}
+
+/// A table change that alters the result columns of a statement prepared on the server
+/// fails its next run with 0A000 (as Postgres does for any prepared statement); shardgate
+/// then closes that server connection, so the run after it prepares the statement afresh
+/// and sees the new column.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_prepared_statement_fails_once_then_recovers() {
+    if shardgate_e2e::skip_in_direct_mode("stale_prepared_statement_fails_once_then_recovers") {
+        return;
+    }
+    let proxy = Proxy::builder()
+        .pool_size(1)
+        .general("prepare_unnamed = true")
+        .start()
+        .await;
+    let t = unique_name("e2e_stale");
+    let admin = connect(&proxy.url()).await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE {t} (a int); INSERT INTO {t} VALUES (1)"
+        ))
+        .await
+        .unwrap();
+    let mut client = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let sql = format!("SELECT * FROM {t}");
+    for _ in 0..2 {
+        let r = run_unnamed(&mut client, &sql, &[]).await;
+        assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
+    }
+    admin
+        .batch_execute(&format!("ALTER TABLE {t} ADD COLUMN b int DEFAULT 7"))
+        .await
+        .unwrap();
+
+    let r = run_unnamed(&mut client, &sql, &[]).await;
+    let err = Msg::first_error(&r).unwrap_or_else(|| panic!("stale plan answered: {r:?}"));
+    assert_eq!(err.error_code().as_deref(), Some("0A000"), "{r:?}");
+    let r = run_unnamed(&mut client, &sql, &[]).await;
+    assert_eq!(
+        Msg::rows(&r),
+        [[Some("1".to_string()), Some("7".to_string())]],
+        "after the failed run: {r:?}"
+    );
+    client.terminate().await;
+}
