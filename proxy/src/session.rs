@@ -1288,9 +1288,8 @@ impl Session {
                 let client_name = Bytes::copy_from_slice(name);
                 p.named.insert(client_name.clone(), stmt.clone());
                 if a.server.conn.prepared.contains(hash) {
-                    let mut reply = BytesMut::with_capacity(5);
-                    protocol::empty_msg(&mut reply, b'1');
-                    io.expects.push_back(Expect::Reply(reply.freeze()));
+                    io.expects
+                        .push_back(Expect::Reply(Bytes::from_static(PARSE_COMPLETE)));
                 } else {
                     evict_if_full(a, cap, io);
                     write_parse(&mut io.sout, &stmt.name, &stmt.tail);
@@ -1314,6 +1313,9 @@ impl Session {
                 } else {
                     p.named.get(stmt_name)
                 };
+                if stmt.is_none() && stmt_name.is_empty() {
+                    close_server_unnamed(a, io);
+                }
                 match stmt {
                     Some(s) if stmt_name.is_empty() && !p.unnamed_global => {
                         ensure_unnamed(a, s, io);
@@ -1355,6 +1357,9 @@ impl Session {
                     (b'S', n) => p.named.get(n),
                     _ => None,
                 };
+                if stmt.is_none() && (kind, name) == (b'S', b"".as_slice()) {
+                    close_server_unnamed(a, io);
+                }
                 match stmt {
                     Some(s) if name.is_empty() && !p.unnamed_global => {
                         ensure_unnamed(a, s, io);
@@ -2083,6 +2088,18 @@ fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
         String::from_utf8_lossy(name)
     );
     protocol::error_response(out, "ERROR", sqlstate::DUPLICATE_PSTATEMENT, &text);
+}
+
+/// The client names the unnamed statement but has none (never parsed one, or closed it):
+/// the server's may be another client's, so it is closed first, and the server answers
+/// the client's message with its own error (its transaction then fails, as it should).
+fn close_server_unnamed(a: &mut Attached, io: &mut Buffers) {
+    protocol::write_msg(&mut io.sout, b'C', |o| {
+        o.put_u8(b'S');
+        protocol::put_cstr(o, b"");
+    });
+    a.server.conn.unnamed = None;
+    io.expects.push_back(Expect::Close { hidden: true });
 }
 
 fn forward_malformed(msg: &[u8], io: &mut Buffers) {

@@ -540,3 +540,47 @@ async fn stale_prepared_statement_fails_once_then_recovers() {
     );
     client.terminate().await;
 }
+
+/// A client that binds or describes the unnamed statement without having parsed one gets
+/// Postgres's error (26000), never the unnamed statement another client left on the
+/// shared server connection; that client can still run its own afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unnamed_statement_of_another_client_is_never_used() {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let mut b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = run_unnamed(&mut a, "SELECT 'a secret'::text", &[]).await;
+    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+
+    b.bind_text("", "", &[]);
+    b.execute("", 0);
+    b.sync();
+    let r = b.round_trip().await.expect("bind without parse");
+    assert!(
+        Msg::rows(&r).is_empty(),
+        "another client's statement ran: {r:?}"
+    );
+    let err = Msg::first_error(&r).unwrap_or_else(|| panic!("no error: {r:?}"));
+    assert_eq!(err.error_code().as_deref(), Some("26000"), "{r:?}");
+
+    b.describe(b'S', "");
+    b.sync();
+    let r = b.round_trip().await.expect("describe without parse");
+    assert!(
+        !r.iter().any(|m| m.tag == b'T'),
+        "another client's statement: {r:?}"
+    );
+    let err = Msg::first_error(&r).unwrap_or_else(|| panic!("no error: {r:?}"));
+    assert_eq!(err.error_code().as_deref(), Some("26000"), "{r:?}");
+
+    a.bind_text("", "", &[]);
+    a.execute("", 0);
+    a.sync();
+    let r = a
+        .round_trip()
+        .await
+        .expect("a binds its own statement again");
+    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+    a.terminate().await;
+    b.terminate().await;
+}
