@@ -232,6 +232,8 @@ pub struct ErrorFields<'a> {
     pub severity: &'a [u8],
     pub code: &'a [u8],
     pub message: &'a [u8],
+    /// The server function that raised it (`R`): untranslated, unlike the message.
+    pub routine: &'a [u8],
 }
 
 pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
@@ -239,6 +241,7 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
         severity: b"",
         code: b"",
         message: b"",
+        routine: b"",
     };
     let mut r = Reader::new(body);
     while let Some(kind) = r.u8() {
@@ -250,6 +253,7 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields<'_> {
             b'S' => f.severity = value,
             b'C' => f.code = value,
             b'M' => f.message = value,
+            b'R' => f.routine = value,
             _ => {}
         }
     }

@@ -183,8 +183,13 @@ enum Expect {
         prepared: Option<u64>,
         client_name: Option<Bytes>,
     },
-    Bind,
-    Describe,
+    /// `global`: the statement's hash when the message names it by its global name.
+    Bind {
+        global: Option<u64>,
+    },
+    Describe {
+        global: Option<u64>,
+    },
     Execute {
         effects: Option<Arc<SessionEffects>>,
     },
@@ -237,8 +242,8 @@ impl Expects {
 
     fn pop_front(&mut self) -> Option<Expect> {
         let slot = self.items.get_mut(self.head)?;
-        // `Bind` holds nothing: a free placeholder.
-        let e = std::mem::replace(slot, Expect::Bind);
+        // `Sync` holds nothing: a free placeholder.
+        let e = std::mem::replace(slot, Expect::Sync);
         self.advance();
         Some(e)
     }
@@ -1316,10 +1321,11 @@ impl Session {
                 if stmt.is_none() && stmt_name.is_empty() {
                     close_server_unnamed(a, io);
                 }
-                match stmt {
+                let global = match stmt {
                     Some(s) if stmt_name.is_empty() && !p.unnamed_global => {
                         ensure_unnamed(a, s, io);
                         io.sout.extend_from_slice(msg);
+                        None
                     }
                     Some(s) => {
                         ensure_prepared(a, s, cap, io);
@@ -1328,10 +1334,14 @@ impl Session {
                             protocol::put_cstr(o, &s.name);
                             o.put_slice(&msg[rest_at..]);
                         });
+                        Some(s.hash)
                     }
                     // Unknown statement: the server gives the proper error.
-                    None => io.sout.extend_from_slice(msg),
-                }
+                    None => {
+                        io.sout.extend_from_slice(msg);
+                        None
+                    }
+                };
                 if let Some(s) = stmt {
                     log_bind(self.pid, &self.app, s, &msg[rest_at..]);
                 }
@@ -1345,7 +1355,7 @@ impl Session {
                 if let Some(fx) = effects {
                     p.portal_effects.push((Bytes::copy_from_slice(portal), fx));
                 }
-                io.expects.push_back(Expect::Bind);
+                io.expects.push_back(Expect::Bind { global });
             }
             b'D' => {
                 let mut r = Reader::new(body(msg));
@@ -1360,10 +1370,11 @@ impl Session {
                 if stmt.is_none() && (kind, name) == (b'S', b"".as_slice()) {
                     close_server_unnamed(a, io);
                 }
-                match stmt {
+                let global = match stmt {
                     Some(s) if name.is_empty() && !p.unnamed_global => {
                         ensure_unnamed(a, s, io);
                         io.sout.extend_from_slice(msg);
+                        None
                     }
                     Some(s) => {
                         ensure_prepared(a, s, cap, io);
@@ -1371,10 +1382,14 @@ impl Session {
                             o.put_u8(b'S');
                             protocol::put_cstr(o, &s.name);
                         });
+                        Some(s.hash)
                     }
-                    None => io.sout.extend_from_slice(msg),
-                }
-                io.expects.push_back(Expect::Describe);
+                    None => {
+                        io.sout.extend_from_slice(msg);
+                        None
+                    }
+                };
+                io.expects.push_back(Expect::Describe { global });
             }
             b'E' => {
                 let portal = Reader::new(body(msg)).cstr().unwrap_or_default();
@@ -1529,13 +1544,13 @@ impl Session {
             (b'E', Some(_)) => {
                 // The message at the head failed; the server now skips everything up to Sync.
                 a.tx_failed = true;
-                if stale_plan(msg) {
-                    // A table change altered a prepared statement's result columns: the
-                    // server fails it at every run from now on, for every client sharing
-                    // it. A fresh connection prepares it again.
-                    a.poisoned = true;
-                }
+                let mut stale = None;
                 if let Some(failed) = io.expects.pop_front() {
+                    if let Expect::Bind { global: Some(hash) }
+                    | Expect::Describe { global: Some(hash) } = failed
+                    {
+                        stale = Some(hash).filter(|_| stale_plan(msg));
+                    }
                     self.forget_failed(failed);
                 }
                 loop {
@@ -1544,6 +1559,18 @@ impl Session {
                     }
                     if let Some(skipped) = io.expects.pop_front() {
                         self.forget_failed(skipped);
+                    }
+                }
+                if let (Some(hash), Some(a)) = (stale, self.attached.as_mut()) {
+                    // A table change altered the statement's result columns: the server
+                    // would fail it at every run from now on, for every client sharing it.
+                    // Closed after the batch's Sync (the server skips until then), it is
+                    // prepared afresh at its next use; with no Sync sent, the connection
+                    // is closed instead once the client lets it go.
+                    if io.expects.front().is_some() {
+                        close_global(a, hash, io);
+                    } else {
+                        a.poisoned = true;
                     }
                 }
                 true
@@ -1622,9 +1649,9 @@ impl Session {
                 io.expects.skip_front();
                 !hidden
             }
-            (b'2', Some(Expect::Bind))
+            (b'2', Some(Expect::Bind { .. }))
             | (b'3', Some(Expect::Close { .. }))
-            | (b'n' | b'T', Some(Expect::Describe))
+            | (b'n' | b'T', Some(Expect::Describe { .. }))
             | (b'I' | b's', Some(Expect::Execute { .. })) => {
                 io.expects.skip_front();
                 !hidden
@@ -1655,8 +1682,13 @@ impl Session {
             ..
         } = e
         {
-            if let (Some(hash), Some(a)) = (prepared, self.attached.as_mut()) {
-                a.server.conn.prepared.remove(hash);
+            if let Some(a) = self.attached.as_mut() {
+                match prepared {
+                    Some(hash) => a.server.conn.prepared.remove(hash),
+                    // An unnamed Parse (named ones always carry their hash): whatever the
+                    // server's unnamed statement is now, it is not that one.
+                    None => a.server.conn.unnamed = None,
+                }
             }
             if let (Some(name), Some(p)) = (client_name, self.prepared.as_mut()) {
                 p.named.remove(&name);
@@ -2116,10 +2148,12 @@ fn write_parse(out: &mut BytesMut, name: &[u8], tail: &[u8]) {
 }
 
 /// Whether a server error says a prepared statement's cached plan no longer fits its
-/// result columns ("cached plan must not change result type", after an ALTER TABLE).
+/// result columns ("cached plan must not change result type", after an ALTER TABLE). The
+/// routine is checked as well as the message, which a non-English server translates.
 fn stale_plan(msg: &[u8]) -> bool {
     let f = protocol::parse_error_fields(body(msg));
-    f.code == sqlstate::FEATURE_NOT_SUPPORTED.as_bytes() && f.message.starts_with(b"cached plan")
+    f.code == sqlstate::FEATURE_NOT_SUPPORTED.as_bytes()
+        && (f.routine == b"RevalidateCachedQuery" || f.message.starts_with(b"cached plan"))
 }
 
 /// ParseComplete, for a Parse of a statement the server already has.
@@ -2159,13 +2193,18 @@ fn evict_if_full(a: &mut Attached, cap: usize, io: &mut Buffers) {
         let Some(oldest) = a.server.conn.prepared.oldest() else {
             return;
         };
-        a.server.conn.prepared.remove(oldest);
-        protocol::write_msg(&mut io.sout, b'C', |o| {
-            o.put_u8(b'S');
-            protocol::put_cstr(o, &global_name(oldest));
-        });
-        io.expects.push_back(Expect::Close { hidden: true });
+        close_global(a, oldest, io);
     }
+}
+
+/// Closes a statement on the connection (hidden from the client) and forgets it there.
+fn close_global(a: &mut Attached, hash: u64, io: &mut Buffers) {
+    a.server.conn.prepared.remove(hash);
+    protocol::write_msg(&mut io.sout, b'C', |o| {
+        o.put_u8(b'S');
+        protocol::put_cstr(o, &global_name(hash));
+    });
+    io.expects.push_back(Expect::Close { hidden: true });
 }
 
 #[cfg(test)]
@@ -2211,12 +2250,12 @@ mod tests {
         let mut q = Expects::default();
         assert!(q.is_empty() && q.front().is_none() && q.pop_front().is_none());
         q.push_back(Expect::Sync);
-        q.push_back(Expect::Describe);
+        q.push_back(Expect::Describe { global: None });
         assert_eq!(q.len(), 2);
         assert!(matches!(q.pop_front(), Some(Expect::Sync)));
-        assert!(matches!(q.front(), Some(Expect::Describe)));
-        assert!(matches!(q.iter().next(), Some(Expect::Describe)) && q.iter().count() == 1);
-        assert!(matches!(q.pop_front(), Some(Expect::Describe)));
+        assert!(matches!(q.front(), Some(Expect::Describe { .. })));
+        assert!(matches!(q.iter().next(), Some(Expect::Describe { .. })) && q.iter().count() == 1);
+        assert!(matches!(q.pop_front(), Some(Expect::Describe { .. })));
         // Drained: empty again, and its storage starts over.
         assert!(q.is_empty() && q.items.is_empty() && q.head == 0);
         // Skipping the head works the same, and does nothing on an empty queue.
@@ -2234,13 +2273,13 @@ mod tests {
             q.push_back(if i % 2 == 0 {
                 Expect::Sync
             } else {
-                Expect::Bind
+                Expect::Bind { global: None }
             });
             let popped = q.pop_front();
             let want_sync = i % 2 == 1;
             assert!(match popped {
                 Some(Expect::Sync) => want_sync,
-                Some(Expect::Bind) => !want_sync,
+                Some(Expect::Bind { .. }) => !want_sync,
                 Some(Expect::Execute { .. }) => i == 0,
                 _ => false,
             });

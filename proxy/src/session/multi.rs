@@ -408,7 +408,8 @@ impl Session {
                 server: a.server,
                 wrote: a.data_write,
                 in_tx,
-                broken: false,
+                // A connection shardgate stopped trusting is not released as clean.
+                broken: a.poisoned,
                 primary: a.primary,
             });
         }
@@ -1618,6 +1619,7 @@ impl Session {
         let tail = &body(m)[r.position()..];
         if name.is_empty() {
             p.unnamed = Some(p.unnamed_stmt(tail, hasher, routing.as_deref()).0);
+            p.unnamed_global = false;
         } else if p.named.contains_key(name) {
             super::duplicate_statement(&mut io.cout, name);
             self.skip_until_sync = true;

@@ -498,47 +498,62 @@ async fn repeated_unnamed_statement_is_prepared_on_the_server() {
 
 /// A table change that alters the result columns of a statement prepared on the server
 /// fails its next run with 0A000 (as Postgres does for any prepared statement); shardgate
-/// then closes that server connection, so the run after it prepares the statement afresh
-/// and sees the new column.
+/// then closes that statement on the connection, so the run after it prepares it afresh
+/// and sees the new column: also for a client pinned to its connection (LISTEN), which
+/// keeps the same one throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_prepared_statement_fails_once_then_recovers() {
     if shardgate_e2e::skip_in_direct_mode("stale_prepared_statement_fails_once_then_recovers") {
         return;
     }
-    let proxy = Proxy::builder()
-        .pool_size(1)
-        .general("prepare_unnamed = true")
-        .start()
-        .await;
-    let t = unique_name("e2e_stale");
-    let admin = connect(&proxy.url()).await.unwrap();
-    admin
-        .batch_execute(&format!(
-            "CREATE TABLE {t} (a int); INSERT INTO {t} VALUES (1)"
-        ))
-        .await
-        .unwrap();
-    let mut client = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
-    let sql = format!("SELECT * FROM {t}");
-    for _ in 0..2 {
-        let r = run_unnamed(&mut client, &sql, &[]).await;
-        assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
-    }
-    admin
-        .batch_execute(&format!("ALTER TABLE {t} ADD COLUMN b int DEFAULT 7"))
-        .await
-        .unwrap();
+    for pinned in [false, true] {
+        // Unpinned, one connection makes sure every run meets the stale statement; pinned,
+        // the client holds its own and the table changes on the other.
+        let proxy = Proxy::builder()
+            .pool_size(if pinned { 2 } else { 1 })
+            .general("prepare_unnamed = true")
+            .start()
+            .await;
+        let t = unique_name("e2e_stale");
+        let admin = connect(&proxy.url()).await.unwrap();
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE {t} (a int); INSERT INTO {t} VALUES (1)"
+            ))
+            .await
+            .unwrap();
+        let mut client = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+        if pinned {
+            let r = client.simple_query(&format!("LISTEN {t}")).await.unwrap();
+            assert!(Msg::first_error(&r).is_none(), "{r:?}");
+        }
+        let sql = format!("SELECT * FROM {t}");
+        for _ in 0..2 {
+            let r = run_unnamed(&mut client, &sql, &[]).await;
+            assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
+        }
+        admin
+            .batch_execute(&format!("ALTER TABLE {t} ADD COLUMN b int DEFAULT 7"))
+            .await
+            .unwrap();
 
-    let r = run_unnamed(&mut client, &sql, &[]).await;
-    let err = Msg::first_error(&r).unwrap_or_else(|| panic!("stale plan answered: {r:?}"));
-    assert_eq!(err.error_code().as_deref(), Some("0A000"), "{r:?}");
-    let r = run_unnamed(&mut client, &sql, &[]).await;
-    assert_eq!(
-        Msg::rows(&r),
-        [[Some("1".to_string()), Some("7".to_string())]],
-        "after the failed run: {r:?}"
-    );
-    client.terminate().await;
+        let r = run_unnamed(&mut client, &sql, &[]).await;
+        let err = Msg::first_error(&r).unwrap_or_else(|| panic!("stale plan answered: {r:?}"));
+        assert_eq!(
+            err.error_code().as_deref(),
+            Some("0A000"),
+            "pinned {pinned}: {r:?}"
+        );
+        for _ in 0..2 {
+            let r = run_unnamed(&mut client, &sql, &[]).await;
+            assert_eq!(
+                Msg::rows(&r),
+                [[Some("1".to_string()), Some("7".to_string())]],
+                "pinned {pinned}, after the failed run: {r:?}"
+            );
+        }
+        client.terminate().await;
+    }
 }
 
 /// A client that binds or describes the unnamed statement without having parsed one gets
@@ -581,6 +596,34 @@ async fn unnamed_statement_of_another_client_is_never_used() {
         .await
         .expect("a binds its own statement again");
     assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+    a.terminate().await;
+    b.terminate().await;
+}
+
+/// An unnamed Parse the server skipped (an earlier message of the batch failed) leaves the
+/// connection's unnamed statement as it was, another client's: a later Bind of the client's
+/// own unnamed statement must prepare that again, never bind the one left there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn skipped_unnamed_parse_never_binds_another_clients_statement() {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let mut b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = run_unnamed(&mut a, "SELECT 'a secret'::text", &[]).await;
+    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+
+    // The Execute of a portal that does not exist fails; the server skips the Parse.
+    b.execute("no_such_portal", 0);
+    b.parse("", "SELECT 'b'::text", &[]);
+    b.sync();
+    let r = b.round_trip().await.expect("failing batch");
+    let err = Msg::first_error(&r).unwrap_or_else(|| panic!("no error: {r:?}"));
+    assert_eq!(err.error_code().as_deref(), Some("34000"), "{r:?}");
+
+    b.bind_text("", "", &[]);
+    b.execute("", 0);
+    b.sync();
+    let r = b.round_trip().await.expect("bind after the skipped parse");
+    assert_eq!(Msg::rows(&r), [[Some("b".to_string())]], "{r:?}");
     a.terminate().await;
     b.terminate().await;
 }
