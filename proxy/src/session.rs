@@ -1252,18 +1252,9 @@ impl Session {
                     p.unnamed_global =
                         again && self.app.config.general.prepare_unnamed && s.effects.is_none();
                     if p.unnamed_global {
-                        if a.server.conn.prepared.contains(s.hash) {
+                        if !prepare_global(a, s, cap, io, false, None) {
                             io.expects
                                 .push_back(Expect::Reply(Bytes::from_static(PARSE_COMPLETE)));
-                        } else {
-                            evict_if_full(a, cap, io);
-                            write_parse(&mut io.sout, &s.name, &s.tail);
-                            a.server.conn.prepared.insert(s.hash);
-                            io.expects.push_back(Expect::Parse {
-                                hidden: false,
-                                prepared: Some(s.hash),
-                                client_name: None,
-                            });
                         }
                         return;
                     }
@@ -1292,18 +1283,9 @@ impl Session {
                 ));
                 let client_name = Bytes::copy_from_slice(name);
                 p.named.insert(client_name.clone(), stmt.clone());
-                if a.server.conn.prepared.contains(hash) {
+                if !prepare_global(a, &stmt, cap, io, false, Some(client_name)) {
                     io.expects
                         .push_back(Expect::Reply(Bytes::from_static(PARSE_COMPLETE)));
-                } else {
-                    evict_if_full(a, cap, io);
-                    write_parse(&mut io.sout, &stmt.name, &stmt.tail);
-                    a.server.conn.prepared.insert(hash);
-                    io.expects.push_back(Expect::Parse {
-                        hidden: false,
-                        prepared: Some(hash),
-                        client_name: Some(client_name),
-                    });
                 }
             }
             b'B' => {
@@ -2174,17 +2156,32 @@ fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {
 
 /// Prepares the statement on the connection under its global name if it is not there yet.
 fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers) {
+    prepare_global(a, s, cap, io, true, None);
+}
+
+/// Sends a Parse of the statement under its global name unless the connection has it
+/// (then false, and nothing is sent). `hidden`: shardgate's own, its reply swallowed;
+/// `client_name`: a client's named statement, forgotten if the Parse fails.
+fn prepare_global(
+    a: &mut Attached,
+    s: &Stmt,
+    cap: usize,
+    io: &mut Buffers,
+    hidden: bool,
+    client_name: Option<Bytes>,
+) -> bool {
     if a.server.conn.prepared.contains(s.hash) {
-        return;
+        return false;
     }
     evict_if_full(a, cap, io);
     write_parse(&mut io.sout, &s.name, &s.tail);
     a.server.conn.prepared.insert(s.hash);
     io.expects.push_back(Expect::Parse {
-        hidden: true,
+        hidden,
         prepared: Some(s.hash),
-        client_name: None,
+        client_name,
     });
+    true
 }
 
 /// Keeps the number of statements on a connection bounded by closing the least used.

@@ -556,16 +556,23 @@ async fn stale_prepared_statement_fails_once_then_recovers() {
     }
 }
 
+/// Two clients on a one-connection pool; the first has run `SELECT 'a secret'` as its
+/// unnamed statement, which the server connection still holds.
+async fn after_a_secret() -> (Proxy, RawConn, RawConn) {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = run_unnamed(&mut a, "SELECT 'a secret'::text", &[]).await;
+    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+    (proxy, a, b)
+}
+
 /// A client that binds or describes the unnamed statement without having parsed one gets
 /// Postgres's error (26000), never the unnamed statement another client left on the
 /// shared server connection; that client can still run its own afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unnamed_statement_of_another_client_is_never_used() {
-    let proxy = Proxy::builder().pool_size(1).start().await;
-    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
-    let mut b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
-    let r = run_unnamed(&mut a, "SELECT 'a secret'::text", &[]).await;
-    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+    let (_proxy, mut a, mut b) = after_a_secret().await;
 
     b.bind_text("", "", &[]);
     b.execute("", 0);
@@ -605,11 +612,7 @@ async fn unnamed_statement_of_another_client_is_never_used() {
 /// own unnamed statement must prepare that again, never bind the one left there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skipped_unnamed_parse_never_binds_another_clients_statement() {
-    let proxy = Proxy::builder().pool_size(1).start().await;
-    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
-    let mut b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
-    let r = run_unnamed(&mut a, "SELECT 'a secret'::text", &[]).await;
-    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+    let (_proxy, a, mut b) = after_a_secret().await;
 
     // The Execute of a portal that does not exist fails; the server skips the Parse.
     b.execute("no_such_portal", 0);
