@@ -60,6 +60,10 @@ pub struct PreparedSet {
     /// statement hash -> last use (a tick), for evicting the least recently used.
     used: HashMap<u64, u64>,
     tick: u64,
+    /// Statements the server said no longer fit their result columns (0A000 "cached plan
+    /// must not change result type"): a client's next Parse of one prepares it afresh.
+    /// Almost always empty.
+    stale: Vec<u64>,
 }
 
 impl PreparedSet {
@@ -79,9 +83,19 @@ impl PreparedSet {
     }
     pub fn remove(&mut self, hash: u64) {
         self.used.remove(&hash);
+        self.stale.retain(|h| *h != hash);
     }
     pub fn clear(&mut self) {
         self.used.clear();
+        self.stale.clear();
+    }
+    pub fn mark_stale(&mut self, hash: u64) {
+        if self.used.contains_key(&hash) && !self.stale.contains(&hash) {
+            self.stale.push(hash);
+        }
+    }
+    pub fn is_stale(&self, hash: u64) -> bool {
+        !self.stale.is_empty() && self.stale.contains(&hash)
     }
     pub fn len(&self) -> usize {
         self.used.len()

@@ -314,6 +314,12 @@ struct Attached {
     /// This task's waker is registered for the server's readability (see
     /// `stream::poll_read_ready_again`). Whatever else reads the server clears it.
     server_waiting: bool,
+    /// Unnamed Parses sent and not yet answered (ParseComplete, or skipped by an error).
+    unnamed_in_flight: u32,
+    /// A Sync went out after an unnamed Parse still in flight: if the server skips that
+    /// Parse (an earlier message failed), its unnamed statement is still whatever it was,
+    /// maybe another client's, so `conn.unnamed` is not to be trusted until it is answered.
+    unnamed_unsure: bool,
 }
 
 /// Allocations of `Attached` values given up on this thread, for reuse: a client attaches
@@ -1258,7 +1264,7 @@ impl Session {
                         }
                         return;
                     }
-                    a.server.conn.unnamed = Some(s.hash);
+                    note_unnamed_parse(a, s.hash);
                     io.sout.extend_from_slice(msg);
                     io.expects.push_back(Expect::Parse {
                         hidden: false,
@@ -1400,6 +1406,9 @@ impl Session {
             b'S' => {
                 io.sout.extend_from_slice(msg);
                 io.expects.push_back(Expect::Sync);
+                if a.unnamed_in_flight > 0 {
+                    a.unnamed_unsure = true;
+                }
                 if crate::metrics::enabled() {
                     a.sent_at.get_or_insert_with(std::time::Instant::now);
                 }
@@ -1545,15 +1554,9 @@ impl Session {
                 }
                 if let (Some(hash), Some(a)) = (stale, self.attached.as_mut()) {
                     // A table change altered the statement's result columns: the server
-                    // would fail it at every run from now on, for every client sharing it.
-                    // Closed after the batch's Sync (the server skips until then), it is
-                    // prepared afresh at its next use; with no Sync sent, the connection
-                    // is closed instead once the client lets it go.
-                    if io.expects.front().is_some() {
-                        close_global(a, hash, io);
-                    } else {
-                        a.poisoned = true;
-                    }
+                    // fails it at every run from now on, as Postgres does, until a client
+                    // parses it again; that Parse then prepares it afresh.
+                    a.server.conn.prepared.mark_stale(hash);
                 }
                 true
             }
@@ -1625,8 +1628,9 @@ impl Session {
                 false
             }
             (b'1', Some(Expect::Parse { prepared, .. })) => {
-                if let Some(hash) = prepared {
-                    self.pools.mark_known_statement(*hash);
+                match prepared {
+                    Some(hash) => self.pools.mark_known_statement(*hash),
+                    None => unnamed_parse_done(a),
                 }
                 io.expects.skip_front();
                 !hidden
@@ -1669,7 +1673,10 @@ impl Session {
                     Some(hash) => a.server.conn.prepared.remove(hash),
                     // An unnamed Parse (named ones always carry their hash): whatever the
                     // server's unnamed statement is now, it is not that one.
-                    None => a.server.conn.unnamed = None,
+                    None => {
+                        a.server.conn.unnamed = None;
+                        unnamed_parse_done(a);
+                    }
                 }
             }
             if let (Some(name), Some(p)) = (client_name, self.prepared.as_mut()) {
@@ -1819,6 +1826,8 @@ impl Session {
                 poisoned: false,
                 sent_at: None,
                 server_waiting: false,
+                unnamed_in_flight: 0,
+                unnamed_unsure: false,
             }
             .boxed(),
         );
@@ -2108,10 +2117,7 @@ fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
 /// the server's may be another client's, so it is closed first, and the server answers
 /// the client's message with its own error (its transaction then fails, as it should).
 fn close_server_unnamed(a: &mut Attached, io: &mut Buffers) {
-    protocol::write_msg(&mut io.sout, b'C', |o| {
-        o.put_u8(b'S');
-        protocol::put_cstr(o, b"");
-    });
+    write_close(&mut io.sout, b"");
     a.server.conn.unnamed = None;
     io.expects.push_back(Expect::Close { hidden: true });
 }
@@ -2143,14 +2149,30 @@ const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 
 /// Makes the client's unnamed statement the connection's unnamed statement.
 fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {
-    if a.server.conn.unnamed != Some(s.hash) {
+    if a.server.conn.unnamed != Some(s.hash) || a.unnamed_unsure {
         write_parse(&mut io.sout, b"", &s.tail);
-        a.server.conn.unnamed = Some(s.hash);
+        note_unnamed_parse(a, s.hash);
         io.expects.push_back(Expect::Parse {
             hidden: true,
             prepared: None,
             client_name: None,
         });
+    }
+}
+
+/// An unnamed Parse of `hash` goes out: a Bind after it in the same batch binds it (or is
+/// skipped with it).
+fn note_unnamed_parse(a: &mut Attached, hash: u64) {
+    a.server.conn.unnamed = Some(hash);
+    a.unnamed_in_flight += 1;
+    a.unnamed_unsure = false;
+}
+
+/// An unnamed Parse was answered or skipped.
+fn unnamed_parse_done(a: &mut Attached) {
+    a.unnamed_in_flight = a.unnamed_in_flight.saturating_sub(1);
+    if a.unnamed_in_flight == 0 {
+        a.unnamed_unsure = false;
     }
 }
 
@@ -2160,8 +2182,13 @@ fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers) {
 }
 
 /// Sends a Parse of the statement under its global name unless the connection has it
-/// (then false, and nothing is sent). `hidden`: shardgate's own, its reply swallowed;
-/// `client_name`: a client's named statement, forgotten if the Parse fails.
+/// (then false, and nothing is sent). `hidden`: shardgate's own (for a Bind or Describe),
+/// its reply swallowed; else the client's own Parse, which also replaces a stale
+/// statement. `client_name`: a client's named statement, forgotten if the Parse fails.
+///
+/// A hidden Close of the name goes first: a Close shardgate sent earlier (an eviction)
+/// that the server skipped after an error leaves the statement there while shardgate
+/// counts it gone, and the Parse must not then fail with "already exists".
 fn prepare_global(
     a: &mut Attached,
     s: &Stmt,
@@ -2171,9 +2198,15 @@ fn prepare_global(
     client_name: Option<Bytes>,
 ) -> bool {
     if a.server.conn.prepared.contains(s.hash) {
-        return false;
+        if hidden || !a.server.conn.prepared.is_stale(s.hash) {
+            return false;
+        }
+        a.server.conn.prepared.remove(s.hash);
+    } else {
+        evict_if_full(a, cap, io);
     }
-    evict_if_full(a, cap, io);
+    write_close(&mut io.sout, &s.name);
+    io.expects.push_back(Expect::Close { hidden: true });
     write_parse(&mut io.sout, &s.name, &s.tail);
     a.server.conn.prepared.insert(s.hash);
     io.expects.push_back(Expect::Parse {
@@ -2197,11 +2230,15 @@ fn evict_if_full(a: &mut Attached, cap: usize, io: &mut Buffers) {
 /// Closes a statement on the connection (hidden from the client) and forgets it there.
 fn close_global(a: &mut Attached, hash: u64, io: &mut Buffers) {
     a.server.conn.prepared.remove(hash);
-    protocol::write_msg(&mut io.sout, b'C', |o| {
-        o.put_u8(b'S');
-        protocol::put_cstr(o, &global_name(hash));
-    });
+    write_close(&mut io.sout, &global_name(hash));
     io.expects.push_back(Expect::Close { hidden: true });
+}
+
+fn write_close(out: &mut BytesMut, statement: &[u8]) {
+    protocol::write_msg(out, b'C', |o| {
+        o.put_u8(b'S');
+        protocol::put_cstr(o, statement);
+    });
 }
 
 #[cfg(test)]

@@ -408,8 +408,7 @@ impl Session {
                 server: a.server,
                 wrote: a.data_write,
                 in_tx,
-                // A connection shardgate stopped trusting is not released as clean.
-                broken: a.poisoned,
+                broken: false,
                 primary: a.primary,
             });
         }

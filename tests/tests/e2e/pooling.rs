@@ -612,7 +612,7 @@ async fn unnamed_statement_of_another_client_is_never_used() {
 /// own unnamed statement must prepare that again, never bind the one left there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn skipped_unnamed_parse_never_binds_another_clients_statement() {
-    let (_proxy, a, mut b) = after_a_secret().await;
+    let (_proxy, mut a, mut b) = after_a_secret().await;
 
     // The Execute of a portal that does not exist fails; the server skips the Parse.
     b.execute("no_such_portal", 0);
@@ -627,6 +627,22 @@ async fn skipped_unnamed_parse_never_binds_another_clients_statement() {
     b.sync();
     let r = b.round_trip().await.expect("bind after the skipped parse");
     assert_eq!(Msg::rows(&r), [[Some("b".to_string())]], "{r:?}");
+
+    // The same, pipelined: the Bind goes out before the error of the batch before it is
+    // back, so shardgate cannot yet know the Parse was skipped.
+    let r = run_unnamed(&mut a, "SELECT 'a secret'::text", &[]).await;
+    assert_eq!(Msg::rows(&r), [[Some("a secret".to_string())]], "{r:?}");
+    b.execute("no_such_portal", 0);
+    b.parse("", "SELECT 'c'::text", &[]);
+    b.sync();
+    b.bind_text("", "", &[]);
+    b.execute("", 0);
+    b.sync();
+    let first = b.round_trip().await.expect("pipelined failing batch");
+    let err = Msg::first_error(&first).unwrap_or_else(|| panic!("no error: {first:?}"));
+    assert_eq!(err.error_code().as_deref(), Some("34000"), "{first:?}");
+    let second = b.read_until_ready().await.expect("pipelined bind");
+    assert_eq!(Msg::rows(&second), [[Some("c".to_string())]], "{second:?}");
     a.terminate().await;
     b.terminate().await;
 }
