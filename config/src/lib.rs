@@ -53,8 +53,8 @@ pub struct General {
     /// and plans it once per connection instead of at every execution. Off by default: the
     /// server then caches the statement's plan (after five runs it may settle on a generic
     /// plan), and a table change that alters its result columns fails its next run once
-    /// per server connection with 0A000, as it does for any prepared statement (the
-    /// client's next Parse of it then prepares it afresh).
+    /// per server connection with 0A000, as it does for any prepared statement (it is
+    /// then prepared afresh at its next use).
     pub prepare_unnamed: bool,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,

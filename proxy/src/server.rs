@@ -60,10 +60,6 @@ pub struct PreparedSet {
     /// statement hash -> last use (a tick), for evicting the least recently used.
     used: HashMap<u64, u64>,
     tick: u64,
-    /// Statements the server said no longer fit their result columns (0A000 "cached plan
-    /// must not change result type"): a client's next Parse of one prepares it afresh.
-    /// Almost always empty.
-    stale: Vec<u64>,
 }
 
 impl PreparedSet {
@@ -83,19 +79,9 @@ impl PreparedSet {
     }
     pub fn remove(&mut self, hash: u64) {
         self.used.remove(&hash);
-        self.stale.retain(|h| *h != hash);
     }
     pub fn clear(&mut self) {
         self.used.clear();
-        self.stale.clear();
-    }
-    pub fn mark_stale(&mut self, hash: u64) {
-        if self.used.contains_key(&hash) && !self.stale.contains(&hash) {
-            self.stale.push(hash);
-        }
-    }
-    pub fn is_stale(&self, hash: u64) -> bool {
-        !self.stale.is_empty() && self.stale.contains(&hash)
     }
     pub fn len(&self) -> usize {
         self.used.len()
@@ -325,6 +311,8 @@ impl ServerConn {
     /// Runs `sql` (simple protocol) to completion, for control statements shardgate issues
     /// itself outside any client exchange. Returns the first error, if any.
     pub async fn run(&mut self, sql: &str) -> Result<Option<(String, String)>, ServerError> {
+        // A simple query destroys the server's unnamed statement.
+        self.unnamed = None;
         let mut out = BytesMut::with_capacity(sql.len() + 8);
         protocol::query(&mut out, sql);
         self.send(&out).await?;

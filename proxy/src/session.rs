@@ -1554,9 +1554,10 @@ impl Session {
                 }
                 if let (Some(hash), Some(a)) = (stale, self.attached.as_mut()) {
                     // A table change altered the statement's result columns: the server
-                    // fails it at every run from now on, as Postgres does, until a client
-                    // parses it again; that Parse then prepares it afresh.
-                    a.server.conn.prepared.mark_stale(hash);
+                    // would fail it at every run from now on, for every client sharing
+                    // it. Counted gone, it is prepared afresh (after a Close of the old
+                    // one) wherever it is next used on this connection.
+                    a.server.conn.prepared.remove(hash);
                 }
                 true
             }
@@ -1603,6 +1604,8 @@ impl Session {
                         // The commit is acknowledged (the ReadyForQuery goes out with this
                         // burst); learning its WAL position costs the client no wait.
                         a.wrote = false;
+                        // Like any simple query, it destroys the server's unnamed statement.
+                        a.server.conn.unnamed = None;
                         protocol::query(&mut io.sout, "SELECT pg_current_wal_lsn()");
                         io.expects.push_back(Expect::WriteLsn);
                     }
@@ -1795,6 +1798,7 @@ impl Session {
         let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
         if !same {
             if let Some(sql) = self.settings.sync_sql(current.map(|c| &**c)) {
+                server.conn.unnamed = None;
                 protocol::query(&mut io.sout, &sql);
                 io.expects.push_back(Expect::Query {
                     hidden: true,
@@ -1805,6 +1809,7 @@ impl Session {
         }
         if let Some(begin) = self.shard_tx.as_ref().and_then(|t| t.begin.as_deref()) {
             // The client's BEGIN, answered when it came, starts the transaction here.
+            server.conn.unnamed = None;
             protocol::query(&mut io.sout, begin);
             io.expects.push_back(Expect::Query {
                 hidden: true,
@@ -2183,12 +2188,12 @@ fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers) {
 
 /// Sends a Parse of the statement under its global name unless the connection has it
 /// (then false, and nothing is sent). `hidden`: shardgate's own (for a Bind or Describe),
-/// its reply swallowed; else the client's own Parse, which also replaces a stale
-/// statement. `client_name`: a client's named statement, forgotten if the Parse fails.
+/// its reply swallowed. `client_name`: a client's named statement, forgotten if the
+/// Parse fails.
 ///
-/// A hidden Close of the name goes first: a Close shardgate sent earlier (an eviction)
-/// that the server skipped after an error leaves the statement there while shardgate
-/// counts it gone, and the Parse must not then fail with "already exists".
+/// A hidden Close of the name goes first: the server may still hold a statement shardgate
+/// counts gone (a stale one it forgot, or an eviction Close the server skipped after an
+/// error), and the Parse must not then fail with "already exists".
 fn prepare_global(
     a: &mut Attached,
     s: &Stmt,
@@ -2198,13 +2203,9 @@ fn prepare_global(
     client_name: Option<Bytes>,
 ) -> bool {
     if a.server.conn.prepared.contains(s.hash) {
-        if hidden || !a.server.conn.prepared.is_stale(s.hash) {
-            return false;
-        }
-        a.server.conn.prepared.remove(s.hash);
-    } else {
-        evict_if_full(a, cap, io);
+        return false;
     }
+    evict_if_full(a, cap, io);
     write_close(&mut io.sout, &s.name);
     io.expects.push_back(Expect::Close { hidden: true });
     write_parse(&mut io.sout, &s.name, &s.tail);

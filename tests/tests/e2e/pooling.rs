@@ -498,9 +498,9 @@ async fn repeated_unnamed_statement_is_prepared_on_the_server() {
 
 /// A table change that alters the result columns of a statement prepared on the server
 /// fails its next run with 0A000 (as Postgres does for any prepared statement); shardgate
-/// then closes that statement on the connection, so the run after it prepares it afresh
-/// and sees the new column: also for a client pinned to its connection (LISTEN), which
-/// keeps the same one throughout.
+/// then prepares it afresh at its next use on that connection (with or without a Parse
+/// from the client), which sees the new column. Also for a client pinned to its connection
+/// (LISTEN), which keeps the same one throughout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_prepared_statement_fails_once_then_recovers() {
     if shardgate_e2e::skip_in_direct_mode("stale_prepared_statement_fails_once_then_recovers") {
@@ -543,6 +543,18 @@ async fn stale_prepared_statement_fails_once_then_recovers() {
             err.error_code().as_deref(),
             Some("0A000"),
             "pinned {pinned}: {r:?}"
+        );
+        // Bound again without a Parse, the statement is prepared afresh on the connection
+        // (unlike on Postgres, where it keeps failing until the client prepares it again).
+        client.bind_text("", "", &[]);
+        client.describe(b'P', "");
+        client.execute("", 0);
+        client.sync();
+        let r = client.round_trip().await.expect("bind only");
+        assert_eq!(
+            Msg::rows(&r),
+            [[Some("1".to_string()), Some("7".to_string())]],
+            "pinned {pinned}, bind only: {r:?}"
         );
         for _ in 0..2 {
             let r = run_unnamed(&mut client, &sql, &[]).await;
@@ -607,6 +619,16 @@ async fn unnamed_statement_of_another_client_is_never_used() {
     b.terminate().await;
 }
 
+/// A Bind of the unnamed statement whose Parse the server skipped: Postgres answers 26000
+/// (the client has none); shardgate may also run the client's own text again. Never
+/// anything else.
+fn own_statement_or_none(r: &[Msg], own: &str) {
+    match Msg::first_error(r) {
+        Some(err) => assert_eq!(err.error_code().as_deref(), Some("26000"), "{r:?}"),
+        None => assert_eq!(Msg::rows(r), [[Some(own.to_string())]], "{r:?}"),
+    }
+}
+
 /// An unnamed Parse the server skipped (an earlier message of the batch failed) leaves the
 /// connection's unnamed statement as it was, another client's: a later Bind of the client's
 /// own unnamed statement must prepare that again, never bind the one left there.
@@ -626,7 +648,7 @@ async fn skipped_unnamed_parse_never_binds_another_clients_statement() {
     b.execute("", 0);
     b.sync();
     let r = b.round_trip().await.expect("bind after the skipped parse");
-    assert_eq!(Msg::rows(&r), [[Some("b".to_string())]], "{r:?}");
+    own_statement_or_none(&r, "b");
 
     // The same, pipelined: the Bind goes out before the error of the batch before it is
     // back, so shardgate cannot yet know the Parse was skipped.
@@ -642,7 +664,39 @@ async fn skipped_unnamed_parse_never_binds_another_clients_statement() {
     let err = Msg::first_error(&first).unwrap_or_else(|| panic!("no error: {first:?}"));
     assert_eq!(err.error_code().as_deref(), Some("34000"), "{first:?}");
     let second = b.read_until_ready().await.expect("pipelined bind");
-    assert_eq!(Msg::rows(&second), [[Some("c".to_string())]], "{second:?}");
+    own_statement_or_none(&second, "c");
+    a.terminate().await;
+    b.terminate().await;
+}
+
+/// shardgate's own simple queries on a connection (here the settings it restores for a
+/// client with its own `SET`) destroy the server's unnamed statement as any simple query
+/// does: a client's Bind of its unnamed statement there still finds it (parsed again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unnamed_statement_survives_settings_sync() {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let mut b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = b
+        .simple_query("SET statement_timeout = 5000")
+        .await
+        .unwrap();
+    assert!(Msg::first_error(&r).is_none(), "{r:?}");
+    b.parse("", "SELECT 'b'::text", &[]);
+    b.describe(b'S', "");
+    b.sync();
+    let r = b.round_trip().await.expect("parse/describe");
+    assert!(Msg::first_error(&r).is_none(), "{r:?}");
+
+    // A has the default settings: the connection is reset for it, then set for B again.
+    let r = a.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
+
+    b.bind_text("", "", &[]);
+    b.execute("", 0);
+    b.sync();
+    let r = b.round_trip().await.expect("bind");
+    assert_eq!(Msg::rows(&r), [[Some("b".to_string())]], "{r:?}");
     a.terminate().await;
     b.terminate().await;
 }
