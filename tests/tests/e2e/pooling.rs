@@ -689,7 +689,12 @@ async fn unnamed_statement_survives_settings_sync() {
     assert!(Msg::first_error(&r).is_none(), "{r:?}");
 
     // A has the default settings: the connection is reset for it, then set for B again.
-    let r = a.simple_query("SELECT 1").await.unwrap();
+    // (A named statement: a Query or an unnamed Parse of A's would replace B's anyway.)
+    a.parse("one", "SELECT 1", &[]);
+    a.bind_text("", "one", &[]);
+    a.execute("", 0);
+    a.sync();
+    let r = a.round_trip().await.expect("a's statement");
     assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
 
     b.bind_text("", "", &[]);
