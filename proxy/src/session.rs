@@ -1552,6 +1552,12 @@ impl Session {
                         self.forget_failed(skipped);
                     }
                 }
+                if io.expects.is_empty() && self.attached.as_ref().is_some_and(|a| a.unsynced) {
+                    // The client's Sync has not gone out yet (a batch ended by Flush, or
+                    // sent on as it came): the server skips to it, and so does shardgate,
+                    // or the messages in between would wait for answers that never come.
+                    self.skip_until_sync = true;
+                }
                 if let (Some(hash), Some(a)) = (stale, self.attached.as_mut()) {
                     // A table change altered the statement's result columns: the server
                     // would fail it at every run from now on, for every client sharing

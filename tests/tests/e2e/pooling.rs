@@ -705,3 +705,49 @@ async fn unnamed_statement_survives_settings_sync() {
     a.terminate().await;
     b.terminate().await;
 }
+
+/// An error answered before the client's Sync has gone out (the batch ended by Flush):
+/// the server skips everything up to that Sync, and shardgate must expect no answers
+/// for the messages in between, or the connection stays tied to the client once its
+/// transaction is over and the next client of a one-connection pool waits in vain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn error_before_sync_leaves_the_connection_reusable() {
+    if shardgate_e2e::skip_in_direct_mode("error_before_sync_leaves_the_connection_reusable") {
+        return;
+    }
+    let proxy = Proxy::builder()
+        .pool_size(1)
+        .checkout_timeout("3s")
+        .start()
+        .await;
+    let mut a = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = a.simple_query("BEGIN").await.unwrap();
+    assert!(Msg::first_error(&r).is_none(), "{r:?}");
+
+    a.execute("no_such_portal", 0);
+    a.buf().extend_from_slice(b"H\0\0\0\x04"); // Flush
+    a.flush().await.unwrap();
+    let err = a
+        .read_msg()
+        .await
+        .unwrap()
+        .expect("an answer to the failed Execute");
+    assert_eq!(err.error_code().as_deref(), Some("34000"), "{err:?}");
+
+    // Skipped by the server up to the Sync, which it answers alone.
+    a.parse("", "SELECT 1", &[]);
+    a.bind_text("", "", &[]);
+    a.execute("", 0);
+    a.sync();
+    let r = a.round_trip().await.expect("the rest of the batch");
+    assert_eq!(command_tags(&r), ['Z'], "{r:?}");
+    assert_eq!(r[0].ready_status(), b'E', "{r:?}");
+    let r = a.simple_query("ROLLBACK").await.unwrap();
+    assert!(Msg::first_error(&r).is_none(), "{r:?}");
+
+    let mut b = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = b.simple_query("SELECT 2").await.unwrap();
+    assert_eq!(Msg::rows(&r), [[Some("2".to_string())]], "{r:?}");
+    a.terminate().await;
+    b.terminate().await;
+}
