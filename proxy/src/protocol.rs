@@ -223,6 +223,11 @@ pub fn empty_msg(buf: &mut BytesMut, tag: u8) {
     buf.put_i32(4);
 }
 
+/// Whole ParseComplete and CloseComplete messages (what `empty_msg` writes), for replies
+/// shardgate queues as `Bytes` without allocating.
+pub const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
+pub const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
+
 pub fn query(buf: &mut BytesMut, sql: &str) {
     write_msg(buf, b'Q', |b| put_cstr(b, sql.as_bytes()));
 }

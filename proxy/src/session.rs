@@ -211,6 +211,12 @@ enum Expect {
 }
 
 impl Expect {
+    /// A simple query shardgate sends itself; its answer is swallowed.
+    const HIDDEN_QUERY: Expect = Expect::Query {
+        hidden: true,
+        effects: None,
+    };
+
     fn hidden(&self) -> bool {
         matches!(
             self,
@@ -1259,8 +1265,9 @@ impl Session {
                         again && self.app.config.general.prepare_unnamed && s.effects.is_none();
                     if p.unnamed_global {
                         if !prepare_global(a, s, cap, io, false, None) {
-                            io.expects
-                                .push_back(Expect::Reply(Bytes::from_static(PARSE_COMPLETE)));
+                            io.expects.push_back(Expect::Reply(Bytes::from_static(
+                                protocol::PARSE_COMPLETE,
+                            )));
                         }
                         return;
                     }
@@ -1291,7 +1298,7 @@ impl Session {
                 p.named.insert(client_name.clone(), stmt.clone());
                 if !prepare_global(a, &stmt, cap, io, false, Some(client_name)) {
                     io.expects
-                        .push_back(Expect::Reply(Bytes::from_static(PARSE_COMPLETE)));
+                        .push_back(Expect::Reply(Bytes::from_static(protocol::PARSE_COMPLETE)));
                 }
             }
             b'B' => {
@@ -1395,9 +1402,8 @@ impl Session {
                 let mut r = Reader::new(body(msg));
                 if r.u8() == Some(b'S') {
                     p.close(msg);
-                    let mut reply = BytesMut::with_capacity(5);
-                    protocol::empty_msg(&mut reply, b'3');
-                    io.expects.push_back(Expect::Reply(reply.freeze()));
+                    let reply = Bytes::from_static(protocol::CLOSE_COMPLETE);
+                    io.expects.push_back(Expect::Reply(reply));
                 } else {
                     io.sout.extend_from_slice(msg);
                     io.expects.push_back(Expect::Close { hidden: false });
@@ -1610,10 +1616,8 @@ impl Session {
                         // The commit is acknowledged (the ReadyForQuery goes out with this
                         // burst); learning its WAL position costs the client no wait.
                         a.wrote = false;
-                        // Like any simple query, it destroys the server's unnamed statement.
-                        a.server.conn.unnamed = None;
-                        protocol::query(&mut io.sout, "SELECT pg_current_wal_lsn()");
-                        io.expects.push_back(Expect::WriteLsn);
+                        let sql = "SELECT pg_current_wal_lsn()";
+                        query_to_server(&mut a.server.conn, io, sql, Expect::WriteLsn);
                     }
                     // A transaction block that started here is over.
                     self.shard_tx = None;
@@ -1804,23 +1808,13 @@ impl Session {
         let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
         if !same {
             if let Some(sql) = self.settings.sync_sql(current.map(|c| &**c)) {
-                server.conn.unnamed = None;
-                protocol::query(&mut io.sout, &sql);
-                io.expects.push_back(Expect::Query {
-                    hidden: true,
-                    effects: None,
-                });
+                query_to_server(&mut server.conn, io, &sql, Expect::HIDDEN_QUERY);
             }
             server.conn.settings = Some(self.settings.clone());
         }
         if let Some(begin) = self.shard_tx.as_ref().and_then(|t| t.begin.as_deref()) {
             // The client's BEGIN, answered when it came, starts the transaction here.
-            server.conn.unnamed = None;
-            protocol::query(&mut io.sout, begin);
-            io.expects.push_back(Expect::Query {
-                hidden: true,
-                effects: None,
-            });
+            query_to_server(&mut server.conn, io, begin, Expect::HIDDEN_QUERY);
         }
         self.attached = Some(
             Attached {
@@ -2124,6 +2118,19 @@ fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
     protocol::error_response(out, "ERROR", sqlstate::DUPLICATE_PSTATEMENT, &text);
 }
 
+/// A simple query shardgate writes to a server itself (answered by `expect`). Like any
+/// simple query it destroys the server's unnamed statement, so the connection forgets it.
+fn query_to_server(
+    conn: &mut crate::server::ServerConn,
+    io: &mut Buffers,
+    sql: &str,
+    expect: Expect,
+) {
+    conn.unnamed = None;
+    protocol::query(&mut io.sout, sql);
+    io.expects.push_back(expect);
+}
+
 /// The client names the unnamed statement but has none (never parsed one, or closed it):
 /// the server's may be another client's, so it is closed first, and the server answers
 /// the client's message with its own error (its transaction then fails, as it should).
@@ -2154,9 +2161,6 @@ fn stale_plan(msg: &[u8]) -> bool {
     f.code == sqlstate::FEATURE_NOT_SUPPORTED.as_bytes()
         && (f.routine == b"RevalidateCachedQuery" || f.message.starts_with(b"cached plan"))
 }
-
-/// ParseComplete, for a Parse of a statement the server already has.
-const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 
 /// Makes the client's unnamed statement the connection's unnamed statement.
 fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {

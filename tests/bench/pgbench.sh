@@ -58,7 +58,7 @@ SHARDGATE_PGO (1: the PGO build of deploy/pgo/build.sh, target/pgo/shardgate;
 0: the plain target/release/shardgate; default 1), SHARDGATE_BIN (default: that
 build's binary, brought up to date first unless SHARDGATE_BUILD=0),
 PREPARE_UNNAMED=1 (adds target sg_prep: shardgate with prepare_unnamed = true, on
-SHARDGATE_PORT+9), SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
+SHARDGATE_PORT+REPLICAS+1), SHARDGATE_LOG (RUST_LOG for shardgate, default warn), KEEP_TMP=1 (keep the
 temp dir with every pgbench log and the proxies' configs and logs).
 EOF
 }
@@ -87,7 +87,7 @@ SHARDGATE_PORT=${SHARDGATE_PORT:-27432}
 REPLICAS=${REPLICAS:-0}
 # PREPARE_UNNAMED=1 (default 0; not with SHARDS): adds target sg_prep, shardgate with
 # `prepare_unnamed = true` (repeated unnamed statements are prepared on the server), on
-# port SHARDGATE_PORT+9.
+# the port after the sg_rN ones, SHARDGATE_PORT+REPLICAS+1.
 PREPARE_UNNAMED=${PREPARE_UNNAMED:-0}
 # SHARDGATE_PGO=1 (default): the release build with profile-guided optimisation, the
 # one deploy/ ships (deploy/pgo/build.sh); 0: the plain `cargo build --release`.
@@ -513,8 +513,9 @@ replica_hosts() { # N -> "127.0.0.1:primary", "127.0.0.1:replica1", ... (quoted,
     for ((j = 1; j <= $1; j++)); do list+=", \"127.0.0.1:$((PG_PORT + j))\""; done
     echo "$list"
 }
+SG_PREP_PORT=$((SHARDGATE_PORT + REPLICAS + 1))
 start_sg_prep() {
-    start_shardgate_with sg_prep $((SHARDGATE_PORT + 9)) "$(shard_toml "\"127.0.0.1:$PG_PORT\"")" \
+    start_shardgate_with sg_prep "$SG_PREP_PORT" "$(shard_toml "\"127.0.0.1:$PG_PORT\"")" \
         "prepare_unnamed = true"
 }
 # sg_rN: the primary and N replicas.
@@ -1095,7 +1096,7 @@ if ((PREPARE_UNNAMED)); then
     ALL_TARGETS+=(sg_prep)
     ONLY+="sg_prep "
     if [[ -n ${TARGET_PORT[shardgate]:-} ]]; then
-        start_target sg_prep $((SHARDGATE_PORT + 9)) || log "sg_prep skipped: ${TARGET_NOTE[sg_prep]:-}"
+        start_target sg_prep "$SG_PREP_PORT" || log "sg_prep skipped: ${TARGET_NOTE[sg_prep]:-}"
     fi
 fi
 selected direct || unset 'TARGET_PORT[direct]'

@@ -371,12 +371,11 @@ impl Session {
             // Let the server raise it, so that its transaction is aborted exactly as if the
             // statement had failed there.
             let sql = raise_sql(r);
-            a.server.conn.unnamed = None;
-            protocol::query(&mut io.sout, &sql);
-            io.expects.push_back(super::Expect::Query {
+            let expect = super::Expect::Query {
                 hidden: false,
                 effects: None,
-            });
+            };
+            super::query_to_server(&mut a.server.conn, io, &sql, expect);
             return;
         }
         protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message);

@@ -430,6 +430,14 @@ async fn run_unnamed(conn: &mut RawConn, sql: &str, params: &[Option<&str>]) -> 
     conn.round_trip().await.expect("unnamed round trip")
 }
 
+async fn proxy_preparing_unnamed(pool_size: u32, prepare: bool) -> Proxy {
+    Proxy::builder()
+        .pool_size(pool_size)
+        .general(&format!("prepare_unnamed = {prepare}"))
+        .start()
+        .await
+}
+
 /// How often the server connection behind `observer` ran a statement with this text as a
 /// prepared statement: `None` when it holds no such statement (an unnamed statement is
 /// never listed). The observer shares a one-connection pool with the client it checks.
@@ -462,11 +470,7 @@ async fn repeated_unnamed_statement_is_prepared_on_the_server() {
         return;
     }
     for prepare in [true, false] {
-        let proxy = Proxy::builder()
-            .pool_size(1)
-            .general(&format!("prepare_unnamed = {prepare}"))
-            .start()
-            .await;
+        let proxy = proxy_preparing_unnamed(1, prepare).await;
         let observer = connect(&proxy.url()).await.unwrap();
         let mut client = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
         let marker = unique_name("prep_unnamed");
@@ -509,11 +513,7 @@ async fn stale_prepared_statement_fails_once_then_recovers() {
     for pinned in [false, true] {
         // Unpinned, one connection makes sure every run meets the stale statement; pinned,
         // the client holds its own and the table changes on the other.
-        let proxy = Proxy::builder()
-            .pool_size(if pinned { 2 } else { 1 })
-            .general("prepare_unnamed = true")
-            .start()
-            .await;
+        let proxy = proxy_preparing_unnamed(if pinned { 2 } else { 1 }, true).await;
         let t = unique_name("e2e_stale");
         let admin = connect(&proxy.url()).await.unwrap();
         admin
