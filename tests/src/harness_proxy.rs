@@ -5,6 +5,7 @@ use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -231,10 +232,31 @@ fn quote(s: &str) -> String {
     q
 }
 
-/// A port nobody listens on right now (bind to port 0, read it, close).
+/// A loopback port nobody listens on right now, for a proxy the test is about to start.
+///
+/// Taken from 30000-32767, below the kernel's ephemeral range (32768-60999): a port
+/// from bind-to-0 is an ephemeral one, which any outgoing connection (another test's
+/// client, the proxy's own server connections) could take as its source port before the
+/// proxy binds it, and which two tests asking at the same moment could both be given.
+/// Then one proxy failed to start while its test, seeing the other's listener, went on
+/// and met "connection refused" later. Here every port is handed out once per process
+/// (each process starts at its own offset), and only after a bind shows it free.
 pub fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local_addr").port()
+    const FIRST: u32 = 30_000;
+    const COUNT: u32 = 2_768;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let offset = std::process::id() % COUNT;
+    for _ in 0..COUNT {
+        let i = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + i) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!(
+        "no free loopback port left in {FIRST}-{}",
+        FIRST + COUNT - 1
+    )
 }
 
 /// A running shardgate (or, in direct mode, the primary it would front).

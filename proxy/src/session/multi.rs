@@ -58,6 +58,10 @@ pub(super) struct Part {
     /// The connection's state is unknown (an I/O error mid-exchange, replies unread):
     /// never run anything more on it, never give it back.
     broken: bool,
+    /// The connection answered something nobody asked for before it joined this
+    /// transaction (`Attached::poisoned`): it may still run the transaction's statements
+    /// and its COMMIT, unlike a broken one, but it is closed at the end, not given back.
+    poisoned: bool,
     /// Checked out from the shard's primary.
     primary: bool,
 }
@@ -408,6 +412,7 @@ impl Session {
                 wrote: a.data_write,
                 in_tx,
                 broken: false,
+                poisoned: a.poisoned,
                 primary: a.primary,
             });
         }
@@ -503,6 +508,7 @@ impl Session {
             wrote: false,
             in_tx: false,
             broken: false,
+            poisoned: false,
             primary: want == crate::pool::Want::Primary,
         });
         Ok(tx.parts.len() - 1)
@@ -2267,7 +2273,7 @@ pub(super) fn discard_parts(tx: ShardTx) {
 
 /// Gives a part's connection back if it is clean, closes it otherwise.
 fn release_part(p: Part) {
-    if p.in_tx || p.broken {
+    if p.in_tx || p.broken || p.poisoned {
         p.server.discard();
     } else {
         p.server.release();
