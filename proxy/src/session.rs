@@ -235,11 +235,40 @@ impl Expect {
 struct Expects {
     items: Vec<Expect>,
     head: usize,
+    /// How many were ever pushed: the sequence number of the next one.
+    pushed: u64,
 }
 
 impl Expects {
     fn push_back(&mut self, e: Expect) {
         self.items.push(e);
+        self.pushed += 1;
+    }
+
+    /// The sequence number the next pushed expectation gets: those pushed before have
+    /// smaller ones, whatever was answered or removed meanwhile.
+    fn next_seq(&self) -> u64 {
+        self.pushed
+    }
+
+    /// Forgets the Syncs queued behind the head before sequence number `before` (all of
+    /// them if `None`): the server ignores a Sync that reaches it in copy-in mode.
+    fn drop_syncs_behind_head(&mut self, before: Option<u64>) -> bool {
+        let mut dropped = false;
+        let mut i = self.head + 1;
+        while i < self.items.len() {
+            let seq = self.pushed - (self.items.len() - i) as u64;
+            if before.is_some_and(|b| seq >= b) {
+                break;
+            }
+            if matches!(self.items[i], Expect::Sync) {
+                self.items.remove(i);
+                dropped = true;
+            } else {
+                i += 1;
+            }
+        }
+        dropped
     }
 
     fn front(&self) -> Option<&Expect> {
@@ -326,6 +355,17 @@ struct Attached {
     /// Parse (an earlier message failed), its unnamed statement is still whatever it was,
     /// maybe another client's, so `conn.unnamed` is not to be trusted until it is answered.
     unnamed_unsure: bool,
+    /// The server is in copy-in mode (it sent CopyInResponse) and the client has not
+    /// ended the copy yet: a Sync sent now is ignored by the server, so none is expected.
+    copy_in: bool,
+    /// A CopyDone or CopyFail went out before the server's CopyInResponse came back: the
+    /// sequence number of the expectations queued after it (see `Expects::next_seq`).
+    copy_end_seq: Option<u64>,
+    /// Syncs were taken as ignored by a server copying in. True only if the copy ends
+    /// with CopyDone: after an error the server may have left copy mode before some of
+    /// them and answered them. So an error meanwhile poisons the connection (closed, not
+    /// reused), lest a late ReadyForQuery reach the next client.
+    copy_syncs_dropped: bool,
 }
 
 /// Allocations of `Attached` values given up on this thread, for reuse: a client attaches
@@ -1026,8 +1066,16 @@ impl Session {
             }
             b'd' | b'c' | b'f' => {
                 // Copy traffic; a server outside COPY ignores it, and so do we when detached.
-                if self.attached.is_some() {
+                if let Some(a) = self.attached.as_mut() {
                     io.sout.extend_from_slice(&msg);
+                    if msg[0] != b'd' {
+                        // The end of a copy: Syncs from now on count again.
+                        if a.copy_in {
+                            a.copy_in = false;
+                        } else if !io.expects.is_empty() && a.copy_end_seq.is_none() {
+                            a.copy_end_seq = Some(io.expects.next_seq());
+                        }
+                    }
                 }
             }
             b'X' => return Err(Flow::Exit),
@@ -1409,6 +1457,11 @@ impl Session {
                     io.expects.push_back(Expect::Close { hidden: false });
                 }
             }
+            b'S' if a.copy_in => {
+                // The server is copying in and ignores it.
+                io.sout.extend_from_slice(msg);
+                a.copy_syncs_dropped = true;
+            }
             b'S' => {
                 io.sout.extend_from_slice(msg);
                 io.expects.push_back(Expect::Sync);
@@ -1508,6 +1561,10 @@ impl Session {
         let tag = msg[0];
         let hidden = io.expects.front().is_some_and(Expect::hidden);
         tracing::trace!(client = self.pid, tag = %(tag as char), hidden, expects = io.expects.len(), "from server");
+        if tag == b'E' && a.copy_syncs_dropped {
+            // See `Attached::copy_syncs_dropped`.
+            a.poisoned = true;
+        }
         match tag {
             b'S' => {
                 a.server.conn.record_param(body(msg));
@@ -1573,9 +1630,24 @@ impl Session {
                 }
                 true
             }
+            (b'G', Some(Expect::Execute { .. } | Expect::Query { hidden: false, .. })) => {
+                // Copy-in mode: the server ignores every Sync until the client's CopyDone
+                // or CopyFail. Those already sent expect nothing; later ones neither.
+                let before = a.copy_end_seq.take();
+                a.copy_syncs_dropped |= io.expects.drop_syncs_behind_head(before);
+                a.copy_in = before.is_none();
+                true
+            }
             (b'Z', _) => {
+                a.copy_in = false;
                 let status = msg.get(5).copied().unwrap_or(b'I');
                 let done = io.expects.pop_front();
+                if io.expects.is_empty() {
+                    // A stray CopyDone outside any COPY must not leave a mark behind; a
+                    // copy that got here without an error ignored the Syncs as expected.
+                    a.copy_end_seq = None;
+                    a.copy_syncs_dropped = false;
+                }
                 if !matches!(
                     done,
                     Some(Expect::Sync | Expect::Query { .. } | Expect::WriteLsn)
@@ -1590,11 +1662,18 @@ impl Session {
                 {
                     if !a.query_failed {
                         self.apply_now(fx);
-                        let Some(a) = self.attached.as_mut() else {
-                            return false;
-                        };
-                        a.tx_effects.push(fx.clone());
+                    } else {
+                        // Statements before the failing one may have run and even committed
+                        // (`LISTEN x; SELECT 1/0`, `BEGIN; SET ..; COMMIT; SELECT 1/0`):
+                        // keep whatever they may have bound to the session, and count the
+                        // settings unknown (`tx_failed` is set) so the next client of the
+                        // connection gets them reset.
+                        self.pins = self.pins.with(fx.pin);
                     }
+                    let Some(a) = self.attached.as_mut() else {
+                        return false;
+                    };
+                    a.tx_effects.push(fx.clone());
                 }
                 let Some(a) = self.attached.as_mut() else {
                     return false;
@@ -1648,6 +1727,16 @@ impl Session {
                 io.expects.skip_front();
                 !hidden
             }
+            (b's', Some(Expect::Execute { effects: Some(_) })) => {
+                // A row limit suspended the portal: what it ran so far holds.
+                if let Some(Expect::Execute { effects: Some(fx) }) = io.expects.pop_front() {
+                    self.apply_now(&fx);
+                    if let Some(a) = self.attached.as_mut() {
+                        a.tx_effects.push(fx);
+                    }
+                }
+                !hidden
+            }
             (b'2', Some(Expect::Bind { .. }))
             | (b'3', Some(Expect::Close { .. }))
             | (b'n' | b'T', Some(Expect::Describe { .. }))
@@ -1675,6 +1764,12 @@ impl Session {
 
     /// A sent message failed or was skipped: undo what sending it registered.
     fn forget_failed(&mut self, e: Expect) {
+        if let Expect::Execute { effects: Some(fx) } = &e {
+            // It may have run partly (`SELECT pg_advisory_lock(1), 1/0`): keep the client
+            // on the connection rather than hand another client a lock it holds.
+            self.pins = self.pins.with(fx.pin);
+            return;
+        }
         if let Expect::Parse {
             prepared,
             client_name,
@@ -1833,6 +1928,9 @@ impl Session {
                 server_waiting: false,
                 unnamed_in_flight: 0,
                 unnamed_unsure: false,
+                copy_in: false,
+                copy_end_seq: None,
+                copy_syncs_dropped: false,
             }
             .boxed(),
         );

@@ -17,6 +17,9 @@ pub struct Settings {
     hash: u64,
 }
 
+/// Settings `RESET ALL` does not touch.
+const NOT_RESET_BY_ALL: &[&str] = &["role", "session_authorization"];
+
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];
 
@@ -97,7 +100,10 @@ impl Settings {
                     entries.push((name.clone(), value.clone()));
                 }
                 SettingChange::Reset { name } => entries.retain(|(n, _)| n != name),
-                SettingChange::ResetAll => entries.clear(),
+                // RESET ALL leaves the role and the session authorization as they are.
+                SettingChange::ResetAll => {
+                    entries.retain(|(n, _)| NOT_RESET_BY_ALL.contains(&n.as_str()))
+                }
             }
         }
         Settings::new(entries)
@@ -122,7 +128,8 @@ impl Settings {
                 }
             }
             None => {
-                sql.push_str("RESET ALL;");
+                // RESET ALL alone would leave a role another client set (SET ROLE).
+                sql.push_str("RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;");
                 for (name, value) in &self.entries {
                     sql.push_str(&format!("SET {name} = {value};"));
                 }
@@ -243,9 +250,21 @@ mod tests {
         );
         assert_eq!(
             a.sync_sql(None).as_deref(),
-            Some("RESET ALL;SET search_path = x;")
+            Some("RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;SET search_path = x;")
         );
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.apply(&[SettingChange::ResetAll]), *Settings::empty());
+        // RESET ALL keeps a role, as the server does; RESET ROLE ends it.
+        let role = SettingChange::Set {
+            name: "role".into(),
+            value: "reader".into(),
+        };
+        let r = a.apply(&[role, SettingChange::ResetAll]);
+        assert_eq!(r.get("role").as_deref(), Some("reader"));
+        assert_eq!(r.get("search_path"), None);
+        let reset_role = SettingChange::Reset {
+            name: "role".into(),
+        };
+        assert_eq!(r.apply(&[reset_role]), *Settings::empty());
     }
 }

@@ -146,6 +146,7 @@ pub(crate) fn is_word_byte(c: u8) -> bool {
 
 /// Tokens of one statement: words (as written), quoted identifiers, literals and
 /// punctuation, each with its byte range, trivia skipped.
+#[derive(Clone)]
 pub struct Tokens<'a> {
     sql: &'a str,
     pos: usize,
@@ -156,10 +157,19 @@ impl<'a> Tokens<'a> {
         Tokens { sql, pos: 0 }
     }
 
-    /// The text from the current position to the end, trimmed.
+    /// The text from the current position to the end of its last token: trailing
+    /// whitespace and comments dropped (a value replayed as `SET name = value;` must not
+    /// end in a `--` comment, which would swallow whatever follows it).
     pub fn rest(&self) -> &'a str {
-        let start = skip_trivia(self.sql.as_bytes(), self.pos);
-        self.sql[start..].trim_end()
+        let bytes = self.sql.as_bytes();
+        let start = skip_trivia(bytes, self.pos);
+        let mut end = start;
+        let mut at = start;
+        while at < bytes.len() {
+            end = skip_token(bytes, at);
+            at = skip_trivia(bytes, end);
+        }
+        &self.sql[start..end]
     }
 }
 
@@ -237,5 +247,20 @@ mod tests {
     fn tokens_skip_trivia() {
         let toks: Vec<_> = Tokens::new(" /* hi */ SET  search_path TO 'a', b -- x").collect();
         assert_eq!(toks, vec!["SET", "search_path", "TO", "'a'", ",", "b"]);
+    }
+
+    #[test]
+    fn rest_ends_at_the_last_token() {
+        let mut toks = Tokens::new("SET search_path = a, /* keep */ b -- tenant\n  ");
+        toks.next();
+        toks.next();
+        toks.next();
+        assert_eq!(toks.rest(), "a, /* keep */ b");
+        let mut toks = Tokens::new("x 'it''s' /* c */");
+        toks.next();
+        assert_eq!(toks.rest(), "'it''s'");
+        let mut toks = Tokens::new("x -- only a comment");
+        toks.next();
+        assert_eq!(toks.rest(), "");
     }
 }

@@ -92,6 +92,12 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
     } else if kw(first, "reset") {
         match toks.next() {
             Some(t) if kw(t, "all") => fx.settings.push(SettingChange::ResetAll),
+            Some(t) if kw(t, "time") => fx.settings.push(SettingChange::Reset {
+                name: "timezone".into(),
+            }),
+            Some(t) if kw(t, "session") => fx.settings.push(SettingChange::Reset {
+                name: "session_authorization".into(),
+            }),
             Some(t) => {
                 if let Some(name) = setting_name(t, &mut toks) {
                     fx.settings.push(SettingChange::Reset { name });
@@ -104,6 +110,9 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
             Some(t) if kw(t, "all") => {
                 fx.discard_all = true;
                 fx.settings.push(SettingChange::ResetAll);
+                for name in ["role", "session_authorization"] {
+                    fx.settings.push(SettingChange::Reset { name: name.into() });
+                }
                 fx.unpin = fx.unpin.with(Pins::ALL);
                 fx.pin = Pins::NONE;
             }
@@ -112,6 +121,21 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
             }
             _ => {}
         }
+    } else if (kw(first, "select") || kw(first, "with") || first == "(")
+        && stmt
+            .as_bytes()
+            .windows(4)
+            .any(|w| w.eq_ignore_ascii_case(b"into"))
+    {
+        // SELECT ... INTO [TEMP|TEMPORARY] [TABLE] t creates a table; a temporary one pins.
+        let mut prev = "";
+        for t in toks.by_ref() {
+            if kw(prev, "into") && (kw(t, "temp") || kw(t, "temporary") || in_temp_schema(t)) {
+                fx.pin = fx.pin.with(Pins::TEMP_OBJECT);
+                break;
+            }
+            prev = t;
+        }
     } else if kw(first, "listen") {
         fx.pin = fx.pin.with(Pins::LISTEN);
     } else if kw(first, "unlisten") {
@@ -119,10 +143,15 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
             fx.unpin = fx.unpin.with(Pins::LISTEN);
         }
     } else if kw(first, "create") {
-        // CREATE [OR REPLACE] [GLOBAL|LOCAL] {TEMP|TEMPORARY} ...
-        for t in toks.by_ref().take(4) {
-            if kw(t, "temp") || kw(t, "temporary") {
+        // CREATE [OR REPLACE] [GLOBAL|LOCAL] {TEMP|TEMPORARY} ..., or an object created in
+        // the session's temporary schema by name: CREATE TABLE pg_temp.t, CREATE VIEW
+        // pg_temp_3.v (a view on a temporary table lands there too).
+        for (i, t) in toks.by_ref().enumerate() {
+            if (i < 4 && (kw(t, "temp") || kw(t, "temporary"))) || in_temp_schema(t) {
                 fx.pin = fx.pin.with(Pins::TEMP_OBJECT);
+                break;
+            }
+            if i >= 8 {
                 break;
             }
         }
@@ -183,11 +212,22 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
     }
     if kw(t, "time") {
         if toks.next().is_some_and(|z| kw(z, "zone")) {
-            let value = toks.rest().to_string();
-            fx.settings.push(SettingChange::Set {
-                name: "timezone".into(),
-                value,
-            });
+            let value = toks.rest();
+            let first = value.split_ascii_whitespace().next().unwrap_or("");
+            if kw(value, "local") || kw(value, "default") {
+                fx.settings.push(SettingChange::Reset {
+                    name: "timezone".into(),
+                });
+            } else if kw(first, "interval") {
+                // `SET TIME ZONE INTERVAL '+02:00' HOUR TO MINUTE` has no `SET timezone =`
+                // form to replay it with: keep the client on its connection.
+                fx.pin = fx.pin.with(Pins::UNTRACKED);
+            } else {
+                fx.settings.push(SettingChange::Set {
+                    name: "timezone".into(),
+                    value: value.to_string(),
+                });
+            }
         }
         return;
     }
@@ -252,9 +292,9 @@ fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
     if !stmt.as_bytes().contains(&b'(') {
         return;
     }
-    let toks = Tokens::new(stmt);
-    for t in toks {
-        if !t.starts_with(|c: char| c.is_ascii_alphabetic()) {
+    let mut toks = Tokens::new(stmt);
+    while let Some(t) = toks.next() {
+        if !t.starts_with(|c: char| c.is_ascii_alphabetic() || c == '"') {
             continue;
         }
         let lower = |k: &str| t.eq_ignore_ascii_case(k);
@@ -266,10 +306,61 @@ fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
             fx.pin = fx.pin.with(Pins::ADVISORY_LOCK);
         } else if lower("pg_advisory_unlock_all") {
             fx.unpin = fx.unpin.with(Pins::ADVISORY_LOCK);
-        } else if lower("set_config") {
+        } else if (lower("set_config") || lower("\"set_config\""))
+            && !is_local_set_config(toks.clone())
+        {
             fx.pin = fx.pin.with(Pins::UNTRACKED);
         }
     }
+}
+
+/// After `set_config`: whether its third argument is the literal `true` (the setting ends
+/// with the transaction, as the common row-level-security `set_config('app.tenant', $1,
+/// true)` does), so nothing is left on the session. Anything else may be.
+fn is_local_set_config(mut toks: Tokens<'_>) -> bool {
+    if toks.next() != Some("(") {
+        return false;
+    }
+    let mut depth = 0u32;
+    let mut commas = 0u32;
+    let mut last_arg: Vec<&str> = Vec::new();
+    for t in toks {
+        match t {
+            "(" => depth += 1,
+            ")" if depth == 0 => {
+                return commas == 2
+                    && last_arg.len() == 1
+                    && last_arg[0].eq_ignore_ascii_case("true");
+            }
+            ")" => depth -= 1,
+            "," if depth == 0 => {
+                commas += 1;
+                last_arg.clear();
+                continue;
+            }
+            _ => {}
+        }
+        if commas == 2 {
+            last_arg.push(t);
+        }
+    }
+    false
+}
+
+/// The session's temporary schema, as a name's qualifier: `pg_temp.x`, `pg_temp_3.x`.
+fn in_temp_schema(tok: &str) -> bool {
+    let t = tok.trim_matches('"');
+    let Some(rest) = t
+        .get(..7)
+        .filter(|p| p.eq_ignore_ascii_case("pg_temp"))
+        .map(|_| &t[7..])
+    else {
+        return false;
+    };
+    rest.is_empty()
+        || rest
+            .strip_prefix('_')
+            .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]
@@ -383,7 +474,91 @@ mod tests {
         let fx = classify("DISCARD ALL");
         assert!(fx.discard_all);
         assert_eq!(fx.unpin, Pins::ALL);
-        assert_eq!(fx.settings, vec![SettingChange::ResetAll]);
+        let reset = |n: &str| SettingChange::Reset { name: n.into() };
+        assert_eq!(
+            fx.settings,
+            vec![
+                SettingChange::ResetAll,
+                reset("role"),
+                reset("session_authorization")
+            ]
+        );
+    }
+
+    #[test]
+    fn time_zone_and_authorization_resets() {
+        let reset = |n: &str| SettingChange::Reset { name: n.into() };
+        for sql in [
+            "RESET TIME ZONE",
+            "reset time zone",
+            "SET TIME ZONE LOCAL",
+            "SET TIME ZONE DEFAULT",
+        ] {
+            assert_eq!(classify(sql).settings, vec![reset("timezone")], "{sql}");
+        }
+        assert_eq!(
+            classify("RESET SESSION AUTHORIZATION").settings,
+            vec![reset("session_authorization")]
+        );
+        let fx = classify("SET TIME ZONE INTERVAL '+02:00' HOUR TO MINUTE");
+        assert!(fx.settings.is_empty());
+        assert_eq!(fx.pin, Pins::UNTRACKED);
+        assert_eq!(
+            classify("SET TIME ZONE 'UTC' -- why").settings,
+            vec![set("timezone", "'UTC'")]
+        );
+        assert_eq!(
+            classify("SET search_path = a, b -- tenant").settings,
+            vec![set("search_path", "a, b")]
+        );
+    }
+
+    #[test]
+    fn temporary_tables_made_without_create_temp_pin() {
+        for sql in [
+            "SELECT 1 AS x INTO TEMP t",
+            "select * into temporary table t from u",
+            "WITH w AS (SELECT 1) SELECT * INTO TEMP t FROM w",
+            "SELECT 1 INTO pg_temp.t",
+            "CREATE TABLE pg_temp.t (x int)",
+            "CREATE TABLE \"pg_temp\".t AS SELECT 1",
+            "CREATE VIEW pg_temp_3.v AS SELECT 1",
+            "CREATE UNLOGGED TABLE pg_temp.t (x int)",
+        ] {
+            assert_eq!(classify(sql).pin, Pins::TEMP_OBJECT, "{sql}");
+        }
+        for sql in [
+            "SELECT 1 INTO t",
+            "SELECT x FROM pg_temperature",
+            "CREATE TABLE pg_temperature (x int)",
+            "CREATE TABLE pg_temp_x.t (x int)",
+            "INSERT INTO t VALUES (1)",
+            "SELECT 'into temp'",
+        ] {
+            assert_eq!(classify(sql).pin, Pins::NONE, "{sql}");
+        }
+    }
+
+    #[test]
+    fn transaction_local_set_config_does_not_pin() {
+        for sql in [
+            "SELECT set_config('app.tenant', '42', true)",
+            "SELECT set_config('app.tenant', $1, TRUE)",
+            "select set_config('a.b', current_setting('x.y'), true), 1",
+            "SELECT \"set_config\"('a.b', '1', true)",
+        ] {
+            assert_eq!(classify(sql).pin, Pins::NONE, "{sql}");
+        }
+        for sql in [
+            "SELECT set_config('app.tenant', '42', false)",
+            "SELECT set_config('app.tenant', '42', $3)",
+            "SELECT set_config('a', '1', true), set_config('b', '2', false)",
+            "SELECT \"set_config\"('a.b', '1', false)",
+            "SELECT set_config('a.b', f(1, true), false)",
+            "SELECT set_config('a.b', '1', true OR false)",
+        ] {
+            assert_eq!(classify(sql).pin, Pins::UNTRACKED, "{sql}");
+        }
     }
 
     #[test]

@@ -800,6 +800,8 @@ impl Session {
             let r = span_refusal(&written, &self.pools.database);
             return self.multi_refuse(&r, io).await;
         }
+        // A reference table gets every row on every shard: one copy's count is the answer.
+        let each = plan.target == Target::Each;
         let split = match &plan.target {
             Target::SplitCopy {
                 key_type,
@@ -1026,10 +1028,11 @@ impl Session {
             protocol::error_response(&mut io.cout, "ERROR", sqlstate::CONNECTION_FAILURE, &e);
             return self.multi_unit_end(io, true).await;
         }
-        // Every shard's CommandComplete (COPY n), summed.
+        // Every shard's CommandComplete (COPY n), summed (rows split over the shards), or
+        // the first one's (rows copied to each).
         let mut total = 0u64;
         let mut error: Option<Bytes> = None;
-        for &(part, _) in &parts {
+        for (i, &(part, _)) in parts.iter().enumerate() {
             let tx = self.shard_tx.as_mut().expect("parts exist");
             let p = &mut tx.parts[part];
             loop {
@@ -1041,6 +1044,7 @@ impl Session {
                     }
                 };
                 match msg[0] {
+                    b'C' if each && i > 0 => {}
                     b'C' => {
                         let tag = String::from_utf8_lossy(body(&msg));
                         total += tag
@@ -2298,6 +2302,10 @@ struct Combiner<'p> {
     plan_merge: Option<&'p shardgate_router::MergePlan>,
     params: &'p MergeParams<'p>,
     copy_out: bool,
+    /// `Target::Each` (a write to a reference table, kept whole on every shard): every
+    /// shard runs it, the client sees one copy's answer, the first shard's (rows, count
+    /// and COPY data), not their sum.
+    each: bool,
 }
 
 impl<'p> Combiner<'p> {
@@ -2323,6 +2331,7 @@ impl<'p> Combiner<'p> {
             plan_merge,
             params,
             copy_out: false,
+            each: plan.target == Target::Each,
         }
     }
 
@@ -2337,6 +2346,15 @@ impl<'p> Combiner<'p> {
     }
 
     fn message(&mut self, shard: usize, msg: &Bytes) {
+        if self.each && shard > 0 && matches!(msg[0], b'D' | b'C' | b'd') {
+            // Another copy's rows, count or data: the first shard's stand for all.
+            if msg[0] == b'C' {
+                if let Some(m) = &mut self.merger {
+                    m.finish_shard(shard);
+                }
+            }
+            return;
+        }
         match msg[0] {
             b'E' => self.error(msg),
             b'T' => {

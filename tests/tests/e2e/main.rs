@@ -18,5 +18,6 @@ mod pinning;
 mod pooling;
 mod psql;
 mod server_failure;
+mod session_leaks;
 mod session_state;
 mod tls;

@@ -751,3 +751,71 @@ async fn error_before_sync_leaves_the_connection_reusable() {
     a.terminate().await;
     b.terminate().await;
 }
+
+/// tokio-postgres's `copy_in` sends Bind, Execute and Sync, then the data, CopyDone and
+/// another Sync. The server ignores a Sync that reaches it in copy-in mode and answers
+/// only the last one. shardgate once waited for both: every later answer was matched one
+/// message late, and the connection stayed tied to the client (the next client of a
+/// one-connection pool got 53300). Also a COPY the server rejects midway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn copy_in_by_the_extended_protocol_leaves_the_connection_reusable() {
+    use bytes::Bytes;
+    use futures_util::SinkExt;
+    let proxy = Proxy::builder()
+        .pool_size(1)
+        .checkout_timeout("3s")
+        .start()
+        .await;
+    let t = unique_name("e2e_copy_ext");
+    let a = connect(&proxy.url()).await.unwrap();
+    a.batch_execute(&format!("CREATE TABLE {t} (k int, v text)"))
+        .await
+        .unwrap();
+    for round in 1..=3 {
+        let sink = a
+            .copy_in(&format!("COPY {t} FROM STDIN"))
+            .await
+            .expect("COPY through the extended protocol");
+        futures_util::pin_mut!(sink);
+        sink.send(Bytes::from(format!("{round}\trow {round}\n")))
+            .await
+            .expect("send COPY data");
+        assert_eq!(sink.finish().await.expect("finish COPY"), 1);
+        // The copying client's next answer is its own, in step.
+        let count = format!("SELECT count(*) FROM {t}");
+        assert_eq!(simple_value(&a, &count).await.unwrap(), round.to_string());
+        // Another client gets the one server connection.
+        let b = connect(&proxy.url())
+            .await
+            .unwrap_or_else(|e| panic!("second client after COPY round {round}: {e}"));
+        assert_eq!(simple_value(&b, &count).await.unwrap(), round.to_string());
+    }
+
+    // Data the server rejects: an error, and the connection is fine afterwards.
+    let sink = a
+        .copy_in(&format!("COPY {t} FROM STDIN"))
+        .await
+        .expect("COPY through the extended protocol");
+    futures_util::pin_mut!(sink);
+    let sent = sink.send(Bytes::from_static(b"not a number\tx\n")).await;
+    let err = match sent {
+        Err(e) => e,
+        Ok(()) => sink.finish().await.expect_err("bad COPY data accepted"),
+    };
+    assert_eq!(
+        err.code().map(|c| c.code()),
+        Some("22P02"),
+        "bad COPY data: {err:?}"
+    );
+    assert_eq!(
+        simple_value(&a, &format!("SELECT count(*) FROM {t}"))
+            .await
+            .unwrap(),
+        "3"
+    );
+    let b = connect(&proxy.url())
+        .await
+        .expect("client after a failed COPY");
+    assert_eq!(simple_value(&b, "SELECT 7").await.unwrap(), "7");
+    a.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
+}
