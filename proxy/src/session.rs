@@ -1729,12 +1729,7 @@ impl Session {
             }
             (b's', Some(Expect::Execute { effects: Some(_) })) => {
                 // A row limit suspended the portal: what it ran so far holds.
-                if let Some(Expect::Execute { effects: Some(fx) }) = io.expects.pop_front() {
-                    self.apply_now(&fx);
-                    if let Some(a) = self.attached.as_mut() {
-                        a.tx_effects.push(fx);
-                    }
-                }
+                self.execute_done(io);
                 !hidden
             }
             (b'2', Some(Expect::Bind { .. }))
@@ -1749,16 +1744,22 @@ impl Session {
                     a.tx_failed = true;
                 }
                 if let Some(Expect::Execute { .. }) = head {
-                    if let Some(Expect::Execute { effects: Some(fx) }) = io.expects.pop_front() {
-                        self.apply_now(&fx);
-                        if let Some(a) = self.attached.as_mut() {
-                            a.tx_effects.push(fx);
-                        }
-                    }
+                    self.execute_done(io);
                 }
                 !hidden
             }
             _ => !hidden,
+        }
+    }
+
+    /// The Execute at the head of the queue ran (to completion, or suspended by a row
+    /// limit): its session effects hold.
+    fn execute_done(&mut self, io: &mut Buffers) {
+        if let Some(Expect::Execute { effects: Some(fx) }) = io.expects.pop_front() {
+            self.apply_now(&fx);
+            if let Some(a) = self.attached.as_mut() {
+                a.tx_effects.push(fx);
+            }
         }
     }
 

@@ -8,7 +8,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, OnceLock};
 
-use shardgate_router::SettingChange;
+use shardgate_router::{SettingChange, NOT_RESET_BY_ALL};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -16,9 +16,6 @@ pub struct Settings {
     entries: Vec<(String, String)>,
     hash: u64,
 }
-
-/// Settings `RESET ALL` does not touch.
-const NOT_RESET_BY_ALL: &[&str] = &["role", "session_authorization"];
 
 /// Startup parameters that are not settings.
 const NOT_SETTINGS: &[&str] = &["user", "database", "replication", "options"];

@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use shardgate_router::{normalize, plan, Catalog, KeyType, PlanCache};
+use shardgate_router::{classify, normalize, plan, Catalog, KeyType, PlanCache};
 
 fn catalog() -> Catalog {
     Catalog::new()
@@ -103,6 +103,13 @@ fn bench(c: &mut Criterion) {
     parts.bench_function("normalize_pgbench_select", |b| {
         b.iter(|| black_box(normalize(black_box(&sql))))
     });
+    // What every simple query pays to learn its session effects (none, here).
+    for (name, template) in [SIMPLE[0], SIMPLE[5]] {
+        let sql = texts(template, 1).remove(0);
+        parts.bench_function(format!("classify_{name}"), |b| {
+            b.iter(|| black_box(classify(black_box(&sql))))
+        });
+    }
     parts.finish();
 
     let mut uncached = c.benchmark_group("uncached");

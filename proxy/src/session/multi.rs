@@ -2315,7 +2315,12 @@ impl<'p> Combiner<'p> {
         params: &'p MergeParams<'p>,
         describe: bool,
     ) -> Combiner<'p> {
-        let plan_merge = plan.merge.as_ref().filter(|m| shards > 1 && !m.is_concat());
+        let each = plan.target == Target::Each;
+        // One copy's answer needs no merging.
+        let plan_merge = plan
+            .merge
+            .as_ref()
+            .filter(|m| shards > 1 && !each && !m.is_concat());
         Combiner {
             out: BytesMut::new(),
             error: None,
@@ -2331,7 +2336,7 @@ impl<'p> Combiner<'p> {
             plan_merge,
             params,
             copy_out: false,
-            each: plan.target == Target::Each,
+            each,
         }
     }
 
@@ -2348,11 +2353,6 @@ impl<'p> Combiner<'p> {
     fn message(&mut self, shard: usize, msg: &Bytes) {
         if self.each && shard > 0 && matches!(msg[0], b'D' | b'C' | b'd') {
             // Another copy's rows, count or data: the first shard's stand for all.
-            if msg[0] == b'C' {
-                if let Some(m) = &mut self.merger {
-                    m.finish_shard(shard);
-                }
-            }
             return;
         }
         match msg[0] {

@@ -4,7 +4,9 @@
 //! see complete. Each test uses a one-connection pool, so the next client always gets the
 //! connection the first one used, unless the first one is (rightly) pinned to it.
 
-use shardgate_e2e::{connect, simple_value, skip_in_direct_mode, unique_name, Cluster, Proxy};
+use shardgate_e2e::{
+    connect, direct_mode, simple_value, skip_in_direct_mode, unique_name, Cluster, Proxy,
+};
 use tokio_postgres::Client;
 
 async fn one_connection_pool() -> Proxy {
@@ -108,7 +110,7 @@ async fn time_zone_resets_are_followed() {
         .await
         .unwrap();
     let tz = value(&a, "SHOW TimeZone").await;
-    if !skip_in_direct_mode("time_zone_resets_are_followed (pinned part)") {
+    if !direct_mode() {
         // Pinned: the other client waits for the only connection in vain.
         assert_eq!(error_code(&b, "SELECT 1").await, "53300");
     }
@@ -142,20 +144,23 @@ async fn lock_taken_before_a_failure_pins_the_client() {
         return;
     }
     let key = rand::random::<u32>() as i64;
-    for (what, sql) in [
+    // (what, SQL, by the extended protocol)
+    for (what, sql, extended) in [
         (
-            "simple query",
+            "two statements in one simple query",
             format!("SELECT pg_advisory_lock({key}); SELECT 1/0"),
+            false,
         ),
         (
-            "one statement",
+            "one statement, extended protocol",
             format!("SELECT pg_advisory_lock({key}), 1/(random() * 0)::int"),
+            true,
         ),
     ] {
         let proxy = one_connection_pool().await;
         let a = connect(&proxy.url()).await.unwrap();
         let b = connect(&proxy.url()).await.unwrap();
-        let e = if what == "one statement" {
+        let e = if extended {
             a.query(sql.as_str(), &[]).await.expect_err(what)
         } else {
             a.batch_execute(&sql).await.expect_err(what)
