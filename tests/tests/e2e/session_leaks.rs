@@ -167,22 +167,13 @@ async fn lock_taken_before_a_failure_pins_the_client() {
         };
         assert_eq!(e.code().map(|c| c.code()), Some("22012"), "{what}: {e}");
         // Without the pin B would get A's connection, and the lock with it.
-        assert_eq!(
-            error_code(&b, &format!("SELECT pg_try_advisory_lock({key})")).await,
-            "53300",
-            "{what}"
-        );
-        a.batch_execute("SELECT pg_advisory_unlock_all()")
-            .await
-            .unwrap();
-        assert_eq!(
-            value(&b, &format!("SELECT pg_try_advisory_lock({key})")).await,
-            "t",
-            "{what}"
-        );
-        b.batch_execute("SELECT pg_advisory_unlock_all()")
-            .await
-            .unwrap();
+        let try_lock = format!("SELECT pg_try_advisory_lock({key})");
+        assert_eq!(error_code(&b, &try_lock).await, "53300", "{what}");
+        // Released, A lets the connection go: B gets it, and the lock is free.
+        let unlock = "SELECT pg_advisory_unlock_all()";
+        a.batch_execute(unlock).await.unwrap();
+        assert_eq!(value(&b, &try_lock).await, "t", "{what}");
+        b.batch_execute(unlock).await.unwrap();
     }
 }
 
@@ -212,10 +203,8 @@ async fn lock_taken_by_a_suspended_portal_pins_the_client() {
     assert!(r.iter().any(|m| m.tag == b's'), "no PortalSuspended: {r:?}");
     let r = a.simple_query("COMMIT").await.unwrap();
     assert!(Msg::first_error(&r).is_none(), "{r:?}");
-    assert_eq!(
-        error_code(&b, &format!("SELECT pg_try_advisory_lock({key})")).await,
-        "53300"
-    );
+    let try_lock = format!("SELECT pg_try_advisory_lock({key})");
+    assert_eq!(error_code(&b, &try_lock).await, "53300");
     a.terminate().await;
 }
 
