@@ -204,6 +204,9 @@ enum Expect {
     },
     /// A reply shardgate produces; sent when it reaches the head of the queue.
     Reply(Bytes),
+    /// A Parse made to fail on the server (see `refuse_on_server`): the client gets this
+    /// error in place of the server's.
+    Refused(Bytes),
     /// A message shardgate could not read; the server answers it with an error.
     Malformed,
     /// `SELECT pg_current_wal_lsn()` after a write committed, for read-your-writes.
@@ -273,6 +276,16 @@ impl Expects {
 
     fn front(&self) -> Option<&Expect> {
         self.items.get(self.head)
+    }
+
+    /// Puts `e` at the head; sequence numbers of the rest stay as they were.
+    fn push_front(&mut self, e: Expect) {
+        if self.head > 0 {
+            self.head -= 1;
+            self.items[self.head] = e;
+        } else {
+            self.items.insert(0, e);
+        }
     }
 
     fn pop_front(&mut self) -> Option<Expect> {
@@ -1331,9 +1344,7 @@ impl Session {
                 if p.named.contains_key(name) {
                     let mut e = BytesMut::new();
                     duplicate_statement(&mut e, name);
-                    io.expects.push_back(Expect::Reply(e.freeze()));
-                    self.skip_until_sync = true;
-                    return;
+                    return refuse_on_server(io, e.freeze());
                 }
                 let tail = &msg[tail_at..];
                 let hash = self.app.process.statement_hasher.hash_one(tail);
@@ -1599,13 +1610,18 @@ impl Session {
                 // The message at the head failed; the server now skips everything up to Sync.
                 a.tx_failed = true;
                 let mut stale = None;
-                if let Some(failed) = io.expects.pop_front() {
-                    if let Expect::Bind { global: Some(hash) }
-                    | Expect::Describe { global: Some(hash) } = failed
-                    {
-                        stale = Some(hash).filter(|_| stale_plan(msg));
+                let mut refusal = None;
+                match io.expects.pop_front() {
+                    Some(Expect::Refused(error)) => refusal = Some(error),
+                    Some(failed) => {
+                        if let Expect::Bind { global: Some(hash) }
+                        | Expect::Describe { global: Some(hash) } = failed
+                        {
+                            stale = Some(hash).filter(|_| stale_plan(msg));
+                        }
+                        self.forget_failed(failed);
                     }
-                    self.forget_failed(failed);
+                    None => {}
                 }
                 loop {
                     if io.expects.front().is_none_or(|e| matches!(e, Expect::Sync)) {
@@ -1628,7 +1644,13 @@ impl Session {
                     // one) wherever it is next used on this connection.
                     a.server.conn.prepared.remove(hash);
                 }
-                true
+                match refusal {
+                    Some(error) => {
+                        io.expects.push_front(Expect::Reply(error));
+                        false
+                    }
+                    None => true,
+                }
             }
             (b'G', Some(Expect::Execute { .. } | Expect::Query { hidden: false, .. })) => {
                 // Copy-in mode: the server ignores every Sync until the client's CopyDone
@@ -2210,11 +2232,30 @@ enum Side {
 }
 
 fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {
-    let text = format!(
+    let text = duplicate_statement_text(name);
+    protocol::error_response(out, "ERROR", sqlstate::DUPLICATE_PSTATEMENT, &text);
+}
+
+fn duplicate_statement_text(name: &[u8]) -> String {
+    format!(
         "prepared statement \"{}\" already exists",
         String::from_utf8_lossy(name)
-    );
-    protocol::error_response(out, "ERROR", sqlstate::DUPLICATE_PSTATEMENT, &text);
+    )
+}
+
+/// Fails the server's transaction where shardgate refuses a message Postgres would have
+/// refused (a duplicate statement name, which only shardgate sees: its statements have
+/// other names on the server). Postgres aborts the transaction at the failed message,
+/// rolling back what the batch ran before it; the server must as well, or the Sync would
+/// commit writes the client is told failed. So it gets a Parse that cannot parse, and the
+/// client `error` in place of the server's. The statement is named, so the server's
+/// unnamed one stays as it is.
+fn refuse_on_server(io: &mut Buffers, error: Bytes) {
+    protocol::write_msg(&mut io.sout, b'P', |o| {
+        o.put_slice(b"shardgate_refused\0shardgate refused this message\0");
+        o.put_i16(0);
+    });
+    io.expects.push_back(Expect::Refused(error));
 }
 
 /// A simple query shardgate writes to a server itself (answered by `expect`). Like any

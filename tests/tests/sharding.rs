@@ -2611,6 +2611,29 @@ async fn refuses_cross_shard_writes_without_2pc() {
         assert_eq!(present(&sdb, s, "rf_a", &[on0[1], on1[1]]).await, 0);
     }
 
+    // Two writes in one batch (an implicit transaction up to Sync): refused at the
+    // second, and the first is not kept either (it once committed on its own).
+    for key in [on0[1], on1[1]] {
+        raw.parse("", "INSERT INTO rf_a (id, grp) VALUES ($1, 1)", &[]);
+        raw.bind_text("", "", &[Some(&key.to_string())]);
+        raw.execute("", 0);
+    }
+    raw.sync();
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("two INSERTs in a batch"));
+    err(&a, "two INSERTs in a batch", "0A000", 'I');
+    for s in 0..shards {
+        assert_eq!(present(&sdb, s, "rf_a", &[on0[1], on1[1]]).await, 0);
+    }
+    // Likewise two statements in one simple query.
+    let sql = format!(
+        "INSERT INTO rf_a (id, grp) VALUES ({}, 1); INSERT INTO rf_a (id, grp) VALUES ({}, 1)",
+        on0[1], on1[1]
+    );
+    err(&q(&mut raw, &sql).await, &sql, "0A000", 'I');
+    for s in 0..shards {
+        assert_eq!(present(&sdb, s, "rf_a", &[on0[1], on1[1]]).await, 0);
+    }
+
     // Single-shard writes still work without 2PC.
     let sql = format!(
         "INSERT INTO rf_a (id, grp) VALUES ({}, 1), ({}, 2)",
@@ -2858,6 +2881,30 @@ async fn transactions_across_shards() {
             value_of(&mut raw, "SHOW search_path").await,
             "\"$user\", public"
         );
+    }
+
+    // 9. A statement name already in use, after writes in the same batch (an implicit
+    // transaction): the writes are rolled back, on one shard or on two, as in Postgres.
+    raw.parse("s9", "SELECT 1", &[]);
+    raw.sync();
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("Parse s9"));
+    assert_eq!(a.error, None, "Parse s9");
+    for keys in [&[k0[7]][..], &[k0[7], k1[7]]] {
+        for key in keys {
+            raw.parse(
+                "",
+                "INSERT INTO tx_t (id, v) VALUES ($1, 'told failed')",
+                &[],
+            );
+            raw.bind_text("", "", &[Some(&key.to_string())]);
+            raw.execute("", 0);
+        }
+        raw.parse("s9", "SELECT 2", &[]);
+        raw.sync();
+        let a = Answer::from_msgs(&raw.round_trip().await.expect("duplicate name"));
+        err(&a, "a duplicate statement name", "42P05", 'I');
+        assert_eq!(present(&sdb, h0, "tx_t", &[k0[7]]).await, 0, "{keys:?}");
+        assert_eq!(present(&sdb, h1, "tx_t", &[k1[7]]).await, 0, "{keys:?}");
     }
     drop(front);
     sdb.drop_db().await;

@@ -673,9 +673,12 @@ impl Session {
                 return Ok(());
             }
         }
-        // Autocommit writes on several shards run as one transaction per shard, committed
-        // together at the end; explicit transactions open theirs on each shard that joins.
-        let needs_tx = explicit || (data_write && texts.len() > 1) || self.holds_tx();
+        // A write runs in a transaction on each shard it touches, committed together when
+        // the unit ends: an extended-protocol batch is one implicit transaction up to its
+        // Sync, so a write must not commit before a later message of the batch fails
+        // (`INSERT …; INSERT <duplicate key>` keeps neither row on Postgres). Explicit
+        // transactions open theirs on each shard that joins.
+        let needs_tx = explicit || data_write || self.holds_tx();
         let needs_tx = needs_tx && !plan.no_tx_block;
         let primary = self.plan_needs_primary(plan) || data_write || needs_tx;
         let mut requests = Vec::with_capacity(texts.len());
@@ -1615,23 +1618,17 @@ impl Session {
         let p = self.prepared.get_or_insert_with(Default::default);
         let mut r = Reader::new(body(m));
         let Some(name) = r.cstr() else {
-            protocol::error_response(
-                &mut io.cout,
-                "ERROR",
-                sqlstate::PROTOCOL_VIOLATION,
-                "invalid Parse message",
-            );
-            self.skip_until_sync = true;
-            return;
+            return self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Parse message");
         };
         let tail = &body(m)[r.position()..];
         if name.is_empty() {
             p.unnamed = Some(p.unnamed_stmt(tail, hasher, routing.as_deref()).0);
             p.unnamed_global = false;
         } else if p.named.contains_key(name) {
-            super::duplicate_statement(&mut io.cout, name);
-            self.skip_until_sync = true;
-            return;
+            // As on Postgres, the transaction fails here: what the batch wrote before it is
+            // rolled back.
+            let text = super::duplicate_statement_text(name);
+            return self.multi_fail(io, sqlstate::DUPLICATE_PSTATEMENT, &text);
         } else {
             let stmt = Arc::new(Stmt::new(
                 Bytes::copy_from_slice(tail),

@@ -819,3 +819,72 @@ async fn copy_in_by_the_extended_protocol_leaves_the_connection_reusable() {
     assert_eq!(simple_value(&b, "SELECT 7").await.unwrap(), "7");
     a.batch_execute(&format!("DROP TABLE {t}")).await.unwrap();
 }
+
+/// The tags of a response, as text: `"12CEZ"`.
+fn tags(msgs: &[Msg]) -> String {
+    msgs.iter().map(|m| m.tag as char).collect()
+}
+
+/// A statement name the client already uses fails the transaction where Postgres fails
+/// it: an INSERT earlier in the same batch is rolled back, and an open block is aborted.
+/// (shardgate once refused the Parse itself while the server, which never saw it,
+/// committed the INSERT the client was told had failed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_statement_name_fails_the_transaction_as_on_postgres() {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let t = unique_name("e2e_dup_stmt");
+    let mut c = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let r = c.simple_query(&format!("CREATE TABLE {t} (k int)")).await;
+    assert!(Msg::first_error(&r.expect("create")).is_none());
+    c.parse("s1", "SELECT 1", &[]);
+    c.sync();
+    let r = c.round_trip().await.expect("first Parse");
+    assert_eq!(tags(&r), "1Z", "{r:?}");
+    let insert_then_duplicate = |c: &mut RawConn, k: &str| {
+        c.parse("", &format!("INSERT INTO {t} VALUES ({k})"), &[]);
+        c.bind_text("", "", &[]);
+        c.execute("", 0);
+        c.parse("s1", "SELECT 2", &[]);
+        c.bind_text("", "s1", &[]);
+        c.execute("", 0);
+        c.sync();
+    };
+    let count = format!("SELECT count(*) FROM {t}");
+
+    // In an implicit transaction: the INSERT is rolled back.
+    insert_then_duplicate(&mut c, "1");
+    let r = c.round_trip().await.expect("implicit transaction");
+    assert_eq!(tags(&r), "12CEZ", "{r:?}");
+    assert_eq!(r[3].error_code().as_deref(), Some("42P05"), "{r:?}");
+    assert_eq!(r[4].ready_status(), b'I');
+    let r = c.simple_query(&count).await.expect("count");
+    assert_eq!(Msg::rows(&r), [[Some("0".to_string())]], "{r:?}");
+
+    // In a transaction block: the block is aborted, and its COMMIT rolls back.
+    let r = c.simple_query("BEGIN").await.expect("BEGIN");
+    assert!(Msg::first_error(&r).is_none(), "{r:?}");
+    insert_then_duplicate(&mut c, "2");
+    let r = c.round_trip().await.expect("transaction block");
+    assert_eq!(tags(&r), "12CEZ", "{r:?}");
+    assert_eq!(r[3].error_code().as_deref(), Some("42P05"), "{r:?}");
+    assert_eq!(r[4].ready_status(), b'E');
+    let r = c.simple_query("SELECT 1").await.expect("in failed block");
+    let code = Msg::first_error(&r).and_then(Msg::error_code);
+    assert_eq!(code.as_deref(), Some("25P02"), "{r:?}");
+    let r = c.simple_query("COMMIT").await.expect("COMMIT");
+    assert!(
+        r.iter()
+            .any(|m| m.tag == b'C' && m.body.starts_with(b"ROLLBACK")),
+        "{r:?}"
+    );
+    let r = c.simple_query(&count).await.expect("count");
+    assert_eq!(Msg::rows(&r), [[Some("0".to_string())]], "{r:?}");
+
+    // The statement the name belongs to is still the first one.
+    c.bind_text("", "s1", &[]);
+    c.execute("", 0);
+    c.sync();
+    let r = c.round_trip().await.expect("s1");
+    assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
+    c.terminate().await;
+}
