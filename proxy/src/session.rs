@@ -204,6 +204,16 @@ enum Expect {
     },
     /// A reply shardgate produces; sent when it reaches the head of the queue.
     Reply(Bytes),
+    /// ParseComplete or CloseComplete for a client's named statement, answered here (the
+    /// statement lives under another name on the server), which changed the client's
+    /// registry already. Sent like `Reply`; if the server skips to Sync before it (an
+    /// earlier message failed), Postgres would not have run the message, so the registry
+    /// gets back what `name` was before: `before`.
+    Registered {
+        reply: &'static [u8],
+        name: Bytes,
+        before: Option<Arc<Stmt>>,
+    },
     /// A Parse made to fail on the server (see `refuse_on_server`): the client gets this
     /// error in place of the server's.
     Refused(Bytes),
@@ -219,6 +229,11 @@ impl Expect {
         hidden: true,
         effects: None,
     };
+
+    /// Whether it is answered by shardgate (sent as soon as it reaches the head).
+    fn is_reply(&self) -> bool {
+        matches!(self, Expect::Reply(_) | Expect::Registered { .. })
+    }
 
     fn hidden(&self) -> bool {
         matches!(
@@ -349,6 +364,9 @@ struct Attached {
     query_failed: bool,
     /// Session effects of statements completed in the current transaction.
     tx_effects: Vec<Arc<SessionEffects>>,
+    /// What statements of the current transaction released (UNLISTEN, DISCARD TEMP …):
+    /// released for the pool only when it commits, as a rollback undoes most of them.
+    tx_unpins: Pins,
     /// Attached for writes: when the transaction ends, learn the WAL position it reached.
     wrote: bool,
     /// Data was written in this transaction (for two-phase commit if it spreads).
@@ -1355,9 +1373,12 @@ impl Session {
                 ));
                 let client_name = Bytes::copy_from_slice(name);
                 p.named.insert(client_name.clone(), stmt.clone());
-                if !prepare_global(a, &stmt, cap, io, false, Some(client_name)) {
-                    io.expects
-                        .push_back(Expect::Reply(Bytes::from_static(protocol::PARSE_COMPLETE)));
+                if !prepare_global(a, &stmt, cap, io, false, Some(client_name.clone())) {
+                    io.expects.push_back(Expect::Registered {
+                        reply: protocol::PARSE_COMPLETE,
+                        name: client_name,
+                        before: None,
+                    });
                 }
             }
             b'B' => {
@@ -1460,9 +1481,18 @@ impl Session {
             b'C' => {
                 let mut r = Reader::new(body(msg));
                 if r.u8() == Some(b'S') {
-                    p.close(msg);
-                    let reply = Bytes::from_static(protocol::CLOSE_COMPLETE);
-                    io.expects.push_back(Expect::Reply(reply));
+                    let expect = match r.cstr() {
+                        Some(name) if !name.is_empty() => Expect::Registered {
+                            reply: protocol::CLOSE_COMPLETE,
+                            before: p.named.remove(name),
+                            name: Bytes::copy_from_slice(name),
+                        },
+                        _ => {
+                            p.close(msg);
+                            Expect::Reply(Bytes::from_static(protocol::CLOSE_COMPLETE))
+                        }
+                    };
+                    io.expects.push_back(expect);
                 } else {
                     io.sout.extend_from_slice(msg);
                     io.expects.push_back(Expect::Close { hidden: false });
@@ -1492,9 +1522,11 @@ impl Session {
     /// Sends replies shardgate makes itself once everything before them is answered.
     #[inline]
     fn emit_replies(&mut self, io: &mut Buffers) {
-        while let Some(Expect::Reply(_)) = io.expects.front() {
-            if let Some(Expect::Reply(bytes)) = io.expects.pop_front() {
-                io.cout.extend_from_slice(&bytes);
+        while io.expects.front().is_some_and(Expect::is_reply) {
+            match io.expects.pop_front() {
+                Some(Expect::Reply(bytes)) => io.cout.extend_from_slice(&bytes),
+                Some(Expect::Registered { reply, .. }) => io.cout.extend_from_slice(reply),
+                _ => {}
             }
         }
     }
@@ -1536,7 +1568,7 @@ impl Session {
                 run = at + len;
             }
             at += len;
-            if matches!(io.expects.front(), Some(Expect::Reply(_))) {
+            if io.expects.front().is_some_and(Expect::is_reply) {
                 io.cout.extend_from_slice(&rbuf[run..at]);
                 run = at;
                 self.emit_replies(io);
@@ -1623,12 +1655,24 @@ impl Session {
                     }
                     None => {}
                 }
+                // Registry changes of skipped messages are undone last to first.
+                let mut undo = Vec::new();
                 loop {
                     if io.expects.front().is_none_or(|e| matches!(e, Expect::Sync)) {
                         break;
                     }
-                    if let Some(skipped) = io.expects.pop_front() {
-                        self.forget_failed(skipped);
+                    match io.expects.pop_front() {
+                        Some(Expect::Registered { name, before, .. }) => undo.push((name, before)),
+                        Some(skipped) => self.forget_failed(skipped),
+                        None => {}
+                    }
+                }
+                if let Some(p) = self.prepared.as_mut() {
+                    for (name, before) in undo.into_iter().rev() {
+                        match before {
+                            Some(stmt) => p.named.insert(name, stmt),
+                            None => p.named.remove(&name),
+                        };
                     }
                 }
                 if io.expects.is_empty() && self.attached.as_ref().is_some_and(|a| a.unsynced) {
@@ -1818,7 +1862,11 @@ impl Session {
 
     /// Effects that hold as soon as the statement completes: pins and deallocation.
     fn apply_now(&mut self, fx: &SessionEffects) {
-        self.pins = self.pins.with(fx.pin).without(fx.unpin);
+        self.pins = self.pins.with(fx.pin);
+        match self.attached.as_mut() {
+            Some(a) => a.tx_unpins = a.tx_unpins.without(fx.pin).with(fx.unpin),
+            None => self.pins = self.pins.without(fx.unpin),
+        }
         if fx.discard_all || fx.deallocate_all {
             self.prepared = None;
             if let Some(a) = self.attached.as_mut() {
@@ -1835,6 +1883,12 @@ impl Session {
         };
         let effects = std::mem::take(&mut a.tx_effects);
         let failed = std::mem::replace(&mut a.tx_failed, false);
+        let unpins = std::mem::replace(&mut a.tx_unpins, Pins::NONE);
+        if !failed {
+            // A failed transaction may have rolled the release back (`BEGIN; UNLISTEN *;
+            // ROLLBACK` still listens): the client stays pinned, which is always safe.
+            self.pins = self.pins.without(unpins);
+        }
         let changes: Vec<_> = effects
             .iter()
             .flat_map(|fx| fx.settings.iter().cloned())
@@ -1943,6 +1997,7 @@ impl Session {
                 tx_failed: false,
                 query_failed: false,
                 tx_effects: Vec::new(),
+                tx_unpins: Pins::NONE,
                 wrote: false,
                 data_write: false,
                 primary: want == Want::Primary,

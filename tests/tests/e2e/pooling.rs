@@ -888,3 +888,48 @@ async fn duplicate_statement_name_fails_the_transaction_as_on_postgres() {
     assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
     c.terminate().await;
 }
+
+/// Parse and Close of named statements that shardgate answers itself (the statement is
+/// prepared on the server under its own name) are undone when an earlier message of the
+/// batch fails, as Postgres never runs them: the closed statement still works, and the
+/// name parsed in the failed batch is free to parse again (not 42P05).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_parsed_or_closed_after_a_failure_are_as_on_postgres() {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let mut c = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    c.parse("a", "SELECT 1", &[]);
+    c.sync();
+    let r = c.round_trip().await.expect("Parse a");
+    assert_eq!(tags(&r), "1Z", "{r:?}");
+    c.parse("", "SELECT 1/0", &[]);
+    c.bind_text("", "", &[]);
+    c.execute("", 0);
+    // The same text as "a": already prepared on the connection.
+    c.parse("b", "SELECT 1", &[]);
+    c.close(b'S', "a");
+    c.sync();
+    let r = c.round_trip().await.expect("failing batch");
+    // (Postgres folds 1/0 when it plans the statement, at Bind.)
+    assert_eq!(tags(&r), "1EZ", "{r:?}");
+    assert_eq!(r[1].error_code().as_deref(), Some("22012"), "{r:?}");
+    // "a" was not closed.
+    c.bind_text("", "a", &[]);
+    c.execute("", 0);
+    c.sync();
+    let r = c.round_trip().await.expect("Bind a");
+    assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
+    // "b" was never made: binding it fails, and it parses now.
+    c.bind_text("", "b", &[]);
+    c.execute("", 0);
+    c.sync();
+    let r = c.round_trip().await.expect("Bind b");
+    let code = Msg::first_error(&r).and_then(Msg::error_code);
+    assert_eq!(code.as_deref(), Some("26000"), "{r:?}");
+    c.parse("b", "SELECT 2", &[]);
+    c.bind_text("", "b", &[]);
+    c.execute("", 0);
+    c.sync();
+    let r = c.round_trip().await.expect("Parse b");
+    assert_eq!(Msg::rows(&r), [[Some("2".to_string())]], "{r:?}");
+    c.terminate().await;
+}

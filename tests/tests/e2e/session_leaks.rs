@@ -5,7 +5,8 @@
 //! connection the first one used, unless the first one is (rightly) pinned to it.
 
 use shardgate_e2e::{
-    connect, direct_mode, simple_value, skip_in_direct_mode, unique_name, Cluster, Proxy,
+    connect, connect_with_messages, direct_mode, simple_value, skip_in_direct_mode, unique_name,
+    Cluster, Proxy,
 };
 use tokio_postgres::Client;
 
@@ -263,4 +264,49 @@ async fn transaction_local_set_config_does_not_pin() {
         .await,
         ""
     );
+}
+
+/// A release that is rolled back is no release: `BEGIN; UNLISTEN *; ROLLBACK` still
+/// listens on Postgres, so the client keeps its connection (once it was handed to the next
+/// client, which then got the notifications). Committed, the release frees it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_unlisten_keeps_the_client_pinned() {
+    if skip_in_direct_mode("a_rolled_back_unlisten_keeps_the_client_pinned") {
+        return;
+    }
+    let proxy = one_connection_pool().await;
+    let channel = unique_name("e2e_unlisten");
+    let (a, mut notes) = connect_with_messages(&proxy.url()).await.unwrap();
+    let b = connect(&proxy.url()).await.unwrap();
+    a.batch_execute(&format!("LISTEN {channel}")).await.unwrap();
+    for release in ["UNLISTEN *", &format!("UNLISTEN {channel}")] {
+        for step in ["BEGIN", release, "ROLLBACK"] {
+            a.batch_execute(step).await.unwrap();
+        }
+        assert_eq!(error_code(&b, "SELECT 1").await, "53300", "{release}");
+    }
+    let direct = connect(&Cluster::shared().primary_url(0, "app"))
+        .await
+        .unwrap();
+    direct
+        .query("SELECT pg_notify($1, 'still listening')", &[&channel])
+        .await
+        .unwrap();
+    // Delivered with the next answer A reads.
+    assert_eq!(value(&a, "SELECT 1").await, "1");
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio::time::timeout_at(deadline, notes.recv()).await {
+            Ok(Some(tokio_postgres::AsyncMessage::Notification(n))) => {
+                assert_eq!(n.payload(), "still listening");
+                break;
+            }
+            Ok(Some(_)) => {}
+            other => panic!("no notification for A: {other:?}"),
+        }
+    }
+    for step in ["BEGIN", "UNLISTEN *", "COMMIT"] {
+        a.batch_execute(step).await.unwrap();
+    }
+    assert_eq!(value(&b, "SELECT 1").await, "1");
 }
