@@ -983,6 +983,38 @@ impl Session {
         }
     }
 
+    /// Answers `DEALLOCATE name` of a statement the client prepared by protocol (Parse):
+    /// the server holds it under shardgate's name for it, and would answer 26000. psycopg
+    /// 3 with libpq before 17 evicts its statements this way. DEALLOCATE is not
+    /// transactional, so it is answered at once, when nothing else is in flight and the
+    /// transaction has not failed (then Postgres refuses it, and so does the server).
+    fn deallocate_locally(&mut self, msg: &[u8], io: &mut Buffers) -> bool {
+        if self.prepared.as_ref().is_none_or(|p| p.named.is_empty()) {
+            return false;
+        }
+        let text = Reader::new(body(msg)).cstr().unwrap_or_default();
+        let Some(name) = std::str::from_utf8(text)
+            .ok()
+            .and_then(shardgate_router::deallocated_name)
+        else {
+            return false;
+        };
+        let status = match self.attached.as_ref() {
+            Some(a) if io.expects.is_empty() => a.status,
+            Some(_) => return false,
+            None => self.multi_status(),
+        };
+        let Some(p) = self.prepared.as_mut() else {
+            return false;
+        };
+        if status == b'E' || p.named.remove(name.as_bytes()).is_none() {
+            return false;
+        }
+        protocol::command_complete(&mut io.cout, "DEALLOCATE");
+        protocol::ready_for_query(&mut io.cout, status);
+        true
+    }
+
     /// Holds the extended-protocol message at the head of `io.cin`, `len` bytes long;
     /// true when it ends the batch (Sync, Flush), which the caller then routes.
     ///
@@ -1018,6 +1050,9 @@ impl Session {
                 }
                 if msg[0] == b'Q' {
                     self.log_query(&msg);
+                    if self.deallocate_locally(&msg, io) {
+                        return Ok(());
+                    }
                 }
                 let mut shard = 0;
                 // Sharded databases: the router's plan says primary or not.

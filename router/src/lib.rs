@@ -64,6 +64,8 @@ pub use combine::{ColumnInfo, MergeError, MergeParams, RowMerger};
 pub use keys::parse_uuid;
 pub use normalize::{normalize, Literal, Normalized};
 pub use planner::{plan, plan_many, plan_with_hint};
-pub use session::{classify, Pins, SessionEffects, SettingChange, NOT_RESET_BY_ALL};
+pub use session::{
+    classify, deallocated_name, Pins, SessionEffects, SettingChange, NOT_RESET_BY_ALL,
+};
 pub use split::{split_insert, InsertPart, SplitError};
 pub use types::*;

@@ -6,6 +6,8 @@
 //! session advisory locks, temporary tables, `WITH HOLD` cursors, SQL `PREPARE`, settings it
 //! cannot track) for which it keeps the client on its connection ("pins" it) until released.
 
+use std::borrow::Cow;
+
 use crate::scan::{statements, Tokens};
 
 /// Session-bound features; a client holding any stays on its server connection.
@@ -182,6 +184,47 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
         }
     }
     classify_calls(stmt, fx);
+}
+
+/// The name in `DEALLOCATE [PREPARE] name` when that is all `sql` says (one statement, not
+/// `ALL`), as Postgres reads it: an unquoted name folds to lower case, a quoted one is
+/// unquoted. `None` for anything else.
+pub fn deallocated_name(sql: &str) -> Option<Cow<'_, str>> {
+    let kw = |t: &str, k: &str| t.eq_ignore_ascii_case(k);
+    // Most texts stop at their first word, before the split scans them whole.
+    if !Tokens::new(sql).next().is_some_and(|t| kw(t, "deallocate")) {
+        return None;
+    }
+    let mut stmts = statements(sql);
+    let stmt = stmts.next()?;
+    if stmts.next().is_some() {
+        return None;
+    }
+    let mut toks = Tokens::new(stmt);
+    toks.next();
+    let mut name = toks.next()?;
+    if kw(name, "prepare") {
+        if let Some(next) = toks.next() {
+            name = next;
+        }
+    }
+    if toks.next().is_some() || kw(name, "all") {
+        return None;
+    }
+    if let Some(quoted) = name.strip_prefix('"') {
+        let inner = quoted.strip_suffix('"')?;
+        return Some(match inner.contains("\"\"") {
+            true => Cow::Owned(inner.replace("\"\"", "\"")),
+            false => Cow::Borrowed(inner),
+        });
+    }
+    if !name.bytes().all(crate::scan::is_word_byte) {
+        return None;
+    }
+    Some(match name.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(name.to_ascii_lowercase()),
+        false => Cow::Borrowed(name),
+    })
 }
 
 /// `SET [SESSION] name {TO|=} value`, `SET TIME ZONE value`; `SET LOCAL`, `SET TRANSACTION`
@@ -441,6 +484,27 @@ mod tests {
             classify("SELECT set_config('work_mem', '1MB', false)").pin,
             Pins::UNTRACKED
         );
+    }
+
+    #[test]
+    fn deallocated_names_read_as_postgres_reads_them() {
+        let cases: [(&str, Option<&str>); 11] = [
+            ("DEALLOCATE _pg3_0", Some("_pg3_0")),
+            ("deallocate prepare S1;", Some("s1")),
+            ("DEALLOCATE \"Mixed\"\"Case\"", Some("Mixed\"Case")),
+            ("  DEALLOCATE /* why */ stmt -- trailing", Some("stmt")),
+            // A statement named "prepare".
+            ("DEALLOCATE prepare", Some("prepare")),
+            ("DEALLOCATE ALL", None),
+            ("DEALLOCATE PREPARE ALL", None),
+            ("DEALLOCATE s1; SELECT 1", None),
+            ("DEALLOCATE", None),
+            ("DEALLOCATE a b", None),
+            ("SELECT 'DEALLOCATE s1'", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(deallocated_name(sql).as_deref(), want, "{sql}");
+        }
     }
 
     #[test]

@@ -933,3 +933,45 @@ async fn statements_parsed_or_closed_after_a_failure_are_as_on_postgres() {
     assert_eq!(Msg::rows(&r), [[Some("2".to_string())]], "{r:?}");
     c.terminate().await;
 }
+
+/// SQL `DEALLOCATE name` of a statement prepared by protocol (psycopg 3 with libpq before
+/// 17 evicts its statements this way) works as on Postgres, inside a transaction block too,
+/// though shardgate keeps the statement under another name on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_deallocate_of_a_protocol_statement() {
+    let proxy = Proxy::builder().pool_size(1).start().await;
+    let mut c = RawConn::login(proxy.port(), "app", Some("app"), "app").await;
+    let parse = |c: &mut RawConn| {
+        c.parse("_pg3_0", "SELECT 1", &[]);
+        c.sync();
+    };
+    for (begin, status) in [(false, b'I'), (true, b'T')] {
+        parse(&mut c);
+        let r = c.round_trip().await.expect("Parse");
+        assert_eq!(tags(&r), "1Z", "{r:?}");
+        if begin {
+            c.simple_query("BEGIN").await.expect("BEGIN");
+        }
+        let r = c
+            .simple_query("DEALLOCATE \"_pg3_0\"")
+            .await
+            .expect("DEALLOCATE");
+        assert_eq!(tags(&r), "CZ", "{r:?}");
+        assert_eq!(&r[0].body[..], b"DEALLOCATE\0", "{r:?}");
+        assert_eq!(r[1].ready_status(), status);
+        c.bind_text("", "_pg3_0", &[]);
+        c.execute("", 0);
+        c.sync();
+        let r = c.round_trip().await.expect("Bind after DEALLOCATE");
+        let code = Msg::first_error(&r).and_then(Msg::error_code);
+        assert_eq!(code.as_deref(), Some("26000"), "{r:?}");
+        if begin {
+            c.simple_query("ROLLBACK").await.expect("ROLLBACK");
+        }
+    }
+    // An unknown name is the server's error, as before.
+    let r = c.simple_query("DEALLOCATE _pg3_0").await.expect("again");
+    let code = Msg::first_error(&r).and_then(Msg::error_code);
+    assert_eq!(code.as_deref(), Some("26000"), "{r:?}");
+    c.terminate().await;
+}
