@@ -4,7 +4,7 @@
 
 use crate::catalog::{Catalog, KeyType, TableClass};
 use crate::lex::{Lexer, Tok, TokKind};
-use crate::types::{Kind, Plan, Refusal, Role, Target, TxControl};
+use crate::types::{KeyExpr, Kind, Plan, Refusal, Role, Target, TxControl};
 
 /// A plan before hints are applied.
 #[derive(Debug, Clone)]
@@ -16,6 +16,13 @@ pub(crate) struct Draft {
     pub hard: Option<Refusal>,
     /// Key types of the sharded tables touched, to type a `key=` hint.
     pub key_types: Vec<KeyType>,
+    /// The shard-key values the statement pins itself (WHERE, VALUES, subqueries): a
+    /// `key=` hint must agree with them, or rows would be read or stored on a shard that
+    /// does not own their key.
+    pub own_keys: Vec<KeyExpr>,
+    /// An INSERT of VALUES rows into a sharded table: its rows' keys decide their shard,
+    /// so a `shard=N` hint (which cannot be checked against keys) is refused.
+    pub stores_keys: bool,
 }
 
 impl Draft {
@@ -25,6 +32,8 @@ impl Draft {
             soft: None,
             hard: None,
             key_types: Vec::new(),
+            own_keys: Vec::new(),
+            stores_keys: false,
         }
     }
 

@@ -167,23 +167,46 @@ fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
         mut soft,
         mut hard,
         key_types,
+        own_keys,
+        stores_keys,
     } = d;
     if let Some(h) = hint {
         plan.hint = Some(h.clone());
         if h.primary {
             plan.role = Role::Primary;
         }
+        // Set when the statement's own keys join the hint's: they must share its shard.
+        let mut check: Option<Refusal> = None;
         let routed = if let Some(n) = h.shard {
-            Some(Target::Shard(n))
+            if stores_keys {
+                hard = hard.or(Some(Refusal::unsupported(format!(
+                    "a shardgate shard={n} hint cannot place INSERT ... VALUES rows into a                      sharded table: each row belongs on the shard of its shard key; drop the                      hint (or use key=)"
+                ))));
+                None
+            } else {
+                Some(Target::Shard(n))
+            }
         } else if let Some(k) = &h.key {
             let mut types = key_types.clone();
             types.dedup();
             match types.as_slice() {
                 [] | [_] => match hint_key(k, types.first().copied()) {
-                    Some((ty, v)) => Some(Target::Keys {
-                        key_type: ty,
-                        keys: vec![KeyExpr::Literal(v)],
-                    }),
+                    Some((ty, v)) => {
+                        let mut keys = vec![KeyExpr::Literal(v)];
+                        for own in own_keys {
+                            if !keys.contains(&own) {
+                                keys.push(own);
+                            }
+                        }
+                        // The proxy resolves the keys: one shard for all of them runs
+                        // there; anything else answers this.
+                        if keys.len() > 1 {
+                            check = Some(Refusal::unsupported(format!(
+                                "this statement names shard key values that are not all on                                  the shard of the hinted key {k} (SET shardgate.shard_key or                                  /* shardgate: key= */); its rows live elsewhere: RESET                                  shardgate.shard_key or drop the hint for this statement"
+                            )));
+                        }
+                        Some(Target::Keys { key_type: ty, keys })
+                    }
                     None => {
                         hard = hard.or(Some(Refusal {
                             sqlstate: "22P02",
@@ -208,7 +231,7 @@ fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
             plan.target = t;
             plan.merge = None;
             plan.rewritten = None;
-            plan.multi_shard_refusal = None;
+            plan.multi_shard_refusal = check;
             soft = None;
         }
     }
@@ -440,6 +463,21 @@ fn plan_statement(stmt: &Statement, text: &str, catalog: &Catalog) -> Draft {
     }
 }
 
+/// Records the key values the statement pins itself, for checking a `key=` hint.
+fn note_own_keys(d: &mut Draft, an: &Analyzer<'_>) {
+    for p in &an.pins {
+        let values = match &p.value {
+            PinValue::Eq(k) => std::slice::from_ref(k),
+            PinValue::Set(v) => v.as_slice(),
+        };
+        for k in values {
+            if !d.own_keys.contains(k) {
+                d.own_keys.push(k.clone());
+            }
+        }
+    }
+}
+
 // --- routing by colocation ---------------------------------------------------------------
 
 enum Route {
@@ -589,6 +627,7 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
     }
     let mut an = Analyzer::new(catalog);
     let top = an.query(q, None);
+    note_own_keys(&mut d, &an);
     if !an.complete(&inv) {
         return d.soft(incomplete(&t));
     }
@@ -730,6 +769,7 @@ fn plan_update_delete(stmt: &Statement, catalog: &Catalog) -> Draft {
     };
     let mut d = draft(Kind::Write, Role::Primary, Target::All, &t);
     d.hard = key_update;
+    note_own_keys(&mut d, &an);
     write_target(d, target_name, &t, &inv, &an, block, catalog)
 }
 
@@ -845,6 +885,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
     let mut an = Analyzer::new(catalog);
     walk_with(&mut an, with);
     let (block, inst) = an.insert(ins, None);
+    note_own_keys(&mut d, &an);
     let info = table.and_then(|n| {
         let (s, name) = split_name(n);
         match catalog.classify(s.as_deref(), &name) {
@@ -891,6 +932,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
             ))
         }
     };
+    d.stores_keys = true;
     if ins.columns.is_empty() {
         return d.soft(need_key("without a column list is not supported"));
     }
@@ -932,6 +974,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
         None => PinValue::Set(dedup(keys.clone())),
     };
     an.pins.push(Pin { inst, value: pin });
+    note_own_keys(&mut d, &an);
     match route(&an, &[block]) {
         Route::Refuse(r) => d.soft(r),
         Route::Keys {

@@ -83,3 +83,114 @@ fn alias_column_lists_hide_the_shard_key() {
     let plan = fans_out("SELECT p.user_id, count(*) FROM posts p(user_id, id) GROUP BY p.user_id");
     assert!(!plan.merge.unwrap().aggregates.is_empty());
 }
+
+// --- B: the shard_key hint against the statement's own keys ----------------------------
+
+fn hinted(sql: &str, key: &str) -> Plan {
+    let h = Hint {
+        key: Some(key.into()),
+        ..Hint::default()
+    };
+    plan_with_hint(sql, &catalog(), Some(&h))
+}
+
+#[test]
+fn hint_key_must_agree_with_the_statements_own_keys() {
+    // The statement's own key joins the hint's: one shard for both, or a refusal.
+    for (sql, own) in [
+        (
+            "INSERT INTO posts (user_id, id, body) VALUES (7, 1, 'x')",
+            vec![int(7)],
+        ),
+        ("SELECT * FROM posts WHERE user_id = 7", vec![int(7)]),
+        (
+            "UPDATE posts SET body = 'y' WHERE user_id = 7",
+            vec![int(7)],
+        ),
+        (
+            "DELETE FROM posts WHERE user_id IN (7, 8)",
+            vec![int(7), int(8)],
+        ),
+        (
+            "SELECT * FROM posts WHERE user_id = $1",
+            vec![KeyExpr::Param(1)],
+        ),
+        (
+            "SELECT * FROM posts WHERE user_id = ANY($1)",
+            vec![KeyExpr::ParamArray(1)],
+        ),
+        (
+            "INSERT INTO posts (user_id, id) VALUES (7, 1), (8, 2)",
+            vec![int(7), int(8)],
+        ),
+        // Pinned inside a subquery: its rows are needed too.
+        (
+            "SELECT *, (SELECT count(*) FROM posts WHERE user_id = 7) FROM users",
+            vec![int(7)],
+        ),
+    ] {
+        let plan = hinted(sql, "5");
+        assert!(plan.refusal.is_none(), "{sql}: {:?}", plan.refusal);
+        let mut want = vec![int(5)];
+        want.extend(own);
+        assert_eq!(
+            plan.target,
+            Target::Keys {
+                key_type: KeyType::Int,
+                keys: want
+            },
+            "{sql}"
+        );
+        let r = plan
+            .multi_shard_refusal
+            .unwrap_or_else(|| panic!("{sql}: no check of the hint against its keys"));
+        assert!(r.message.contains("shardgate.shard_key"), "{}", r.message);
+        assert!(plan.merge.is_none() && plan.rewritten.is_none(), "{sql}");
+    }
+    // Nothing of its own: the hint alone.
+    let plan = hinted("SELECT * FROM posts", "5");
+    assert_eq!(
+        plan.target,
+        Target::Keys {
+            key_type: KeyType::Int,
+            keys: vec![int(5)]
+        }
+    );
+    assert!(plan.multi_shard_refusal.is_none());
+    // The same key as the hint: nothing to check.
+    let plan = hinted("SELECT * FROM posts WHERE user_id = 5", "5");
+    assert_eq!(
+        plan.target,
+        Target::Keys {
+            key_type: KeyType::Int,
+            keys: vec![int(5)]
+        }
+    );
+    assert!(plan.multi_shard_refusal.is_none());
+    // A comment hint works the same way.
+    let plan = p("/* shardgate: key=5 */ SELECT * FROM posts WHERE user_id = 7");
+    assert_eq!(
+        plan.target,
+        Target::Keys {
+            key_type: KeyType::Int,
+            keys: vec![int(5), int(7)]
+        }
+    );
+    assert!(plan.multi_shard_refusal.is_some());
+}
+
+#[test]
+fn shard_hint_does_not_place_rows_against_their_key() {
+    // shard=N cannot be checked against a key here: rows named by key are refused.
+    refused(
+        "/* shardgate: shard=1 */ INSERT INTO posts (user_id, id) VALUES (7, 1)",
+        "shard=",
+    );
+    refused(
+        "/* shardgate: shard=1 */ INSERT INTO posts (user_id, id) VALUES ($1, 1)",
+        "shard=",
+    );
+    // Reads through shard=N look at that one shard, as documented.
+    let plan = not_refused("/* shardgate: shard=1 */ SELECT * FROM posts WHERE user_id = 7");
+    assert_eq!(plan.target, Target::Shard(1));
+}
