@@ -595,6 +595,16 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
              would hold a part of the data on one shard)",
         ));
     }
+    let key_change = if inv.dml {
+        nested_key_assignment(q, catalog)
+    } else {
+        None
+    };
+    if key_change.is_some() {
+        let mut d = draft(kind, role, Target::All, &t);
+        d.hard = key_change;
+        return d;
+    }
     let dml_targets = dml_targets(q);
     let writes_reference = dml_targets
         .iter()
@@ -768,7 +778,7 @@ fn plan_update_delete(stmt: &Statement, catalog: &Catalog) -> Draft {
         _ => return draft(Kind::Write, Role::Primary, Target::Default, &t),
     };
     let mut d = draft(Kind::Write, Role::Primary, Target::All, &t);
-    d.hard = key_update;
+    d.hard = key_update.or_else(|| cte_key_assignment(with, catalog));
     note_own_keys(&mut d, &an);
     write_target(d, target_name, &t, &inv, &an, block, catalog)
 }
@@ -799,6 +809,64 @@ fn key_assignment(
             info.key_column
         ))
     })
+}
+
+/// The refusal for an assignment to a shard key anywhere in `q` (data-modifying CTEs and
+/// nested INSERT ... ON CONFLICT DO UPDATE): the row would stay on its old shard, as with a
+/// top-level UPDATE.
+fn nested_key_assignment(q: &Query, catalog: &Catalog) -> Option<Refusal> {
+    use sqlparser::ast::{Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct V<'c>(&'c Catalog);
+    impl V<'_> {
+        fn check(&self, s: &Statement) -> ControlFlow<Refusal> {
+            let found = match s {
+                Statement::Update(u) => {
+                    key_assignment(&u.assignments, factor_name(&u.table.relation), self.0)
+                }
+                Statement::Insert(i) => match (&i.on, &i.table) {
+                    (Some(OnInsert::OnConflict(oc)), sqlparser::ast::TableObject::TableName(n)) => {
+                        match &oc.action {
+                            OnConflictAction::DoUpdate(du) => {
+                                key_assignment(&du.assignments, Some(n), self.0)
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            match found {
+                Some(r) => ControlFlow::Break(r),
+                None => ControlFlow::Continue(()),
+            }
+        }
+    }
+    impl Visitor for V<'_> {
+        type Break = Refusal;
+        fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<Refusal> {
+            self.check(s)
+        }
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<Refusal> {
+            match &*q.body {
+                SetExpr::Insert(s) | SetExpr::Update(s) => self.check(s),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    match q.visit(&mut V(catalog)) {
+        ControlFlow::Break(r) => Some(r),
+        ControlFlow::Continue(()) => None,
+    }
+}
+
+/// The same for the WITH queries of a top-level write.
+fn cte_key_assignment(with: Option<&With>, catalog: &Catalog) -> Option<Refusal> {
+    with?
+        .cte_tables
+        .iter()
+        .find_map(|c| nested_key_assignment(&c.query, catalog))
 }
 
 /// Target of a write to `target_name` whose statement block is `block`.
@@ -901,6 +969,9 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
         if let OnConflictAction::DoUpdate(du) = &oc.action {
             d.hard = key_assignment(&du.assignments, table, catalog);
         }
+    }
+    if d.hard.is_none() {
+        d.hard = cte_key_assignment(with, catalog);
     }
     d.plan.target = Target::All;
     if let Some(u) = t.unsharded.first() {

@@ -194,3 +194,42 @@ fn shard_hint_does_not_place_rows_against_their_key() {
     let plan = not_refused("/* shardgate: shard=1 */ SELECT * FROM posts WHERE user_id = 7");
     assert_eq!(plan.target, Target::Shard(1));
 }
+
+// --- C: writable CTEs changing the shard key ---------------------------------------------
+
+#[test]
+fn cte_updates_of_the_shard_key_are_refused() {
+    refused(
+        "UPDATE posts SET user_id = 9 WHERE user_id = 3",
+        "shard key",
+    );
+    refused(
+        "WITH u AS (UPDATE posts SET user_id = 9 WHERE user_id = 3 RETURNING *) SELECT * FROM u",
+        "shard key",
+    );
+    refused(
+        "WITH u AS (UPDATE posts SET (body, user_id) = ('a', 9) WHERE user_id = 3 RETURNING *) \
+         SELECT * FROM u",
+        "shard key",
+    );
+    refused(
+        "WITH u AS (UPDATE posts SET user_id = 9 WHERE user_id = 3 RETURNING *) \
+         DELETE FROM posts WHERE user_id = 3",
+        "shard key",
+    );
+    refused(
+        "WITH u AS (UPDATE users SET id = 9 WHERE id = 3 RETURNING *) \
+         INSERT INTO posts (user_id, id) VALUES (3, 1)",
+        "shard key",
+    );
+    // Even with a hint (the row would stay on the wrong shard).
+    refused(
+        "/* shardgate: key=3 */ WITH u AS (UPDATE posts SET user_id = 9 WHERE user_id = 3 \
+         RETURNING *) SELECT * FROM u",
+        "shard key",
+    );
+    // Other columns are fine.
+    not_refused(
+        "WITH u AS (UPDATE posts SET body = 'x' WHERE user_id = 3 RETURNING *) SELECT * FROM u",
+    );
+}
