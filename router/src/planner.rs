@@ -14,7 +14,7 @@ use crate::analyze::{
     Inventory, Pin, PinValue,
 };
 use crate::catalog::{Catalog, KeyType, TableClass};
-use crate::fast::{blank_lock_strength, fast_path, unparseable, Draft};
+use crate::fast::{blank_lock_strength, fast_path, unparseable, view_refusal, Draft};
 use crate::hint::parse_hint;
 use crate::lex::{split_statements, split_statements_legacy, Lexer, TokKind};
 use crate::merge::plan_merge;
@@ -180,7 +180,9 @@ fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
         let routed = if let Some(n) = h.shard {
             if stores_keys {
                 hard = hard.or(Some(Refusal::unsupported(format!(
-                    "a shardgate shard={n} hint cannot place INSERT ... VALUES rows into a                      sharded table: each row belongs on the shard of its shard key; drop the                      hint (or use key=)"
+                    "a shardgate shard={n} hint cannot place INSERT ... VALUES rows into a \
+                     sharded table: each row belongs on the shard of its shard key; drop the \
+                     hint (or use key=)"
                 ))));
                 None
             } else {
@@ -202,7 +204,10 @@ fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
                         // there; anything else answers this.
                         if keys.len() > 1 {
                             check = Some(Refusal::unsupported(format!(
-                                "this statement names shard key values that are not all on                                  the shard of the hinted key {k} (SET shardgate.shard_key or                                  /* shardgate: key= */); its rows live elsewhere: RESET                                  shardgate.shard_key or drop the hint for this statement"
+                                "this statement names shard key values that are not all on \
+                                 the shard of the hinted key {k} (SET shardgate.shard_key or \
+                                 /* shardgate: key= */); its rows live elsewhere: RESET \
+                                 shardgate.shard_key or drop the hint for this statement"
                             )));
                         }
                         Some(Target::Keys { key_type: ty, keys })
@@ -1409,11 +1414,9 @@ fn plan_utility(stmt: &Statement, text: &str, catalog: &Catalog) -> Draft {
                  hold a different part)",
             ));
         }
-        Statement::CreateView(cv) if cv.materialized && !t.sharded.is_empty() => {
-            return d.soft(Refusal::unsupported(
-                "CREATE MATERIALIZED VIEW over a sharded table is not supported (each shard \
-                 would hold a different part)",
-            ));
+        Statement::CreateView(_) | Statement::CreateRule(_) if !t.sharded.is_empty() => {
+            d.hard = Some(view_refusal(&t.sharded[0]));
+            return d;
         }
         _ => {}
     }
