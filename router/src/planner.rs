@@ -147,6 +147,15 @@ fn parse_and_plan_here(stmt: &str, catalog: &Catalog) -> Draft {
     match parsed {
         Ok(v) if v.len() == 1 => {
             let mut d = plan_statement(&v[0], stmt, catalog);
+            if d.plan.target == Target::Each && d.plan.kind == Kind::Write {
+                if let Some(f) = volatile_call(&v[0]) {
+                    d.hard = d.hard.or(Some(Refusal::unsupported(format!(
+                        "a write to a reference table with {f}() is not supported: each \
+                         shard's copy would get a different value; compute the value first \
+                         and send it as a constant"
+                    ))));
+                }
+            }
             if blanked && d.plan.rewritten.is_some() {
                 d.plan.rewritten = None;
                 d = d.soft(Refusal::unsupported(
@@ -158,6 +167,68 @@ fn parse_and_plan_here(stmt: &str, catalog: &Catalog) -> Draft {
         }
         _ => unparseable(stmt, catalog),
     }
+}
+
+/// The first call in `stmt` to a built-in function that gives each server (or each call)
+/// its own value: run on every copy of a reference table, it would make the copies differ.
+/// Column DEFAULTs and user-defined functions are not seen.
+fn volatile_call(stmt: &Statement) -> Option<String> {
+    use sqlparser::ast::{Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct V;
+    impl Visitor for V {
+        type Break = String;
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<String> {
+            if let Expr::Function(f) = e {
+                let (_, name) = split_name(&f.name);
+                if is_volatile_builtin(&name) {
+                    return ControlFlow::Break(name);
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    match stmt.visit(&mut V) {
+        ControlFlow::Break(name) => Some(name),
+        ControlFlow::Continue(()) => None,
+    }
+}
+
+/// Built-ins whose value differs between servers or calls: random values, clocks and
+/// transaction times (each shard's transaction starts at its own instant), sequences, and
+/// ids of the server's own transaction or process.
+fn is_volatile_builtin(name: &str) -> bool {
+    matches!(
+        name,
+        "random"
+            | "random_normal"
+            | "gen_random_uuid"
+            | "uuidv4"
+            | "uuidv7"
+            | "uuid_generate_v1"
+            | "uuid_generate_v1mc"
+            | "uuid_generate_v4"
+            | "now"
+            | "current_timestamp"
+            | "current_time"
+            | "current_date"
+            | "localtime"
+            | "localtimestamp"
+            | "transaction_timestamp"
+            | "statement_timestamp"
+            | "clock_timestamp"
+            | "timeofday"
+            | "nextval"
+            | "currval"
+            | "lastval"
+            | "txid_current"
+            | "txid_current_if_assigned"
+            | "pg_current_xact_id"
+            | "pg_current_xact_id_if_assigned"
+            | "pg_backend_pid"
+            | "inet_server_addr"
+            | "inet_server_port"
+    )
 }
 
 /// Applies a hint and settles the refusal.

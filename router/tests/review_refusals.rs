@@ -259,3 +259,35 @@ fn views_over_sharded_tables_are_refused() {
     not_refused("CREATE VIEW v AS SELECT * FROM orders");
     not_refused("CREATE RULE r AS ON INSERT TO foo DO INSTEAD NOTHING");
 }
+
+// --- I: volatile expressions in writes to reference tables ----------------------------
+
+#[test]
+fn volatile_writes_to_reference_tables_are_refused() {
+    for sql in [
+        "INSERT INTO countries VALUES (random())",
+        "INSERT INTO countries (id, at) VALUES (1, now())",
+        "INSERT INTO countries (id, at) VALUES (1, CURRENT_TIMESTAMP)",
+        "INSERT INTO countries (id, at) VALUES (1, current_timestamp(3))",
+        "INSERT INTO countries (id, at) VALUES (1, localtimestamp)",
+        "UPDATE countries SET at = clock_timestamp()",
+        "UPDATE countries SET id = nextval('s')",
+        "INSERT INTO countries (id) VALUES (gen_random_uuid())",
+        "INSERT INTO countries (id) VALUES (public.uuid_generate_v4())",
+        "INSERT INTO countries (id) VALUES (txid_current())",
+        "INSERT INTO countries (id) SELECT random() FROM generate_series(1, 3)",
+        "DELETE FROM countries WHERE random() < 0.5",
+        "UPDATE countries SET n = n + 1 WHERE id = (SELECT floor(random() * 10))",
+        "WITH x AS (INSERT INTO countries (id) VALUES (random()) RETURNING id) SELECT * FROM x",
+        "INSERT INTO countries (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET at = now()",
+    ] {
+        refused(sql, "reference table");
+    }
+    not_refused("INSERT INTO countries (id, name) VALUES (1, 'x')");
+    not_refused("UPDATE countries SET n = n + 1 WHERE id = 3");
+    // Reads may use them: one copy answers.
+    not_refused("SELECT random(), now() FROM countries");
+    // Unsharded and sharded tables have one copy of each row.
+    not_refused("INSERT INTO orders (id, at) VALUES (1, now())");
+    not_refused("INSERT INTO users (id, at) VALUES (1, now())");
+}
