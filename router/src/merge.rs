@@ -782,7 +782,11 @@ impl Visitor for Scan {
             let Some(name) = function_name(f) else {
                 return ControlFlow::Continue(());
             };
-            if is_aggregate(&name) {
+            // WITHIN GROUP makes any function an ordered-set or hypothetical-set aggregate
+            // (percentile_cont, mode, rank(3), user-defined ones): none combines from
+            // per-shard results.
+            let ordered_set = !f.within_group.is_empty();
+            if ordered_set || is_aggregate(&name) {
                 self.agg = true;
                 if let FunctionArguments::List(l) = &f.args {
                     if matches!(l.duplicate_treatment, Some(DuplicateTreatment::Distinct)) {
@@ -790,7 +794,7 @@ impl Visitor for Scan {
                     }
                 }
                 let supported = matches!(name.as_str(), "count" | "sum" | "min" | "max" | "avg")
-                    && f.within_group.is_empty();
+                    && !ordered_set;
                 if !supported && self.unsupported_agg.is_none() {
                     self.unsupported_agg = Some(name);
                 }

@@ -291,3 +291,27 @@ fn volatile_writes_to_reference_tables_are_refused() {
     not_refused("INSERT INTO orders (id, at) VALUES (1, now())");
     not_refused("INSERT INTO users (id, at) VALUES (1, now())");
 }
+
+// --- D: ordered-set and hypothetical-set aggregates ---------------------------------------
+
+#[test]
+fn ordered_set_aggregates_across_shards_are_refused() {
+    for sql in [
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY id) FROM posts",
+        "SELECT mode() WITHIN GROUP (ORDER BY id) FROM posts",
+        "SELECT rank(3) WITHIN GROUP (ORDER BY id) FROM posts",
+        "SELECT dense_rank(3) WITHIN GROUP (ORDER BY id) FROM posts",
+        "SELECT percent_rank(3) WITHIN GROUP (ORDER BY id) FROM posts",
+        "SELECT cume_dist(3) WITHIN GROUP (ORDER BY id) FROM posts",
+        "SELECT body, rank(3) WITHIN GROUP (ORDER BY id) FROM posts GROUP BY body",
+        "SELECT body FROM posts GROUP BY body HAVING rank(3) WITHIN GROUP (ORDER BY id) > 1",
+        "SELECT body FROM posts GROUP BY body ORDER BY percentile_disc(0.5) WITHIN GROUP (ORDER BY id)",
+        "SELECT my_agg(1) WITHIN GROUP (ORDER BY id) FROM posts",
+    ] {
+        refused(sql, "across shards");
+    }
+    // Grouped by the shard key, every group is whole on one shard.
+    not_refused("SELECT user_id, rank(3) WITHIN GROUP (ORDER BY id) FROM posts GROUP BY user_id");
+    // rank() as a window function is refused as a window function.
+    refused("SELECT rank() OVER (ORDER BY id) FROM posts", "window");
+}
