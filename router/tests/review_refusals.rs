@@ -315,3 +315,35 @@ fn ordered_set_aggregates_across_shards_are_refused() {
     // rank() as a window function is refused as a window function.
     refused("SELECT rank() OVER (ORDER BY id) FROM posts", "window");
 }
+
+// --- E: aggregates of the outer query inside subqueries ----------------------------------
+
+#[test]
+fn outer_aggregates_inside_subqueries_are_refused() {
+    // Subqueries over sharded tables evaluated per shard: already refused.
+    refused(
+        "SELECT (SELECT count(*) FROM users), id FROM posts",
+        "not tied to the outer query",
+    );
+    refused(
+        "SELECT id FROM posts WHERE id > (SELECT avg(id) FROM posts)",
+        "not tied to the outer query",
+    );
+    // An aggregate over only outer columns belongs to the outer query: one row overall,
+    // which the per-shard rows would not give.
+    for sql in [
+        "SELECT (SELECT max(p.id)) FROM posts p",
+        "SELECT (SELECT sum(p.id) FROM countries c LIMIT 1) FROM posts p",
+        "SELECT (SELECT count(p.*)) FROM posts p",
+        "SELECT p.body FROM posts p GROUP BY p.body HAVING (SELECT max(p.id)) > 3",
+        "SELECT p.body FROM posts p ORDER BY (SELECT max(p.id))",
+        "SELECT EXISTS (SELECT 1 FROM countries c HAVING max(p.id) > 1) FROM posts p",
+    ] {
+        refused(sql, "outer query");
+    }
+    // Aggregates of the subquery's own rows are fine.
+    fans_out("SELECT (SELECT max(c.id) FROM countries c WHERE c.id = p.id) FROM posts p");
+    fans_out(
+        "SELECT id FROM posts p WHERE id > (SELECT avg(id) FROM posts q WHERE q.user_id = p.user_id)",
+    );
+}
