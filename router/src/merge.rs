@@ -106,9 +106,13 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
             return Err(refuse("GROUPING SETS/ROLLUP/CUBE"));
         }
     }
-    let groups_local = group_exprs.iter().any(|g| {
-        let effective = match group_target(g, &items) {
-            Some(k) => items[k].expr,
+    let mut group_items: Vec<Option<usize>> = Vec::with_capacity(group_exprs.len());
+    for g in group_exprs {
+        group_items.push(group_target(g, &items)?);
+    }
+    let groups_local = group_exprs.iter().zip(&group_items).any(|(g, k)| {
+        let effective = match k {
+            Some(k) => items[*k].expr,
             None => Some(g),
         };
         effective.is_some_and(is_key)
@@ -162,8 +166,8 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
             };
             aggs.push(column_merge(e, items.len(), &mut hidden)?);
         }
-        for g in group_exprs {
-            let col = match group_target(g, &items) {
+        for (g, k) in group_exprs.iter().zip(&group_items) {
+            let col = match *k {
                 Some(k) => ColumnRef::Visible(k),
                 None => hidden_col(&mut hidden, g.clone(), AggMerge::None, items.len()),
             };
@@ -321,9 +325,12 @@ fn having_cond(
         }
     } else if let Some(pos) = group_exprs.iter().position(|g| g == subject) {
         group_cols[pos]
-    } else if let Some(k) =
-        group_target(subject, items).filter(|k| group_cols.contains(&ColumnRef::Visible(*k)))
+    } else if let Some(k) = items
+        .iter()
+        .position(|it| it.expr == Some(subject))
+        .filter(|k| group_cols.contains(&ColumnRef::Visible(*k)))
     {
+        // HAVING names are input columns only (never output names): matched as expressions.
         ColumnRef::Visible(k)
     } else {
         return Err(unsupported());
@@ -486,14 +493,19 @@ fn order_target(e: &Expr, items: &[Item<'_>]) -> Option<OrderTarget> {
     })
 }
 
-/// GROUP BY rules: a position, an expression equal to an item, or (failing an input column,
-/// which the router cannot see) an output name. Returns the item.
-fn group_target(g: &Expr, items: &[Item<'_>]) -> Option<usize> {
+/// GROUP BY rules: a position, an expression equal to an item, or a bare name, which
+/// Postgres takes for an input column first and an output name only when no input column
+/// has it. Returns the item. The router cannot see input columns, so a bare name that is
+/// the output name of a different expression (`SELECT name AS id ... GROUP BY id`, which
+/// groups by the table's id if there is one) is refused.
+fn group_target(g: &Expr, items: &[Item<'_>]) -> Result<Option<usize>, Refusal> {
     if let Some(p) = position(g) {
-        return (p <= items.len() && items[..p].iter().all(|i| i.expr.is_some())).then(|| p - 1);
+        return Ok(
+            (p <= items.len() && items[..p].iter().all(|i| i.expr.is_some())).then(|| p - 1),
+        );
     }
     if let Some(k) = items.iter().position(|it| it.expr == Some(g)) {
-        return Some(k);
+        return Ok(Some(k));
     }
     if let Expr::Identifier(id) = g {
         let name = norm_ident(id);
@@ -501,10 +513,24 @@ fn group_target(g: &Expr, items: &[Item<'_>]) -> Option<usize> {
             .filter(|&k| items[k].name.as_deref() == Some(name.as_str()))
             .collect();
         if let [k] = hits.as_slice() {
-            return Some(*k);
+            // `u.name AS name`: the input column of that name, whichever Postgres picks.
+            let same_column = matches!(
+                items[*k].expr,
+                Some(Expr::CompoundIdentifier(parts))
+                    if parts.last().is_some_and(|p| norm_ident(p) == name)
+            );
+            if same_column {
+                return Ok(Some(*k));
+            }
+            return Err(Refusal::unsupported(format!(
+                "GROUP BY {name} across shards is ambiguous here: {name} is the name of an \
+                 output column computed from another expression, but Postgres groups by an \
+                 input column {name} if the tables have one, which shardgate cannot see; \
+                 write the expression or its position (GROUP BY 1, ...) instead"
+            )));
         }
     }
-    None
+    Ok(None)
 }
 
 /// A positive integer constant (a position in ORDER BY / GROUP BY).

@@ -1810,7 +1810,14 @@ fn merge_aggregates() {
         rw.as_deref(),
         Some("SELECT count(*), title FROM posts GROUP BY title")
     );
-    let (m, _) = merge_of("SELECT city AS c, count(*) FROM users GROUP BY c");
+    // GROUP BY c means users.c if users has one: the router cannot tell, so it refuses.
+    case(
+        "SELECT city AS c, count(*) FROM users GROUP BY c",
+        S,
+        T::All,
+        R::No("GROUP BY c across shards is ambiguous"),
+    );
+    let (m, _) = merge_of("SELECT u.city AS city, count(*) FROM users u GROUP BY city");
     assert_eq!(m.group_by, vec![V(0)]);
     let (m, _) = merge_of("SELECT city, count(*) FROM users GROUP BY 1");
     assert_eq!(m.group_by, vec![V(0)]);

@@ -347,3 +347,30 @@ fn outer_aggregates_inside_subqueries_are_refused() {
         "SELECT id FROM posts p WHERE id > (SELECT avg(id) FROM posts q WHERE q.user_id = p.user_id)",
     );
 }
+
+// --- F: GROUP BY names: input columns before output names ------------------------------
+
+#[test]
+fn group_by_names_resolve_like_postgres() {
+    // GROUP BY id groups by users.id (an input column), not by the output column `id`.
+    for sql in [
+        "SELECT name AS id, count(*) FROM users GROUP BY id",
+        "SELECT user_id AS id, count(*) FROM posts GROUP BY id",
+        "SELECT created_at::date, count(*) FROM users GROUP BY created_at",
+        "SELECT lower(name) AS name, count(*) FROM users GROUP BY name",
+    ] {
+        refused(sql, "GROUP BY");
+    }
+    // The same name and expression: no doubt.
+    let plan = fans_out("SELECT name, count(*) FROM users GROUP BY name");
+    assert_eq!(plan.merge.unwrap().group_by, vec![ColumnRef::Visible(0)]);
+    fans_out("SELECT u.name AS name, count(*) FROM users u GROUP BY name");
+    fans_out("SELECT lower(name) AS n, count(*) FROM users GROUP BY 1");
+    fans_out("SELECT lower(name) AS n, count(*) FROM users GROUP BY lower(name)");
+    // ORDER BY names are output names first, as the merge reads them.
+    let plan = fans_out("SELECT name AS id FROM users ORDER BY id");
+    assert_eq!(
+        plan.merge.unwrap().order_by[0].column,
+        ColumnRef::Visible(0)
+    );
+}
