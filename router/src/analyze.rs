@@ -229,6 +229,9 @@ pub(crate) struct Inst {
     /// columns by position, which the router does not know, so no name may be taken for
     /// the shard key (`p.user_id` there can be any column).
     pub key_named: bool,
+    /// On the NULL-filled side of an outer join in its block: its key can be NULL in a
+    /// joined row on every shard, so grouping by it does not keep groups on one shard.
+    pub nullable: bool,
 }
 
 impl Inst {
@@ -362,6 +365,7 @@ impl<'c> Analyzer<'c> {
                     key_column: info.key_column.clone(),
                     key_type: info.key_type,
                     key_named: !renamed,
+                    nullable: false,
                 });
                 Some(self.insts.len() - 1)
             }
@@ -742,6 +746,19 @@ impl<'c> Analyzer<'c> {
                 JoinOperator::AsOf { constraint, .. } => (Some(constraint), false),
                 _ => (None, false),
             };
+            let (left_null, right_null) = match &j.join_operator {
+                JoinOperator::Left(_) | JoinOperator::LeftOuter(_) => (false, true),
+                JoinOperator::Right(_) | JoinOperator::RightOuter(_) => (true, false),
+                JoinOperator::FullOuter(_) => (true, true),
+                _ => (false, false),
+            };
+            for (insts, null) in [(&left_insts, left_null), (&right_insts, right_null)] {
+                if null {
+                    for &i in insts.iter() {
+                        self.insts[i].nullable = true;
+                    }
+                }
+            }
             let restricting = top && inner && !nullable_later;
             match constraint {
                 Some(JoinConstraint::On(e)) => {
@@ -1158,9 +1175,11 @@ impl<'c> Analyzer<'c> {
         }
     }
 
-    /// Whether `e` is the shard key of an instance registered directly in block `b`.
+    /// Whether `e` is the shard key of an instance registered directly in block `b`, and
+    /// never NULL-filled by an outer join (rows with equal values of it are on one shard).
     pub fn is_key_of_block(&self, b: usize, e: &Expr) -> bool {
-        self.key_ref(b, e).is_some_and(|i| self.insts[i].block == b)
+        self.key_ref(b, e)
+            .is_some_and(|i| self.insts[i].block == b && !self.insts[i].nullable)
     }
 }
 

@@ -374,3 +374,46 @@ fn group_by_names_resolve_like_postgres() {
         ColumnRef::Visible(0)
     );
 }
+
+// --- G: outer joins, NOT IN with NULL ------------------------------------------------------
+
+#[test]
+fn grouping_by_the_nullable_side_of_an_outer_join_combines_groups() {
+    // Users without posts make a NULL group on every shard: combine them.
+    for sql in [
+        "SELECT p.user_id, count(*) FROM users u LEFT JOIN posts p ON p.user_id = u.id GROUP BY p.user_id",
+        "SELECT p.user_id, count(*) FROM posts p RIGHT JOIN users u ON p.user_id = u.id GROUP BY p.user_id",
+        "SELECT u.id, count(*) FROM users u FULL JOIN posts p ON p.user_id = u.id GROUP BY u.id",
+    ] {
+        let plan = fans_out(sql);
+        let m = plan.merge.unwrap();
+        assert_eq!(m.group_by, vec![ColumnRef::Visible(0)], "{sql}");
+        assert_eq!(m.aggregates, vec![AggMerge::None, AggMerge::Count], "{sql}");
+    }
+    // The preserved side's key is never NULL from the join: groups stay on one shard.
+    let plan = fans_out(
+        "SELECT u.id, count(p.id) FROM users u LEFT JOIN posts p ON p.user_id = u.id GROUP BY u.id",
+    );
+    assert!(plan.merge.unwrap().aggregates.is_empty());
+}
+
+#[test]
+fn not_in_with_null_on_the_key() {
+    // NOT IN (.., NULL) is never true: every shard returns nothing, as Postgres does.
+    let plan = fans_out("SELECT * FROM posts WHERE user_id NOT IN (1, NULL)");
+    assert!(plan.merge.unwrap().is_concat());
+    let plan = fans_out("SELECT count(*) FROM posts WHERE user_id NOT IN (1, NULL)");
+    assert_eq!(plan.merge.unwrap().aggregates, vec![AggMerge::Count]);
+    // IN (1, NULL) is the key 1 or nothing: not routed by a NULL key.
+    let plan = not_refused("SELECT * FROM posts WHERE user_id IN (1, NULL)");
+    assert!(plan.target == Target::All);
+    // The normalized simple-protocol shape routes like the text.
+    let mut cache = PlanCache::new(64);
+    for sql in [
+        "SELECT * FROM posts WHERE user_id NOT IN (1, NULL)",
+        "SELECT * FROM posts WHERE user_id IN (1, NULL)",
+    ] {
+        let sp = cache.plan_simple(sql, &catalog());
+        assert_eq!(sp.plan.target, Target::All, "{sql}");
+    }
+}
