@@ -225,6 +225,20 @@ pub(crate) struct Inst {
     pub table: String,
     pub key_column: String,
     pub key_type: KeyType,
+    /// False under an alias with a column list (`posts AS p(a, b)`): the list renames
+    /// columns by position, which the router does not know, so no name may be taken for
+    /// the shard key (`p.user_id` there can be any column).
+    pub key_named: bool,
+    /// On the NULL-filled side of an outer join in its block: its key can be NULL in a
+    /// joined row on every shard, so grouping by it does not keep groups on one shard.
+    pub nullable: bool,
+}
+
+impl Inst {
+    /// Whether column name `col` (normalized) of this occurrence is its shard key.
+    pub fn key_is(&self, col: &str) -> bool {
+        self.key_named && self.key_column == col
+    }
 }
 
 /// A name visible in a block's FROM list.
@@ -334,11 +348,13 @@ impl<'c> Analyzer<'c> {
     }
 
     /// Registers a sharded target of a DML statement (or any table) in `block`.
+    /// `renamed`: the alias has a column list.
     pub fn register_table(
         &mut self,
         block: usize,
         name: &ObjectName,
         alias: Option<&Ident>,
+        renamed: bool,
     ) -> Option<usize> {
         let (schema, table) = split_name(name);
         let inst = match self.catalog.classify(schema.as_deref(), &table) {
@@ -348,6 +364,8 @@ impl<'c> Analyzer<'c> {
                     table: table.clone(),
                     key_column: info.key_column.clone(),
                     key_type: info.key_type,
+                    key_named: !renamed,
+                    nullable: false,
                 });
                 Some(self.insts.len() - 1)
             }
@@ -445,7 +463,7 @@ impl<'c> Analyzer<'c> {
                         parts.push(ObjectNamePart::Identifier(s.clone()));
                     }
                     parts.push(ObjectNamePart::Identifier(name.clone()));
-                    self.register_table(b, &ObjectName(parts), None);
+                    self.register_table(b, &ObjectName(parts), None, false);
                 }
                 out.push(b);
             }
@@ -534,8 +552,9 @@ impl<'c> Analyzer<'c> {
         let b = self.new_block(parent);
         let target = match &ins.table {
             sqlparser::ast::TableObject::TableName(name) => {
+                // `INSERT INTO t AS a` takes no column list.
                 let alias = ins.table_alias.as_ref().map(|a| &a.alias);
-                self.register_table(b, name, alias)
+                self.register_table(b, name, alias, false)
             }
             _ => None,
         };
@@ -575,7 +594,12 @@ impl<'c> Analyzer<'c> {
                 alias,
                 args: None,
                 ..
-            } => self.register_table(b, name, alias.as_ref().map(|a| &a.name)),
+            } => self.register_table(
+                b,
+                name,
+                alias.as_ref().map(|a| &a.name),
+                alias.as_ref().is_some_and(|a| !a.columns.is_empty()),
+            ),
             other => {
                 self.table_factor_register(b, other);
                 None
@@ -642,7 +666,12 @@ impl<'c> Analyzer<'c> {
                 args: None,
                 ..
             } => {
-                self.register_table(b, name, alias.as_ref().map(|a| &a.name));
+                self.register_table(
+                    b,
+                    name,
+                    alias.as_ref().map(|a| &a.name),
+                    alias.as_ref().is_some_and(|a| !a.columns.is_empty()),
+                );
             }
             TableFactor::Table {
                 name,
@@ -717,6 +746,19 @@ impl<'c> Analyzer<'c> {
                 JoinOperator::AsOf { constraint, .. } => (Some(constraint), false),
                 _ => (None, false),
             };
+            let (left_null, right_null) = match &j.join_operator {
+                JoinOperator::Left(_) | JoinOperator::LeftOuter(_) => (false, true),
+                JoinOperator::Right(_) | JoinOperator::RightOuter(_) => (true, false),
+                JoinOperator::FullOuter(_) => (true, true),
+                _ => (false, false),
+            };
+            for (insts, null) in [(&left_insts, left_null), (&right_insts, right_null)] {
+                if null {
+                    for &i in insts.iter() {
+                        self.insts[i].nullable = true;
+                    }
+                }
+            }
             let restricting = top && inner && !nullable_later;
             match constraint {
                 Some(JoinConstraint::On(e)) => {
@@ -734,12 +776,12 @@ impl<'c> Analyzer<'c> {
                         let l: Vec<usize> = left_insts
                             .iter()
                             .copied()
-                            .filter(|&i| self.insts[i].key_column == col)
+                            .filter(|&i| self.insts[i].key_is(&col))
                             .collect();
                         let r: Vec<usize> = right_insts
                             .iter()
                             .copied()
-                            .filter(|&i| self.insts[i].key_column == col)
+                            .filter(|&i| self.insts[i].key_is(&col))
                             .collect();
                         if let ([x], [y]) = (l.as_slice(), r.as_slice()) {
                             if self.insts[*x].key_type == self.insts[*y].key_type {
@@ -1104,7 +1146,7 @@ impl<'c> Analyzer<'c> {
                     .entries
                     .iter()
                     .filter_map(|en| en.inst)
-                    .filter(|&i| self.insts[i].key_column == col);
+                    .filter(|&i| self.insts[i].key_is(&col));
                 let first = found.next()?;
                 found.next().is_none().then_some(first)
             }
@@ -1123,7 +1165,7 @@ impl<'c> Analyzer<'c> {
                             && (schema.is_none() || en.schema.is_none() || en.schema == schema)
                     });
                     if let Some(en) = hit {
-                        return en.inst.filter(|&i| self.insts[i].key_column == col);
+                        return en.inst.filter(|&i| self.insts[i].key_is(&col));
                     }
                     block = self.blocks[cur].parent;
                 }
@@ -1133,9 +1175,11 @@ impl<'c> Analyzer<'c> {
         }
     }
 
-    /// Whether `e` is the shard key of an instance registered directly in block `b`.
+    /// Whether `e` is the shard key of an instance registered directly in block `b`, and
+    /// never NULL-filled by an outer join (rows with equal values of it are on one shard).
     pub fn is_key_of_block(&self, b: usize, e: &Expr) -> bool {
-        self.key_ref(b, e).is_some_and(|i| self.insts[i].block == b)
+        self.key_ref(b, e)
+            .is_some_and(|i| self.insts[i].block == b && !self.insts[i].nullable)
     }
 }
 

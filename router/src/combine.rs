@@ -196,6 +196,8 @@ fn rd_fields(body: &[u8]) -> Result<Vec<(usize, usize)>, MergeError> {
 pub struct MergeParams<'a> {
     source: ParamSource<'a>,
     extra_float_digits: i32,
+    /// The statement's declared parameter type OIDs (Parse), 0 or absent: unspecified.
+    types: &'a [u32],
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -220,17 +222,20 @@ impl<'a> MergeParams<'a> {
         MergeParams {
             source: ParamSource::None,
             extra_float_digits: 1,
+            types: &[],
         }
     }
 
     /// Extended protocol: the Bind's parameter values (`None` = NULL) and its parameter
     /// format codes as sent (empty: all text; one: for all; else one per parameter).
-    /// Binary values are read as the type they are compared with (LIMIT/OFFSET: int8, int4
-    /// or int2 by length).
+    /// Binary values are read as their declared type ([`MergeParams::with_param_types`]);
+    /// undeclared, as the type they are compared with (LIMIT/OFFSET: int8, int4 or int2 by
+    /// length; HAVING: the column's).
     pub fn bind(values: &'a [Option<&'a [u8]>], formats: &'a [i16]) -> Self {
         MergeParams {
             source: ParamSource::Bind { values, formats },
             extra_float_digits: 1,
+            types: &[],
         }
     }
 
@@ -240,6 +245,7 @@ impl<'a> MergeParams<'a> {
         MergeParams {
             source: ParamSource::Literals(literals),
             extra_float_digits: 1,
+            types: &[],
         }
     }
 
@@ -248,6 +254,20 @@ impl<'a> MergeParams<'a> {
     pub fn with_extra_float_digits(mut self, value: i32) -> Self {
         self.extra_float_digits = value;
         self
+    }
+
+    /// The parameter type OIDs the statement's Parse declared (0: unspecified). A binary
+    /// value is read as its declared type: its length alone does not tell an int8 from a
+    /// float8.
+    pub fn with_param_types(mut self, types: &'a [u32]) -> Self {
+        self.types = types;
+        self
+    }
+
+    /// The declared type of `$n`, if specified.
+    fn declared(&self, n: usize) -> Option<u32> {
+        let t = *self.types.get(n.checked_sub(1)?)?;
+        (t != 0).then_some(t)
     }
 
     fn get(&self, n: usize) -> Result<Param<'a>, MergeError> {
@@ -2272,6 +2292,10 @@ impl fmt::Debug for RowMerger {
     }
 }
 
+const OID_INT8: u32 = 20;
+const OID_INT2: u32 = 21;
+const OID_INT4: u32 = 23;
+
 fn row_count(
     c: Option<RowCount>,
     params: &MergeParams<'_>,
@@ -2304,16 +2328,29 @@ fn row_count(
             Param::Number(s) => parse_int_lenient(s.as_bytes()).ok_or_else(|| {
                 MergeError::unsupported(format!("the LIMIT/OFFSET value {s} across shards"))
             })?,
-            Param::Binary(b) => match b.len() {
-                8 => i64::from_be_bytes(be(b).unwrap_or_default()),
-                4 => i32::from_be_bytes(be(b).unwrap_or_default()).into(),
-                2 => i16::from_be_bytes(be(b).unwrap_or_default()).into(),
-                _ => {
-                    return Err(MergeError::bad_param(
-                        "a binary LIMIT/OFFSET parameter must be an integer",
-                    ))
+            Param::Binary(b) => {
+                // Read as the declared type; unspecified, Postgres types it int8 (the width
+                // of an int4 or int2 sent anyway is read as such, as before).
+                let width = match params.declared(n) {
+                    None | Some(OID_INT8) => b.len(),
+                    Some(OID_INT4) => 4,
+                    Some(OID_INT2) => 2,
+                    Some(oid) => {
+                        return Err(MergeError::unsupported(format!(
+                            "a binary LIMIT/OFFSET parameter of type oid {oid} across shards \
+                             (send it as int8, int4 or int2, or in text format)"
+                        )))
+                    }
+                };
+                match (width, b.len()) {
+                    (8, 8) => i64::from_be_bytes(be(b).unwrap_or_default()),
+                    (4, 4) => i32::from_be_bytes(be(b).unwrap_or_default()).into(),
+                    (2, 2) => i16::from_be_bytes(be(b).unwrap_or_default()).into(),
+                    _ => return Err(MergeError::bad_param(
+                        "a binary LIMIT/OFFSET parameter must be an integer of its declared type",
+                    )),
                 }
-            },
+            }
         },
     };
     u64::try_from(v).map(Some).map_err(|_| negative())
@@ -2383,6 +2420,14 @@ fn having_value(
         Constant::Param(n) => match params.get(*n)? {
             Param::Null => return Ok(HavingValue::Null),
             Param::Text(t) => Src::Text(t),
+            // Read below as the column's type: refuse one declared as another type (a
+            // float8 2.5 against an int8 count would read as a huge integer).
+            Param::Binary(_) if params.declared(*n).is_some_and(|t| t != col.oid) => {
+                return Err(MergeError::unsupported(format!(
+                    "a binary HAVING parameter ${n} of another type than the column it is \
+                     compared with across shards (send it in text format)"
+                )))
+            }
             Param::Binary(b) => Src::Binary(b),
             Param::Number(s) => Src::Number(s),
             Param::Quoted(s) => {
@@ -4364,6 +4409,103 @@ f|4dad217b|3.6308157e+08
         m.finish_shard(1);
         assert_eq!(m.drain_into(&mut out).unwrap(), 3);
         assert!(m.limit_reached());
+    }
+
+    #[test]
+    fn binary_params_are_read_as_their_declared_type() {
+        // LIMIT $1 with $1 declared float8: 8 bytes that are not an int8.
+        let plan = MergePlan {
+            order_by: vec![asc(0)],
+            limit: Some(RowCount::Param(1)),
+            ..MergePlan::default()
+        };
+        let shards = vec![
+            vec![vec![Some("1")], vec![Some("3")]],
+            vec![vec![Some("2")]],
+        ];
+        let cols = text_cols(&[INT4]);
+        let two = 2.0f64.to_be_bytes();
+        let vals: [Option<&[u8]>; 1] = [Some(&two)];
+        let e = run_with(
+            &plan,
+            &cols,
+            &MergeParams::bind(&vals, &[1]).with_param_types(&[FLOAT8]),
+            &shards,
+        )
+        .unwrap_err();
+        assert_eq!(e.sqlstate, "0A000");
+        // Declared int8 or int4, or not declared: read as integers.
+        let eight = 2i64.to_be_bytes();
+        let four = 2i32.to_be_bytes();
+        for (v, types) in [
+            (&eight[..], &[INT8][..]),
+            (&four[..], &[INT4][..]),
+            (&eight[..], &[][..]),
+            (&eight[..], &[0][..]),
+        ] {
+            let vals: [Option<&[u8]>; 1] = [Some(v)];
+            let got = run_with(
+                &plan,
+                &cols,
+                &MergeParams::bind(&vals, &[1]).with_param_types(types),
+                &shards,
+            )
+            .unwrap();
+            assert_eq!(got, vec![vec![s("1")], vec![s("2")]], "{types:?}");
+        }
+        // int4 declared but 8 bytes sent: malformed, not read by its length.
+        let vals: [Option<&[u8]>; 1] = [Some(&eight)];
+        assert!(run_with(
+            &plan,
+            &cols,
+            &MergeParams::bind(&vals, &[1]).with_param_types(&[INT4]),
+            &shards,
+        )
+        .is_err());
+
+        // HAVING count(*) >= $1 with $1 a binary float8 2.5: not the column's int8.
+        let plan = MergePlan {
+            aggregates: vec![AggMerge::None, AggMerge::Count],
+            group_by: vec![ColumnRef::Visible(0)],
+            having: vec![HavingCond {
+                column: ColumnRef::Visible(1),
+                op: CmpOp::Ge,
+                value: Constant::Param(1),
+            }],
+            ..MergePlan::default()
+        };
+        let shards = vec![
+            vec![vec![Some("x"), Some("1")], vec![Some("y"), Some("5")]],
+            vec![vec![Some("x"), Some("1")]],
+        ];
+        let cols = text_cols(&[TEXT, INT8]);
+        let f = 2.5f64.to_be_bytes();
+        let vals: [Option<&[u8]>; 1] = [Some(&f)];
+        let e = run_with(
+            &plan,
+            &cols,
+            &MergeParams::bind(&vals, &[1]).with_param_types(&[FLOAT8]),
+            &shards,
+        )
+        .unwrap_err();
+        assert_eq!(e.sqlstate, "0A000");
+        // Declared as the column's type (or not declared): compared as before.
+        let two = 2i64.to_be_bytes();
+        let vals: [Option<&[u8]>; 1] = [Some(&two)];
+        for types in [&[INT8][..], &[][..]] {
+            let got = run_with(
+                &plan,
+                &cols,
+                &MergeParams::bind(&vals, &[1]).with_param_types(types),
+                &shards,
+            )
+            .unwrap();
+            assert_eq!(
+                got,
+                vec![vec![s("x"), s("2")], vec![s("y"), s("5")]],
+                "{types:?}"
+            );
+        }
     }
 
     #[test]

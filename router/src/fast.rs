@@ -4,7 +4,7 @@
 
 use crate::catalog::{Catalog, KeyType, TableClass};
 use crate::lex::{Lexer, Tok, TokKind};
-use crate::types::{Kind, Plan, Refusal, Role, Target, TxControl};
+use crate::types::{KeyExpr, Kind, Plan, Refusal, Role, Target, TxControl};
 
 /// A plan before hints are applied.
 #[derive(Debug, Clone)]
@@ -16,6 +16,13 @@ pub(crate) struct Draft {
     pub hard: Option<Refusal>,
     /// Key types of the sharded tables touched, to type a `key=` hint.
     pub key_types: Vec<KeyType>,
+    /// The shard-key values the statement pins itself (WHERE, VALUES, subqueries): a
+    /// `key=` hint must agree with them, or rows would be read or stored on a shard that
+    /// does not own their key.
+    pub own_keys: Vec<KeyExpr>,
+    /// An INSERT of VALUES rows into a sharded table: its rows' keys decide their shard,
+    /// so a `shard=N` hint (which cannot be checked against keys) is refused.
+    pub stores_keys: bool,
 }
 
 impl Draft {
@@ -25,6 +32,8 @@ impl Draft {
             soft: None,
             hard: None,
             key_types: Vec::new(),
+            own_keys: Vec::new(),
+            stores_keys: false,
         }
     }
 
@@ -298,6 +307,47 @@ fn distributed_word(w: &Words<'_>, catalog: &Catalog) -> Option<String> {
     })
 }
 
+/// A sharded table's name among the words (see [`distributed_word`]).
+fn sharded_word(w: &Words<'_>, catalog: &Catalog) -> Option<String> {
+    w.toks.iter().find_map(|t| {
+        if !matches!(t.kind, TokKind::Word | TokKind::QuotedIdent) {
+            return None;
+        }
+        let text = ident_text(t.text(w.sql)).to_ascii_lowercase();
+        matches!(catalog.classify(None, &text), TableClass::Sharded(_)).then_some(text)
+    })
+}
+
+/// `CREATE [OR REPLACE] [TEMP] [RECURSIVE] [MATERIALIZED] VIEW` or `CREATE [OR REPLACE] RULE`.
+fn creates_view_or_rule(w: &Words<'_>) -> bool {
+    let mut i = 1;
+    while [
+        "or",
+        "replace",
+        "temp",
+        "temporary",
+        "recursive",
+        "materialized",
+    ]
+    .iter()
+    .any(|kw| w.is(i, kw))
+    {
+        i += 1;
+    }
+    w.is(i, "view") || w.is(i, "rule")
+}
+
+/// A view or rule is created on every shard with the same definition, and a query on it
+/// is routed as a query on an unsharded table (the default shard), which then reads that
+/// shard's part of the sharded table only. No hint makes that right.
+pub(crate) fn view_refusal(table: &str) -> Refusal {
+    Refusal::unsupported(format!(
+        "a view or rule over sharded table {table} is not supported: it would be created on \
+         every shard and a query on it would read one shard's part of {table}; query the \
+         table directly"
+    ))
+}
+
 /// Text the parser cannot read. DDL goes to every shard (schemas must stay identical);
 /// anything else goes to the default shard's primary, unless it names a sharded or
 /// reference table, which needs a hint.
@@ -311,6 +361,11 @@ pub(crate) fn unparseable(stmt: &str, catalog: &Catalog) -> Draft {
     if ddl {
         let mut d = Draft::new(Kind::Ddl, Role::Primary, Target::Each);
         d.plan.no_tx_block = w.has_word("concurrently");
+        if first == "create" && creates_view_or_rule(&w) {
+            if let Some(t) = sharded_word(&w, catalog) {
+                d.hard = Some(view_refusal(&t));
+            }
+        }
         return d;
     }
     let mut d = Draft::new(Kind::Unknown, Role::Primary, Target::Default);
@@ -520,6 +575,16 @@ mod tests {
         // A table name inside a string literal is not a mention.
         let d = unparseable("FROBNICATE 'users'", &cat());
         assert!(d.soft.is_none());
+        // A view or rule the parser cannot read is still seen over a sharded table.
+        let d = unparseable(
+            "CREATE OR REPLACE TEMP VIEW v AS SELECT * FROM users",
+            &cat(),
+        );
+        assert!(d.hard.unwrap().message.contains("sharded table users"));
+        let d = unparseable("CREATE RULE r AS ON INSERT TO users DO NOTHING", &cat());
+        assert!(d.hard.is_some());
+        let d = unparseable("CREATE VIEW v AS SELECT * FROM countries", &cat());
+        assert!(d.hard.is_none());
     }
 
     #[test]

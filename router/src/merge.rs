@@ -106,13 +106,33 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
             return Err(refuse("GROUPING SETS/ROLLUP/CUBE"));
         }
     }
-    let groups_local = group_exprs.iter().any(|g| {
-        let effective = match group_target(g, &items) {
-            Some(k) => items[k].expr,
+    let mut group_items: Vec<Option<usize>> = Vec::with_capacity(group_exprs.len());
+    for g in group_exprs {
+        group_items.push(group_target(g, &items)?);
+    }
+    let groups_local = group_exprs.iter().zip(&group_items).any(|(g, k)| {
+        let effective = match k {
+            Some(k) => items[*k].expr,
             None => Some(g),
         };
         effective.is_some_and(is_key)
     });
+    if !groups_local {
+        let mut outer = OuterAgg::new(sel);
+        let exprs = items
+            .iter()
+            .filter_map(|it| it.expr)
+            .chain(sel.having.as_ref())
+            .chain(order.iter().map(|o| &o.expr));
+        for e in exprs {
+            if let ControlFlow::Break(f) = e.visit(&mut outer) {
+                return Err(refuse(&format!(
+                    "the aggregate {f}() of the outer query's columns inside a subquery (it \
+                     aggregates the outer query's rows)"
+                )));
+            }
+        }
+    }
     let aggregating = scan.agg || sel.having.is_some() || !group_exprs.is_empty();
     let distinct = match &sel.distinct {
         None | Some(Distinct::All) => false,
@@ -146,8 +166,8 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
             };
             aggs.push(column_merge(e, items.len(), &mut hidden)?);
         }
-        for g in group_exprs {
-            let col = match group_target(g, &items) {
+        for (g, k) in group_exprs.iter().zip(&group_items) {
+            let col = match *k {
                 Some(k) => ColumnRef::Visible(k),
                 None => hidden_col(&mut hidden, g.clone(), AggMerge::None, items.len()),
             };
@@ -305,9 +325,12 @@ fn having_cond(
         }
     } else if let Some(pos) = group_exprs.iter().position(|g| g == subject) {
         group_cols[pos]
-    } else if let Some(k) =
-        group_target(subject, items).filter(|k| group_cols.contains(&ColumnRef::Visible(*k)))
+    } else if let Some(k) = items
+        .iter()
+        .position(|it| it.expr == Some(subject))
+        .filter(|k| group_cols.contains(&ColumnRef::Visible(*k)))
     {
+        // HAVING names are input columns only (never output names): matched as expressions.
         ColumnRef::Visible(k)
     } else {
         return Err(unsupported());
@@ -470,14 +493,19 @@ fn order_target(e: &Expr, items: &[Item<'_>]) -> Option<OrderTarget> {
     })
 }
 
-/// GROUP BY rules: a position, an expression equal to an item, or (failing an input column,
-/// which the router cannot see) an output name. Returns the item.
-fn group_target(g: &Expr, items: &[Item<'_>]) -> Option<usize> {
+/// GROUP BY rules: a position, an expression equal to an item, or a bare name, which
+/// Postgres takes for an input column first and an output name only when no input column
+/// has it. Returns the item. The router cannot see input columns, so a bare name that is
+/// the output name of a different expression (`SELECT name AS id ... GROUP BY id`, which
+/// groups by the table's id if there is one) is refused.
+fn group_target(g: &Expr, items: &[Item<'_>]) -> Result<Option<usize>, Refusal> {
     if let Some(p) = position(g) {
-        return (p <= items.len() && items[..p].iter().all(|i| i.expr.is_some())).then(|| p - 1);
+        return Ok(
+            (p <= items.len() && items[..p].iter().all(|i| i.expr.is_some())).then(|| p - 1),
+        );
     }
     if let Some(k) = items.iter().position(|it| it.expr == Some(g)) {
-        return Some(k);
+        return Ok(Some(k));
     }
     if let Expr::Identifier(id) = g {
         let name = norm_ident(id);
@@ -485,10 +513,24 @@ fn group_target(g: &Expr, items: &[Item<'_>]) -> Option<usize> {
             .filter(|&k| items[k].name.as_deref() == Some(name.as_str()))
             .collect();
         if let [k] = hits.as_slice() {
-            return Some(*k);
+            // `u.name AS name`: the input column of that name, whichever Postgres picks.
+            let same_column = matches!(
+                items[*k].expr,
+                Some(Expr::CompoundIdentifier(parts))
+                    if parts.last().is_some_and(|p| norm_ident(p) == name)
+            );
+            if same_column {
+                return Ok(Some(*k));
+            }
+            return Err(Refusal::unsupported(format!(
+                "GROUP BY {name} across shards is ambiguous here: {name} is the name of an \
+                 output column computed from another expression, but Postgres groups by an \
+                 input column {name} if the tables have one, which shardgate cannot see; \
+                 write the expression or its position (GROUP BY 1, ...) instead"
+            )));
         }
     }
-    None
+    Ok(None)
 }
 
 /// A positive integer constant (a position in ORDER BY / GROUP BY).
@@ -782,7 +824,11 @@ impl Visitor for Scan {
             let Some(name) = function_name(f) else {
                 return ControlFlow::Continue(());
             };
-            if is_aggregate(&name) {
+            // WITHIN GROUP makes any function an ordered-set or hypothetical-set aggregate
+            // (percentile_cont, mode, rank(3), user-defined ones): none combines from
+            // per-shard results.
+            let ordered_set = !f.within_group.is_empty();
+            if ordered_set || is_aggregate(&name) {
                 self.agg = true;
                 if let FunctionArguments::List(l) = &f.args {
                     if matches!(l.duplicate_treatment, Some(DuplicateTreatment::Distinct)) {
@@ -790,7 +836,7 @@ impl Visitor for Scan {
                     }
                 }
                 let supported = matches!(name.as_str(), "count" | "sum" | "min" | "max" | "avg")
-                    && f.within_group.is_empty();
+                    && !ordered_set;
                 if !supported && self.unsupported_agg.is_none() {
                     self.unsupported_agg = Some(name);
                 }
@@ -798,6 +844,166 @@ impl Visitor for Scan {
         }
         ControlFlow::Continue(())
     }
+}
+
+/// Finds, inside subqueries, an aggregate whose arguments use the top-level query's columns.
+/// Postgres evaluates such an aggregate (`SELECT (SELECT max(p.id)) FROM posts p`) at the
+/// outer level, over all the outer rows: one value per group of the whole query, which
+/// per-shard rows do not give. Conservative: any outer column in the arguments counts,
+/// even next to the subquery's own columns.
+struct OuterAgg {
+    /// Names the top-level FROM list defines (aliases or table names).
+    top: Vec<String>,
+    /// For each enclosing subquery level: the names its FROM list defines.
+    levels: Vec<Vec<String>>,
+}
+
+impl OuterAgg {
+    fn new(sel: &Select) -> Self {
+        OuterAgg {
+            top: from_names(&sel.from),
+            levels: Vec::new(),
+        }
+    }
+
+    /// Whether `e`, inside the current subquery, reads a column of the top-level query.
+    fn reads_outer(&self, e: &Expr) -> bool {
+        match e {
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+                let q = parts[parts.len() - 2].value.to_ascii_lowercase();
+                self.outer_name(&q)
+            }
+            // An unqualified name is the subquery's own column unless no level in between
+            // has a FROM list.
+            Expr::Identifier(_) => self.levels.iter().all(|l| l.is_empty()),
+            _ => false,
+        }
+    }
+
+    fn outer_name(&self, q: &str) -> bool {
+        self.top.iter().any(|t| t == q) && !self.levels.iter().flatten().any(|n| n == q)
+    }
+}
+
+impl Visitor for OuterAgg {
+    type Break = String;
+
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<String> {
+        let names = match &*q.body {
+            SetExpr::Select(s) => from_names(&s.from),
+            _ => Vec::new(),
+        };
+        self.levels.push(names);
+        ControlFlow::Continue(())
+    }
+
+    fn post_visit_query(&mut self, _q: &Query) -> ControlFlow<String> {
+        self.levels.pop();
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<String> {
+        let Expr::Function(f) = e else {
+            return ControlFlow::Continue(());
+        };
+        if self.levels.is_empty() || f.over.is_some() {
+            return ControlFlow::Continue(());
+        }
+        let Some(name) = function_name(f) else {
+            return ControlFlow::Continue(());
+        };
+        if !is_aggregate(&name) && f.within_group.is_empty() {
+            return ControlFlow::Continue(());
+        }
+        let FunctionArguments::List(list) = &f.args else {
+            return ControlFlow::Continue(());
+        };
+        let mut outer = false;
+        for a in &list.args {
+            let arg = match a {
+                sqlparser::ast::FunctionArg::Named { arg, .. }
+                | sqlparser::ast::FunctionArg::ExprNamed { arg, .. }
+                | sqlparser::ast::FunctionArg::Unnamed(arg) => arg,
+            };
+            match arg {
+                sqlparser::ast::FunctionArgExpr::Expr(x) => {
+                    let _ = x.visit(&mut ExprRefs(&mut |r: &Expr| {
+                        outer |= self.reads_outer(r);
+                    }));
+                }
+                sqlparser::ast::FunctionArgExpr::QualifiedWildcard(n) => {
+                    if let Some(q) = n.0.last().and_then(ObjectNamePart::as_ident) {
+                        outer |= self.outer_name(&q.value.to_ascii_lowercase());
+                    }
+                }
+                sqlparser::ast::FunctionArgExpr::Wildcard
+                | sqlparser::ast::FunctionArgExpr::WildcardWithOptions(_) => {}
+            }
+        }
+        if outer {
+            ControlFlow::Break(name)
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// Calls a closure on every expression (column references included).
+struct ExprRefs<'a>(&'a mut dyn FnMut(&Expr));
+
+impl Visitor for ExprRefs<'_> {
+    type Break = ();
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        (self.0)(e);
+        ControlFlow::Continue(())
+    }
+}
+
+/// The names a FROM list defines: aliases, else table names (lower case).
+fn from_names(from: &[sqlparser::ast::TableWithJoins]) -> Vec<String> {
+    fn factor(tf: &sqlparser::ast::TableFactor, out: &mut Vec<String>) {
+        use sqlparser::ast::TableFactor as T;
+        match tf {
+            T::NestedJoin {
+                table_with_joins,
+                alias,
+            } => {
+                factor(&table_with_joins.relation, out);
+                for j in &table_with_joins.joins {
+                    factor(&j.relation, out);
+                }
+                if let Some(a) = alias {
+                    out.push(a.name.value.to_ascii_lowercase());
+                }
+            }
+            T::Table { name, alias, .. } => match alias {
+                Some(a) => out.push(a.name.value.to_ascii_lowercase()),
+                None => {
+                    if let Some(id) = name.0.last().and_then(ObjectNamePart::as_ident) {
+                        out.push(id.value.to_ascii_lowercase());
+                    }
+                }
+            },
+            T::Derived { alias, .. }
+            | T::TableFunction { alias, .. }
+            | T::Function { alias, .. }
+            | T::UNNEST { alias, .. }
+            | T::JsonTable { alias, .. } => {
+                if let Some(a) = alias {
+                    out.push(a.name.value.to_ascii_lowercase());
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    for twj in from {
+        factor(&twj.relation, &mut out);
+        for j in &twj.joins {
+            factor(&j.relation, &mut out);
+        }
+    }
+    out
 }
 
 /// Postgres's built-in aggregate functions.

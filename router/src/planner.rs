@@ -14,7 +14,7 @@ use crate::analyze::{
     Inventory, Pin, PinValue,
 };
 use crate::catalog::{Catalog, KeyType, TableClass};
-use crate::fast::{blank_lock_strength, fast_path, unparseable, Draft};
+use crate::fast::{blank_lock_strength, fast_path, unparseable, view_refusal, Draft};
 use crate::hint::parse_hint;
 use crate::lex::{split_statements, split_statements_legacy, Lexer, TokKind};
 use crate::merge::plan_merge;
@@ -147,6 +147,15 @@ fn parse_and_plan_here(stmt: &str, catalog: &Catalog) -> Draft {
     match parsed {
         Ok(v) if v.len() == 1 => {
             let mut d = plan_statement(&v[0], stmt, catalog);
+            if d.plan.target == Target::Each && d.plan.kind == Kind::Write {
+                if let Some(f) = volatile_call(&v[0]) {
+                    d.hard = d.hard.or(Some(Refusal::unsupported(format!(
+                        "a write to a reference table with {f}() is not supported: each \
+                         shard's copy would get a different value; compute the value first \
+                         and send it as a constant"
+                    ))));
+                }
+            }
             if blanked && d.plan.rewritten.is_some() {
                 d.plan.rewritten = None;
                 d = d.soft(Refusal::unsupported(
@@ -160,6 +169,68 @@ fn parse_and_plan_here(stmt: &str, catalog: &Catalog) -> Draft {
     }
 }
 
+/// The first call in `stmt` to a built-in function that gives each server (or each call)
+/// its own value: run on every copy of a reference table, it would make the copies differ.
+/// Column DEFAULTs and user-defined functions are not seen.
+fn volatile_call(stmt: &Statement) -> Option<String> {
+    use sqlparser::ast::{Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct V;
+    impl Visitor for V {
+        type Break = String;
+        fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<String> {
+            if let Expr::Function(f) = e {
+                let (_, name) = split_name(&f.name);
+                if is_volatile_builtin(&name) {
+                    return ControlFlow::Break(name);
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    match stmt.visit(&mut V) {
+        ControlFlow::Break(name) => Some(name),
+        ControlFlow::Continue(()) => None,
+    }
+}
+
+/// Built-ins whose value differs between servers or calls: random values, clocks and
+/// transaction times (each shard's transaction starts at its own instant), sequences, and
+/// ids of the server's own transaction or process.
+fn is_volatile_builtin(name: &str) -> bool {
+    matches!(
+        name,
+        "random"
+            | "random_normal"
+            | "gen_random_uuid"
+            | "uuidv4"
+            | "uuidv7"
+            | "uuid_generate_v1"
+            | "uuid_generate_v1mc"
+            | "uuid_generate_v4"
+            | "now"
+            | "current_timestamp"
+            | "current_time"
+            | "current_date"
+            | "localtime"
+            | "localtimestamp"
+            | "transaction_timestamp"
+            | "statement_timestamp"
+            | "clock_timestamp"
+            | "timeofday"
+            | "nextval"
+            | "currval"
+            | "lastval"
+            | "txid_current"
+            | "txid_current_if_assigned"
+            | "pg_current_xact_id"
+            | "pg_current_xact_id_if_assigned"
+            | "pg_backend_pid"
+            | "inet_server_addr"
+            | "inet_server_port"
+    )
+}
+
 /// Applies a hint and settles the refusal.
 fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
     let Draft {
@@ -167,23 +238,51 @@ fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
         mut soft,
         mut hard,
         key_types,
+        own_keys,
+        stores_keys,
     } = d;
     if let Some(h) = hint {
         plan.hint = Some(h.clone());
         if h.primary {
             plan.role = Role::Primary;
         }
+        // Set when the statement's own keys join the hint's: they must share its shard.
+        let mut check: Option<Refusal> = None;
         let routed = if let Some(n) = h.shard {
-            Some(Target::Shard(n))
+            if stores_keys {
+                hard = hard.or(Some(Refusal::unsupported(format!(
+                    "a shardgate shard={n} hint cannot place INSERT ... VALUES rows into a \
+                     sharded table: each row belongs on the shard of its shard key; drop the \
+                     hint (or use key=)"
+                ))));
+                None
+            } else {
+                Some(Target::Shard(n))
+            }
         } else if let Some(k) = &h.key {
             let mut types = key_types.clone();
             types.dedup();
             match types.as_slice() {
                 [] | [_] => match hint_key(k, types.first().copied()) {
-                    Some((ty, v)) => Some(Target::Keys {
-                        key_type: ty,
-                        keys: vec![KeyExpr::Literal(v)],
-                    }),
+                    Some((ty, v)) => {
+                        let mut keys = vec![KeyExpr::Literal(v)];
+                        for own in own_keys {
+                            if !keys.contains(&own) {
+                                keys.push(own);
+                            }
+                        }
+                        // The proxy resolves the keys: one shard for all of them runs
+                        // there; anything else answers this.
+                        if keys.len() > 1 {
+                            check = Some(Refusal::unsupported(format!(
+                                "this statement names shard key values that are not all on \
+                                 the shard of the hinted key {k} (SET shardgate.shard_key or \
+                                 /* shardgate: key= */); its rows live elsewhere: RESET \
+                                 shardgate.shard_key or drop the hint for this statement"
+                            )));
+                        }
+                        Some(Target::Keys { key_type: ty, keys })
+                    }
                     None => {
                         hard = hard.or(Some(Refusal {
                             sqlstate: "22P02",
@@ -208,7 +307,7 @@ fn finish(d: Draft, hint: Option<&Hint>) -> Plan {
             plan.target = t;
             plan.merge = None;
             plan.rewritten = None;
-            plan.multi_shard_refusal = None;
+            plan.multi_shard_refusal = check;
             soft = None;
         }
     }
@@ -440,6 +539,21 @@ fn plan_statement(stmt: &Statement, text: &str, catalog: &Catalog) -> Draft {
     }
 }
 
+/// Records the key values the statement pins itself, for checking a `key=` hint.
+fn note_own_keys(d: &mut Draft, an: &Analyzer<'_>) {
+    for p in &an.pins {
+        let values = match &p.value {
+            PinValue::Eq(k) => std::slice::from_ref(k),
+            PinValue::Set(v) => v.as_slice(),
+        };
+        for k in values {
+            if !d.own_keys.contains(k) {
+                d.own_keys.push(k.clone());
+            }
+        }
+    }
+}
+
 // --- routing by colocation ---------------------------------------------------------------
 
 enum Route {
@@ -557,6 +671,16 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
              would hold a part of the data on one shard)",
         ));
     }
+    let key_change = if inv.dml {
+        nested_key_assignment(q, catalog)
+    } else {
+        None
+    };
+    if key_change.is_some() {
+        let mut d = draft(kind, role, Target::All, &t);
+        d.hard = key_change;
+        return d;
+    }
     let dml_targets = dml_targets(q);
     let writes_reference = dml_targets
         .iter()
@@ -589,6 +713,7 @@ fn plan_query(stmt: &Statement, q: &Query, catalog: &Catalog) -> Draft {
     }
     let mut an = Analyzer::new(catalog);
     let top = an.query(q, None);
+    note_own_keys(&mut d, &an);
     if !an.complete(&inv) {
         return d.soft(incomplete(&t));
     }
@@ -729,7 +854,8 @@ fn plan_update_delete(stmt: &Statement, catalog: &Catalog) -> Draft {
         _ => return draft(Kind::Write, Role::Primary, Target::Default, &t),
     };
     let mut d = draft(Kind::Write, Role::Primary, Target::All, &t);
-    d.hard = key_update;
+    d.hard = key_update.or_else(|| cte_key_assignment(with, catalog));
+    note_own_keys(&mut d, &an);
     write_target(d, target_name, &t, &inv, &an, block, catalog)
 }
 
@@ -759,6 +885,64 @@ fn key_assignment(
             info.key_column
         ))
     })
+}
+
+/// The refusal for an assignment to a shard key anywhere in `q` (data-modifying CTEs and
+/// nested INSERT ... ON CONFLICT DO UPDATE): the row would stay on its old shard, as with a
+/// top-level UPDATE.
+fn nested_key_assignment(q: &Query, catalog: &Catalog) -> Option<Refusal> {
+    use sqlparser::ast::{Visit, Visitor};
+    use std::ops::ControlFlow;
+    struct V<'c>(&'c Catalog);
+    impl V<'_> {
+        fn check(&self, s: &Statement) -> ControlFlow<Refusal> {
+            let found = match s {
+                Statement::Update(u) => {
+                    key_assignment(&u.assignments, factor_name(&u.table.relation), self.0)
+                }
+                Statement::Insert(i) => match (&i.on, &i.table) {
+                    (Some(OnInsert::OnConflict(oc)), sqlparser::ast::TableObject::TableName(n)) => {
+                        match &oc.action {
+                            OnConflictAction::DoUpdate(du) => {
+                                key_assignment(&du.assignments, Some(n), self.0)
+                            }
+                            _ => None,
+                        }
+                    }
+                    _ => None,
+                },
+                _ => None,
+            };
+            match found {
+                Some(r) => ControlFlow::Break(r),
+                None => ControlFlow::Continue(()),
+            }
+        }
+    }
+    impl Visitor for V<'_> {
+        type Break = Refusal;
+        fn pre_visit_statement(&mut self, s: &Statement) -> ControlFlow<Refusal> {
+            self.check(s)
+        }
+        fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<Refusal> {
+            match &*q.body {
+                SetExpr::Insert(s) | SetExpr::Update(s) => self.check(s),
+                _ => ControlFlow::Continue(()),
+            }
+        }
+    }
+    match q.visit(&mut V(catalog)) {
+        ControlFlow::Break(r) => Some(r),
+        ControlFlow::Continue(()) => None,
+    }
+}
+
+/// The same for the WITH queries of a top-level write.
+fn cte_key_assignment(with: Option<&With>, catalog: &Catalog) -> Option<Refusal> {
+    with?
+        .cte_tables
+        .iter()
+        .find_map(|c| nested_key_assignment(&c.query, catalog))
 }
 
 /// Target of a write to `target_name` whose statement block is `block`.
@@ -845,6 +1029,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
     let mut an = Analyzer::new(catalog);
     walk_with(&mut an, with);
     let (block, inst) = an.insert(ins, None);
+    note_own_keys(&mut d, &an);
     let info = table.and_then(|n| {
         let (s, name) = split_name(n);
         match catalog.classify(s.as_deref(), &name) {
@@ -860,6 +1045,9 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
         if let OnConflictAction::DoUpdate(du) = &oc.action {
             d.hard = key_assignment(&du.assignments, table, catalog);
         }
+    }
+    if d.hard.is_none() {
+        d.hard = cte_key_assignment(with, catalog);
     }
     d.plan.target = Target::All;
     if let Some(u) = t.unsharded.first() {
@@ -891,6 +1079,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
             ))
         }
     };
+    d.stores_keys = true;
     if ins.columns.is_empty() {
         return d.soft(need_key("without a column list is not supported"));
     }
@@ -932,6 +1121,7 @@ fn plan_insert(stmt: &Statement, ins: &Insert, with: Option<&With>, catalog: &Ca
         None => PinValue::Set(dedup(keys.clone())),
     };
     an.pins.push(Pin { inst, value: pin });
+    note_own_keys(&mut d, &an);
     match route(&an, &[block]) {
         Route::Refuse(r) => d.soft(r),
         Route::Keys {
@@ -1295,11 +1485,9 @@ fn plan_utility(stmt: &Statement, text: &str, catalog: &Catalog) -> Draft {
                  hold a different part)",
             ));
         }
-        Statement::CreateView(cv) if cv.materialized && !t.sharded.is_empty() => {
-            return d.soft(Refusal::unsupported(
-                "CREATE MATERIALIZED VIEW over a sharded table is not supported (each shard \
-                 would hold a different part)",
-            ));
+        Statement::CreateView(_) | Statement::CreateRule(_) if !t.sharded.is_empty() => {
+            d.hard = Some(view_refusal(&t.sharded[0]));
+            return d;
         }
         _ => {}
     }

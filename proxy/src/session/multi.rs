@@ -1959,9 +1959,10 @@ impl Session {
             None => list.iter().map(|s| (*s, rewritten.clone())).collect(),
         };
         let (values, formats) = (bind.values(), bind.formats());
-        let merge_params =
-            MergeParams::bind(&values, &formats).with_extra_float_digits(self.extra_float_digits());
         let types = stmt.param_type_oids();
+        let merge_params = MergeParams::bind(&values, &formats)
+            .with_param_types(&types)
+            .with_extra_float_digits(self.extra_float_digits());
         // The rewritten text's helper columns (sent to several shards only).
         let hidden = match (&plan.rewritten, &plan.merge, list.len() > 1) {
             (Some(_), Some(m), true) => m.hidden_columns,
