@@ -2528,6 +2528,97 @@ async fn refuses_cross_shard_constructs() {
     eprintln!("refuses_cross_shard_constructs: {:?}", started.elapsed());
 }
 
+/// What a review found answered wrongly across shards is answered right or refused (0A000),
+/// and a refused write leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_what_it_would_answer_wrongly() {
+    if skip_in_direct_mode("refuses_what_it_would_answer_wrongly") {
+        return;
+    }
+    let ddl = format!("{RF_DDL}\nCREATE TABLE rf_ref (code text PRIMARY KEY, v float8);");
+    let sdb = ShardedDb::create(Cluster::shared(), "sg_refuse_r", &ddl, &RF_TABLES).await;
+    seed_rows(&sdb, "rf_a", "id, grp", "k, k % 5", 1, 200).await;
+    let shards = sdb.shards();
+    let c0 = sdb.direct(0).await;
+    let on0 = keys_on_shard(&c0, shards, 0, 10_000, 1).await[0];
+    let on1 = keys_on_shard(&c0, shards, 1, 10_000, 1).await[0];
+    let config = sdb.config(true).replacen(
+        "two_phase_commit = true\n",
+        "two_phase_commit = true\nreference_tables = [\"rf_ref\"]\n",
+        1,
+    );
+    let front = Front::new(Proxy::start_config_env(&config, &[]).await, &sdb);
+    let mut raw = front.raw().await;
+    let client = front.client().await;
+
+    // An alias column list renames by position: a.id here is rf_a.grp, not the key.
+    let sql = "SELECT count(*) FROM rf_a AS a(grp, id) WHERE a.id = 3";
+    assert_eq!(value_of(&mut raw, sql).await, "40", "{sql}");
+
+    let refused = [
+        // The key changes inside a WITH query: the row would stay on its old shard.
+        "WITH u AS (UPDATE rf_a SET id = id + 100000 WHERE id = 3 RETURNING *) SELECT * FROM u"
+            .to_string(),
+        // A view would be read on one shard only.
+        "CREATE VIEW rf_view AS SELECT * FROM rf_a".to_string(),
+        // Each copy of a reference table would get its own value.
+        "INSERT INTO rf_ref VALUES ('x', random())".to_string(),
+        // Hypothetical-set and outer-level aggregates cannot be combined from shards.
+        "SELECT rank(3) WITHIN GROUP (ORDER BY id) FROM rf_a".to_string(),
+        "SELECT (SELECT max(a.id)) FROM rf_a a".to_string(),
+        // Postgres groups by the input column id, not by the output name.
+        "SELECT grp AS id, count(*) FROM rf_a GROUP BY id".to_string(),
+    ];
+    for sql in &refused {
+        err(&q(&mut raw, sql).await, sql, "0A000", 'I');
+    }
+    let mut key_3 = 0;
+    for s in 0..shards {
+        let views = "SELECT count(*) FROM pg_views WHERE viewname = 'rf_view'";
+        assert_eq!(sdb.count(s, views).await, 0, "shard {s}: {views}");
+        assert_eq!(sdb.count(s, "SELECT count(*) FROM rf_ref").await, 0);
+        assert_eq!(present(&sdb, s, "rf_a", &[100_003]).await, 0, "shard {s}");
+        key_3 += present(&sdb, s, "rf_a", &[3]).await;
+    }
+    assert_eq!(key_3, 1, "row 3 stays where it was");
+    // The position form of that GROUP BY is answered.
+    let sql = "SELECT grp AS id, count(*) FROM rf_a GROUP BY 1 ORDER BY 1";
+    let want: Vec<Vec<Option<String>>> = (0..5)
+        .map(|g| vec![Some(g.to_string()), Some("40".to_string())])
+        .collect();
+    assert_eq!(rows_of(&mut raw, sql).await, want, "{sql}");
+
+    // A key hint never overrides the statement's own key.
+    ok(
+        &q(&mut raw, &format!("SET shardgate.shard_key = '{on0}'")).await,
+        "SET",
+        "SET",
+        'I',
+    );
+    let sql = format!("INSERT INTO rf_a (id, grp) VALUES ({on1}, 1)");
+    err(&q(&mut raw, &sql).await, &sql, "0A000", 'I');
+    let sql = format!("SELECT count(*) FROM rf_a WHERE id = {on1}");
+    err(&q(&mut raw, &sql).await, &sql, "0A000", 'I');
+    let set = format!("SET shardgate.shard_key = '{on0}'");
+    within(&set, client.batch_execute(&set))
+        .await
+        .unwrap_or_else(|e| panic!("{set}: {}", describe(&e)));
+    let sql = "SELECT count(*) FROM rf_a WHERE id = $1";
+    let e = within(sql, client.query_one(sql, &[&on1]))
+        .await
+        .expect_err("a key on another shard than the hint's");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{}", describe(&e));
+    for s in 0..shards {
+        assert_eq!(present(&sdb, s, "rf_a", &[on1]).await, 0, "shard {s}");
+    }
+    // Where they agree, it runs.
+    let sql = format!("INSERT INTO rf_a (id, grp) VALUES ({on0}, 1)");
+    ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'I');
+    assert_eq!(present(&sdb, 0, "rf_a", &[on0]).await, 1);
+    drop(front);
+    sdb.drop_db().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refuses_cross_shard_writes_without_2pc() {
     if skip_in_direct_mode("refuses_cross_shard_writes_without_2pc") {
