@@ -277,6 +277,11 @@ impl Routing {
             Some(n) if writes => Err(Refusal::unsupported(format!(
                 "cannot route this write: parameter ${n} is not a shard key value shardgate can read (send the key as an integer, text or uuid of the key column's type)"
             ))),
+            // A statement planned for one shard has no way to combine the answers of all
+            // (one count(*) row per shard): refused rather than answered wrongly.
+            Some(n) if plan.merge.is_none() => Err(Refusal::unsupported(format!(
+                "cannot route this statement: parameter ${n} is not a shard key value shardgate can read, and the statement cannot be answered from every shard (send the key as an integer, text or uuid of the key column's type)"
+            ))),
             _ => Ok(shards),
         }
     }
@@ -619,7 +624,14 @@ fn key_type_for(ty: RouterKeyType, width: usize) -> KeyType {
 }
 
 fn decode_key(format: i16, oid: u32, value: &[u8], ty: RouterKeyType) -> Option<KeyValue> {
+    /// `character(n)`: its trailing spaces do not count, and compared with a text key it
+    /// is cast to text without them (`'abc  '::bpchar = 'abc'::text` holds).
+    const BPCHAR: u32 = 1042;
     if format == 0 {
+        let value = match oid {
+            BPCHAR => value.trim_ascii_end(),
+            _ => value,
+        };
         KeyValue::from_text(key_type_for(ty, 8), value).ok()
     } else {
         // An unspecified parameter type takes the key column's; its width tells which int.
@@ -632,7 +644,14 @@ fn decode_key(format: i16, oid: u32, value: &[u8], ty: RouterKeyType) -> Option<
 fn parse_text_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> {
     let s = value.strip_prefix(b"{")?.strip_suffix(b"}")?;
     let mut out = Vec::new();
-    let mut i = 0;
+    let skip_spaces = |mut i: usize| {
+        while s.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    // Postgres allows whitespace around every element, quoted or not: `{ "a" , "b" }`.
+    let mut i = skip_spaces(0);
     while i < s.len() {
         let (elem, quoted): (Vec<u8>, bool) = if s[i] == b'"' {
             let mut e = Vec::new();
@@ -644,7 +663,7 @@ fn parse_text_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> {
                         i += 2;
                     }
                     b'"' => {
-                        i += 1;
+                        i = skip_spaces(i + 1);
                         break;
                     }
                     c => {
@@ -661,8 +680,11 @@ fn parse_text_array(value: &[u8], ty: RouterKeyType) -> Option<Vec<KeyValue>> {
             }
             (s[start..i].trim_ascii().to_vec(), false)
         };
-        if s.get(i) == Some(&b',') {
-            i += 1;
+        match s.get(i) {
+            Some(b',') => i = skip_spaces(i + 1),
+            // Only a comma may follow an element.
+            Some(_) => return None,
+            None => {}
         }
         if !quoted && elem.eq_ignore_ascii_case(b"null") {
             continue;
@@ -734,8 +756,28 @@ mod tests {
                 KeyValue::text("NULL")
             ]
         );
+        // Whitespace around quoted and unquoted elements, as Postgres allows.
+        let v = parse_text_array(br#"{ "a" , b ,"c"}"#, RouterKeyType::Text).expect("parses");
+        assert_eq!(
+            v,
+            vec![
+                KeyValue::text("a"),
+                KeyValue::text("b"),
+                KeyValue::text("c")
+            ]
+        );
+        assert!(parse_text_array(br#"{"a" x}"#, RouterKeyType::Text).is_none());
         assert!(parse_text_array(b"{1,x}", RouterKeyType::Int).is_none());
         assert_eq!(parse_text_array(b"{}", RouterKeyType::Int), Some(vec![]));
+    }
+
+    #[test]
+    fn text_bpchar_keys_lose_their_trailing_spaces() {
+        let key = |oid| decode_key(0, oid, b"abc  ", RouterKeyType::Text);
+        assert_eq!(key(1042), Some(KeyValue::text("abc")));
+        // As text or varchar the spaces are part of the value.
+        assert_eq!(key(25), Some(KeyValue::text("abc  ")));
+        assert_eq!(key(0), Some(KeyValue::text("abc  ")));
     }
 
     #[test]

@@ -2588,6 +2588,16 @@ async fn refuses_what_it_would_answer_wrongly() {
         .collect();
     assert_eq!(rows_of(&mut raw, sql).await, want, "{sql}");
 
+    // A key parameter shardgate cannot read (numeric 3.0 for a bigint key, equal to 3 on
+    // Postgres), in a statement with nothing to combine answers by: refused, where every
+    // shard once answered with its own count.
+    raw.parse("", "SELECT count(*) FROM rf_a WHERE id = $1", &[1700]);
+    raw.bind_text("", "", &[Some("3.0")]);
+    raw.execute("", 0);
+    raw.sync();
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("numeric key"));
+    err(&a, "a numeric key parameter", "0A000", 'I');
+
     // A key hint never overrides the statement's own key.
     ok(
         &q(&mut raw, &format!("SET shardgate.shard_key = '{on0}'")).await,
