@@ -2598,6 +2598,46 @@ async fn refuses_what_it_would_answer_wrongly() {
     let a = Answer::from_msgs(&raw.round_trip().await.expect("numeric key"));
     err(&a, "a numeric key parameter", "0A000", 'I');
 
+    // COPY TO from every shard: one header, as from one server.
+    let r = raw
+        .simple_query("COPY rf_a (id) TO STDOUT (FORMAT csv, HEADER)")
+        .await
+        .expect("COPY csv");
+    let lines: Vec<&[u8]> = r
+        .iter()
+        .filter(|m| m.tag == b'd')
+        .map(|m| &m.body[..])
+        .collect();
+    assert_eq!(lines.len(), 201, "a header line and 200 rows");
+    assert_eq!(lines[0], b"id\n");
+    assert!(lines[1..].iter().all(|l| *l != b"id\n"), "one header line");
+    let r = raw
+        .simple_query("COPY rf_a (id) TO STDOUT (FORMAT binary)")
+        .await
+        .expect("COPY binary");
+    let data: Vec<u8> = r
+        .iter()
+        .filter(|m| m.tag == b'd')
+        .flat_map(|m| m.body.iter().copied())
+        .collect();
+    assert!(
+        data.starts_with(b"PGCOPY\n\xff\r\n\0"),
+        "the signature first"
+    );
+    // After the 19-byte header: tuples of one int8 field (2 + 4 + 8 bytes), then -1.
+    let tuples = &data[19..data.len() - 2];
+    assert_eq!(&data[data.len() - 2..], b"\xff\xff", "the trailer last");
+    assert_eq!(tuples.len(), 200 * 14, "200 tuples and nothing else");
+    let mut ids: Vec<i64> = tuples
+        .chunks(14)
+        .map(|t| {
+            assert_eq!(&t[..6], [0, 1, 0, 0, 0, 8], "one 8-byte field");
+            i64::from_be_bytes(t[6..].try_into().expect("8 bytes"))
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=200).collect::<Vec<i64>>());
+
     // A key hint never overrides the statement's own key.
     ok(
         &q(&mut raw, &format!("SET shardgate.shard_key = '{on0}'")).await,

@@ -2304,6 +2304,78 @@ struct Combiner<'p> {
     /// shard runs it, the client sees one copy's answer, the first shard's (rows, count
     /// and COPY data), not their sum.
     each: bool,
+    copy_to: Option<CopyTo>,
+}
+
+/// `COPY ... TO STDOUT` from several shards: each sends its own header (the HEADER line,
+/// or the binary format's signature) and, in binary, its own trailer. The client gets
+/// one header, first, and one trailer, last, around every shard's rows.
+struct CopyTo {
+    /// Each shard's first CopyData is its HEADER line (text or CSV).
+    header_line: bool,
+    binary: bool,
+    /// Per shard: its first CopyData (the one that starts with its header) has come.
+    started: Vec<bool>,
+    header_sent: bool,
+}
+
+/// The binary COPY signature, flags and header-extension length Postgres sends first.
+const BINARY_COPY_HEADER: usize = 11 + 4 + 4;
+/// The binary COPY trailer: a tuple field count of -1.
+const BINARY_COPY_TRAILER: &[u8] = &[0xff, 0xff];
+
+impl CopyTo {
+    fn for_plan(plan: &Plan, shards: usize) -> Option<CopyTo> {
+        let c = plan.copy.as_ref().filter(|c| !c.from && shards > 1)?;
+        let binary = c.format == shardgate_router::CopyFormat::Binary;
+        Some(CopyTo {
+            header_line: c.header && !binary,
+            binary,
+            started: vec![false; shards],
+            header_sent: false,
+        })
+    }
+
+    /// One CopyData message from `shard`.
+    fn data(&mut self, shard: usize, msg: &[u8], out: &mut BytesMut) {
+        let first = self
+            .started
+            .get_mut(shard)
+            .is_some_and(|s| !std::mem::replace(s, true));
+        if first && self.header_line {
+            if !std::mem::replace(&mut self.header_sent, true) {
+                out.extend_from_slice(msg);
+            }
+            return;
+        }
+        if !self.binary {
+            out.extend_from_slice(msg);
+            return;
+        }
+        let mut data = body(msg);
+        if first {
+            let Some((header, rest)) = data.split_at_checked(BINARY_COPY_HEADER) else {
+                // Not what Postgres sends: passed on for the client to judge.
+                out.extend_from_slice(msg);
+                return;
+            };
+            if !std::mem::replace(&mut self.header_sent, true) {
+                protocol::write_msg(out, b'd', |o| o.put_slice(header));
+            }
+            data = rest;
+        }
+        // A row starts with its field count, never -1: this is a shard's trailer.
+        if data.is_empty() || data == BINARY_COPY_TRAILER {
+            return;
+        }
+        protocol::write_msg(out, b'd', |o| o.put_slice(data));
+    }
+
+    fn finish(&self, out: &mut BytesMut) {
+        if self.binary && self.header_sent {
+            protocol::write_msg(out, b'd', |o| o.put_slice(BINARY_COPY_TRAILER));
+        }
+    }
 }
 
 impl<'p> Combiner<'p> {
@@ -2334,6 +2406,7 @@ impl<'p> Combiner<'p> {
             plan_merge,
             params,
             copy_out: false,
+            copy_to: CopyTo::for_plan(plan, shards).filter(|_| !each),
             each,
         }
     }
@@ -2411,7 +2484,10 @@ impl<'p> Combiner<'p> {
                 self.copy_out = true;
                 self.out.extend_from_slice(msg);
             }
-            b'd' => self.out.extend_from_slice(msg),
+            b'd' => match &mut self.copy_to {
+                Some(c) => c.data(shard, msg, &mut self.out),
+                None => self.out.extend_from_slice(msg),
+            },
             _ => {}
         }
     }
@@ -2456,6 +2532,9 @@ impl<'p> Combiner<'p> {
             }
         }
         if self.copy_out {
+            if let Some(c) = &self.copy_to {
+                c.finish(&mut self.out);
+            }
             protocol::write_msg(&mut self.out, b'c', |_| {});
         }
         if let Some(verb) = &self.verb {
