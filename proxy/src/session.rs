@@ -1928,7 +1928,13 @@ impl Session {
             .iter()
             .flat_map(|fx| fx.settings.iter().cloned())
             .collect();
+        // A DO block or procedure may have set anything (SET in PL/pgSQL): the next user
+        // of the connection, this client included, gets it reset to its own settings.
+        let opaque = effects.iter().any(|fx| fx.opaque_code);
         if changes.is_empty() {
+            if opaque {
+                a.server.conn.settings = None;
+            }
             return;
         }
         if failed {
@@ -1937,7 +1943,7 @@ impl Session {
             return;
         }
         let settings = self.pools.intern_settings(self.settings.apply(&changes));
-        a.server.conn.settings = Some(settings.clone());
+        a.server.conn.settings = (!opaque).then(|| settings.clone());
         self.settings = settings;
     }
 

@@ -67,6 +67,9 @@ pub struct SessionEffects {
     pub discard_all: bool,
     /// `DEALLOCATE ALL`: every prepared statement of the session is gone.
     pub deallocate_all: bool,
+    /// Code shardgate cannot read ran (`DO` blocks, `CALL`): it may have changed settings
+    /// (`SET` in PL/pgSQL), so the connection's settings count as unknown afterwards.
+    pub opaque_code: bool,
 }
 
 impl SessionEffects {
@@ -76,6 +79,7 @@ impl SessionEffects {
             && self.unpin.is_empty()
             && !self.discard_all
             && !self.deallocate_all
+            && !self.opaque_code
     }
 }
 
@@ -171,6 +175,8 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
         if toks.next().is_some_and(|t| kw(t, "all")) {
             fx.unpin = fx.unpin.with(Pins::HOLD_CURSOR);
         }
+    } else if kw(first, "do") || kw(first, "call") {
+        fx.opaque_code = true;
     } else if kw(first, "prepare") {
         fx.pin = fx.pin.with(Pins::SQL_PREPARE);
     } else if kw(first, "deallocate") {
@@ -484,6 +490,21 @@ mod tests {
             classify("SELECT set_config('work_mem', '1MB', false)").pin,
             Pins::UNTRACKED
         );
+    }
+
+    #[test]
+    fn code_shardgate_cannot_read_makes_settings_unknown() {
+        for sql in [
+            "DO $$BEGIN PERFORM set_config('work_mem', '7MB', false); END$$",
+            "do language plpgsql $x$ BEGIN SET work_mem = '7MB'; END $x$",
+            "CALL refresh_tenant()",
+        ] {
+            let fx = classify(sql);
+            assert!(fx.opaque_code, "{sql}");
+            assert!(!fx.is_empty(), "{sql}");
+        }
+        assert!(!classify("SELECT 'DO $$ $$'").opaque_code);
+        assert!(!classify("UPDATE t SET done = true").opaque_code);
     }
 
     #[test]

@@ -2638,6 +2638,28 @@ async fn refuses_what_it_would_answer_wrongly() {
     ids.sort_unstable();
     assert_eq!(ids, (1..=200).collect::<Vec<i64>>());
 
+    // RETURNING of a multi-row INSERT split across shards comes in VALUES order, as from
+    // one server (ORMs match returned ids to their objects by position).
+    let a0 = keys_on_shard(&c0, shards, 0, 20_000, 4).await;
+    let a1 = keys_on_shard(&c0, shards, 1, 20_000, 4).await;
+    let order = [a1[0], a0[0], a1[1], a0[1]];
+    let sql = format!(
+        "INSERT INTO rf_a (id, grp) VALUES ({}, 1), ({}, 1), ({}, 1), ({}, 1) RETURNING id",
+        order[0], order[1], order[2], order[3]
+    );
+    let want: Vec<Vec<Option<String>>> = order.iter().map(|k| vec![Some(k.to_string())]).collect();
+    assert_eq!(rows_of(&mut raw, &sql).await, want, "{sql}");
+    let order = [a1[2], a0[2], a0[3], a1[3]];
+    let sql = "INSERT INTO rf_a (id, grp) VALUES ($1, 1), ($2, 1), ($3, 1), ($4, 1) RETURNING id";
+    let rows = within(
+        sql,
+        client.query(sql, &[&order[0], &order[1], &order[2], &order[3]]),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{sql}: {}", describe(&e)));
+    let got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, order, "{sql}");
+
     // A key hint never overrides the statement's own key.
     ok(
         &q(&mut raw, &format!("SET shardgate.shard_key = '{on0}'")).await,

@@ -609,7 +609,11 @@ impl Session {
         let merge_params =
             MergeParams::literals(&literals).with_extra_float_digits(self.extra_float_digits());
         let requests = |_: u32, text: &str, out: &mut BytesMut| protocol::query(out, text);
-        self.multi_run(&plan, &texts, &merge_params, true, requests, io)
+        let to = PerShard {
+            row_shards: split.as_deref().map(row_shards),
+            texts,
+        };
+        self.multi_run(&plan, to, &merge_params, true, requests, io)
             .await?;
         self.multi_unit_end(io, true).await
     }
@@ -634,12 +638,14 @@ impl Session {
     async fn multi_run(
         &mut self,
         plan: &Plan,
-        texts: &[(u32, Cow<'_, str>)],
+        to: PerShard<'_>,
         merge_params: &MergeParams<'_>,
         describe: bool,
         build: impl Fn(u32, &str, &mut BytesMut),
         io: &mut Buffers,
     ) -> Result<(), Flow> {
+        let PerShard { texts, row_shards } = to;
+        let texts = &texts[..];
         let explicit = self.shard_tx.as_ref().is_some_and(|t| t.begin.is_some());
         let data_write = plan_writes(plan);
         if data_write {
@@ -725,7 +731,8 @@ impl Session {
                 tx.parts[r.part].server.host().metrics.queries.increment();
             }
         }
-        let combined = match self.exchange(plan, requests, merge_params, describe).await {
+        let exchanged = self.exchange(plan, requests, merge_params, describe, row_shards);
+        let combined = match exchanged.await {
             Ok(c) => c,
             Err(e) => {
                 // A shard connection broke mid-statement: its transaction is gone.
@@ -1313,6 +1320,7 @@ impl Session {
         requests: Vec<Request>,
         merge_params: &MergeParams<'_>,
         describe: bool,
+        row_shards: Option<Vec<u32>>,
     ) -> Result<Combined, String> {
         let Some(tx) = self.shard_tx.as_mut() else {
             return Err("no shard connection".into());
@@ -1338,6 +1346,10 @@ impl Session {
             }
         }
         let mut combine = Combiner::new(plan, requests.len(), merge_params, describe);
+        if let Some(rows) = row_shards {
+            let shards: Vec<u32> = requests.iter().map(|r| tx.parts[r.part].shard).collect();
+            combine.row_order = RowOrder::new(&rows, &shards);
+        }
         for (i, r) in requests.iter().enumerate() {
             let p = &mut tx.parts[r.part];
             if serial {
@@ -2009,7 +2021,11 @@ impl Session {
                 p.server.conn.unnamed = None;
             }
         }
-        self.multi_run(&plan, &texts, &merge_params, false, build, io)
+        let to = PerShard {
+            row_shards: split.as_deref().map(row_shards),
+            texts,
+        };
+        self.multi_run(&plan, to, &merge_params, false, build, io)
             .await?;
         if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
             self.skip_until_sync = true;
@@ -2305,6 +2321,84 @@ struct Combiner<'p> {
     /// and COPY data), not their sum.
     each: bool,
     copy_to: Option<CopyTo>,
+    row_order: Option<RowOrder>,
+}
+
+/// What one statement sends where: its text for each shard and, for a multi-row INSERT
+/// split across shards, the shard of each VALUES row (RETURNING rows go back in order).
+struct PerShard<'a> {
+    texts: Vec<(u32, Cow<'a, str>)>,
+    row_shards: Option<Vec<u32>>,
+}
+
+/// The shard of each VALUES row of a split multi-row INSERT, in VALUES order.
+fn row_shards(parts: &[shardgate_router::InsertPart]) -> Vec<u32> {
+    let mut shards = vec![0; parts.iter().map(|p| p.rows.len()).sum()];
+    for p in parts {
+        for &r in &p.rows {
+            if let Some(s) = shards.get_mut(r) {
+                *s = p.shard;
+            }
+        }
+    }
+    shards
+}
+
+/// RETURNING rows of a multi-row INSERT split across shards, put back in VALUES order (as
+/// Postgres returns them, and ORMs rely on: Django's bulk_create matches the returned ids
+/// to its objects by position). Each shard returns its part's rows in order, so row `r`
+/// is the next unsent row of the shard that got it. Rows a shard did not return (ON
+/// CONFLICT DO NOTHING) leave the order unknown: the rest then follows in shard order.
+struct RowOrder {
+    /// Per VALUES row, the index of the reply (shard) that holds it.
+    reply_of: Vec<usize>,
+    next: usize,
+    held: Vec<std::collections::VecDeque<Bytes>>,
+}
+
+impl RowOrder {
+    /// `rows`: the shard of each VALUES row; `replies`: the shard of each reply, in the
+    /// order the combiner reads them.
+    fn new(rows: &[u32], replies: &[u32]) -> Option<RowOrder> {
+        let reply_of = rows
+            .iter()
+            .map(|s| replies.iter().position(|r| r == s))
+            .collect::<Option<Vec<usize>>>()?;
+        Some(RowOrder {
+            reply_of,
+            next: 0,
+            held: vec![Default::default(); replies.len()],
+        })
+    }
+
+    /// A DataRow from reply `i`; sends on every row whose turn has come.
+    fn row(&mut self, i: usize, msg: &Bytes, out: &mut BytesMut) -> u64 {
+        if let Some(q) = self.held.get_mut(i) {
+            q.push_back(msg.clone());
+        }
+        let mut sent = 0;
+        while let Some(&i) = self.reply_of.get(self.next) {
+            let Some(row) = self.held[i].pop_front() else {
+                break;
+            };
+            out.extend_from_slice(&row);
+            self.next += 1;
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Whatever is left (rows a shard did not return broke the order), in shard order.
+    fn finish(&mut self, out: &mut BytesMut) -> u64 {
+        let mut sent = 0;
+        for q in &mut self.held {
+            for row in q.drain(..) {
+                out.extend_from_slice(&row);
+                sent += 1;
+            }
+        }
+        sent
+    }
 }
 
 /// `COPY ... TO STDOUT` from several shards: each sends its own header (the HEADER line,
@@ -2407,6 +2501,7 @@ impl<'p> Combiner<'p> {
             params,
             copy_out: false,
             copy_to: CopyTo::for_plan(plan, shards).filter(|_| !each),
+            row_order: None,
             each,
         }
     }
@@ -2463,6 +2558,11 @@ impl<'p> Combiner<'p> {
                 }
                 // The merge could not start: the error is reported at the end.
                 None if self.plan_merge.is_some() => {}
+                None if self.row_order.is_some() => {
+                    if let Some(o) = &mut self.row_order {
+                        self.rows += o.row(shard, msg, &mut self.out);
+                    }
+                }
                 None => {
                     self.rows += 1;
                     self.out.extend_from_slice(msg);
@@ -2518,6 +2618,9 @@ impl<'p> Combiner<'p> {
     }
 
     fn finish(mut self) -> Combined {
+        if let Some(o) = &mut self.row_order {
+            self.rows += o.finish(&mut self.out);
+        }
         if let Some(m) = &mut self.merger {
             match m.drain_into(&mut self.out) {
                 Ok(n) => self.rows += n as u64,

@@ -310,3 +310,30 @@ async fn a_rolled_back_unlisten_keeps_the_client_pinned() {
     }
     assert_eq!(value(&b, "SELECT 1").await, "1");
 }
+
+/// A setting changed where shardgate cannot read it (PL/pgSQL in a DO block) never
+/// reaches the next client of the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_changed_in_a_do_block_do_not_leak() {
+    if skip_in_direct_mode("settings_changed_in_a_do_block_do_not_leak") {
+        return;
+    }
+    let proxy = one_connection_pool().await;
+    let default = default_of("work_mem").await;
+    let a = connect(&proxy.url()).await.unwrap();
+    let b = connect(&proxy.url()).await.unwrap();
+    for block in [
+        "DO $$BEGIN PERFORM set_config('work_mem', '7MB', false); END$$",
+        "DO $$BEGIN SET work_mem = '7MB'; END$$",
+    ] {
+        a.batch_execute(block).await.unwrap();
+        assert_eq!(value(&b, "SHOW work_mem").await, default, "{block}");
+    }
+    // The client's own tracked settings still follow it.
+    a.batch_execute("SET work_mem = '3MB'").await.unwrap();
+    a.batch_execute("DO $$BEGIN SET statement_timeout = '9s'; END$$")
+        .await
+        .unwrap();
+    assert_eq!(value(&b, "SHOW statement_timeout").await, "0");
+    assert_eq!(value(&a, "SHOW work_mem").await, "3MB");
+}
