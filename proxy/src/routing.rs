@@ -629,7 +629,11 @@ fn decode_key(format: i16, oid: u32, value: &[u8], ty: RouterKeyType) -> Option<
     const BPCHAR: u32 = 1042;
     if format == 0 {
         let value = match oid {
-            BPCHAR => value.trim_ascii_end(),
+            // Spaces only: a tab or newline is part of the value.
+            BPCHAR => {
+                let kept = value.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+                &value[..kept]
+            }
             _ => value,
         };
         KeyValue::from_text(key_type_for(ty, 8), value).ok()
@@ -775,6 +779,8 @@ mod tests {
     fn text_bpchar_keys_lose_their_trailing_spaces() {
         let key = |oid| decode_key(0, oid, b"abc  ", RouterKeyType::Text);
         assert_eq!(key(1042), Some(KeyValue::text("abc")));
+        let tab = decode_key(0, 1042, b"abc\t ", RouterKeyType::Text);
+        assert_eq!(tab, Some(KeyValue::text("abc\t")));
         // As text or varchar the spaces are part of the value.
         assert_eq!(key(25), Some(KeyValue::text("abc  ")));
         assert_eq!(key(0), Some(KeyValue::text("abc  ")));

@@ -1000,7 +1000,9 @@ impl Session {
             return false;
         };
         let status = match self.attached.as_ref() {
-            Some(a) if io.expects.is_empty() => a.status,
+            // Not mid-batch either (messages sent since the last Sync): Postgres would end
+            // that implicit transaction first; the server does, when it gets the query.
+            Some(a) if io.expects.is_empty() && !a.unsynced => a.status,
             Some(_) => return false,
             None => self.multi_status(),
         };
@@ -1315,6 +1317,11 @@ impl Session {
                 if p.named.contains_key(name) {
                     duplicate_statement(&mut io.cout, name);
                     self.skip_until_sync = true;
+                    // A block begun here (sharded: BEGIN waits for its first statement)
+                    // fails as on Postgres.
+                    if let Some(t) = self.shard_tx.as_mut().filter(|t| t.begin.is_some()) {
+                        t.failed = true;
+                    }
                     return;
                 }
                 let tail = &body(msg)[r.position()..];
@@ -1678,9 +1685,14 @@ impl Session {
                 a.tx_failed = true;
                 let mut stale = None;
                 let mut refusal = None;
+                // The client's registry as it was before the failed message and those the
+                // server skips after it: restored last to first, so that a Close of a name
+                // parsed in the same batch ends with the name gone, as on Postgres.
+                let mut undo = Vec::new();
                 match io.expects.pop_front() {
                     Some(Expect::Refused(error)) => refusal = Some(error),
-                    Some(failed) => {
+                    Some(mut failed) => {
+                        take_registered(&mut failed, &mut undo);
                         if let Expect::Bind { global: Some(hash) }
                         | Expect::Describe { global: Some(hash) } = failed
                         {
@@ -1690,15 +1702,16 @@ impl Session {
                     }
                     None => {}
                 }
-                // Registry changes of skipped messages are undone last to first.
-                let mut undo = Vec::new();
                 loop {
                     if io.expects.front().is_none_or(|e| matches!(e, Expect::Sync)) {
                         break;
                     }
                     match io.expects.pop_front() {
                         Some(Expect::Registered { name, before, .. }) => undo.push((name, before)),
-                        Some(skipped) => self.forget_failed(skipped),
+                        Some(mut skipped) => {
+                            take_registered(&mut skipped, &mut undo);
+                            self.forget_failed(skipped);
+                        }
                         None => {}
                     }
                 }
@@ -1870,6 +1883,12 @@ impl Session {
             // It may have run partly (`SELECT pg_advisory_lock(1), 1/0`): keep the client
             // on the connection rather than hand another client a lock it holds.
             self.pins = self.pins.with(fx.pin);
+            if fx.opaque_code {
+                // A procedure may have committed a SET before it failed.
+                if let Some(a) = self.attached.as_mut() {
+                    a.server.conn.settings = None;
+                }
+            }
             return;
         }
         if let Expect::Parse {
@@ -2337,6 +2356,16 @@ fn duplicate_statement_text(name: &[u8]) -> String {
         "prepared statement \"{}\" already exists",
         String::from_utf8_lossy(name)
     )
+}
+
+/// A Parse of a client-named statement registered the name when it went out: the name
+/// joins the undo list (it did not exist before: a duplicate is refused).
+fn take_registered(e: &mut Expect, undo: &mut Vec<(Bytes, Option<Arc<Stmt>>)>) {
+    if let Expect::Parse { client_name, .. } = e {
+        if let Some(name) = client_name.take() {
+            undo.push((name, None));
+        }
+    }
 }
 
 /// Fails the server's transaction where shardgate refuses a message Postgres would have

@@ -3069,6 +3069,17 @@ async fn transactions_across_shards() {
         assert_eq!(present(&sdb, h0, "tx_t", &[k0[7]]).await, 0, "{keys:?}");
         assert_eq!(present(&sdb, h1, "tx_t", &[k1[7]]).await, 0, "{keys:?}");
     }
+    // In a block that has run nothing yet (shardgate answers BEGIN and the known
+    // statement's Parse itself), the duplicate fails the block too.
+    ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+    raw.parse("s9", "SELECT 1", &[]);
+    raw.sync();
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("duplicate in a block"));
+    err(&a, "a duplicate statement name in a block", "42P05", 'E');
+    let sql = format!("INSERT INTO tx_t (id, v) VALUES ({}, 'told failed')", k0[7]);
+    err(&q(&mut raw, &sql).await, &sql, "25P02", 'E');
+    ok(&q(&mut raw, "COMMIT").await, "COMMIT", "ROLLBACK", 'I');
+    assert_eq!(present(&sdb, h0, "tx_t", &[k0[7]]).await, 0);
     drop(front);
     sdb.drop_db().await;
     eprintln!("transactions_across_shards: {:?}", started.elapsed());

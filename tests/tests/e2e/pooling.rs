@@ -931,6 +931,19 @@ async fn statements_parsed_or_closed_after_a_failure_are_as_on_postgres() {
     c.sync();
     let r = c.round_trip().await.expect("Parse b");
     assert_eq!(Msg::rows(&r), [[Some("2".to_string())]], "{r:?}");
+    // A Parse that fails, then a Close of its name: the name stays free.
+    c.parse("c", "SELECT * FROM e2e_no_such_table", &[]);
+    c.close(b'S', "c");
+    c.sync();
+    let r = c.round_trip().await.expect("failing Parse");
+    let code = Msg::first_error(&r).and_then(Msg::error_code);
+    assert_eq!(code.as_deref(), Some("42P01"), "{r:?}");
+    c.parse("c", "SELECT 3", &[]);
+    c.bind_text("", "c", &[]);
+    c.execute("", 0);
+    c.sync();
+    let r = c.round_trip().await.expect("Parse c");
+    assert_eq!(Msg::rows(&r), [[Some("3".to_string())]], "{r:?}");
     c.terminate().await;
 }
 
