@@ -73,6 +73,14 @@ pub struct SessionEffects {
 }
 
 impl SessionEffects {
+    /// A session-bound thing is taken: it outlasts a release earlier in the same text
+    /// (`UNLISTEN *; LISTEN a` still listens). A release after it stays in `unpin`, and
+    /// `pin` keeps it too, for when the text fails before the release ran.
+    fn take(&mut self, p: Pins) {
+        self.pin = self.pin.with(p);
+        self.unpin = self.unpin.without(p);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.settings.is_empty()
             && self.pin.is_empty()
@@ -135,13 +143,13 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
         let mut prev = "";
         for t in toks.by_ref() {
             if kw(prev, "into") && (kw(t, "temp") || kw(t, "temporary") || in_temp_schema(t)) {
-                fx.pin = fx.pin.with(Pins::TEMP_OBJECT);
+                fx.take(Pins::TEMP_OBJECT);
                 break;
             }
             prev = t;
         }
     } else if kw(first, "listen") {
-        fx.pin = fx.pin.with(Pins::LISTEN);
+        fx.take(Pins::LISTEN);
     } else if kw(first, "unlisten") {
         if toks.next() == Some("*") {
             fx.unpin = fx.unpin.with(Pins::LISTEN);
@@ -152,7 +160,7 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
         // pg_temp_3.v (a view on a temporary table lands there too).
         for (i, t) in toks.by_ref().enumerate() {
             if (i < 4 && (kw(t, "temp") || kw(t, "temporary"))) || in_temp_schema(t) {
-                fx.pin = fx.pin.with(Pins::TEMP_OBJECT);
+                fx.take(Pins::TEMP_OBJECT);
                 break;
             }
             if i >= 8 {
@@ -163,7 +171,7 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
         let mut prev = "";
         for t in toks.by_ref() {
             if kw(prev, "with") && kw(t, "hold") {
-                fx.pin = fx.pin.with(Pins::HOLD_CURSOR);
+                fx.take(Pins::HOLD_CURSOR);
                 break;
             }
             if kw(t, "for") {
@@ -178,7 +186,7 @@ fn classify_statement(stmt: &str, fx: &mut SessionEffects) {
     } else if kw(first, "do") || kw(first, "call") {
         fx.opaque_code = true;
     } else if kw(first, "prepare") {
-        fx.pin = fx.pin.with(Pins::SQL_PREPARE);
+        fx.take(Pins::SQL_PREPARE);
     } else if kw(first, "deallocate") {
         let mut t = toks.next();
         if t.is_some_and(|t| kw(t, "prepare")) {
@@ -248,7 +256,7 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
                     value,
                 });
             } else {
-                fx.pin = fx.pin.with(Pins::UNTRACKED);
+                fx.take(Pins::UNTRACKED);
             }
             return;
         }
@@ -268,7 +276,7 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
             } else if kw(first, "interval") {
                 // `SET TIME ZONE INTERVAL '+02:00' HOUR TO MINUTE` has no `SET timezone =`
                 // form to replay it with: keep the client on its connection.
-                fx.pin = fx.pin.with(Pins::UNTRACKED);
+                fx.take(Pins::UNTRACKED);
             } else {
                 fx.settings.push(SettingChange::Set {
                     name: "timezone".into(),
@@ -287,7 +295,7 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
         return;
     }
     let Some(name) = setting_name(t, toks) else {
-        fx.pin = fx.pin.with(Pins::UNTRACKED);
+        fx.take(Pins::UNTRACKED);
         return;
     };
     match toks.next() {
@@ -300,7 +308,7 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
         }
         // SET name FROM CURRENT, or something we do not understand: keep the client on
         // its connection rather than guess.
-        _ => fx.pin = fx.pin.with(Pins::UNTRACKED),
+        _ => fx.take(Pins::UNTRACKED),
     }
 }
 
@@ -350,13 +358,13 @@ fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
             || lower("pg_try_advisory_lock")
             || lower("pg_try_advisory_lock_shared")
         {
-            fx.pin = fx.pin.with(Pins::ADVISORY_LOCK);
+            fx.take(Pins::ADVISORY_LOCK);
         } else if lower("pg_advisory_unlock_all") {
             fx.unpin = fx.unpin.with(Pins::ADVISORY_LOCK);
         } else if (lower("set_config") || lower("\"set_config\""))
             && !is_local_set_config(toks.clone())
         {
-            fx.pin = fx.pin.with(Pins::UNTRACKED);
+            fx.take(Pins::UNTRACKED);
         }
     }
 }
@@ -505,6 +513,17 @@ mod tests {
         }
         assert!(!classify("SELECT 'DO $$ $$'").opaque_code);
         assert!(!classify("UPDATE t SET done = true").opaque_code);
+    }
+
+    #[test]
+    fn a_later_take_outlasts_an_earlier_release() {
+        let fx = classify("UNLISTEN *; LISTEN a");
+        assert_eq!((fx.pin, fx.unpin), (Pins::LISTEN, Pins::NONE));
+        let fx = classify("SELECT pg_advisory_unlock_all(), pg_advisory_lock(1)");
+        assert_eq!((fx.pin, fx.unpin), (Pins::ADVISORY_LOCK, Pins::NONE));
+        // A release after the take: released on success, still pinned if the text fails.
+        let fx = classify("LISTEN a; UNLISTEN *");
+        assert_eq!((fx.pin, fx.unpin), (Pins::LISTEN, Pins::LISTEN));
     }
 
     #[test]

@@ -309,6 +309,11 @@ async fn a_rolled_back_unlisten_keeps_the_client_pinned() {
         a.batch_execute(step).await.unwrap();
     }
     assert_eq!(value(&b, "SELECT 1").await, "1");
+    // A release before a new LISTEN in one query: listening, so pinned.
+    a.batch_execute(&format!("UNLISTEN *; LISTEN {channel}"))
+        .await
+        .unwrap();
+    assert_eq!(error_code(&b, "SELECT 1").await, "53300");
 }
 
 /// A setting changed where shardgate cannot read it (PL/pgSQL in a DO block) never
