@@ -4413,6 +4413,19 @@ f|4dad217b|3.6308157e+08
 
     #[test]
     fn binary_params_are_read_as_their_declared_type() {
+        /// Merges `shards` with `$1` the binary `value`, declared with `types`.
+        fn with_binary_param(
+            plan: &MergePlan,
+            cols: &[ColumnInfo],
+            shards: &[Vec<Vec<Option<&str>>>],
+            value: &[u8],
+            types: &[u32],
+        ) -> Result<Rows, MergeError> {
+            let vals: [Option<&[u8]>; 1] = [Some(value)];
+            let params = MergeParams::bind(&vals, &[1]).with_param_types(types);
+            run_with(plan, cols, &params, shards)
+        }
+
         // LIMIT $1 with $1 declared float8: 8 bytes that are not an int8.
         let plan = MergePlan {
             order_by: vec![asc(0)],
@@ -4425,14 +4438,7 @@ f|4dad217b|3.6308157e+08
         ];
         let cols = text_cols(&[INT4]);
         let two = 2.0f64.to_be_bytes();
-        let vals: [Option<&[u8]>; 1] = [Some(&two)];
-        let e = run_with(
-            &plan,
-            &cols,
-            &MergeParams::bind(&vals, &[1]).with_param_types(&[FLOAT8]),
-            &shards,
-        )
-        .unwrap_err();
+        let e = with_binary_param(&plan, &cols, &shards, &two, &[FLOAT8]).unwrap_err();
         assert_eq!(e.sqlstate, "0A000");
         // Declared int8 or int4, or not declared: read as integers.
         let eight = 2i64.to_be_bytes();
@@ -4443,25 +4449,11 @@ f|4dad217b|3.6308157e+08
             (&eight[..], &[][..]),
             (&eight[..], &[0][..]),
         ] {
-            let vals: [Option<&[u8]>; 1] = [Some(v)];
-            let got = run_with(
-                &plan,
-                &cols,
-                &MergeParams::bind(&vals, &[1]).with_param_types(types),
-                &shards,
-            )
-            .unwrap();
+            let got = with_binary_param(&plan, &cols, &shards, v, types).unwrap();
             assert_eq!(got, vec![vec![s("1")], vec![s("2")]], "{types:?}");
         }
         // int4 declared but 8 bytes sent: malformed, not read by its length.
-        let vals: [Option<&[u8]>; 1] = [Some(&eight)];
-        assert!(run_with(
-            &plan,
-            &cols,
-            &MergeParams::bind(&vals, &[1]).with_param_types(&[INT4]),
-            &shards,
-        )
-        .is_err());
+        assert!(with_binary_param(&plan, &cols, &shards, &eight, &[INT4]).is_err());
 
         // HAVING count(*) >= $1 with $1 a binary float8 2.5: not the column's int8.
         let plan = MergePlan {
@@ -4480,26 +4472,12 @@ f|4dad217b|3.6308157e+08
         ];
         let cols = text_cols(&[TEXT, INT8]);
         let f = 2.5f64.to_be_bytes();
-        let vals: [Option<&[u8]>; 1] = [Some(&f)];
-        let e = run_with(
-            &plan,
-            &cols,
-            &MergeParams::bind(&vals, &[1]).with_param_types(&[FLOAT8]),
-            &shards,
-        )
-        .unwrap_err();
+        let e = with_binary_param(&plan, &cols, &shards, &f, &[FLOAT8]).unwrap_err();
         assert_eq!(e.sqlstate, "0A000");
         // Declared as the column's type (or not declared): compared as before.
         let two = 2i64.to_be_bytes();
-        let vals: [Option<&[u8]>; 1] = [Some(&two)];
         for types in [&[INT8][..], &[][..]] {
-            let got = run_with(
-                &plan,
-                &cols,
-                &MergeParams::bind(&vals, &[1]).with_param_types(types),
-                &shards,
-            )
-            .unwrap();
+            let got = with_binary_param(&plan, &cols, &shards, &two, types).unwrap();
             assert_eq!(
                 got,
                 vec![vec![s("x"), s("2")], vec![s("y"), s("5")]],

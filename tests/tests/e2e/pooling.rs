@@ -825,6 +825,17 @@ fn tags(msgs: &[Msg]) -> String {
     msgs.iter().map(|m| m.tag as char).collect()
 }
 
+/// Bind, Execute and Sync of the statement `name` (after what `c` has buffered); the
+/// messages up to ReadyForQuery.
+async fn run_named(c: &mut RawConn, name: &str) -> Vec<Msg> {
+    c.bind_text("", name, &[]);
+    c.execute("", 0);
+    c.sync();
+    c.round_trip()
+        .await
+        .unwrap_or_else(|e| panic!("running {name}: {e}"))
+}
+
 /// A statement name the client already uses fails the transaction where Postgres fails
 /// it: an INSERT earlier in the same batch is rolled back, and an open block is aborted.
 /// (shardgate once refused the Parse itself while the server, which never saw it,
@@ -881,10 +892,7 @@ async fn duplicate_statement_name_fails_the_transaction_as_on_postgres() {
     assert_eq!(Msg::rows(&r), [[Some("0".to_string())]], "{r:?}");
 
     // The statement the name belongs to is still the first one.
-    c.bind_text("", "s1", &[]);
-    c.execute("", 0);
-    c.sync();
-    let r = c.round_trip().await.expect("s1");
+    let r = run_named(&mut c, "s1").await;
     assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
     c.terminate().await;
 }
@@ -913,23 +921,14 @@ async fn statements_parsed_or_closed_after_a_failure_are_as_on_postgres() {
     assert_eq!(tags(&r), "1EZ", "{r:?}");
     assert_eq!(r[1].error_code().as_deref(), Some("22012"), "{r:?}");
     // "a" was not closed.
-    c.bind_text("", "a", &[]);
-    c.execute("", 0);
-    c.sync();
-    let r = c.round_trip().await.expect("Bind a");
+    let r = run_named(&mut c, "a").await;
     assert_eq!(Msg::rows(&r), [[Some("1".to_string())]], "{r:?}");
     // "b" was never made: binding it fails, and it parses now.
-    c.bind_text("", "b", &[]);
-    c.execute("", 0);
-    c.sync();
-    let r = c.round_trip().await.expect("Bind b");
+    let r = run_named(&mut c, "b").await;
     let code = Msg::first_error(&r).and_then(Msg::error_code);
     assert_eq!(code.as_deref(), Some("26000"), "{r:?}");
     c.parse("b", "SELECT 2", &[]);
-    c.bind_text("", "b", &[]);
-    c.execute("", 0);
-    c.sync();
-    let r = c.round_trip().await.expect("Parse b");
+    let r = run_named(&mut c, "b").await;
     assert_eq!(Msg::rows(&r), [[Some("2".to_string())]], "{r:?}");
     // A Parse that fails, then a Close of its name: the name stays free.
     c.parse("c", "SELECT * FROM e2e_no_such_table", &[]);
@@ -939,10 +938,7 @@ async fn statements_parsed_or_closed_after_a_failure_are_as_on_postgres() {
     let code = Msg::first_error(&r).and_then(Msg::error_code);
     assert_eq!(code.as_deref(), Some("42P01"), "{r:?}");
     c.parse("c", "SELECT 3", &[]);
-    c.bind_text("", "c", &[]);
-    c.execute("", 0);
-    c.sync();
-    let r = c.round_trip().await.expect("Parse c");
+    let r = run_named(&mut c, "c").await;
     assert_eq!(Msg::rows(&r), [[Some("3".to_string())]], "{r:?}");
     c.terminate().await;
 }
@@ -972,10 +968,7 @@ async fn sql_deallocate_of_a_protocol_statement() {
         assert_eq!(tags(&r), "CZ", "{r:?}");
         assert_eq!(&r[0].body[..], b"DEALLOCATE\0", "{r:?}");
         assert_eq!(r[1].ready_status(), status);
-        c.bind_text("", "_pg3_0", &[]);
-        c.execute("", 0);
-        c.sync();
-        let r = c.round_trip().await.expect("Bind after DEALLOCATE");
+        let r = run_named(&mut c, "_pg3_0").await;
         let code = Msg::first_error(&r).and_then(Msg::error_code);
         assert_eq!(code.as_deref(), Some("26000"), "{r:?}");
         if begin {
