@@ -143,7 +143,12 @@ if ! { command -v prometheus && command -v promtool; } >/dev/null && [[ $EUID -e
     { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; } >&2 \
         || echo "warning: could not install prometheus: the deploy kit tests will skip their Prometheus checks" >&2
 fi
-passed
+# The real client drivers the driver checks run (tests/drivers): Python, Java, Node.js.
+if ! "$REPO_ROOT/tests/drivers/install.sh"; then
+    failed "tests/drivers/install.sh: the driver checks will fail"
+else
+    passed
+fi
 
 # --- 2. rustfmt --------------------------------------------------------------------------------
 

@@ -4486,6 +4486,31 @@ f|4dad217b|3.6308157e+08
         }
     }
 
+    /// `count(*)::int` across shards: each shard's int4 count adds up in int4, and a total
+    /// past int4 fails with 22003 as the cast of one big count does on Postgres.
+    #[test]
+    fn count_cast_to_int4_adds_up_in_its_type() {
+        let plan = MergePlan {
+            aggregates: vec![AggMerge::Count],
+            ..MergePlan::default()
+        };
+        let got = run(
+            &plan,
+            &[INT4],
+            &[vec![vec![Some("3")]], vec![vec![Some("4")]]],
+        )
+        .unwrap();
+        assert_eq!(got, vec![vec![s("7")]]);
+        let big = "2000000000";
+        let e = run(
+            &plan,
+            &[INT4],
+            &[vec![vec![Some(big)]], vec![vec![Some(big)]]],
+        )
+        .unwrap_err();
+        assert_eq!(e.sqlstate, "22003");
+    }
+
     #[test]
     fn limit_params_null_zero_negative() {
         let plan = MergePlan {

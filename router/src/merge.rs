@@ -630,6 +630,9 @@ fn column_merge(
     visible: usize,
     hidden: &mut Vec<(Expr, AggMerge)>,
 ) -> Result<AggMerge, Refusal> {
+    if count_cast_to_integer(e) {
+        return Ok(AggMerge::Count);
+    }
     match bare_aggregate(e) {
         Some((AggKind::Count, _)) => Ok(AggMerge::Count),
         Some((AggKind::Sum, _)) => Ok(AggMerge::Sum),
@@ -656,6 +659,33 @@ fn column_merge(
             }
         }
     }
+}
+
+/// `count(...)::int` (or `CAST(count(...) AS bigint)`, any integer type): node-postgres
+/// users write it to get a JavaScript number rather than a bigint string. Each shard casts
+/// its own count, and the sum of the casts is the cast of the sum: the merge adds them in
+/// the column's type and fails with 22003, as Postgres does, when the total does not fit.
+fn count_cast_to_integer(e: &Expr) -> bool {
+    let Expr::Cast {
+        expr,
+        data_type,
+        format: None,
+        ..
+    } = e
+    else {
+        return false;
+    };
+    matches!(bare_aggregate(expr), Some((AggKind::Count, _)))
+        && matches!(
+            data_type,
+            DataType::SmallInt(_)
+                | DataType::Int2(_)
+                | DataType::Int(_)
+                | DataType::Integer(_)
+                | DataType::Int4(_)
+                | DataType::BigInt(_)
+                | DataType::Int8(_)
+        )
 }
 
 fn rename(f: &mut Function, name: &str) {

@@ -882,6 +882,25 @@ fn aggregates() {
         T::All,
         R::No("expression over aggregates"),
     );
+    case("SELECT count(*)::int AS n FROM users", S, T::All, R::Ok);
+    case(
+        "SELECT name, CAST(count(*) AS bigint) FROM users GROUP BY name",
+        S,
+        T::All,
+        R::Ok,
+    );
+    case(
+        "SELECT count(*)::text FROM users",
+        S,
+        T::All,
+        R::No("expression over aggregates"),
+    );
+    case(
+        "SELECT sum(x)::int FROM users",
+        S,
+        T::All,
+        R::No("expression over aggregates"),
+    );
     case(
         "SELECT count(*) + 1 FROM users",
         S,
@@ -1802,6 +1821,9 @@ fn merge_aggregates() {
         rw.as_deref(),
         Some("SELECT city, count(*) FROM users GROUP BY city")
     );
+    // A count cast to an integer type (node-postgres's count(*)::int) adds up as a count.
+    let (m, _) = merge_of("SELECT city, count(*)::int AS n FROM users GROUP BY city");
+    assert_eq!(m.aggregates, vec![AggMerge::None, AggMerge::Count]);
     // Group key not in the select list: hidden.
     let (m, rw) = merge_of("SELECT count(*) FROM posts GROUP BY title");
     assert_eq!(m.aggregates, vec![AggMerge::Count, AggMerge::None]);

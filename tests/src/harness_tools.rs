@@ -115,6 +115,73 @@ pub async fn pgbench(args: &[String], password: &str) -> CmdOutput {
     run(cmd, None, Duration::from_secs(120), "pgbench").await
 }
 
+/// A real client driver, checked by its program in `tests/drivers` (installed by
+/// `tests/drivers/install.sh`, which `tests/run.sh` runs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    Asyncpg,
+    Psycopg,
+    Psycopg2,
+    NodePostgres,
+    Jdbc,
+}
+
+impl Driver {
+    pub const ALL: [Driver; 5] = [
+        Driver::Asyncpg,
+        Driver::Psycopg,
+        Driver::Psycopg2,
+        Driver::NodePostgres,
+        Driver::Jdbc,
+    ];
+
+    /// Runs the driver's check in `mode` (`pooled` or `sharded`, see the programs)
+    /// against `url` (`postgres://user:password@host:port/db`); panics with its output
+    /// unless it exits 0 having printed `ok` (3 minute limit).
+    pub async fn check(self, mode: &str, url: &str) {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("drivers");
+        let mut cmd = match self {
+            Driver::Asyncpg | Driver::Psycopg | Driver::Psycopg2 => {
+                // Debian's python3, which the packages install into (not a pyenv shim).
+                let mut c = Command::new("/usr/bin/python3");
+                c.arg(dir.join(format!("{}_check.py", self.name())));
+                c
+            }
+            Driver::NodePostgres => {
+                let mut c = Command::new("node");
+                c.arg(dir.join("node/pg_check.js"));
+                c
+            }
+            Driver::Jdbc => {
+                let mut c = Command::new("java");
+                c.args(["-cp", "/usr/share/java/postgresql.jar"])
+                    .arg(dir.join("jdbc/JdbcCheck.java"));
+                c
+            }
+        };
+        cmd.args([mode, url]);
+        let what = format!("{} check ({mode})", self.name());
+        let out = run(cmd, None, Duration::from_secs(180), &what).await;
+        assert!(
+            out.success && out.stdout.lines().last() == Some("ok"),
+            "{what} against {url} failed ({:?}):\n{}\n{}",
+            out.code,
+            out.stdout,
+            out.stderr
+        );
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Driver::Asyncpg => "asyncpg",
+            Driver::Psycopg => "psycopg",
+            Driver::Psycopg2 => "psycopg2",
+            Driver::NodePostgres => "node-postgres",
+            Driver::Jdbc => "jdbc",
+        }
+    }
+}
+
 /// Writes a self-signed certificate for `localhost`/127.0.0.1 (valid 1 day) and its
 /// key into `dir` with openssl; returns (cert.pem, key.pem).
 pub async fn make_self_signed_cert(dir: &Path) -> (PathBuf, PathBuf) {

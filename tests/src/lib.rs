@@ -25,7 +25,9 @@ pub use harness_cluster::Cluster;
 pub use harness_proxy::free_port;
 pub use harness_proxy::{Proxy, ProxyBuilder, UserSpec};
 pub use harness_raw::{LoginError, Msg, RawConn};
-pub use harness_tools::{http_get, make_self_signed_cert, pgbench, psql, CmdOutput, ScratchDir};
+pub use harness_tools::{
+    http_get, make_self_signed_cert, pgbench, psql, CmdOutput, Driver, ScratchDir,
+};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -11,6 +11,7 @@
 
 mod auth;
 mod cancel;
+mod drivers;
 mod fuzz;
 mod metrics;
 mod pgbench;
