@@ -6,58 +6,49 @@ connection: SQL PREPARE/EXECUTE and a temporary table, across transactions.
 Prints "ok" and exits 0 when every check holds; a failed check raises.
 """
 import sys
-import threading
 
 import psycopg2
 import psycopg2.errors
 import psycopg2.extras
 
+from clients import run_clients
+
 
 def pooled(url):
-    errors = []
-
     def client(i):
+        c = psycopg2.connect(url)
+        cur = c.cursor()
+        for k in range(100):
+            cur.execute("SELECT %s::int + %s", (k, i))
+            assert cur.fetchone()[0] == k + i
+            c.commit()
+        cur.execute("PREPARE times_five(int) AS SELECT $1 * 5")
+        c.commit()
+        cur.execute("EXECUTE times_five(%s)", (i,))
+        assert cur.fetchone()[0] == 5 * i
+        c.commit()
+        cur.execute("DEALLOCATE times_five")
+        cur.execute("CREATE TEMP TABLE mine (x int)")
+        cur.execute("INSERT INTO mine VALUES (%s)", (i,))
+        c.commit()
+        cur.execute("SELECT x FROM mine")
+        assert cur.fetchall() == [(i,)]
+        cur.execute("DROP TABLE mine")
+        c.commit()
+        rows = psycopg2.extras.execute_values(
+            cur, "SELECT * FROM (VALUES %s) v (a)", [(x,) for x in range(100)], fetch=True
+        )
+        assert len(rows) == 100
+        c.commit()
         try:
-            c = psycopg2.connect(url)
-            cur = c.cursor()
-            for k in range(100):
-                cur.execute("SELECT %s::int + %s", (k, i))
-                assert cur.fetchone()[0] == k + i
-                c.commit()
-            cur.execute("PREPARE times_five(int) AS SELECT $1 * 5")
-            c.commit()
-            cur.execute("EXECUTE times_five(%s)", (i,))
-            assert cur.fetchone()[0] == 5 * i
-            c.commit()
-            cur.execute("DEALLOCATE times_five")
-            cur.execute("CREATE TEMP TABLE mine (x int)")
-            cur.execute("INSERT INTO mine VALUES (%s)", (i,))
-            c.commit()
-            cur.execute("SELECT x FROM mine")
-            assert cur.fetchall() == [(i,)]
-            cur.execute("DROP TABLE mine")
-            c.commit()
-            rows = psycopg2.extras.execute_values(
-                cur, "SELECT * FROM (VALUES %s) v (a)", [(x,) for x in range(100)], fetch=True
-            )
-            assert len(rows) == 100
-            c.commit()
-            try:
-                cur.execute("SELECT 1 / 0")
-                raise AssertionError("division by zero did not fail")
-            except psycopg2.errors.DivisionByZero as e:
-                assert e.pgcode == "22012", e.pgcode
-                c.rollback()
-            c.close()
-        except Exception as e:  # reported by the main thread
-            errors.append(f"client {i}: {e!r}")
+            cur.execute("SELECT 1 / 0")
+            raise AssertionError("division by zero did not fail")
+        except psycopg2.errors.DivisionByZero as e:
+            assert e.pgcode == "22012", e.pgcode
+            c.rollback()
+        c.close()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:5]
+    run_clients(20, client)
 
 
 def sharded(url):

@@ -5,56 +5,47 @@ prepare_threshold times, binds text or binary parameters, and copies with COPY.
 Prints "ok" and exits 0 when every check holds; a failed check raises.
 """
 import sys
-import threading
 
 import psycopg
 
+from clients import run_clients
+
 
 def pooled(url):
-    errors = []
-
     def client(i):
-        try:
-            with psycopg.connect(url, autocommit=True) as c:
-                c.prepare_threshold = 2
-                for k in range(100):
-                    assert c.execute("SELECT %s::bigint + 1", (k,)).fetchone()[0] == k + 1
-                    row = c.execute("SELECT %s::text, %s::int", (f"c{i}", k), binary=k % 2 == 0).fetchone()
-                    assert row == (f"c{i}", k), row
-                c.execute("SET search_path = pg_catalog, public")
-                for _ in range(10):
-                    assert c.execute("SHOW search_path").fetchone()[0] == "pg_catalog, public"
-                c.execute("RESET search_path")
-                with c.transaction():
-                    c.execute("SET LOCAL work_mem = '7MB'")
-                    assert c.execute("SHOW work_mem").fetchone()[0] == "7MB"
-                assert c.execute("SHOW work_mem").fetchone()[0] == "4MB"
-                with c.cursor() as cur:
-                    cur.executemany("SELECT %s::int", [(x,) for x in range(30)])
-                    with cur.copy("COPY (SELECT g FROM generate_series(1, 500) g) TO STDOUT") as copy:
-                        assert sum(1 for _ in copy.rows()) == 500
-                try:
-                    c.execute("SELECT 1 / %s::int", (0,))
-                    raise AssertionError("division by zero did not fail")
-                except psycopg.errors.DivisionByZero as e:
-                    assert e.sqlstate == "22012", e.sqlstate
-                assert c.execute("SELECT %s::bigint + 1", (1,)).fetchone()[0] == 2
-            with psycopg.connect(url) as c:  # not autocommit: every statement in a transaction
-                c.prepare_threshold = 0
-                for k in range(20):
-                    assert c.execute("SELECT %s::int * 3", (k,)).fetchone()[0] == 3 * k
-                    if k % 5 == 0:
-                        c.commit()
-                c.rollback()
-        except Exception as e:  # reported by the main thread
-            errors.append(f"client {i}: {e!r}")
+        with psycopg.connect(url, autocommit=True) as c:
+            c.prepare_threshold = 2
+            for k in range(100):
+                assert c.execute("SELECT %s::bigint + 1", (k,)).fetchone()[0] == k + 1
+                row = c.execute("SELECT %s::text, %s::int", (f"c{i}", k), binary=k % 2 == 0).fetchone()
+                assert row == (f"c{i}", k), row
+            c.execute("SET search_path = pg_catalog, public")
+            for _ in range(10):
+                assert c.execute("SHOW search_path").fetchone()[0] == "pg_catalog, public"
+            c.execute("RESET search_path")
+            with c.transaction():
+                c.execute("SET LOCAL work_mem = '7MB'")
+                assert c.execute("SHOW work_mem").fetchone()[0] == "7MB"
+            assert c.execute("SHOW work_mem").fetchone()[0] == "4MB"
+            with c.cursor() as cur:
+                cur.executemany("SELECT %s::int", [(x,) for x in range(30)])
+                with cur.copy("COPY (SELECT g FROM generate_series(1, 500) g) TO STDOUT") as copy:
+                    assert sum(1 for _ in copy.rows()) == 500
+            try:
+                c.execute("SELECT 1 / %s::int", (0,))
+                raise AssertionError("division by zero did not fail")
+            except psycopg.errors.DivisionByZero as e:
+                assert e.sqlstate == "22012", e.sqlstate
+            assert c.execute("SELECT %s::bigint + 1", (1,)).fetchone()[0] == 2
+        with psycopg.connect(url) as c:  # not autocommit: every statement in a transaction
+            c.prepare_threshold = 0
+            for k in range(20):
+                assert c.execute("SELECT %s::int * 3", (k,)).fetchone()[0] == 3 * k
+                if k % 5 == 0:
+                    c.commit()
+            c.rollback()
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[:5]
+    run_clients(20, client)
 
 
 def sharded(url):
