@@ -126,6 +126,12 @@ impl Routing {
         ))
     }
 
+    /// The statements of a multi-statement text that may run one by one (not cached:
+    /// asked only when the text as a whole would be refused for spanning shards).
+    pub fn separate(&self, sql: &str) -> Option<Vec<(std::ops::Range<usize>, Plan)>> {
+        shardgate_router::separate_statements(sql, &self.catalog)
+    }
+
     fn shard_of(&self, key: &RouterKey) -> u32 {
         let k = match key {
             RouterKey::Int(i) => KeyValue::Int(*i),
@@ -178,7 +184,9 @@ impl Routing {
             return false;
         }
         if plan.refusal.is_some() {
-            return false;
+            // A string refused as a whole may still run statement by statement
+            // (`separate`), on any slot: it waits too, which costs a refusal only time.
+            return true;
         }
         match &plan.target {
             // Unsharded tables and reads of reference tables: not in any slot.

@@ -69,6 +69,27 @@ pub fn plan_many(sql: &str, catalog: &Catalog) -> Vec<(Range<usize>, Plan)> {
     }
 }
 
+/// The statements of a `;`-separated string that may run one after another, each on its
+/// own shards, when the string as a whole spans shards (psycopg2's `execute_batch` sends
+/// `INSERT ...;INSERT ...` with keys on every shard): two or more plain reads and writes,
+/// none refused, none a transaction control, COPY, session or DDL statement, and no hint
+/// (a hint comment belongs to the whole string). `None` otherwise: the string keeps the
+/// combined plan's answer. Run in order, stopping at the first error, inside one
+/// transaction over the shards (the string's implicit one, or the client's block), they
+/// do what Postgres does with the string.
+pub fn separate_statements(sql: &str, catalog: &Catalog) -> Option<Vec<(Range<usize>, Plan)>> {
+    let plans = plan_many(sql, catalog);
+    let plain = |p: &Plan| {
+        matches!(p.kind, Kind::Read | Kind::Write)
+            && p.refusal.is_none()
+            && p.tx.is_none()
+            && p.copy.is_none()
+            && p.hint.is_none()
+            && !p.no_tx_block
+    };
+    (plans.len() > 1 && plans.iter().all(|(_, p)| plain(p))).then_some(plans)
+}
+
 fn statement_ranges(sql: &str) -> Result<Vec<Range<usize>>, Refusal> {
     let ranges = split_statements(sql);
     // A backslash in a plain string means different things with standard_conforming_strings

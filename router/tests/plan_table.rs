@@ -1628,6 +1628,47 @@ fn multi_statement_strings() {
     );
 }
 
+/// Which multi-statement strings may run statement by statement when they span shards.
+#[test]
+fn separable_statement_strings() {
+    let sep = |sql: &str| separate_statements(sql, &catalog());
+    let two =
+        "INSERT INTO users (id, n) VALUES (1, 'a'); INSERT INTO users (id, n) VALUES (2, 'b')";
+    let parts = sep(two).expect(two);
+    let texts: Vec<&str> = parts.iter().map(|(r, _)| two[r.clone()].trim()).collect();
+    assert_eq!(
+        texts,
+        [
+            "INSERT INTO users (id, n) VALUES (1, 'a')",
+            "INSERT INTO users (id, n) VALUES (2, 'b')"
+        ]
+    );
+    assert_eq!(
+        parts[1].1.target,
+        Target::Keys {
+            key_type: KeyType::Int,
+            keys: vec![int(2)]
+        }
+    );
+    assert!(sep("DELETE FROM users; DELETE FROM posts; SELECT count(*) FROM users").is_some());
+    for sql in [
+        // One statement: nothing to separate.
+        "DELETE FROM users",
+        // Transaction control, session state, DDL, COPY: they belong to the whole string.
+        "INSERT INTO users (id) VALUES (1); COMMIT",
+        "BEGIN; INSERT INTO users (id) VALUES (1)",
+        "INSERT INTO users (id) VALUES (1); SET x = 1",
+        "INSERT INTO users (id) VALUES (1); CREATE TABLE t (x int)",
+        "COPY users FROM STDIN; SELECT 1",
+        // A hint speaks for the whole string.
+        "/* shardgate: shard=1 */ DELETE FROM users; DELETE FROM posts",
+        // A refused statement refuses the string.
+        "SELECT 1; SELECT * FROM users u JOIN posts p ON p.t = u.n",
+    ] {
+        assert!(sep(sql).is_none(), "{sql}");
+    }
+}
+
 // --- merge plans ------------------------------------------------------------------------
 
 fn merge_of(sql: &str) -> (MergePlan, Option<String>) {

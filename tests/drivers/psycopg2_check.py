@@ -67,19 +67,19 @@ def sharded(url):
     c.commit()
     posts = [(k, k % 100 + 1, f"p{k}") for k in range(300)]
     insert = "INSERT INTO posts (id, user_id, body) VALUES (%s, %s, %s)"
-    # execute_batch joins its statements into one multi-statement query, which shardgate
-    # sends to one shard only: keys on several shards are refused (SHARDING.md), and
-    # nothing is written.
+    # execute_batch joins 100 statements at a time into one query, its keys on every
+    # shard: run statement by statement. A failing page (a duplicate key) undoes the
+    # whole transaction, on every shard.
+    psycopg2.extras.execute_batch(cur, insert, posts[:150])
     try:
-        psycopg2.extras.execute_batch(cur, insert, posts)
-        raise AssertionError("execute_batch over several shards was not refused")
-    except psycopg2.errors.FeatureNotSupported as e:
-        assert e.pgcode == "0A000" and "multi-statement" in str(e), e
+        psycopg2.extras.execute_batch(cur, insert, posts[140:160])
+        raise AssertionError("a duplicate key did not fail")
+    except psycopg2.errors.UniqueViolation:
         c.rollback()
     cur.execute("SELECT count(*) FROM posts")
     assert cur.fetchone() == (0,)
     c.commit()
-    cur.executemany(insert, posts)
+    psycopg2.extras.execute_batch(cur, insert, posts)
     c.commit()
     cur.execute("SELECT count(*), sum(id) FROM posts")
     assert cur.fetchone() == (300, sum(range(300)))

@@ -3384,14 +3384,94 @@ async fn reference_table_writes_answer_once() {
     sdb.drop_db().await;
 }
 
+/// A simple query of several statements whose keys span shards (psycopg2's
+/// `execute_batch`) runs statement by statement, as Postgres runs it: one answer per
+/// statement in order and one ReadyForQuery; outside a block the string is one
+/// transaction (an error in the second statement undoes the first, on another shard, and
+/// the third never runs); inside a block it joins the block. Statements that fan out run
+/// the same way. Without two-phase commit such a string is refused and writes nothing
+/// (`refuses_cross_shard_writes_without_2pc`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_strings_spanning_shards_run_one_by_one() {
+    if skip_in_direct_mode("statement_strings_spanning_shards_run_one_by_one") {
+        return;
+    }
+    let sdb = ShardedDb::create(
+        Cluster::shared(),
+        "sg_strings",
+        "CREATE TABLE ms_t (id bigint PRIMARY KEY, v int);",
+        &[Table {
+            name: "ms_t",
+            key: "id",
+        }],
+    )
+    .await;
+    let shards = sdb.shards();
+    let c0 = sdb.direct(0).await;
+    let on0 = keys_on_shard(&c0, shards, 0, 1, 4).await;
+    let on1 = keys_on_shard(&c0, shards, 1, 1, 4).await;
+    let front = sdb.proxy(true, &[]).await;
+    let mut raw = front.raw().await;
+    let insert = |k: i64| format!("INSERT INTO ms_t (id, v) VALUES ({k}, 1)");
+
+    // Outside a block: both rows, each on its own shard.
+    let sql = format!("{}; {}", insert(on0[0]), insert(on1[0]));
+    let a = q(&mut raw, &sql).await;
+    assert!(
+        a.error.is_none() && a.tags == ["INSERT 0 1", "INSERT 0 1"],
+        "{sql}: {}",
+        a.short()
+    );
+    assert_eq!(a.status, Some('I'));
+    assert_eq!(present(&sdb, 0, "ms_t", &[on0[0]]).await, 1);
+    assert_eq!(present(&sdb, 1, "ms_t", &[on1[0]]).await, 1);
+
+    // The second statement fails: the first is undone, the third never runs.
+    let sql = format!("{}; {}; {}", insert(on0[1]), insert(on1[0]), insert(on0[2]));
+    let a = q(&mut raw, &sql).await;
+    err(&a, &sql, "23505", 'I');
+    assert_eq!(a.tags, ["INSERT 0 1"], "{sql}: {}", a.short());
+    for s in 0..shards {
+        assert_eq!(present(&sdb, s, "ms_t", &[on0[1], on0[2]]).await, 0);
+    }
+
+    // Inside a block: part of it, kept by COMMIT, gone with ROLLBACK.
+    for (end, kept) in [("ROLLBACK", 0), ("COMMIT", 2)] {
+        ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+        let sql = format!("{}; {}", insert(on0[3]), insert(on1[3]));
+        let a = q(&mut raw, &sql).await;
+        assert!(
+            a.error.is_none() && a.status == Some('T'),
+            "{sql}: {}",
+            a.short()
+        );
+        ok(&q(&mut raw, end).await, end, end, 'I');
+        assert_eq!(
+            present(&sdb, 0, "ms_t", &[on0[3]]).await + present(&sdb, 1, "ms_t", &[on1[3]]).await,
+            kept,
+            "{end}"
+        );
+    }
+
+    // Statements that fan out, and a read after them that sees their effect.
+    let sql = "UPDATE ms_t SET v = 2; SELECT count(*) FROM ms_t WHERE v = 2";
+    let a = q(&mut raw, sql).await;
+    assert!(a.error.is_none(), "{sql}: {}", a.short());
+    assert_eq!(a.tags, ["UPDATE 4", "SELECT 1"], "{sql}: {}", a.short());
+    assert_eq!(a.rows, [[Some("4".to_string())]], "{sql}");
+    drop(front);
+    sdb.drop_db().await;
+}
+
 /// Real drivers over a sharded database (the demo schema; two-phase commit on): each
 /// driver's check in `tests/drivers` (sharded mode) empties users and posts, writes 100
 /// users and 300 posts its own way (prepared statements with binary keys, COPY, batches,
 /// multi-row INSERTs, a transaction over both shards), reads them back by key and across
 /// shards (counts, ORDER BY with LIMIT, GROUP BY, a portal read ten rows at a time), and
 /// checks every answer. After each, every row must be on the shard that owns its key and
-/// the shards together must hold exactly those rows. A multi-statement query whose keys
-/// land on both shards (psycopg2's execute_batch) must be refused, writing nothing.
+/// the shards together must hold exactly those rows. psycopg2's execute_batch (one
+/// query of many INSERTs, keys on both shards) runs, and one with a duplicate key undoes
+/// its transaction on every shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_drivers_keep_rows_on_their_shards() {
     if skip_in_direct_mode("real_drivers_keep_rows_on_their_shards") {

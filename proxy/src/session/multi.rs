@@ -181,7 +181,9 @@ impl Session {
             }
         }
         let shards = match routing.shards_simple(&sp, sql) {
-            Ok(s) => s,
+            Ok(s) => Some(s),
+            // Statements that span shards together may still run one by one (multi_query).
+            Err(_) if self.separate(routing, sql).is_some() => None,
             Err(r) => {
                 self.refuse(&r, io);
                 return Ok(Routed::Done);
@@ -191,15 +193,12 @@ impl Session {
         let attached = self.attached.as_ref().map(|a| a.shard);
         // Transaction control, and statements that name no table (SET, SHOW, SELECT 1),
         // belong to whatever shard the transaction is on.
-        let shards = match (&shards, attached) {
-            (Shards::One(0), Some(a)) if plan.tx.is_some() || plan.tables.is_empty() => {
-                Shards::One(a)
+        let single = match (shards, attached) {
+            (Some(Shards::One(0)), Some(a)) if plan.tx.is_some() || plan.tables.is_empty() => {
+                Some(a)
             }
-            _ => shards,
-        };
-        let single = match shards {
-            Shards::One(s) => Some(s),
-            Shards::Any => Some(attached.unwrap_or(0)),
+            (Some(Shards::One(s)), _) => Some(s),
+            (Some(Shards::Any), _) => Some(attached.unwrap_or(0)),
             _ => None,
         };
         match (single, attached) {
@@ -558,20 +557,78 @@ impl Session {
             .count()
             > 1
         {
-            let r = Refusal::unsupported(
-                "several statements in one query string are not supported when they span shards; send them one at a time",
-            );
-            return self.multi_refuse(&r, io).await;
+            let Some(statements) = self.separate(routing, sql) else {
+                let r = Refusal::unsupported(
+                    "several statements in one query string are not supported when they span shards; send them one at a time",
+                );
+                return self.multi_refuse(&r, io).await;
+            };
+            // One after another, as Postgres runs them: answers in order, one
+            // ReadyForQuery, nothing after the first error, and the whole string in one
+            // transaction when it is not inside a block (multi_unit_end commits it).
+            for (range, plan) in statements {
+                if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+                    break;
+                }
+                let text = &sql[range];
+                if let Some(r) = multi_unsupported(&plan, text) {
+                    self.multi_error(&r, io);
+                    break;
+                }
+                let sp = SimplePlan {
+                    plan: Arc::new(plan),
+                    literals: Vec::new(),
+                };
+                if !self.multi_statement(routing, &sp, text, io).await? {
+                    return Ok(());
+                }
+            }
+            return self.multi_unit_end(io, true).await;
         }
+        if self.multi_statement(routing, sp, sql, io).await? {
+            self.multi_unit_end(io, true).await?;
+        }
+        Ok(())
+    }
+
+    /// The statements of a multi-statement `sql` that may run one by one when together
+    /// they span shards (`separate_statements`); never under a session's shard key hint,
+    /// which the separate plans would not carry.
+    fn separate(
+        &self,
+        routing: &Routing,
+        sql: &str,
+    ) -> Option<Vec<(std::ops::Range<usize>, Plan)>> {
+        if self.settings.get(SHARD_KEY_SETTING).is_some() {
+            return None;
+        }
+        routing.separate(sql)
+    }
+
+    /// Runs one statement of a request on its shards and queues its answer for the client
+    /// (no ReadyForQuery); a refusal or an error fails the transaction. False when it
+    /// ended the request itself (COPY FROM STDIN); the caller ends it otherwise.
+    async fn multi_statement(
+        &mut self,
+        routing: &Arc<Routing>,
+        sp: &SimplePlan,
+        sql: &str,
+        io: &mut Buffers,
+    ) -> Result<bool, Flow> {
+        let plan = sp.plan.clone();
         let shards = match routing.shards_simple(sp, sql) {
             Ok(s) => s,
-            Err(r) => return self.multi_refuse(&r, io).await,
+            Err(r) => {
+                self.multi_error(&r, io);
+                return Ok(true);
+            }
         };
         let list = self.shard_list(&shards, routing);
         // Every COPY FROM STDIN relays the client's data here (split by row into a
         // sharded table, to every shard for a reference table, as is otherwise).
         if plan.kind == Kind::Copy && plan.copy.as_ref().is_some_and(|c| c.from) {
-            return self.multi_copy_in(routing, &plan, sql, &list, io).await;
+            self.multi_copy_in(routing, &plan, sql, &list, io).await?;
+            return Ok(false);
         }
         // A multi-row INSERT spanning shards: each shard gets its own rows.
         let split = match (&plan.target, list.len() > 1) {
@@ -585,7 +642,8 @@ impl Session {
                         let r = Refusal::unsupported(
                             "this multi-row INSERT cannot be split across shards",
                         );
-                        return self.multi_refuse(&r, io).await;
+                        self.multi_error(&r, io);
+                        return Ok(true);
                     }
                 }
             }
@@ -615,7 +673,7 @@ impl Session {
         };
         self.multi_run(&plan, to, &merge_params, true, requests, io)
             .await?;
-        self.multi_unit_end(io, true).await
+        Ok(true)
     }
 
     /// Shards as a list, `Any` resolved to a shard the transaction already holds.
@@ -1188,9 +1246,14 @@ impl Session {
     }
 
     async fn multi_refuse(&mut self, r: &Refusal, io: &mut Buffers) -> Result<(), Flow> {
+        self.multi_error(r, io);
+        self.multi_unit_end(io, true).await
+    }
+
+    /// A refused statement: the error for the client, and the transaction fails.
+    fn multi_error(&mut self, r: &Refusal, io: &mut Buffers) {
         self.fail_statement(r);
         protocol::error_response(&mut io.cout, "ERROR", r.sqlstate, &r.message);
-        self.multi_unit_end(io, true).await
     }
 
     /// The end of one client request: outside a transaction block, commit (or roll back,
