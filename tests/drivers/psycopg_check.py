@@ -71,6 +71,21 @@ def sharded(url):
         with c.cursor() as cur:
             with cur.copy("COPY (SELECT id FROM users) TO STDOUT") as copy:
                 assert sorted(int(r[0]) for r in copy.rows()) == list(range(1, 101))
+        # A server-side cursor (DECLARE) on one shard works; over all shards it is refused
+        # (SHARDING.md), and the block's ROLLBACK, sent by the extended protocol, ends it.
+        with c.transaction():
+            with c.cursor(name="one_user") as cur:
+                cur.execute("SELECT name FROM users WHERE id = %s", (5,))
+                assert cur.fetchall() == [("u5",)]
+        try:
+            with c.transaction():
+                with c.cursor(name="all_users") as cur:
+                    cur.execute("SELECT id FROM users ORDER BY id")
+            raise AssertionError("DECLARE over all shards was not refused")
+        except psycopg.errors.FeatureNotSupported:
+            pass
+        assert c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert c.execute("SELECT count(*) FROM users").fetchone()[0] == 100
 
 
 if __name__ == "__main__":

@@ -3463,6 +3463,60 @@ async fn statement_strings_spanning_shards_run_one_by_one() {
     sdb.drop_db().await;
 }
 
+/// A transaction block over several shards that failed (here on a refusal) takes the
+/// COMMIT or ROLLBACK that ends it by the extended protocol too, as psycopg 3 sends it
+/// (Parse/Bind/Describe/Execute/Sync): Postgres answers ROLLBACK there, shardgate once
+/// answered 25P02 and left the client stuck in the failed block.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_block_ends_by_extended_protocol() {
+    if skip_in_direct_mode("failed_block_ends_by_extended_protocol") {
+        return;
+    }
+    let sdb = ShardedDb::create(
+        Cluster::shared(),
+        "sg_failed_end",
+        "CREATE TABLE fe_t (id bigint PRIMARY KEY);",
+        &[Table {
+            name: "fe_t",
+            key: "id",
+        }],
+    )
+    .await;
+    let front = sdb.proxy(true, &[]).await;
+    let mut raw = front.raw().await;
+    let mut extended = |raw: &mut RawConn, sql: &str| {
+        raw.parse("", sql, &[]);
+        raw.bind_text("", "", &[]);
+        raw.describe(b'P', "");
+        raw.execute("", 0);
+        raw.sync();
+    };
+    for (end, tag) in [("ROLLBACK", "ROLLBACK"), ("COMMIT", "ROLLBACK")] {
+        for (sql, status) in [
+            ("BEGIN", 'T'),
+            // A fan-out: the block now holds a connection on every shard.
+            ("SELECT count(*) FROM fe_t", 'T'),
+            ("SELECT row_number() OVER () FROM fe_t", 'E'),
+            ("SELECT 1", 'E'),
+        ] {
+            extended(&mut raw, sql);
+            let a = Answer::from_msgs(&raw.round_trip().await.expect(sql));
+            assert_eq!(a.status, Some(status), "{sql}: {}", a.short());
+        }
+        extended(&mut raw, end);
+        let a = Answer::from_msgs(&raw.round_trip().await.expect(end));
+        assert!(
+            a.error.is_none() && a.tags == [tag] && a.shape == "1 2 n C Z",
+            "{end} of a failed block: {}",
+            a.short()
+        );
+        assert_eq!(a.status, Some('I'), "{end}");
+        assert_eq!(value_of(&mut raw, "SELECT 1").await, "1");
+    }
+    drop(front);
+    sdb.drop_db().await;
+}
+
 /// Real drivers over a sharded database (the demo schema; two-phase commit on): each
 /// driver's check in `tests/drivers` (sharded mode) empties users and posts, writes 100
 /// users and 300 posts its own way (prepared statements with binary keys, COPY, batches,

@@ -1787,11 +1787,6 @@ impl Session {
     }
 
     fn multi_bind(&mut self, _routing: &Arc<Routing>, m: &[u8], io: &mut Buffers) {
-        if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
-            in_failed_transaction_error(&mut io.cout);
-            self.skip_until_sync = true;
-            return;
-        }
         let mut r = Reader::new(body(m));
         let (Some(portal), Some(name)) = (r.cstr(), r.cstr()) else {
             return self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
@@ -1803,6 +1798,13 @@ impl Session {
             );
             return self.multi_fail(io, "26000", &msg);
         };
+        // A failed transaction still takes the COMMIT or ROLLBACK that ends it (psycopg 3
+        // sends its ROLLBACK by the extended protocol), as on Postgres.
+        if self.shard_tx.as_ref().is_some_and(|t| t.failed) && !ends_transaction(&stmt) {
+            in_failed_transaction_error(&mut io.cout);
+            self.skip_until_sync = true;
+            return;
+        }
         let rest = Bytes::copy_from_slice(&m[5 + r.position()..]);
         let portal = Portal {
             name: Bytes::copy_from_slice(portal),
@@ -1849,6 +1851,15 @@ impl Session {
             self.multi_fail(io, if kind == Some(b'S') { "26000" } else { "34000" }, &msg);
             return Ok(());
         };
+        if ends_transaction(&stmt) {
+            // No parameters, no rows: nothing a server needs to say (and a failed
+            // transaction's server would refuse to).
+            if kind == Some(b'S') {
+                protocol::write_msg(&mut io.cout, b't', |o| o.put_i16(0));
+            }
+            protocol::empty_msg(&mut io.cout, b'n');
+            return Ok(());
+        }
         let shard = self
             .shard_tx
             .as_ref()
@@ -2261,6 +2272,16 @@ async fn query_value(p: &mut Part, sql: &str) -> Result<String, (String, String)
 /// every shard, including ones that join later) and statements that change session state
 /// (settings, LISTEN, temporary tables, advisory locks: they would stick to one shard's
 /// pooled connection). Refused, the transaction fails, as it would in Postgres.
+/// COMMIT or ROLLBACK: what a failed transaction still accepts.
+fn ends_transaction(stmt: &Stmt) -> bool {
+    stmt.plan.as_deref().is_some_and(|p| {
+        matches!(
+            p.tx,
+            Some(TxControl::Commit { .. } | TxControl::Rollback { .. })
+        )
+    })
+}
+
 fn multi_unsupported(plan: &Plan, sql: &str) -> Option<Refusal> {
     if matches!(
         plan.tx,
