@@ -1,22 +1,27 @@
 //! Splitting `COPY ... FROM STDIN` data into rows and finding each row's shard-key field,
-//! in the text and CSV formats, exactly as the server will read them. Pure: the session
-//! feeds CopyData payloads (which split rows anywhere) and gets whole rows back.
+//! in the text, CSV and binary formats, exactly as the server will read them. Pure: the
+//! session feeds CopyData payloads (which split rows anywhere) and gets whole rows back.
 
 use shardgate_router::{CopyFormat, CopyInfo};
 
 pub struct CopyRows {
     csv: bool,
+    /// The binary format: a header, tuples of length-prefixed fields, a trailer.
+    binary: bool,
     delimiter: u8,
     quote: u8,
     escape: u8,
     null: Vec<u8>,
     /// Column of the shard key, 0-based.
     key_index: usize,
-    /// The first line is a header: every shard gets it.
+    /// The first line is a header (text, CSV) or the file header (binary, always):
+    /// every shard gets it.
     header_pending: bool,
     /// Bytes of an incomplete row.
     partial: Vec<u8>,
-    /// The `\.` end marker was seen: the rest is ignored (as the server does).
+    /// The `\.` end marker was seen: the rest is ignored (as the server does). Binary:
+    /// the trailer was seen (or the data cannot be read); what follows goes to every
+    /// shard, for the server to reject.
     ended: bool,
 }
 
@@ -26,16 +31,18 @@ pub enum CopyLine<'a> {
     All(&'a [u8]),
     /// A row and its key field (`None` for NULL), unescaped.
     Row(&'a [u8], Option<Vec<u8>>),
+    /// A binary tuple and its key field as sent (`None` for NULL or no such field).
+    Binary(&'a [u8], Option<&'a [u8]>),
 }
 
+/// The binary format's header: signature, flags, header-extension length.
+const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+const BINARY_HEADER: usize = 11 + 4 + 4;
+
 impl CopyRows {
-    /// `None` for the binary format (not split).
-    pub fn new(info: &CopyInfo, key_index: usize) -> Option<CopyRows> {
-        let csv = match info.format {
-            CopyFormat::Text => false,
-            CopyFormat::Csv => true,
-            CopyFormat::Binary => return None,
-        };
+    pub fn new(info: &CopyInfo, key_index: usize) -> CopyRows {
+        let csv = info.format == CopyFormat::Csv;
+        let binary = info.format == CopyFormat::Binary;
         let delimiter = info
             .delimiter
             .map_or(if csv { b',' } else { b'\t' }, |c| c as u8);
@@ -46,21 +53,25 @@ impl CopyRows {
             .clone()
             .map(String::into_bytes)
             .unwrap_or_else(|| if csv { Vec::new() } else { b"\\N".to_vec() });
-        Some(CopyRows {
+        CopyRows {
             csv,
+            binary,
             delimiter,
             quote,
             escape,
             null,
             key_index,
-            header_pending: info.header,
+            header_pending: info.header || binary,
             partial: Vec::new(),
             ended: false,
-        })
+        }
     }
 
     /// Feeds CopyData bytes; `each` gets every completed line (with its line ending).
     pub fn feed(&mut self, mut data: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
+        if self.binary {
+            return self.feed_binary(data, each);
+        }
         while !data.is_empty() && !self.ended {
             // Rows complete within `data` are handled without copying them.
             let end = if self.partial.is_empty() {
@@ -91,8 +102,58 @@ impl CopyRows {
         }
     }
 
-    /// The data ended (CopyDone): a last line without a newline still counts.
+    /// Binary data: whole units (the header, each tuple, the trailer) as they complete.
+    /// Bytes that cannot be read as the format go to every shard, whose server then fails
+    /// the COPY as Postgres would.
+    fn feed_binary(&mut self, data: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
+        if self.ended {
+            each(CopyLine::All(data));
+            return;
+        }
+        self.partial.extend_from_slice(data);
+        let buf = std::mem::take(&mut self.partial);
+        let mut at = 0;
+        while at < buf.len() {
+            let rest = &buf[at..];
+            let unit = if self.header_pending {
+                binary_header_len(rest)
+            } else {
+                binary_tuple(rest, self.key_index)
+            };
+            match unit {
+                Binary::Incomplete => break,
+                Binary::Header(n) => {
+                    self.header_pending = false;
+                    each(CopyLine::All(&rest[..n]));
+                    at += n;
+                }
+                Binary::Tuple(n, key) => {
+                    each(CopyLine::Binary(
+                        &rest[..n],
+                        key.map(|(from, to)| &rest[from..to]),
+                    ));
+                    at += n;
+                }
+                Binary::Trailer | Binary::Unreadable => {
+                    self.ended = true;
+                    each(CopyLine::All(rest));
+                    at = buf.len();
+                }
+            }
+        }
+        self.partial = buf;
+        self.partial.drain(..at);
+    }
+
+    /// The data ended (CopyDone): a last line without a newline still counts (an
+    /// incomplete binary unit goes to every shard, which reject it).
     pub fn finish(&mut self, each: &mut dyn FnMut(CopyLine<'_>)) {
+        if self.binary {
+            if !self.partial.is_empty() {
+                each(CopyLine::All(&std::mem::take(&mut self.partial)));
+            }
+            return;
+        }
         if !self.partial.is_empty() && !self.ended {
             let line = std::mem::take(&mut self.partial);
             self.line(&line, each);
@@ -234,6 +295,74 @@ impl CopyRows {
     }
 }
 
+/// One unit at the start of binary COPY data.
+enum Binary {
+    /// More bytes are needed.
+    Incomplete,
+    /// The file header, this long.
+    Header(usize),
+    /// A tuple this long, and where its key field's value lies in it.
+    Tuple(usize, Option<(usize, usize)>),
+    /// The trailer (a field count of -1).
+    Trailer,
+    /// Not the format (a bad signature or length).
+    Unreadable,
+}
+
+fn be_i32(b: &[u8]) -> i32 {
+    i32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}
+
+fn binary_header_len(buf: &[u8]) -> Binary {
+    if buf.len() < BINARY_HEADER {
+        return Binary::Incomplete;
+    }
+    if &buf[..11] != BINARY_SIGNATURE {
+        return Binary::Unreadable;
+    }
+    let Ok(extension) = usize::try_from(be_i32(&buf[15..19])) else {
+        return Binary::Unreadable;
+    };
+    match BINARY_HEADER.checked_add(extension) {
+        Some(n) if buf.len() >= n => Binary::Header(n),
+        Some(_) => Binary::Incomplete,
+        None => Binary::Unreadable,
+    }
+}
+
+fn binary_tuple(buf: &[u8], key_index: usize) -> Binary {
+    if buf.len() < 2 {
+        return Binary::Incomplete;
+    }
+    let fields = match i16::from_be_bytes([buf[0], buf[1]]) {
+        -1 => return Binary::Trailer,
+        n if n < 0 => return Binary::Unreadable,
+        n => n as usize,
+    };
+    let mut pos = 2;
+    let mut key = None;
+    for field in 0..fields {
+        let Some(len) = buf.get(pos..pos + 4).map(be_i32) else {
+            return Binary::Incomplete;
+        };
+        pos += 4;
+        if len == -1 {
+            continue; // NULL
+        }
+        let Ok(len) = usize::try_from(len) else {
+            return Binary::Unreadable;
+        };
+        if buf.len() - pos < len {
+            return Binary::Incomplete;
+        }
+        if field == key_index {
+            key = Some((pos, pos + len));
+        }
+        pos += len;
+    }
+    Binary::Tuple(pos, key)
+}
+
 fn trim_newline(line: &[u8]) -> &[u8] {
     let l = line.strip_suffix(b"\n").unwrap_or(line);
     l.strip_suffix(b"\r").unwrap_or(l)
@@ -312,6 +441,10 @@ mod tests {
                 String::from_utf8_lossy(r).into_owned(),
                 k.map(|k| String::from_utf8_lossy(&k).into_owned()),
             )),
+            CopyLine::Binary(t, k) => out.push((
+                format!("{t:?}"),
+                k.map(|k| String::from_utf8_lossy(k).into_owned()),
+            )),
         };
         for c in chunks {
             rows.feed(c, &mut each);
@@ -322,7 +455,7 @@ mod tests {
 
     #[test]
     fn text_rows_split_anywhere_with_escapes_and_nulls() {
-        let mut r = CopyRows::new(&info(CopyFormat::Text, false), 1).expect("text");
+        let mut r = CopyRows::new(&info(CopyFormat::Text, false), 1);
         let got = split(
             &mut r,
             &[
@@ -343,7 +476,7 @@ mod tests {
 
     #[test]
     fn csv_rows_keep_quoted_newlines_and_header() {
-        let mut r = CopyRows::new(&info(CopyFormat::Csv, true), 0).expect("csv");
+        let mut r = CopyRows::new(&info(CopyFormat::Csv, true), 0);
         let got = split(
             &mut r,
             &[
@@ -366,8 +499,60 @@ mod tests {
         );
     }
 
+    /// Binary COPY (asyncpg's copy_records_to_table): the header and trailer go to every
+    /// shard, each tuple with its key field as sent, whatever the CopyData boundaries.
     #[test]
-    fn binary_is_not_split() {
-        assert!(CopyRows::new(&info(CopyFormat::Binary, false), 0).is_none());
+    fn binary_tuples_split_anywhere() {
+        let mut data = Vec::new();
+        data.extend_from_slice(BINARY_SIGNATURE);
+        data.extend_from_slice(&0i32.to_be_bytes()); // flags
+        data.extend_from_slice(&2i32.to_be_bytes()); // header extension: 2 bytes
+        data.extend_from_slice(b"xy");
+        let header_len = data.len();
+        let tuple = |key: Option<&[u8]>, body: &[u8]| {
+            let mut t = 2i16.to_be_bytes().to_vec();
+            for f in [key, Some(body)] {
+                match f {
+                    Some(v) => {
+                        t.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                        t.extend_from_slice(v);
+                    }
+                    None => t.extend_from_slice(&(-1i32).to_be_bytes()),
+                }
+            }
+            t
+        };
+        let t1 = tuple(Some(b"k1"), b"first");
+        let t2 = tuple(None, b"");
+        data.extend_from_slice(&t1);
+        data.extend_from_slice(&t2);
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+        let whole = |r: &mut CopyRows, chunks: &[&[u8]]| split(r, chunks);
+        let expected = vec![
+            (
+                String::from_utf8_lossy(&data[..header_len]).into_owned(),
+                Some("*".into()),
+            ),
+            (format!("{t1:?}"), Some("k1".into())),
+            (format!("{t2:?}"), None),
+            ("\u{fffd}\u{fffd}".to_string(), Some("*".into())),
+        ];
+        // In one piece, and one byte at a time.
+        let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
+        assert_eq!(whole(&mut r, &[&data]), expected);
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
+        assert_eq!(whole(&mut r, &bytes), expected);
+        // A bad signature: everything to every shard, for the servers to reject.
+        let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
+        let bad = [b"PGCOPY\n\xff\r\n\x01".as_slice(), &[0u8; 8]].concat();
+        let got = whole(&mut r, &[&bad]);
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.as_deref(), Some("*"));
+        // Cut off mid-tuple: the piece still goes to every shard.
+        let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
+        let got = whole(&mut r, &[&data[..header_len + 5]]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].1.as_deref(), Some("*"));
     }
 }

@@ -381,6 +381,16 @@ impl Routing {
     }
 }
 
+impl Routing {
+    /// The shard of a key field of binary COPY data, as the column's type sends it (an
+    /// integer key's width tells which integer).
+    pub fn shard_of_binary(&self, ty: RouterKeyType, field: &[u8]) -> Option<u32> {
+        KeyValue::from_binary(key_type_for(ty, field.len()), 0, field)
+            .ok()
+            .map(|v| self.state.map_ref().shard_of_key(&v))
+    }
+}
+
 /// The shards a statement runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Shards {

@@ -50,7 +50,9 @@ async def sharded(url):
     c = await asyncpg.connect(url)
     await c.execute("DELETE FROM posts")
     await c.execute("DELETE FROM users")
-    for i in range(1, 101):
+    # Binary COPY, split by row to the key's shard.
+    await c.copy_records_to_table("users", records=[(i, f"u{i}") for i in range(1, 51)], columns=["id", "name"])
+    for i in range(51, 101):
         await c.execute("INSERT INTO users (id, name) VALUES ($1, $2)", i, f"u{i}")
     for i in range(1, 101):
         row = await c.fetchrow("SELECT id, name FROM users WHERE id = $1", i)

@@ -3519,9 +3519,10 @@ async fn failed_block_ends_by_extended_protocol() {
 
 /// Real drivers over a sharded database (the demo schema; two-phase commit on): each
 /// driver's check in `tests/drivers` (sharded mode) empties users and posts, writes 100
-/// users and 300 posts its own way (prepared statements with binary keys, COPY, batches,
-/// multi-row INSERTs, a transaction over both shards), reads them back by key and across
-/// shards (counts, ORDER BY with LIMIT, GROUP BY, a portal read ten rows at a time), and
+/// users and 300 posts its own way (prepared statements with binary keys, COPY in text
+/// and binary, batches, multi-row INSERTs, a transaction over both shards), reads them
+/// back by key and across shards (counts, ORDER BY with LIMIT, GROUP BY, a portal read
+/// ten rows at a time, server-side cursors), and
 /// checks every answer. After each, every row must be on the shard that owns its key and
 /// the shards together must hold exactly those rows. psycopg2's execute_batch (one
 /// query of many INSERTs, keys on both shards) runs, and one with a duplicate key undoes

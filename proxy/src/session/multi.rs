@@ -886,15 +886,7 @@ impl Session {
                         }
                     },
                 };
-                match CopyRows::new(&info, key_index) {
-                    Some(rows) => Some((rows, *key_type)),
-                    None => {
-                        let r = Refusal::unsupported(
-                            "COPY FROM STDIN in binary format into a sharded table is not supported; use text or csv",
-                        );
-                        return self.multi_refuse(&r, io).await;
-                    }
-                }
+                Some((CopyRows::new(&info, key_index), *key_type))
             }
             _ => None,
         };
@@ -2340,6 +2332,14 @@ fn route_copy_line(
     got_rows: &mut [bool],
     outs: &mut [BytesMut],
 ) {
+    // A row whose key is NULL or unreadable goes to the first shard, whose server rejects
+    // it (a shard key is NOT NULL in practice) or keeps it as Postgres would.
+    let mut to_shard = |row: &[u8], shard: Option<u32>| {
+        let shard = shard.unwrap_or(list[0]);
+        let k = list.iter().position(|s| *s == shard).unwrap_or(0);
+        got_rows[k] = true;
+        outs[k].extend_from_slice(row);
+    };
     match line {
         CopyLine::All(l) => {
             for o in outs.iter_mut() {
@@ -2347,12 +2347,12 @@ fn route_copy_line(
             }
         }
         CopyLine::Row(l, key) => {
-            let shard = key
-                .and_then(|k| routing.shard_of_text(key_type, &k))
-                .unwrap_or(list[0]);
-            let k = list.iter().position(|s| *s == shard).unwrap_or(0);
-            got_rows[k] = true;
-            outs[k].extend_from_slice(l);
+            let shard = key.and_then(|k| routing.shard_of_text(key_type, &k));
+            to_shard(l, shard);
+        }
+        CopyLine::Binary(t, key) => {
+            let shard = key.and_then(|k| routing.shard_of_binary(key_type, k));
+            to_shard(t, shard);
         }
     }
 }
