@@ -3453,6 +3453,33 @@ async fn statement_strings_spanning_shards_run_one_by_one() {
         );
     }
 
+    // A string that writes is one transaction, its reads included: both reads of shard
+    // 1 see one transaction start (a read before the first write once ran on its own).
+    let read = format!("SELECT now()::text FROM ms_t WHERE id = {}", on1[0]);
+    let sql = format!(
+        "{read}; UPDATE ms_t SET v = 3 WHERE id = {}; {read}",
+        on0[0]
+    );
+    let a = q(&mut raw, &sql).await;
+    assert!(
+        a.error.is_none() && a.rows.len() == 2,
+        "{sql}: {}",
+        a.short()
+    );
+    assert_eq!(a.rows[0], a.rows[1], "{sql}: two transactions on shard 1");
+    // A statement naming no table runs where the string's transaction already is, on
+    // the first shard it joined (it once went to shard 0 regardless).
+    let sql = format!(
+        "{}; {}; SELECT inet_server_port() FROM txid_current()",
+        insert(on1[1]),
+        insert(on0[1])
+    );
+    let a = q(&mut raw, &sql).await;
+    assert!(a.error.is_none(), "{sql}: {}", a.short());
+    assert_eq!(a.rows, [[Some(sdb.port(1).to_string())]], "{sql}");
+    let sql = format!("DELETE FROM ms_t WHERE id IN ({}, {})", on1[1], on0[1]);
+    ok(&q(&mut raw, &sql).await, &sql, "DELETE 2", 'I');
+
     // Statements that fan out, and a read after them that sees their effect.
     let sql = "UPDATE ms_t SET v = 2; SELECT count(*) FROM ms_t WHERE v = 2";
     let a = q(&mut raw, sql).await;
@@ -3484,7 +3511,7 @@ async fn failed_block_ends_by_extended_protocol() {
     .await;
     let front = sdb.proxy(true, &[]).await;
     let mut raw = front.raw().await;
-    let mut extended = |raw: &mut RawConn, sql: &str| {
+    let extended = |raw: &mut RawConn, sql: &str| {
         raw.parse("", sql, &[]);
         raw.bind_text("", "", &[]);
         raw.describe(b'P', "");

@@ -44,6 +44,9 @@ pub(super) struct ShardTx {
     pub parts: Vec<Part>,
     /// An error happened in the transaction block: 25P02 until it ends.
     pub failed: bool,
+    /// This request is a string of statements that writes: every statement of it, reads
+    /// too, runs on a primary inside the string's transaction, as on Postgres.
+    string_writes: bool,
     /// Portals bound while running here.
     portals: Vec<Portal>,
 }
@@ -182,12 +185,22 @@ impl Session {
         }
         let shards = match routing.shards_simple(&sp, sql) {
             Ok(s) => Some(s),
-            // Statements that span shards together may still run one by one (multi_query).
-            Err(_) if self.separate(routing, sql).is_some() => None,
-            Err(r) => {
-                self.refuse(&r, io);
-                return Ok(Routed::Done);
-            }
+            Err(r) => match self.separate(routing, sql) {
+                // Statements that span shards together may still run one by one.
+                Some(statements) => {
+                    if !self.pins.is_empty() || self.changed_session_here() {
+                        self.refuse(&pinned_refusal(), io);
+                        return Ok(Routed::Done);
+                    }
+                    Box::pin(self.enter_multi(io)).await?;
+                    Box::pin(self.multi_statements(routing, sql, statements, io)).await?;
+                    return Ok(Routed::Done);
+                }
+                None => {
+                    self.refuse(&r, io);
+                    return Ok(Routed::Done);
+                }
+            },
         };
         let primary = self.plan_needs_primary(&plan);
         let attached = self.attached.as_ref().map(|a| a.shard);
@@ -563,32 +576,50 @@ impl Session {
                 );
                 return self.multi_refuse(&r, io).await;
             };
-            // One after another, as Postgres runs them: answers in order, one
-            // ReadyForQuery, nothing after the first error, and the whole string in one
-            // transaction when it is not inside a block (multi_unit_end commits it).
-            for (range, plan) in statements {
-                if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
-                    break;
-                }
-                let text = &sql[range];
-                if let Some(r) = multi_unsupported(&plan, text) {
-                    self.multi_error(&r, io);
-                    break;
-                }
-                let sp = SimplePlan {
-                    plan: Arc::new(plan),
-                    literals: Vec::new(),
-                };
-                if !self.multi_statement(routing, &sp, text, io).await? {
-                    return Ok(());
-                }
-            }
-            return self.multi_unit_end(io, true).await;
+            return self.multi_statements(routing, sql, statements, io).await;
         }
         if self.multi_statement(routing, sp, sql, io).await? {
             self.multi_unit_end(io, true).await?;
         }
         Ok(())
+    }
+
+    /// Runs the statements of a string one after another, as Postgres runs them: answers
+    /// in order, one ReadyForQuery, nothing after the first error. A string that writes
+    /// is one transaction on the primaries, reads included (when not inside a block,
+    /// multi_unit_end commits it, or rolls it back after an error).
+    async fn multi_statements(
+        &mut self,
+        routing: &Arc<Routing>,
+        sql: &str,
+        statements: Vec<(std::ops::Range<usize>, Plan)>,
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let writes = statements.iter().any(|(_, p)| plan_writes(p));
+        self.shard_tx
+            .get_or_insert_with(Default::default)
+            .string_writes = writes;
+        for (range, plan) in statements {
+            if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
+                break;
+            }
+            let text = &sql[range];
+            if let Some(r) = multi_unsupported(&plan, text) {
+                self.multi_error(&r, io);
+                break;
+            }
+            let sp = SimplePlan {
+                plan: Arc::new(plan),
+                literals: Vec::new(),
+            };
+            if !self.multi_statement(routing, &sp, text, io).await? {
+                break;
+            }
+        }
+        if let Some(t) = self.shard_tx.as_mut() {
+            t.string_writes = false;
+        }
+        self.multi_unit_end(io, true).await
     }
 
     /// The statements of a multi-statement `sql` that may run one by one when together
@@ -622,6 +653,12 @@ impl Session {
                 self.multi_error(&r, io);
                 return Ok(true);
             }
+        };
+        // A statement naming no table (SELECT txid_current(), currval(...)) runs where the
+        // transaction already is, as a single statement does in route_sharded_query.
+        let shards = match shards {
+            Shards::One(0) if plan.tables.is_empty() && plan.tx.is_none() => Shards::Any,
+            other => other,
         };
         let list = self.shard_list(&shards, routing);
         // Every COPY FROM STDIN relays the client's data here (split by row into a
@@ -742,7 +779,8 @@ impl Session {
         // Sync, so a write must not commit before a later message of the batch fails
         // (`INSERT …; INSERT <duplicate key>` keeps neither row on Postgres). Explicit
         // transactions open theirs on each shard that joins.
-        let needs_tx = explicit || data_write || self.holds_tx();
+        let string_writes = self.shard_tx.as_ref().is_some_and(|t| t.string_writes);
+        let needs_tx = explicit || data_write || string_writes || self.holds_tx();
         let needs_tx = needs_tx && !plan.no_tx_block;
         let primary = self.plan_needs_primary(plan) || data_write || needs_tx;
         let mut requests = Vec::with_capacity(texts.len());
