@@ -3549,11 +3549,10 @@ async fn failed_block_ends_by_extended_protocol() {
 /// users and 300 posts its own way (prepared statements with binary keys, COPY in text
 /// and binary, batches, multi-row INSERTs, a transaction over both shards), reads them
 /// back by key and across shards (counts, ORDER BY with LIMIT, GROUP BY, a portal read
-/// ten rows at a time, server-side cursors), and
-/// checks every answer. After each, every row must be on the shard that owns its key and
-/// the shards together must hold exactly those rows. psycopg2's execute_batch (one
-/// query of many INSERTs, keys on both shards) runs, and one with a duplicate key undoes
-/// its transaction on every shard.
+/// ten rows at a time, server-side cursors), and checks every answer. After each, every
+/// row must be on the shard that owns its key and the shards together must hold exactly
+/// those rows. psycopg2's execute_batch (one query of many INSERTs, keys on both shards)
+/// runs, and one with a duplicate key undoes its transaction on every shard.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_drivers_keep_rows_on_their_shards() {
     if skip_in_direct_mode("real_drivers_keep_rows_on_their_shards") {

@@ -185,22 +185,11 @@ impl Session {
         }
         let shards = match routing.shards_simple(&sp, sql) {
             Ok(s) => Some(s),
-            Err(r) => match self.separate(routing, sql) {
-                // Statements that span shards together may still run one by one.
-                Some(statements) => {
-                    if !self.pins.is_empty() || self.changed_session_here() {
-                        self.refuse(&pinned_refusal(), io);
-                        return Ok(Routed::Done);
-                    }
-                    Box::pin(self.enter_multi(io)).await?;
-                    Box::pin(self.multi_statements(routing, sql, statements, io)).await?;
-                    return Ok(Routed::Done);
-                }
-                None => {
-                    self.refuse(&r, io);
-                    return Ok(Routed::Done);
-                }
-            },
+            Err(r) => {
+                // Boxed: rare, and what it holds would otherwise grow every burst's future.
+                Box::pin(self.refused_or_separated(routing, sql, r, io)).await?;
+                return Ok(Routed::Done);
+            }
         };
         let primary = self.plan_needs_primary(&plan);
         let attached = self.attached.as_ref().map(|a| a.shard);
@@ -582,6 +571,27 @@ impl Session {
             self.multi_unit_end(io, true).await?;
         }
         Ok(())
+    }
+
+    /// A simple query refused as a whole: its statements may still run one by one when
+    /// only together they span shards; otherwise the refusal stands.
+    async fn refused_or_separated(
+        &mut self,
+        routing: &Arc<Routing>,
+        sql: &str,
+        refusal: Refusal,
+        io: &mut Buffers,
+    ) -> Result<(), Flow> {
+        let Some(statements) = self.separate(routing, sql) else {
+            self.refuse(&refusal, io);
+            return Ok(());
+        };
+        if !self.pins.is_empty() || self.changed_session_here() {
+            self.refuse(&pinned_refusal(), io);
+            return Ok(());
+        }
+        self.enter_multi(io).await?;
+        self.multi_statements(routing, sql, statements, io).await
     }
 
     /// Runs the statements of a string one after another, as Postgres runs them: answers
