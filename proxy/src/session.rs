@@ -44,6 +44,9 @@ struct Stmt {
     /// Where in `tail` the parameter types are (found once, read at every Bind); `None`
     /// for a Parse without a terminated query text.
     types: Option<Range<u32>>,
+    /// Sharded databases: the text holds more than one statement, which Postgres refuses
+    /// to prepare (42601); shardgate must not run it as its last statement alone.
+    several: bool,
 }
 
 impl Stmt {
@@ -60,6 +63,13 @@ impl Stmt {
             None => text.is_none_or(crate::roles::needs_primary),
         } || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
         let types = crate::routing::param_types_at(&tail).map(|r| r.start as u32..r.end as u32);
+        let several = plan.is_some()
+            && text.is_some_and(|t| {
+                shardgate_router::scan::statements(t)
+                    .filter(|s| !s.trim().is_empty())
+                    .nth(1)
+                    .is_some()
+            });
         Stmt {
             tail,
             hash,
@@ -68,6 +78,7 @@ impl Stmt {
             primary,
             plan,
             types,
+            several,
         }
     }
 

@@ -3540,6 +3540,57 @@ async fn failed_block_ends_by_extended_protocol() {
         assert_eq!(a.status, Some('I'), "{end}");
         assert_eq!(value_of(&mut raw, "SELECT 1").await, "1");
     }
+
+    // In a failed block, a Parse of anything but COMMIT/ROLLBACK fails (25P02) and leaves
+    // no statement behind: after the ROLLBACK the name is free.
+    for (sql, status) in [
+        ("BEGIN", 'T'),
+        ("SELECT count(*) FROM fe_t", 'T'),
+        ("SELECT row_number() OVER () FROM fe_t", 'E'),
+    ] {
+        extended(&mut raw, sql);
+        let a = Answer::from_msgs(&raw.round_trip().await.expect(sql));
+        assert_eq!(a.status, Some(status), "{sql}: {}", a.short());
+    }
+    raw.parse("kept", "SELECT 1", &[]);
+    raw.sync();
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("Parse in a failed block"));
+    err(&a, "Parse in a failed block", "25P02", 'E');
+    extended(&mut raw, "ROLLBACK");
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("ROLLBACK"));
+    assert_eq!(a.tags, ["ROLLBACK"], "{}", a.short());
+    raw.parse("kept", "SELECT 1", &[]);
+    raw.sync();
+    let a = Answer::from_msgs(&raw.round_trip().await.expect("Parse after ROLLBACK"));
+    assert!(a.error.is_none(), "Parse after ROLLBACK: {}", a.short());
+
+    // A prepared text of several statements ending in COMMIT is refused (42601) as
+    // Postgres refuses it, in a block spanning shards and outside one: its INSERT never
+    // runs (shardgate once answered it as a bare COMMIT).
+    let insert_commit = "INSERT INTO fe_t (id) VALUES (7); COMMIT";
+    for in_block in [true, false] {
+        if in_block {
+            for sql in ["BEGIN", "SELECT count(*) FROM fe_t"] {
+                extended(&mut raw, sql);
+                raw.round_trip().await.expect(sql);
+            }
+        }
+        extended(&mut raw, insert_commit);
+        let a = Answer::from_msgs(&raw.round_trip().await.expect(insert_commit));
+        let status = if in_block { 'E' } else { 'I' };
+        err(&a, insert_commit, "42601", status);
+        if in_block {
+            extended(&mut raw, "ROLLBACK");
+            raw.round_trip().await.expect("ROLLBACK");
+        }
+        for s in 0..sdb.shards() {
+            assert_eq!(
+                present(&sdb, s, "fe_t", &[7]).await,
+                0,
+                "in a block: {in_block}"
+            );
+        }
+    }
     drop(front);
     sdb.drop_db().await;
 }

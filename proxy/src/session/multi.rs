@@ -623,7 +623,12 @@ impl Session {
                 literals: Vec::new(),
             };
             if !self.multi_statement(routing, &sp, text, io).await? {
-                break;
+                // It ended the request itself (COPY, which separate_statements never
+                // lets through; kept safe should that change).
+                if let Some(t) = self.shard_tx.as_mut() {
+                    t.string_writes = false;
+                }
+                return Ok(());
             }
         }
         if let Some(t) = self.shard_tx.as_mut() {
@@ -1554,6 +1559,10 @@ impl Session {
                         // The server reports the unknown statement.
                         continue;
                     };
+                    if stmt.several {
+                        // Refused at its Parse (register_parse), never run in part.
+                        return BatchTarget::Many;
+                    }
                     primary |= stmt.primary;
                     let Some(plan) = self.stmt_plan(routing, &stmt) else {
                         write = true;
@@ -1736,20 +1745,44 @@ impl Session {
             return self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Parse message");
         };
         let tail = &body(m)[r.position()..];
-        if name.is_empty() {
-            p.unnamed = Some(p.unnamed_stmt(tail, hasher, routing.as_deref()).0);
-            p.unnamed_global = false;
-        } else if p.named.contains_key(name) {
+        if !name.is_empty() && p.named.contains_key(name) {
             // As on Postgres, the transaction fails here: what the batch wrote before it is
             // rolled back.
             let text = super::duplicate_statement_text(name);
             return self.multi_fail(io, sqlstate::DUPLICATE_PSTATEMENT, &text);
+        }
+        let stmt = if name.is_empty() {
+            // Postgres drops the unnamed statement before it parses the new one.
+            p.unnamed = None;
+            p.unnamed_global = false;
+            p.unnamed_stmt(tail, hasher, routing.as_deref()).0
         } else {
-            let stmt = Arc::new(Stmt::new(
+            Arc::new(Stmt::new(
                 Bytes::copy_from_slice(tail),
                 hasher.hash_one(tail),
                 routing.as_deref(),
-            ));
+            ))
+        };
+        if stmt.several {
+            // Never run as its last statement alone (`… ; COMMIT` would commit without
+            // the rest): refused as Postgres refuses it.
+            return self.multi_fail(
+                io,
+                sqlstate::SYNTAX_ERROR,
+                "cannot insert multiple commands into a prepared statement",
+            );
+        }
+        if self.shard_tx.as_ref().is_some_and(|t| t.failed) && !ends_transaction(&stmt) {
+            in_failed_transaction_error(&mut io.cout);
+            self.skip_until_sync = true;
+            return;
+        }
+        let Some(p) = self.prepared.as_mut() else {
+            return;
+        };
+        if name.is_empty() {
+            p.unnamed = Some(stmt);
+        } else {
             p.named.insert(Bytes::copy_from_slice(name), stmt);
         }
         protocol::empty_msg(&mut io.cout, b'1');
@@ -2308,10 +2341,6 @@ async fn query_value(p: &mut Part, sql: &str) -> Result<String, (String, String)
     }
 }
 
-/// What a transaction spanning shards refuses: savepoints (they would have to exist on
-/// every shard, including ones that join later) and statements that change session state
-/// (settings, LISTEN, temporary tables, advisory locks: they would stick to one shard's
-/// pooled connection). Refused, the transaction fails, as it would in Postgres.
 /// COMMIT or ROLLBACK: what a failed transaction still accepts.
 fn ends_transaction(stmt: &Stmt) -> bool {
     stmt.plan.as_deref().is_some_and(|p| {
@@ -2322,6 +2351,10 @@ fn ends_transaction(stmt: &Stmt) -> bool {
     })
 }
 
+/// What a transaction spanning shards refuses: savepoints (they would have to exist on
+/// every shard, including ones that join later) and statements that change session state
+/// (settings, LISTEN, temporary tables, advisory locks: they would stick to one shard's
+/// pooled connection). Refused, the transaction fails, as it would in Postgres.
 fn multi_unsupported(plan: &Plan, sql: &str) -> Option<Refusal> {
     if matches!(
         plan.tx,
