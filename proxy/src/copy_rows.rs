@@ -38,6 +38,8 @@ pub enum CopyLine<'a> {
 /// The binary format's header: signature, flags, header-extension length.
 const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 const BINARY_HEADER: usize = 11 + 4 + 4;
+/// Postgres's largest value (MaxAllocSize): 1 GiB less one byte.
+const MAX_FIELD: usize = 0x3fff_ffff + 1;
 
 impl CopyRows {
     pub fn new(info: &CopyInfo, key_index: usize) -> CopyRows {
@@ -349,9 +351,14 @@ fn binary_tuple(buf: &[u8], key_index: usize) -> Binary {
         if len == -1 {
             continue; // NULL
         }
+        // Postgres reads no field of 1 GiB or more (and fails the COPY); waiting for one
+        // would only hold the bytes here.
         let Ok(len) = usize::try_from(len) else {
             return Binary::Unreadable;
         };
+        if len >= MAX_FIELD {
+            return Binary::Unreadable;
+        }
         if buf.len() - pos < len {
             return Binary::Incomplete;
         }
@@ -549,6 +556,15 @@ mod tests {
         let got = whole(&mut r, &[&bad]);
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].1.as_deref(), Some("*"));
+        // A field declared 2 GiB long: not waited for, sent on for the servers to reject.
+        let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
+        let mut huge = data[..header_len].to_vec();
+        huge.extend_from_slice(&1i16.to_be_bytes());
+        huge.extend_from_slice(&i32::MAX.to_be_bytes());
+        huge.extend_from_slice(b"a few bytes");
+        let got = whole(&mut r, &[&huge]);
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[1].1.as_deref(), Some("*"));
         // Cut off mid-tuple: the piece still goes to every shard.
         let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
         let got = whole(&mut r, &[&data[..header_len + 5]]);
