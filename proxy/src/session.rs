@@ -63,13 +63,8 @@ impl Stmt {
             None => text.is_none_or(crate::roles::needs_primary),
         } || effects.as_ref().is_some_and(|fx| !fx.pin.is_empty());
         let types = crate::routing::param_types_at(&tail).map(|r| r.start as u32..r.end as u32);
-        let several = plan.is_some()
-            && text.is_some_and(|t| {
-                shardgate_router::scan::statements(t)
-                    .filter(|s| !s.trim().is_empty())
-                    .nth(1)
-                    .is_some()
-            });
+        let several =
+            plan.is_some() && text.is_some_and(shardgate_router::scan::several_statements);
         Stmt {
             tail,
             hash,

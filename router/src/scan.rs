@@ -1,6 +1,11 @@
 //! A light lexer over SQL text: splits statements and yields words, skipping string
 //! literals, quoted identifiers, dollar quotes and comments. It never allocates.
 
+/// Whether `sql` holds more than one statement (empty ones do not count).
+pub fn several_statements(sql: &str) -> bool {
+    statements(sql).nth(1).is_some()
+}
+
 /// Splits `sql` into top-level statements (separated by `;` outside quotes and comments).
 /// Empty statements are skipped.
 pub fn statements(sql: &str) -> impl Iterator<Item = &str> {

@@ -309,11 +309,7 @@ impl Session {
         let Some(tx) = &plan.tx else {
             return false;
         };
-        let single = scan::statements(sql)
-            .filter(|s| !s.trim().is_empty())
-            .count()
-            == 1;
-        if !single {
+        if scan::several_statements(sql) {
             return false;
         }
         let out = &mut io.cout;
@@ -554,11 +550,7 @@ impl Session {
         if let Some(r) = multi_unsupported(&plan, sql) {
             return self.multi_refuse(&r, io).await;
         }
-        if scan::statements(sql)
-            .filter(|s| !s.trim().is_empty())
-            .count()
-            > 1
-        {
+        if scan::several_statements(sql) {
             let Some(statements) = self.separate(routing, sql) else {
                 let r = Refusal::unsupported(
                     "several statements in one query string are not supported when they span shards; send them one at a time",
@@ -609,6 +601,9 @@ impl Session {
         self.shard_tx
             .get_or_insert_with(Default::default)
             .string_writes = writes;
+        // False once a statement ended the request itself (COPY, which
+        // separate_statements never lets through; kept safe should that change).
+        let mut unit_open = true;
         for (range, plan) in statements {
             if self.shard_tx.as_ref().is_some_and(|t| t.failed) {
                 break;
@@ -622,19 +617,18 @@ impl Session {
                 plan: Arc::new(plan),
                 literals: Vec::new(),
             };
-            if !self.multi_statement(routing, &sp, text, io).await? {
-                // It ended the request itself (COPY, which separate_statements never
-                // lets through; kept safe should that change).
-                if let Some(t) = self.shard_tx.as_mut() {
-                    t.string_writes = false;
-                }
-                return Ok(());
+            unit_open = self.multi_statement(routing, &sp, text, io).await?;
+            if !unit_open {
+                break;
             }
         }
         if let Some(t) = self.shard_tx.as_mut() {
             t.string_writes = false;
         }
-        self.multi_unit_end(io, true).await
+        if unit_open {
+            self.multi_unit_end(io, true).await?;
+        }
+        Ok(())
     }
 
     /// The statements of a multi-statement `sql` that may run one by one when together
@@ -1693,14 +1687,7 @@ impl Session {
                     portal_stmt = self.client_stmt(name);
                     protocol::empty_msg(&mut io.cout, b'2');
                 }
-                b'D' => {
-                    let mut r = Reader::new(body(m));
-                    if r.u8() == Some(b'S') {
-                        // Transaction control has no parameters and returns no rows.
-                        protocol::write_msg(&mut io.cout, b't', |o| o.put_i16(0));
-                    }
-                    protocol::empty_msg(&mut io.cout, b'n');
-                }
+                b'D' => describe_tx_control(Reader::new(body(m)).u8(), &mut io.cout),
                 b'E' => {
                     let Some(stmt) = portal_stmt.clone() else {
                         continue;
@@ -1772,9 +1759,7 @@ impl Session {
                 "cannot insert multiple commands into a prepared statement",
             );
         }
-        if self.shard_tx.as_ref().is_some_and(|t| t.failed) && !ends_transaction(&stmt) {
-            in_failed_transaction_error(&mut io.cout);
-            self.skip_until_sync = true;
+        if self.refused_in_failed_block(&stmt, io) {
             return;
         }
         let Some(p) = self.prepared.as_mut() else {
@@ -1851,6 +1836,18 @@ impl Session {
         Ok(())
     }
 
+    /// In a failed block, anything but the COMMIT or ROLLBACK that ends it gets 25P02 and
+    /// the batch is skipped to Sync, as on Postgres (psycopg 3 sends its ROLLBACK by the
+    /// extended protocol, so Parse and Bind must let it through).
+    fn refused_in_failed_block(&mut self, stmt: &Stmt, io: &mut Buffers) -> bool {
+        if !self.shard_tx.as_ref().is_some_and(|t| t.failed) || ends_transaction(stmt) {
+            return false;
+        }
+        in_failed_transaction_error(&mut io.cout);
+        self.skip_until_sync = true;
+        true
+    }
+
     fn multi_fail(&mut self, io: &mut Buffers, code: &str, message: &str) {
         protocol::error_response(&mut io.cout, "ERROR", code, message);
         if let Some(t) = self.shard_tx.as_mut() {
@@ -1871,11 +1868,7 @@ impl Session {
             );
             return self.multi_fail(io, "26000", &msg);
         };
-        // A failed transaction still takes the COMMIT or ROLLBACK that ends it (psycopg 3
-        // sends its ROLLBACK by the extended protocol), as on Postgres.
-        if self.shard_tx.as_ref().is_some_and(|t| t.failed) && !ends_transaction(&stmt) {
-            in_failed_transaction_error(&mut io.cout);
-            self.skip_until_sync = true;
+        if self.refused_in_failed_block(&stmt, io) {
             return;
         }
         let rest = Bytes::copy_from_slice(&m[5 + r.position()..]);
@@ -1925,12 +1918,9 @@ impl Session {
             return Ok(());
         };
         if ends_transaction(&stmt) {
-            // No parameters, no rows: nothing a server needs to say (and a failed
-            // transaction's server would refuse to).
-            if kind == Some(b'S') {
-                protocol::write_msg(&mut io.cout, b't', |o| o.put_i16(0));
-            }
-            protocol::empty_msg(&mut io.cout, b'n');
+            // Nothing a server needs to say (and a failed transaction's server would
+            // refuse to).
+            describe_tx_control(kind, &mut io.cout);
             return Ok(());
         }
         let shard = self
@@ -2339,6 +2329,15 @@ async fn query_value(p: &mut Part, sql: &str) -> Result<String, (String, String)
         (None, Some(v)) => Ok(v),
         (None, None) => Err(("XX000".into(), format!("{sql} returned no value"))),
     }
+}
+
+/// The Describe answer of a transaction control statement (`kind` b'S': a statement, else
+/// a portal): no parameters, no rows.
+fn describe_tx_control(kind: Option<u8>, out: &mut BytesMut) {
+    if kind == Some(b'S') {
+        protocol::write_msg(out, b't', |o| o.put_i16(0));
+    }
+    protocol::empty_msg(out, b'n');
 }
 
 /// COMMIT or ROLLBACK: what a failed transaction still accepts.
