@@ -41,6 +41,8 @@ pub struct Process {
     /// Keys the hashes that name prepared statements on servers; random per process so a
     /// client cannot craft collisions, and the same across reloads so names stay valid.
     pub statement_hasher: RandomState,
+    /// Counts Parses whose statements are not shared (`Session::parse_key`).
+    pub unshared_parses: AtomicU64,
     /// PAUSE: everything, or these databases.
     paused_all: AtomicBool,
     paused: Mutex<HashSet<String>>,
@@ -62,6 +64,7 @@ impl Process {
             generation: AtomicU64::new(0),
             cancels: CancelRegistry::default(),
             statement_hasher: RandomState::new(),
+            unshared_parses: AtomicU64::new(0),
             paused_all: AtomicBool::new(false),
             paused: Mutex::new(HashSet::new()),
             any_paused: AtomicBool::new(false),

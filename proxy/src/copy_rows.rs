@@ -17,8 +17,12 @@ pub struct CopyRows {
     /// The first line is a header (text, CSV) or the file header (binary, always):
     /// every shard gets it.
     header_pending: bool,
-    /// Bytes of an incomplete row.
+    /// Bytes of an incomplete row (text, CSV) or unit (binary).
     partial: Vec<u8>,
+    /// Where the scan of the incomplete CSV row stands (what its bytes so far mean).
+    csv_state: CsvState,
+    /// The most bytes an incomplete row may hold (`MAX_ROW`; smaller in tests).
+    max_row: usize,
     /// The `\.` end marker was seen: the rest is ignored (as the server does). Binary:
     /// the trailer was seen (or the data cannot be read); what follows goes to every
     /// shard, for the server to reject.
@@ -40,6 +44,35 @@ const BINARY_SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
 const BINARY_HEADER: usize = 11 + 4 + 4;
 /// Postgres's largest value (MaxAllocSize): 1 GiB less one byte.
 const MAX_FIELD: usize = 0x3fff_ffff + 1;
+/// The longest row shardgate holds while it waits for the row's end. Postgres reads a
+/// text row into one buffer of at most 1 GiB, so it would fail on a longer row too
+/// (54000); a binary tuple longer than that is refused here likewise.
+const MAX_ROW: usize = MAX_FIELD;
+
+/// A row grew past `MAX_ROW` before it ended: the COPY fails (54000).
+#[derive(Debug, PartialEq, Eq)]
+pub struct RowTooLong;
+
+impl std::fmt::Display for RowTooLong {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "COPY row is too long: more than {MAX_ROW} bytes without a row end"
+        )
+    }
+}
+
+/// What the bytes of a CSV row seen so far mean for the next one. Kept between CopyData
+/// messages, so a long row is scanned once, not again from its start at every piece.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum CsvState {
+    #[default]
+    Unquoted,
+    Quoted,
+    /// Inside quotes, just after the escape character: whether it escapes depends on the
+    /// next byte (with the default escape, `"` may also be the closing quote).
+    AfterEscape,
+}
 
 impl CopyRows {
     pub fn new(info: &CopyInfo, key_index: usize) -> CopyRows {
@@ -65,52 +98,60 @@ impl CopyRows {
             key_index,
             header_pending: info.header || binary,
             partial: Vec::new(),
+            csv_state: CsvState::Unquoted,
+            max_row: MAX_ROW,
             ended: false,
         }
     }
 
     /// Feeds CopyData bytes; `each` gets every completed line (with its line ending).
-    pub fn feed(&mut self, mut data: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
+    /// Every byte is scanned once: an incomplete row waits in `partial` with the state
+    /// of its scan, and only the new bytes are looked at.
+    pub fn feed(
+        &mut self,
+        mut data: &[u8],
+        each: &mut dyn FnMut(CopyLine<'_>),
+    ) -> Result<(), RowTooLong> {
         if self.binary {
             return self.feed_binary(data, each);
         }
         while !data.is_empty() && !self.ended {
-            // Rows complete within `data` are handled without copying them.
-            let end = if self.partial.is_empty() {
-                self.row_end(data, 0)
-            } else {
-                None
+            let mut state = self.csv_state;
+            let end = self.row_end(data, &mut state);
+            self.csv_state = state;
+            let Some(e) = end else {
+                if self.partial.len() + data.len() > self.max_row {
+                    return Err(RowTooLong);
+                }
+                self.partial.extend_from_slice(data);
+                break;
             };
-            match end {
-                Some(e) => {
-                    let (line, rest) = data.split_at(e + 1);
-                    self.line(line, each);
-                    data = rest;
-                }
-                None => {
-                    self.partial.extend_from_slice(data);
-                    data = &[];
-                    // A row may now be complete in `partial`: rescan it from its start (a
-                    // CSV quote state depends on everything before).
-                    while let Some(e) = self.row_end(&self.partial, 0) {
-                        let line: Vec<u8> = self.partial.drain(..=e).collect();
-                        self.line(&line, each);
-                        if self.ended {
-                            break;
-                        }
-                    }
-                }
+            let (head, rest) = data.split_at(e + 1);
+            self.csv_state = CsvState::Unquoted;
+            data = rest;
+            if self.partial.is_empty() {
+                // A row complete within `data`: handled without copying it.
+                self.line(head, each);
+            } else {
+                let mut line = std::mem::take(&mut self.partial);
+                line.extend_from_slice(head);
+                self.line(&line, each);
             }
         }
+        Ok(())
     }
 
     /// Binary data: whole units (the header, each tuple, the trailer) as they complete.
     /// Bytes that cannot be read as the format go to every shard, whose server then fails
     /// the COPY as Postgres would.
-    fn feed_binary(&mut self, data: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
+    fn feed_binary(
+        &mut self,
+        data: &[u8],
+        each: &mut dyn FnMut(CopyLine<'_>),
+    ) -> Result<(), RowTooLong> {
         if self.ended {
             each(CopyLine::All(data));
-            return;
+            return Ok(());
         }
         self.partial.extend_from_slice(data);
         let buf = std::mem::take(&mut self.partial);
@@ -145,6 +186,12 @@ impl CopyRows {
         }
         self.partial = buf;
         self.partial.drain(..at);
+        if self.partial.len() > self.max_row {
+            // Still no whole tuple: every field is under 1 GiB (or the data would have
+            // gone on as unreadable), but together they are more than a row may be.
+            return Err(RowTooLong);
+        }
+        Ok(())
     }
 
     /// The data ended (CopyDone): a last line without a newline still counts (an
@@ -162,30 +209,39 @@ impl CopyRows {
         }
     }
 
-    /// Index of the newline that ends the row starting at `from`.
-    fn row_end(&self, buf: &[u8], from: usize) -> Option<usize> {
+    /// Index of the newline in `buf` that ends the current row, whose bytes before `buf`
+    /// left the CSV scan in `state`; without one, `state` is left as at the end of `buf`.
+    fn row_end(&self, buf: &[u8], state: &mut CsvState) -> Option<usize> {
         if !self.csv {
             // In text format a newline inside a value is always escaped (`\n`), so every
             // raw newline ends a row. (An escaped raw newline, "\\\n", is not produced by
             // Postgres and also ends the row there.)
-            return memchr::memchr(b'\n', &buf[from..]).map(|i| from + i);
+            return memchr::memchr(b'\n', buf);
         }
-        let mut in_quotes = false;
-        let mut i = from;
+        let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
-            if in_quotes {
-                if self.escapes(b, buf.get(i + 1).copied()) {
-                    i += 2;
-                    continue;
+            match *state {
+                CsvState::Unquoted if b == self.quote => *state = CsvState::Quoted,
+                CsvState::Unquoted if b == b'\n' => return Some(i),
+                CsvState::Unquoted => {}
+                CsvState::Quoted if b == self.escape => *state = CsvState::AfterEscape,
+                CsvState::Quoted if b == self.quote => *state = CsvState::Unquoted,
+                CsvState::Quoted => {}
+                CsvState::AfterEscape => {
+                    if self.escapes(self.escape, Some(b)) {
+                        *state = CsvState::Quoted;
+                    } else {
+                        // Not an escape: with the default escape it was the closing quote,
+                        // otherwise a plain character; `b` is read in that state.
+                        *state = if self.escape == self.quote {
+                            CsvState::Unquoted
+                        } else {
+                            CsvState::Quoted
+                        };
+                        continue;
+                    }
                 }
-                if b == self.quote {
-                    in_quotes = false;
-                }
-            } else if b == self.quote {
-                in_quotes = true;
-            } else if b == b'\n' {
-                return Some(i);
             }
             i += 1;
         }
@@ -454,10 +510,82 @@ mod tests {
             )),
         };
         for c in chunks {
-            rows.feed(c, &mut each);
+            rows.feed(c, &mut each).expect("row within the limit");
         }
         rows.finish(&mut each);
         out
+    }
+
+    /// CSV with quotes, doubled quotes, newlines in values and (with `escape`) escaped
+    /// quotes: split into rows the same wherever the CopyData boundaries fall, also
+    /// between an escape character and what it escapes.
+    #[test]
+    fn csv_rows_are_the_same_for_every_split() {
+        let with_escape = |escape: Option<char>| CopyInfo {
+            escape,
+            ..info(CopyFormat::Csv, false)
+        };
+        let cases: [(Option<char>, &[u8], &[&str]); 3] = [
+            (
+                None,
+                b"1,\"a\"\"b\"\n2,\"x\ny\"\"\"\n\"3\",\"\"\n4,\"\"\"\"\n",
+                &["1", "2", "3", "4"],
+            ),
+            (
+                Some('\\'),
+                b"1,\"a\\\"b\"\n2,\"c\\\\\"\n3,\"d\\x\"\n\"4\",\"\\\"\n\"\n",
+                &["1", "2", "3", "4"],
+            ),
+            (None, b"5,\"\"\n\"6\"\"\",z\n7", &["5", "6\"", "7"]),
+        ];
+        for (escape, data, keys) in cases {
+            let whole = split(&mut CopyRows::new(&with_escape(escape), 0), &[data]);
+            let got: Vec<_> = whole
+                .iter()
+                .map(|(_, k)| k.as_deref().unwrap_or(""))
+                .collect();
+            assert_eq!(got, keys, "{whole:?}");
+            for at in 0..=data.len() {
+                let (a, b) = data.split_at(at);
+                let got = split(&mut CopyRows::new(&with_escape(escape), 0), &[a, b]);
+                assert_eq!(got, whole, "split at {at}");
+            }
+            let bytes: Vec<&[u8]> = data.chunks(1).collect();
+            let got = split(&mut CopyRows::new(&with_escape(escape), 0), &bytes);
+            assert_eq!(got, whole, "byte by byte");
+        }
+    }
+
+    /// A row that does not end within `max_row` bytes fails the COPY rather than being
+    /// held without bound; rows of any length that end within one piece are never held.
+    #[test]
+    fn rows_waiting_for_their_end_are_capped() {
+        for format in [CopyFormat::Text, CopyFormat::Csv] {
+            let mut r = CopyRows::new(&info(format, false), 0);
+            r.max_row = 16;
+            let mut rows = 0;
+            let mut each = |_: CopyLine<'_>| rows += 1;
+            let long = [b'7'; 40];
+            let mut whole = long.to_vec();
+            whole.push(b'\n');
+            assert_eq!(r.feed(&whole, &mut each), Ok(()));
+            assert_eq!(r.feed(b"1234567890", &mut each), Ok(()));
+            assert_eq!(r.feed(b"123456\n", &mut each), Ok(()));
+            assert_eq!(r.feed(b"12345678", &mut each), Ok(()));
+            assert_eq!(r.feed(b"123456789", &mut each), Err(RowTooLong));
+            assert_eq!(rows, 2, "{format:?}");
+        }
+        let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
+        r.max_row = 80;
+        let mut each = |_: CopyLine<'_>| {};
+        let mut data = BINARY_SIGNATURE.to_vec();
+        data.extend_from_slice(&[0; 8]);
+        data.extend_from_slice(&1i16.to_be_bytes());
+        data.extend_from_slice(&100i32.to_be_bytes());
+        data.extend_from_slice(&[b'x'; 60]);
+        assert_eq!(r.feed(&data, &mut each), Ok(()));
+        assert_eq!(r.feed(&[b'x'; 10], &mut each), Ok(()));
+        assert_eq!(r.feed(&[b'x'; 10], &mut each), Err(RowTooLong));
     }
 
     #[test]

@@ -11,6 +11,7 @@
 
 use std::hash::{BuildHasher, RandomState};
 use std::ops::Range;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -33,8 +34,12 @@ mod multi;
 struct Stmt {
     /// The Parse body after the statement name: query text, parameter count and types.
     tail: Bytes,
+    /// `statement_hash` of `tail` under `parse_key`.
     hash: u64,
-    /// `sg` + 16 hex digits of `hash`: the same text and types share one name everywhere.
+    /// The parse-time settings it was prepared under (`Settings::parse_key`).
+    parse_key: u64,
+    /// `sg` + 16 hex digits of `hash`: the same text and types, prepared under the same
+    /// parse-time settings, share one name everywhere.
     name: [u8; 18],
     effects: Option<Arc<SessionEffects>>,
     /// Must run on the primary (a write, or a read that locks).
@@ -49,8 +54,18 @@ struct Stmt {
     several: bool,
 }
 
+/// The key of a statement's server-side name. A prepared statement keeps what the settings
+/// Postgres reads at parse time made of its text (the tables `search_path` found, a
+/// `'2024-01-01'::timestamptz` folded to a constant in the time zone of the moment), so
+/// clients whose parse-time settings differ must not share one: their `parse_key`s differ,
+/// and so do the names. Clients that never set one (key 0) share as before.
+fn statement_hash(hasher: &RandomState, tail: &[u8], parse_key: u64) -> u64 {
+    hasher.hash_one(tail) ^ parse_key
+}
+
 impl Stmt {
-    fn new(tail: Bytes, hash: u64, routing: Option<&Routing>) -> Stmt {
+    fn new(tail: Bytes, hasher: &RandomState, parse_key: u64, routing: Option<&Routing>) -> Stmt {
+        let hash = statement_hash(hasher, &tail, parse_key);
         let text = Reader::new(&tail).cstr().unwrap_or_default();
         let text = std::str::from_utf8(text).ok();
         let effects = text.map(classify).filter(|fx| !fx.is_empty()).map(Arc::new);
@@ -68,6 +83,7 @@ impl Stmt {
         Stmt {
             tail,
             hash,
+            parse_key,
             name: global_name(hash),
             effects,
             primary,
@@ -140,20 +156,26 @@ impl Prepared {
         self.recent.iter().find(|s| *s.tail == *tail)
     }
 
-    /// The statement for an unnamed Parse: a recent one with the same text and types, or
-    /// a new one (hashed, remembered, evicting the oldest); true for a recent one.
+    /// The statement for an unnamed Parse: a recent one with the same text and types,
+    /// parsed under the same settings, or a new one (hashed, remembered, evicting the
+    /// oldest); true for a recent one.
     fn unnamed_stmt(
         &mut self,
         tail: &[u8],
         hasher: &RandomState,
+        parse_key: u64,
         routing: Option<&Routing>,
     ) -> (Arc<Stmt>, bool) {
-        if let Some(s) = self.recent_unnamed(tail) {
+        if let Some(s) = self
+            .recent_unnamed(tail)
+            .filter(|s| s.parse_key == parse_key)
+        {
             return (s.clone(), true);
         }
         let stmt = Arc::new(Stmt::new(
             Bytes::copy_from_slice(tail),
-            hasher.hash_one(tail),
+            hasher,
+            parse_key,
             routing,
         ));
         if self.recent.len() >= RECENT_UNNAMED {
@@ -388,6 +410,11 @@ struct Attached {
     server_waiting: bool,
     /// Unnamed Parses sent and not yet answered (ParseComplete, or skipped by an error).
     unnamed_in_flight: u32,
+    /// A statement sent in this transaction may change a parse-time setting (`SET LOCAL
+    /// search_path`, a `SET` not yet committed, a DO block): until the transaction ends,
+    /// the client's `settings` do not say what a Parse will see, so its statements get
+    /// names of their own (`Session::parse_key`).
+    parse_unsure: bool,
     /// A Sync went out after an unnamed Parse still in flight: if the server skips that
     /// Parse (an earlier message failed), its unnamed statement is still whatever it was,
     /// maybe another client's, so `conn.unnamed` is not to be trusted until it is answered.
@@ -1129,6 +1156,7 @@ impl Session {
                 a.data_write |= data_write;
                 // A simple query destroys the unnamed statement on the server.
                 a.server.conn.unnamed = None;
+                a.parse_unsure |= effects.as_ref().is_some_and(|fx| fx.changes_parsing());
                 if crate::metrics::enabled() {
                     a.sent_at.get_or_insert_with(std::time::Instant::now);
                 }
@@ -1291,8 +1319,12 @@ impl Session {
                 match r.cstr() {
                     Some(name) if !name.is_empty() => {
                         let tail = &body(msg)[r.position()..];
-                        self.pools
-                            .is_known_statement(self.app.process.statement_hasher.hash_one(tail))
+                        let hasher = &self.app.process.statement_hasher;
+                        self.pools.is_known_statement(statement_hash(
+                            hasher,
+                            tail,
+                            self.parse_key(),
+                        ))
                     }
                     _ => false,
                 }
@@ -1317,6 +1349,7 @@ impl Session {
                 protocol::empty_msg(&mut io.cout, b'3');
             }
             b'P' => {
+                let parse_key = self.parse_key();
                 let p = self.prepared.get_or_insert_with(Default::default);
                 let mut r = Reader::new(body(msg));
                 let name = r.cstr().unwrap_or_default();
@@ -1331,10 +1364,10 @@ impl Session {
                     return;
                 }
                 let tail = &body(msg)[r.position()..];
-                let hash = self.app.process.statement_hasher.hash_one(tail);
                 let stmt = Arc::new(Stmt::new(
                     Bytes::copy_from_slice(tail),
-                    hash,
+                    &self.app.process.statement_hasher,
+                    parse_key,
                     self.pools.routing.as_deref(),
                 ));
                 p.named.insert(Bytes::copy_from_slice(name), stmt);
@@ -1354,6 +1387,7 @@ impl Session {
             self.skip_until_sync = false;
         }
         let cap = self.app.config.general.server_prepared_statements;
+        let parse_key = if tag == b'P' { self.parse_key() } else { 0 };
         let Some(a) = self.attached.as_mut() else {
             return;
         };
@@ -1372,11 +1406,12 @@ impl Session {
                 if name.is_empty() {
                     let tail = &msg[tail_at..];
                     let again = match &p.unnamed {
-                        Some(s) if *s.tail == *tail => true,
+                        Some(s) if s.parse_key == parse_key && *s.tail == *tail => true,
                         _ => {
                             let (s, again) = p.unnamed_stmt(
                                 tail,
                                 &self.app.process.statement_hasher,
+                                parse_key,
                                 self.pools.routing.as_deref(),
                             );
                             p.unnamed = Some(s);
@@ -1413,10 +1448,10 @@ impl Session {
                     return refuse_on_server(io, e.freeze());
                 }
                 let tail = &msg[tail_at..];
-                let hash = self.app.process.statement_hasher.hash_one(tail);
                 let stmt = Arc::new(Stmt::new(
                     Bytes::copy_from_slice(tail),
-                    hash,
+                    &self.app.process.statement_hasher,
+                    parse_key,
                     self.pools.routing.as_deref(),
                 ));
                 let client_name = Bytes::copy_from_slice(name);
@@ -1523,6 +1558,7 @@ impl Session {
                     .map(|(_, fx)| fx.clone());
                 a.server.host().metrics.queries.increment();
                 crate::tally::add(&self.pools.queries, 1);
+                a.parse_unsure |= effects.as_ref().is_some_and(|fx| fx.changes_parsing());
                 io.sout.extend_from_slice(msg);
                 io.expects.push_back(Expect::Execute { effects });
             }
@@ -1941,6 +1977,7 @@ impl Session {
         let Some(a) = self.attached.as_mut() else {
             return;
         };
+        a.parse_unsure = false;
         let effects = std::mem::take(&mut a.tx_effects);
         let failed = std::mem::replace(&mut a.tx_failed, false);
         let unpins = std::mem::replace(&mut a.tx_unpins, Pins::NONE);
@@ -1970,6 +2007,23 @@ impl Session {
         let settings = self.pools.intern_settings(self.settings.apply(&changes));
         a.server.conn.settings = (!opaque).then(|| settings.clone());
         self.settings = settings;
+    }
+
+    /// The parse-time settings a Parse sent now will be parsed under, as a key
+    /// (`Settings::parse_key`). While a statement of the current transaction may have
+    /// changed them, a key used once: such statements are never shared.
+    fn parse_key(&self) -> u64 {
+        match &self.attached {
+            Some(a) if a.parse_unsure => {
+                let n = self
+                    .app
+                    .process
+                    .unshared_parses
+                    .fetch_add(1, Ordering::Relaxed);
+                self.app.process.statement_hasher.hash_one(n) | 1
+            }
+            _ => self.settings.parse_key(),
+        }
     }
 
     /// Forwards a ParameterStatus only if the client has not seen that value.
@@ -2071,6 +2125,7 @@ impl Session {
                 sent_at: None,
                 server_waiting: false,
                 unnamed_in_flight: 0,
+                parse_unsure: false,
                 unnamed_unsure: false,
                 copy_in: false,
                 copy_end_seq: None,

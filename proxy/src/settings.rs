@@ -8,13 +8,17 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, OnceLock};
 
-use shardgate_router::{SettingChange, NOT_RESET_BY_ALL};
+use shardgate_router::{is_parse_time_setting, SettingChange, NOT_RESET_BY_ALL};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
     /// (lower-case name, SQL value text), sorted by name.
     entries: Vec<(String, String)>,
     hash: u64,
+    /// A hash of the entries Postgres reads when it parses a statement
+    /// (`PARSE_TIME_SETTINGS`); 0 when there are none. Clients share a server-side
+    /// prepared statement only when this is the same.
+    parse_key: u64,
 }
 
 /// Startup parameters that are not settings.
@@ -33,9 +37,16 @@ impl Settings {
         entries.dedup_by(|a, b| a.0 == b.0);
         let mut h = DefaultHasher::new();
         entries.hash(&mut h);
+        let mut parse = DefaultHasher::new();
+        let mut any = false;
+        for entry in entries.iter().filter(|(n, _)| is_parse_time_setting(n)) {
+            entry.hash(&mut parse);
+            any = true;
+        }
         Settings {
             entries,
             hash: h.finish(),
+            parse_key: if any { parse.finish() | 1 } else { 0 },
         }
     }
 
@@ -80,6 +91,10 @@ impl Settings {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+
+    pub fn parse_key(&self) -> u64 {
+        self.parse_key
     }
 
     #[cfg(test)]
@@ -263,5 +278,33 @@ mod tests {
             name: "role".into(),
         };
         assert_eq!(r.apply(&[reset_role]), *Settings::empty());
+    }
+
+    #[test]
+    fn only_parse_time_settings_make_the_parse_key() {
+        let set = |name: &str, value: &str| SettingChange::Set {
+            name: name.into(),
+            value: value.into(),
+        };
+        assert_eq!(Settings::empty().parse_key(), 0);
+        let run_only = Settings::empty().apply(&[
+            set("statement_timeout", "1"),
+            set("application_name", "'a'"),
+            set("app.tenant", "'7'"),
+        ]);
+        assert_eq!(run_only.parse_key(), 0);
+        let tokyo = Settings::empty().apply(&[set("timezone", "'Asia/Tokyo'")]);
+        let york = Settings::empty().apply(&[set("timezone", "'America/New_York'")]);
+        assert_ne!(tokyo.parse_key(), 0);
+        assert_ne!(tokyo.parse_key(), york.parse_key());
+        // Settings read only when a statement runs do not split statements apart.
+        let tokyo_app = tokyo.apply(&[set("application_name", "'b'")]);
+        assert_eq!(tokyo_app.parse_key(), tokyo.parse_key());
+        assert_ne!(tokyo_app.hash(), tokyo.hash());
+        let path = Settings::empty().apply(&[set("search_path", "tenant_a")]);
+        assert_ne!(path.parse_key(), tokyo.parse_key());
+        // From a StartupMessage too (JDBC sends TimeZone and DateStyle).
+        let jdbc = startup(&[("TimeZone", "Asia/Tokyo"), ("extra_float_digits", "3")]);
+        assert_eq!(jdbc.parse_key(), tokyo.parse_key());
     }
 }

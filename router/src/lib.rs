@@ -65,7 +65,8 @@ pub use keys::parse_uuid;
 pub use normalize::{normalize, Literal, Normalized};
 pub use planner::{plan, plan_many, plan_with_hint, separate_statements};
 pub use session::{
-    classify, deallocated_name, Pins, SessionEffects, SettingChange, NOT_RESET_BY_ALL,
+    classify, deallocated_name, is_parse_time_setting, Pins, SessionEffects, SettingChange,
+    NOT_RESET_BY_ALL, PARSE_TIME_SETTINGS,
 };
 pub use split::{split_insert, InsertPart, SplitError};
 pub use types::*;

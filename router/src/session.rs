@@ -43,6 +43,35 @@ impl Pins {
 /// Settings `RESET ALL` leaves alone (`DISCARD ALL` resets them).
 pub const NOT_RESET_BY_ALL: [&str; 2] = ["role", "session_authorization"];
 
+/// Settings Postgres reads when it parses a statement, so that a prepared statement keeps
+/// the meaning they gave it: name resolution (`search_path`, and the role through its
+/// `"$user"` entry), literals of date, time, money, array and XML types folded to
+/// constants, the lexer's string rules, the bytes of the text itself, and
+/// `transform_null_equals`. Two clients that differ in one of these must not share a
+/// prepared statement. Others (timeouts, `work_mem`, `application_name`, custom
+/// `app.*` settings read by row-level security) only act when a statement runs.
+pub const PARSE_TIME_SETTINGS: [&str; 14] = [
+    "array_nulls",
+    "backslash_quote",
+    "client_encoding",
+    "datestyle",
+    "intervalstyle",
+    "lc_monetary",
+    "role",
+    "search_path",
+    "session_authorization",
+    "standard_conforming_strings",
+    "timezone",
+    "timezone_abbreviations",
+    "transform_null_equals",
+    "xmloption",
+];
+
+/// Whether `name` (lower case) is one of `PARSE_TIME_SETTINGS`.
+pub fn is_parse_time_setting(name: &str) -> bool {
+    PARSE_TIME_SETTINGS.contains(&name)
+}
+
 /// One change to a replayable setting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SettingChange {
@@ -70,6 +99,10 @@ pub struct SessionEffects {
     /// Code shardgate cannot read ran (`DO` blocks, `CALL`): it may have changed settings
     /// (`SET` in PL/pgSQL), so the connection's settings count as unknown afterwards.
     pub opaque_code: bool,
+    /// A parse-time setting changed until the transaction ends (`SET LOCAL search_path`,
+    /// `set_config('TimeZone', ..., true)`): nothing to replay, but statements prepared
+    /// after it in the transaction mean something else than for the session's settings.
+    pub local_parse_setting: bool,
 }
 
 impl SessionEffects {
@@ -88,6 +121,20 @@ impl SessionEffects {
             && !self.discard_all
             && !self.deallocate_all
             && !self.opaque_code
+            && !self.local_parse_setting
+    }
+
+    /// Whether the statement may change a setting that `PARSE_TIME_SETTINGS` lists, for
+    /// the session or the transaction.
+    pub fn changes_parsing(&self) -> bool {
+        self.local_parse_setting
+            || self.opaque_code
+            || self.settings.iter().any(|c| match c {
+                SettingChange::Set { name, .. } | SettingChange::Reset { name } => {
+                    is_parse_time_setting(name)
+                }
+                SettingChange::ResetAll => true,
+            })
     }
 }
 
@@ -262,7 +309,15 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
         }
     }
     let Some(t) = t else { return };
-    if kw(t, "local") || kw(t, "transaction") || kw(t, "constraints") {
+    if kw(t, "local") {
+        fx.local_parse_setting |= match toks.next() {
+            Some(t) if kw(t, "time") || kw(t, "role") || kw(t, "session") => true,
+            Some(t) => setting_name(t, toks).is_some_and(|n| is_parse_time_setting(&n)),
+            None => false,
+        };
+        return;
+    }
+    if kw(t, "transaction") || kw(t, "constraints") {
         return;
     }
     if kw(t, "time") {
@@ -361,10 +416,13 @@ fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
             fx.take(Pins::ADVISORY_LOCK);
         } else if lower("pg_advisory_unlock_all") {
             fx.unpin = fx.unpin.with(Pins::ADVISORY_LOCK);
-        } else if (lower("set_config") || lower("\"set_config\""))
-            && !is_local_set_config(toks.clone())
-        {
-            fx.take(Pins::UNTRACKED);
+        } else if lower("set_config") || lower("\"set_config\"") {
+            if !is_local_set_config(toks.clone()) {
+                fx.take(Pins::UNTRACKED);
+            } else {
+                let name = set_config_name(toks.clone());
+                fx.local_parse_setting |= !name.is_some_and(|n| !is_parse_time_setting(&n));
+            }
         }
     }
 }
@@ -397,6 +455,16 @@ fn is_local_set_config(mut toks: Tokens<'_>) -> bool {
         }
     }
     false
+}
+
+/// After `set_config`: the setting its first argument names when that is a string
+/// literal, in lower case; `None` for anything else (a parameter, an expression).
+fn set_config_name(mut toks: Tokens<'_>) -> Option<String> {
+    if toks.next() != Some("(") {
+        return None;
+    }
+    let lit = toks.next()?.strip_prefix('\'')?.strip_suffix('\'')?;
+    (matches!(toks.next(), Some(",")) && !lit.contains('\'')).then(|| lit.to_ascii_lowercase())
 }
 
 /// Whether `sql` has `into` in it, in any case: a SIMD search for the letter, then a
@@ -674,6 +742,48 @@ mod tests {
             "SELECT set_config('a.b', '1', true, 4)",
         ];
         assert_pins(&session, Pins::UNTRACKED);
+    }
+
+    #[test]
+    fn changes_to_parse_time_settings_are_told_apart() {
+        let parsing = [
+            "SET search_path = tenant_a",
+            "set TIME ZONE 'Asia/Tokyo'",
+            "SET DateStyle TO 'SQL, DMY'",
+            "SET ROLE reader",
+            "RESET search_path",
+            "RESET ALL",
+            "DISCARD ALL",
+            "SET LOCAL search_path = x",
+            "SET LOCAL TIME ZONE 'UTC'",
+            "SET LOCAL \"TimeZone\" = 'UTC'",
+            "SET LOCAL ROLE reader",
+            "SELECT set_config('search_path', 'x', true)",
+            "SELECT set_config('TimeZone', 'UTC', TRUE)",
+            "SELECT set_config($1, 'UTC', true)",
+            "DO $$BEGIN NULL; END$$",
+        ];
+        for sql in parsing {
+            assert!(classify(sql).changes_parsing(), "{sql}");
+        }
+        let running = [
+            "SET statement_timeout = 5",
+            "SET application_name = 'x'",
+            "RESET work_mem",
+            "SET LOCAL statement_timeout = 5",
+            "SET LOCAL app.tenant = '7'",
+            "SELECT set_config('app.tenant', '42', true)",
+            "SELECT set_config('request.jwt.claims', $1, true)",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "SELECT 1",
+        ];
+        for sql in running {
+            assert!(!classify(sql).changes_parsing(), "{sql}");
+        }
+        // A local change leaves nothing to replay, but is an effect all the same.
+        let local = classify("SET LOCAL search_path = x");
+        assert!(local.settings.is_empty() && local.pin.is_empty() && !local.is_empty());
+        assert!(PARSE_TIME_SETTINGS.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

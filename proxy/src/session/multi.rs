@@ -17,7 +17,6 @@
 //! sent, so nothing is ever half-written by shardgate.
 
 use std::borrow::Cow;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -1020,7 +1019,8 @@ impl Session {
         // Which shards got rows (a header alone writes nothing).
         let mut got_rows = vec![split.is_none(); parts.len()];
         let mut split = split;
-        let mut client_failed: Option<String> = None;
+        // Why the copy fails, and the SQLSTATE the client gets.
+        let mut client_failed: Option<(String, &str)> = None;
         let max = self.app.config.general.max_client_message_size;
         'client: loop {
             let len = match protocol::frame_len(&io.cin, max) {
@@ -1037,7 +1037,7 @@ impl Session {
                     }
                 }
                 Err(e) => {
-                    client_failed = Some(format!("invalid message from client: {e}"));
+                    client_failed = Some((format!("invalid message from client: {e}"), "57014"));
                     break;
                 }
             };
@@ -1057,7 +1057,10 @@ impl Session {
                                     &mut outs,
                                 )
                             };
-                            rows.feed(data, &mut each);
+                            if let Err(e) = rows.feed(data, &mut each) {
+                                client_failed = Some((e.to_string(), "54000"));
+                                break 'client;
+                            }
                         }
                         None => {
                             for o in outs.iter_mut() {
@@ -1067,7 +1070,7 @@ impl Session {
                     }
                     if outs.iter().any(|o| o.len() >= COPY_CHUNK) {
                         if let Err(e) = self.copy_send(&parts, &mut outs, false).await {
-                            client_failed = Some(e);
+                            client_failed = Some((e, "57014"));
                             break 'client;
                         }
                     }
@@ -1075,32 +1078,31 @@ impl Session {
                 b'c' => break,
                 b'f' => {
                     let m = Reader::new(body(&msg)).cstr().unwrap_or_default();
-                    client_failed = Some(format!(
-                        "COPY from stdin failed: {}",
-                        String::from_utf8_lossy(m)
-                    ));
+                    let text = String::from_utf8_lossy(m);
+                    client_failed = Some((format!("COPY from stdin failed: {text}"), "57014"));
                     break;
                 }
                 b'H' | b'S' => {}
                 other => {
-                    client_failed = Some(format!(
-                        "unexpected message type 0x{other:02x} during COPY from stdin"
+                    client_failed = Some((
+                        format!("unexpected message type 0x{other:02x} during COPY from stdin"),
+                        "57014",
                     ));
                     break;
                 }
             }
+        }
+        if let Some((reason, code)) = client_failed {
+            self.copy_abort(&parts, &copying, &reason).await;
+            self.fail_statement(&Refusal::unsupported(reason.clone()));
+            protocol::error_response(&mut io.cout, "ERROR", code, &reason);
+            return self.multi_unit_end(io, true).await;
         }
         if let Some((rows, key_type)) = &mut split {
             let mut each = |line: CopyLine<'_>| {
                 route_copy_line(line, routing, *key_type, list, &mut got_rows, &mut outs)
             };
             rows.finish(&mut each);
-        }
-        if let Some(reason) = client_failed {
-            self.copy_abort(&parts, &copying, &reason).await;
-            self.fail_statement(&Refusal::unsupported(reason.clone()));
-            protocol::error_response(&mut io.cout, "ERROR", "57014", &reason);
-            return self.multi_unit_end(io, true).await;
         }
         // Mark the writers; refuse a span of shards without two-phase commit (nothing has
         // committed: every shard's COPY runs in a transaction).
@@ -1524,9 +1526,16 @@ impl Session {
                         .prepared
                         .as_deref()
                         .and_then(|p| p.recent_unnamed(tail));
+                    // Only its plan is read here: the settings it is prepared under do not
+                    // matter.
                     let stmt = recent.cloned().unwrap_or_else(|| {
-                        let hash = self.app.process.statement_hasher.hash_one(tail);
-                        Arc::new(Stmt::new(Bytes::copy_from_slice(tail), hash, Some(routing)))
+                        let hasher = &self.app.process.statement_hasher;
+                        Arc::new(Stmt::new(
+                            Bytes::copy_from_slice(tail),
+                            hasher,
+                            0,
+                            Some(routing),
+                        ))
                     });
                     if name.is_empty() {
                         local_unnamed = Some(stmt);
@@ -1614,7 +1623,8 @@ impl Session {
                         return true;
                     };
                     let tail = &body(m)[r.position()..];
-                    let stmt = Stmt::new(Bytes::copy_from_slice(tail), 0, Some(routing));
+                    let hasher = &self.app.process.statement_hasher;
+                    let stmt = Stmt::new(Bytes::copy_from_slice(tail), hasher, 0, Some(routing));
                     parsed.push((name, Arc::new(stmt)));
                 }
                 b'B' => {
@@ -1725,6 +1735,7 @@ impl Session {
     /// duplicate-name error, then skips to Sync).
     fn register_parse(&mut self, m: &[u8], io: &mut Buffers) {
         let routing = self.pools.routing.clone();
+        let parse_key = self.parse_key();
         let hasher = &self.app.process.statement_hasher;
         let p = self.prepared.get_or_insert_with(Default::default);
         let mut r = Reader::new(body(m));
@@ -1742,11 +1753,13 @@ impl Session {
             // Postgres drops the unnamed statement before it parses the new one.
             p.unnamed = None;
             p.unnamed_global = false;
-            p.unnamed_stmt(tail, hasher, routing.as_deref()).0
+            p.unnamed_stmt(tail, hasher, parse_key, routing.as_deref())
+                .0
         } else {
             Arc::new(Stmt::new(
                 Bytes::copy_from_slice(tail),
-                hasher.hash_one(tail),
+                hasher,
+                parse_key,
                 routing.as_deref(),
             ))
         };

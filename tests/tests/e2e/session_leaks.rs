@@ -342,3 +342,66 @@ async fn settings_changed_in_a_do_block_do_not_leak() {
     assert_eq!(value(&b, "SHOW statement_timeout").await, "0");
     assert_eq!(value(&a, "SHOW work_mem").await, "3MB");
 }
+
+/// A prepared statement keeps what the settings of its Parse made of its text: a time
+/// literal is folded in the time zone of the moment, a table is found on the search path.
+/// Clients whose such settings differ must not share one server-side statement, also when
+/// the setting changed only for the transaction (`SET LOCAL`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_keep_the_settings_they_were_parsed_under() {
+    let proxy = one_connection_pool().await;
+    let epoch = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
+    let direct = connect(&Cluster::shared().primary_url(0, "app"))
+        .await
+        .unwrap();
+    let default: i64 = direct.query_one(epoch, &[]).await.unwrap().get(0);
+    let (tokyo, new_york) = (1_704_034_800_i64, 1_704_085_200_i64);
+    async fn prepared_value(c: &Client, sql: &str) -> i64 {
+        let s = c.prepare(sql).await.unwrap();
+        c.query_one(&s, &[]).await.unwrap().get(0)
+    }
+    let run = |c| prepared_value(c, epoch);
+    let a = connect(&proxy.url()).await.unwrap();
+    a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    assert_eq!(run(&a).await, tokyo);
+    let b = connect(&proxy.url()).await.unwrap();
+    b.batch_execute("SET TIME ZONE 'America/New_York'")
+        .await
+        .unwrap();
+    assert_eq!(run(&b).await, new_york);
+    let c = connect(&proxy.url()).await.unwrap();
+    c.batch_execute("BEGIN; SET LOCAL TIME ZONE 'Asia/Tokyo'")
+        .await
+        .unwrap();
+    assert_eq!(run(&c).await, tokyo);
+    c.batch_execute("COMMIT").await.unwrap();
+    let d = connect(&proxy.url()).await.unwrap();
+    assert_eq!(run(&d).await, default);
+    assert_eq!(run(&c).await, default);
+    assert_eq!(run(&a).await, tokyo);
+
+    // Schema per tenant: the same text finds another table, with another column type.
+    let (x, y) = (unique_name("e2e_tenant"), unique_name("e2e_tenant"));
+    direct
+        .batch_execute(&format!(
+            "CREATE SCHEMA {x}; CREATE TABLE {x}.item (v int); INSERT INTO {x}.item VALUES (7);
+             CREATE SCHEMA {y}; CREATE TABLE {y}.item (v text); INSERT INTO {y}.item VALUES ('seven')"
+        ))
+        .await
+        .unwrap();
+    a.batch_execute(&format!("SET search_path = {x}"))
+        .await
+        .unwrap();
+    b.batch_execute(&format!("SET search_path = {y}"))
+        .await
+        .unwrap();
+    let sa = a.prepare("SELECT v FROM item").await.unwrap();
+    let sb = b.prepare("SELECT v FROM item").await.unwrap();
+    let va: i32 = a.query_one(&sa, &[]).await.unwrap().get(0);
+    let vb: String = b.query_one(&sb, &[]).await.unwrap().get(0);
+    assert_eq!((va, vb.as_str()), (7, "seven"));
+    direct
+        .batch_execute(&format!("DROP SCHEMA {x} CASCADE; DROP SCHEMA {y} CASCADE"))
+        .await
+        .unwrap();
+}
