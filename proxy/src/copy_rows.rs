@@ -12,6 +12,9 @@ pub struct CopyRows {
     quote: u8,
     escape: u8,
     null: Vec<u8>,
+    /// CSV `FORCE_NOT_NULL` / `FORCE_NULL` of the key column (`CopyInfo`).
+    key_force_not_null: bool,
+    key_force_null: bool,
     /// Column of the shard key, 0-based.
     key_index: usize,
     /// The first line is a header (text, CSV) or the file header (binary, always):
@@ -95,6 +98,8 @@ impl CopyRows {
             quote,
             escape,
             null,
+            key_force_not_null: info.key_force_not_null,
+            key_force_null: info.key_force_null,
             key_index,
             header_pending: info.header || binary,
             partial: Vec::new(),
@@ -338,11 +343,14 @@ impl CopyRows {
                 }
             }
             if field == self.key_index {
-                let raw = &row[start..i];
-                if !quoted && raw == self.null.as_slice() {
-                    return None;
-                }
-                return Some(value);
+                // As Postgres reads it: an unquoted null string is NULL unless
+                // FORCE_NOT_NULL; a quoted one is a value unless FORCE_NULL.
+                let is_null = if quoted {
+                    self.key_force_null && value == self.null
+                } else {
+                    !self.key_force_not_null && row[start..i] == *self.null
+                };
+                return (!is_null).then_some(value);
             }
             if i >= row.len() {
                 return None;
@@ -491,6 +499,8 @@ mod tests {
             quote: None,
             escape: None,
             null: None,
+            key_force_not_null: false,
+            key_force_null: false,
         }
     }
 
@@ -632,6 +642,35 @@ mod tests {
                 ("\"\",x".into(), Some("".into())),
             ]
         );
+    }
+
+    /// `FORCE_NOT_NULL`/`FORCE_NULL` of the key column change which fields are NULL, as
+    /// on Postgres; other columns' options do not matter here.
+    #[test]
+    fn csv_force_options_on_the_key_column() {
+        let data: &[&[u8]] = &[b",a\n\"\",b\nNA,c\n\"NA\",d\n"];
+        let keys = |fnn: bool, fnull: bool, null: Option<&str>| -> Vec<Option<String>> {
+            let info = CopyInfo {
+                null: null.map(str::to_string),
+                key_force_not_null: fnn,
+                key_force_null: fnull,
+                ..info(CopyFormat::Csv, false)
+            };
+            split(&mut CopyRows::new(&info, 0), data)
+                .into_iter()
+                .map(|(_, k)| k)
+                .collect()
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(keys(false, false, None), [None, s(""), s("NA"), s("NA")]);
+        assert_eq!(keys(true, false, None), [s(""), s(""), s("NA"), s("NA")]);
+        assert_eq!(keys(false, true, None), [None, None, s("NA"), s("NA")]);
+        assert_eq!(keys(true, true, None), [s(""), None, s("NA"), s("NA")]);
+        assert_eq!(
+            keys(false, false, Some("NA")),
+            [s(""), s(""), None, s("NA")]
+        );
+        assert_eq!(keys(true, true, Some("NA")), [s(""), s(""), s("NA"), None]);
     }
 
     /// Binary COPY (asyncpg's copy_records_to_table): the header and trailer go to every

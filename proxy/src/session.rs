@@ -58,9 +58,15 @@ struct Stmt {
 /// Postgres reads at parse time made of its text (the tables `search_path` found, a
 /// `'2024-01-01'::timestamptz` folded to a constant in the time zone of the moment), so
 /// clients whose parse-time settings differ must not share one: their `parse_key`s differ,
-/// and so do the names. Clients that never set one (key 0) share as before.
+/// and so do the names. Clients that never set one (key 0) share as before. The key is
+/// hashed with the text by the process's secret hasher (not combined after), so no client
+/// can pick settings that give its statement another client's name.
 fn statement_hash(hasher: &RandomState, tail: &[u8], parse_key: u64) -> u64 {
-    hasher.hash_one(tail) ^ parse_key
+    if parse_key == 0 {
+        hasher.hash_one(tail)
+    } else {
+        hasher.hash_one((parse_key, tail))
+    }
 }
 
 impl Stmt {
@@ -166,10 +172,8 @@ impl Prepared {
         parse_key: u64,
         routing: Option<&Routing>,
     ) -> (Arc<Stmt>, bool) {
-        if let Some(s) = self
-            .recent_unnamed(tail)
-            .filter(|s| s.parse_key == parse_key)
-        {
+        let same = |s: &&Arc<Stmt>| s.parse_key == parse_key && *s.tail == *tail;
+        if let Some(s) = self.recent.iter().find(same) {
             return (s.clone(), true);
         }
         let stmt = Arc::new(Stmt::new(
@@ -261,6 +265,17 @@ impl Expect {
     /// Whether it is answered by shardgate (sent as soon as it reaches the head).
     fn is_reply(&self) -> bool {
         matches!(self, Expect::Reply(_) | Expect::Registered { .. })
+    }
+
+    /// A statement that may change a parse-time setting (`SessionEffects::changes_parsing`).
+    fn changes_parsing(&self) -> bool {
+        match self {
+            Expect::Execute { effects: Some(fx) }
+            | Expect::Query {
+                effects: Some(fx), ..
+            } => fx.changes_parsing(),
+            _ => false,
+        }
     }
 
     fn hidden(&self) -> bool {
@@ -411,9 +426,9 @@ struct Attached {
     /// Unnamed Parses sent and not yet answered (ParseComplete, or skipped by an error).
     unnamed_in_flight: u32,
     /// A statement sent in this transaction may change a parse-time setting (`SET LOCAL
-    /// search_path`, a `SET` not yet committed, a DO block): until the transaction ends,
-    /// the client's `settings` do not say what a Parse will see, so its statements get
-    /// names of their own (`Session::parse_key`).
+    /// search_path`, a `SET` not yet committed, a DO block): until the transaction ends
+    /// and no such statement is queued, the client's `settings` do not say what a Parse
+    /// will see, so its statements get names of their own (`Session::parse_key`).
     parse_unsure: bool,
     /// A Sync went out after an unnamed Parse still in flight: if the server skips that
     /// Parse (an earlier message failed), its unnamed statement is still whatever it was,
@@ -1387,7 +1402,12 @@ impl Session {
             self.skip_until_sync = false;
         }
         let cap = self.app.config.general.server_prepared_statements;
-        let parse_key = if tag == b'P' { self.parse_key() } else { 0 };
+        // The key a Parse sent now is parsed under; for a Bind or Describe, whether a
+        // statement prepared now may be shared (`share`).
+        let parse_key = match tag {
+            b'P' | b'B' | b'D' => self.parse_key(),
+            _ => 0,
+        };
         let Some(a) = self.attached.as_mut() else {
             return;
         };
@@ -1481,12 +1501,12 @@ impl Session {
                 }
                 let global = match stmt {
                     Some(s) if stmt_name.is_empty() && !p.unnamed_global => {
-                        ensure_unnamed(a, s, io);
+                        ensure_unnamed(a, s, io, s.parse_key == parse_key);
                         io.sout.extend_from_slice(msg);
                         None
                     }
                     Some(s) => {
-                        ensure_prepared(a, s, cap, io);
+                        ensure_prepared(a, s, cap, io, s.parse_key == parse_key);
                         protocol::write_msg(&mut io.sout, b'B', |o| {
                             protocol::put_cstr(o, portal);
                             protocol::put_cstr(o, &s.name);
@@ -1530,12 +1550,12 @@ impl Session {
                 }
                 let global = match stmt {
                     Some(s) if name.is_empty() && !p.unnamed_global => {
-                        ensure_unnamed(a, s, io);
+                        ensure_unnamed(a, s, io, s.parse_key == parse_key);
                         io.sout.extend_from_slice(msg);
                         None
                     }
                     Some(s) => {
-                        ensure_prepared(a, s, cap, io);
+                        ensure_prepared(a, s, cap, io, s.parse_key == parse_key);
                         protocol::write_msg(&mut io.sout, b'D', |o| {
                             o.put_u8(b'S');
                             protocol::put_cstr(o, &s.name);
@@ -1857,6 +1877,11 @@ impl Session {
                     // A transaction block that started here is over.
                     self.shard_tx = None;
                     self.end_transaction();
+                    // The settings are the client's again, unless a statement queued
+                    // behind this transaction (pipelined) may change them.
+                    if let Some(a) = self.attached.as_mut() {
+                        a.parse_unsure = io.expects.iter().any(Expect::changes_parsing);
+                    }
                 }
                 true
             }
@@ -1977,7 +2002,6 @@ impl Session {
         let Some(a) = self.attached.as_mut() else {
             return;
         };
-        a.parse_unsure = false;
         let effects = std::mem::take(&mut a.tx_effects);
         let failed = std::mem::replace(&mut a.tx_failed, false);
         let unpins = std::mem::replace(&mut a.tx_unpins, Pins::NONE);
@@ -2010,11 +2034,12 @@ impl Session {
     }
 
     /// The parse-time settings a Parse sent now will be parsed under, as a key
-    /// (`Settings::parse_key`). While a statement of the current transaction may have
-    /// changed them, a key used once: such statements are never shared.
+    /// (`Settings::parse_key`). While a statement of the current transaction (or one still
+    /// in flight) may have changed them, or the connection's settings are unknown (after a
+    /// DO block, to a pinned client), a key used once: such statements are never shared.
     fn parse_key(&self) -> u64 {
         match &self.attached {
-            Some(a) if a.parse_unsure => {
+            Some(a) if a.parse_unsure || a.server.conn.settings.is_none() => {
                 let n = self
                     .app
                     .process
@@ -2488,11 +2513,17 @@ fn stale_plan(msg: &[u8]) -> bool {
         && (f.routine == b"RevalidateCachedQuery" || f.message.starts_with(b"cached plan"))
 }
 
-/// Makes the client's unnamed statement the connection's unnamed statement.
-fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers) {
+/// Makes the client's unnamed statement the connection's unnamed statement. `share`: the
+/// connection's parse-time settings are those the statement was parsed under; otherwise
+/// the Parse made here is the client's alone, and no later Bind of another client's same
+/// statement may take it for its own.
+fn ensure_unnamed(a: &mut Attached, s: &Stmt, io: &mut Buffers, share: bool) {
     if a.server.conn.unnamed != Some(s.hash) || a.unnamed_unsure {
         write_parse(&mut io.sout, b"", &s.tail);
         note_unnamed_parse(a, s.hash);
+        if !share {
+            a.server.conn.unnamed = None;
+        }
         io.expects.push_back(Expect::Parse {
             hidden: true,
             prepared: None,
@@ -2518,8 +2549,12 @@ fn unnamed_parse_done(a: &mut Attached) {
 }
 
 /// Prepares the statement on the connection under its global name if it is not there yet.
-fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers) {
-    prepare_global(a, s, cap, io, true, None);
+/// `share`: as for `ensure_unnamed`; a statement prepared under other settings than its
+/// own is not recorded on the connection, so the next use of the name prepares it again.
+fn ensure_prepared(a: &mut Attached, s: &Stmt, cap: usize, io: &mut Buffers, share: bool) {
+    if prepare_global(a, s, cap, io, true, None) && !share {
+        a.server.conn.prepared.remove(s.hash);
+    }
 }
 
 /// Sends a Parse of the statement under its global name unless the connection has it

@@ -1273,8 +1273,10 @@ fn plan_copy(
         quote: None,
         escape: None,
         null: None,
+        key_force_not_null: false,
+        key_force_null: false,
     };
-    copy_options(&mut info, options, legacy);
+    let extras = copy_options(&mut info, options, legacy);
     let stdio = matches!(target, CopyTarget::Stdin | CopyTarget::Stdout);
     match source {
         CopySource::Query(q) => {
@@ -1334,6 +1336,17 @@ fn plan_copy(
                         d.plan.merge = Some(MergePlan::default());
                         return d;
                     }
+                    if let Some(e) = extras.encoding.filter(|e| !is_utf8_encoding(e)) {
+                        // The key's bytes would be read as UTF-8 and hashed to another
+                        // shard than the server's value.
+                        return d.soft(Refusal::unsupported(format!(
+                            "COPY into sharded table {name} with ENCODING '{e}' is not supported; \
+                             send the data as UTF8"
+                        )));
+                    }
+                    info.key_force_not_null = extras.force_not_null.contains(&sh.key_column);
+                    info.key_force_null = extras.force_null.contains(&sh.key_column);
+                    d.plan.copy = Some(info.clone());
                     let key_index = if info.columns.is_empty() {
                         None
                     } else {
@@ -1380,7 +1393,35 @@ fn concat_only(m: Option<&MergePlan>) -> bool {
     }
 }
 
-fn copy_options(info: &mut CopyInfo, options: &[CopyOption], legacy: &[CopyLegacyOption]) {
+/// COPY options that matter only while planning.
+#[derive(Default)]
+struct CopyExtras {
+    /// Column names (lower case) in `FORCE_NOT_NULL` / `FORCE_NULL`.
+    force_not_null: Vec<String>,
+    force_null: Vec<String>,
+    /// The `ENCODING` option: the data's encoding when it is not the client's.
+    encoding: Option<String>,
+}
+
+/// Whether an encoding name means UTF-8 (or SQL_ASCII, whose bytes are taken as they are),
+/// spelled any way Postgres accepts.
+pub fn is_utf8_encoding(name: &str) -> bool {
+    let n: String = name
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    matches!(n.as_str(), "utf8" | "unicode" | "sqlascii")
+}
+
+fn copy_options(
+    info: &mut CopyInfo,
+    options: &[CopyOption],
+    legacy: &[CopyLegacyOption],
+) -> CopyExtras {
+    let mut extras = CopyExtras::default();
+    let names =
+        |cols: &[sqlparser::ast::Ident]| -> Vec<String> { cols.iter().map(norm_ident).collect() };
     for o in options {
         match o {
             CopyOption::Format(f) => {
@@ -1395,6 +1436,9 @@ fn copy_options(info: &mut CopyInfo, options: &[CopyOption], legacy: &[CopyLegac
             CopyOption::Quote(c) => info.quote = Some(*c),
             CopyOption::Escape(c) => info.escape = Some(*c),
             CopyOption::Null(s) => info.null = Some(s.clone()),
+            CopyOption::ForceNotNull(cols) => extras.force_not_null.extend(names(cols)),
+            CopyOption::ForceNull(cols) => extras.force_null.extend(names(cols)),
+            CopyOption::Encoding(e) => extras.encoding = Some(e.clone()),
             _ => {}
         }
     }
@@ -1408,6 +1452,9 @@ fn copy_options(info: &mut CopyInfo, options: &[CopyOption], legacy: &[CopyLegac
                         sqlparser::ast::CopyLegacyCsvOption::Header => info.header = true,
                         sqlparser::ast::CopyLegacyCsvOption::Quote(q) => info.quote = Some(*q),
                         sqlparser::ast::CopyLegacyCsvOption::Escape(e) => info.escape = Some(*e),
+                        sqlparser::ast::CopyLegacyCsvOption::ForceNotNull(cols) => {
+                            extras.force_not_null.extend(names(cols))
+                        }
                         _ => {}
                     }
                 }
@@ -1418,6 +1465,7 @@ fn copy_options(info: &mut CopyInfo, options: &[CopyOption], legacy: &[CopyLegac
             _ => {}
         }
     }
+    extras
 }
 
 /// Tables named by utility statements whose names the visitor does not report.

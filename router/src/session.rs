@@ -50,7 +50,7 @@ pub const NOT_RESET_BY_ALL: [&str; 2] = ["role", "session_authorization"];
 /// `transform_null_equals`. Two clients that differ in one of these must not share a
 /// prepared statement. Others (timeouts, `work_mem`, `application_name`, custom
 /// `app.*` settings read by row-level security) only act when a statement runs.
-pub const PARSE_TIME_SETTINGS: [&str; 14] = [
+pub const PARSE_TIME_SETTINGS: [&str; 15] = [
     "array_nulls",
     "backslash_quote",
     "client_encoding",
@@ -60,6 +60,7 @@ pub const PARSE_TIME_SETTINGS: [&str; 14] = [
     "role",
     "search_path",
     "session_authorization",
+    "session_replication_role",
     "standard_conforming_strings",
     "timezone",
     "timezone_abbreviations",
@@ -121,6 +122,9 @@ impl SessionEffects {
             && !self.discard_all
             && !self.deallocate_all
             && !self.opaque_code
+            // Nothing to replay, but the rest of the transaction reads names, literals
+            // and text differently, on this connection only: a sharded transaction must
+            // not spread to other shards after it.
             && !self.local_parse_setting
     }
 
@@ -311,7 +315,15 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
     let Some(t) = t else { return };
     if kw(t, "local") {
         fx.local_parse_setting |= match toks.next() {
-            Some(t) if kw(t, "time") || kw(t, "role") || kw(t, "session") => true,
+            // TIME ZONE, ROLE, SESSION AUTHORIZATION, SCHEMA (search_path), NAMES
+            // (client_encoding), XML OPTION.
+            Some(t)
+                if ["time", "role", "session", "schema", "names", "xml"]
+                    .iter()
+                    .any(|k| kw(t, k)) =>
+            {
+                true
+            }
             Some(t) => setting_name(t, toks).is_some_and(|n| is_parse_time_setting(&n)),
             None => false,
         };
@@ -758,6 +770,9 @@ mod tests {
             "SET LOCAL TIME ZONE 'UTC'",
             "SET LOCAL \"TimeZone\" = 'UTC'",
             "SET LOCAL ROLE reader",
+            "SET LOCAL SCHEMA 'x'",
+            "SET LOCAL NAMES 'LATIN1'",
+            "SET LOCAL XML OPTION DOCUMENT",
             "SELECT set_config('search_path', 'x', true)",
             "SELECT set_config('TimeZone', 'UTC', TRUE)",
             "SELECT set_config($1, 'UTC', true)",
@@ -783,6 +798,7 @@ mod tests {
         // A local change leaves nothing to replay, but is an effect all the same.
         let local = classify("SET LOCAL search_path = x");
         assert!(local.settings.is_empty() && local.pin.is_empty() && !local.is_empty());
+        assert!(classify("SET LOCAL work_mem = '1MB'").is_empty());
         assert!(PARSE_TIME_SETTINGS.windows(2).all(|w| w[0] < w[1]));
     }
 

@@ -377,6 +377,12 @@ pub struct CopyInfo {
     pub quote: Option<char>,
     pub escape: Option<char>,
     pub null: Option<String>,
+    /// CSV into a sharded table: `FORCE_NOT_NULL` names the shard key column (an unquoted
+    /// null string is a value, not NULL).
+    pub key_force_not_null: bool,
+    /// CSV into a sharded table: `FORCE_NULL` names the shard key column (a quoted null
+    /// string is NULL too).
+    pub key_force_null: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1530,6 +1530,58 @@ fn copy() {
     let c = p("COPY users TO STDOUT (FORMAT csv, HEADER)");
     assert!(c.copy.unwrap().header);
     assert_eq!(c.kind, Kind::Copy);
+    // FORCE_NOT_NULL / FORCE_NULL matter only when they name the key column.
+    for (sql, not_null, null) in [
+        (
+            "COPY users (id, name) FROM STDIN (FORMAT csv, FORCE_NOT_NULL (ID))",
+            true,
+            false,
+        ),
+        (
+            "COPY users (id, name) FROM STDIN (FORMAT csv, FORCE_NULL (name, id))",
+            false,
+            true,
+        ),
+        (
+            "COPY users (id, name) FROM STDIN (FORMAT csv, FORCE_NOT_NULL (name))",
+            false,
+            false,
+        ),
+        (
+            "COPY users (id, name) FROM STDIN CSV FORCE NOT NULL id",
+            true,
+            false,
+        ),
+        (
+            "COPY users FROM STDIN (FORMAT csv, FORCE_NOT_NULL (id), FORCE_NULL (id))",
+            true,
+            true,
+        ),
+    ] {
+        let info = p(sql).copy.unwrap();
+        assert_eq!(
+            (info.key_force_not_null, info.key_force_null),
+            (not_null, null),
+            "{sql}"
+        );
+    }
+    // Key bytes in another encoding would hash to another shard.
+    case(
+        "COPY users (id, name) FROM STDIN (ENCODING 'LATIN1')",
+        P,
+        T::All,
+        R::No("ENCODING 'LATIN1'"),
+    );
+    for ok in ["'UTF8'", "'utf-8'", "'Unicode'", "'SQL_ASCII'"] {
+        let c = p(&format!("COPY users (id, name) FROM STDIN (ENCODING {ok})"));
+        assert!(matches!(c.target, Target::SplitCopy { .. }), "{ok}");
+    }
+    case(
+        "COPY countries FROM STDIN (ENCODING 'LATIN1')",
+        P,
+        T::Each,
+        R::Ok,
+    );
 }
 
 #[test]

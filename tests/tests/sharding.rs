@@ -2914,6 +2914,40 @@ async fn long_copy_rows_are_split_without_rescanning() {
     sdb.drop_db().await;
 }
 
+/// CSV `FORCE_NOT_NULL` on the key column: a key spelled like the NULL string is a key,
+/// not NULL, and its row goes to that key's shard (it used to go to the first shard).
+/// `ENCODING` other than UTF-8 is refused: the key bytes would hash to another shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_options_that_change_the_key_are_read_as_postgres_reads_them() {
+    if skip_in_direct_mode("copy_options_that_change_the_key_are_read_as_postgres_reads_them") {
+        return;
+    }
+    let sdb = ShardedDb::create(Cluster::shared(), "sg_copy_force", RF_DDL, &RF_TABLES).await;
+    let c0 = sdb.direct(0).await;
+    let k = keys_on_shard(&c0, sdb.shards(), 1, 1, 1).await[0];
+    let front = sdb.proxy(false, &[]).await;
+    let mut raw = front.raw().await;
+    let sql =
+        format!("COPY rf_a (id, grp) FROM STDIN (FORMAT csv, NULL '{k}', FORCE_NOT_NULL (id))");
+    let a = copy_in(&mut raw, &sql, format!("{k},3\n").as_bytes(), 1 << 20)
+        .await
+        .expect("copy");
+    ok(&a, &sql, "COPY 1", 'I');
+    assert_eq!(present(&sdb, 1, "rf_a", &[k]).await, 1);
+    assert_eq!(present(&sdb, 0, "rf_a", &[k]).await, 0);
+    let sql = format!("SELECT grp FROM rf_a WHERE id = {k}");
+    assert_eq!(value_of(&mut raw, &sql).await, "3");
+
+    let sql = "COPY rf_a (id, grp) FROM STDIN (ENCODING 'LATIN1')";
+    let a = copy_in(&mut raw, sql, b"1\t1\n", 1 << 20)
+        .await
+        .expect("copy");
+    err(&a, sql, "0A000", 'I');
+    assert_eq!(value_of(&mut raw, "SELECT count(*) FROM rf_a").await, "1");
+    drop(front);
+    sdb.drop_db().await;
+}
+
 fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     shardgate_e2e::sqlstate(e)
 }
@@ -2973,12 +3007,31 @@ async fn transactions_across_shards() {
         assert_eq!(v_of(&mut raw, key).await, None, "{key} after ROLLBACK");
     }
 
-    // 2. A transaction reading both shards commits.
+    // 2. A transaction reading both shards commits, also after a SET LOCAL of a setting
+    // read only when statements run.
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+    let sql = "SET LOCAL statement_timeout = '5min'";
+    ok(&q(&mut raw, sql).await, sql, "SET", 'T');
     for key in [k0[0], k1[0]] {
         assert_eq!(v_of(&mut raw, key).await.as_deref(), Some("pre"));
     }
     ok(&q(&mut raw, "COMMIT").await, "COMMIT", "COMMIT", 'I');
+    // After a SET LOCAL of a setting read at parse time, which holds on one shard's
+    // connection only, the transaction does not spread: a statement elsewhere is refused
+    // rather than run under other settings.
+    ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+    let sql = format!("SELECT v FROM tx_t WHERE id = {}", k0[0]);
+    ok(&q(&mut raw, &sql).await, &sql, "SELECT 1", 'T');
+    let sql = "SET LOCAL search_path = public";
+    ok(&q(&mut raw, sql).await, sql, "SET", 'T');
+    let sql = format!("SELECT v FROM tx_t WHERE id = {}", k1[0]);
+    let a = q(&mut raw, &sql).await;
+    if direct_mode() {
+        ok(&a, &sql, "SELECT 1", 'T');
+    } else {
+        assert_eq!(a.code(), Some("0A000"), "{sql}: {}", a.short());
+    }
+    ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
 
     // 3. An error inside a transaction: every later statement gets 25P02 until ROLLBACK.
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');

@@ -921,6 +921,19 @@ impl Session {
                 key_type,
                 key_index,
             } => {
+                let encoding = self.settings.get("client_encoding");
+                if let Some(e) = encoding.filter(|e| {
+                    *key_type == shardgate_router::KeyType::Text
+                        && !shardgate_router::is_utf8_encoding(e)
+                }) {
+                    // The key's bytes come in the client's encoding; hashed as UTF-8 they
+                    // would pick another shard than the server's value.
+                    let r = Refusal::unsupported(format!(
+                        "COPY into a sharded table with a text shard key needs client_encoding \
+                         UTF8 (the session has {e})"
+                    ));
+                    return self.multi_refuse(&r, io).await;
+                }
                 let key_index = match key_index {
                     Some(i) => *i,
                     None => match self.key_position(routing, plan, list[0]).await {

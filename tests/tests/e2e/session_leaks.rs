@@ -405,3 +405,38 @@ async fn prepared_statements_keep_the_settings_they_were_parsed_under() {
         .await
         .unwrap();
 }
+
+/// A client that changed its time zone after preparing a statement, and runs it on a
+/// connection that no longer has it (evicted here), gets it prepared again there under
+/// its new settings: that copy is its own, never found by another client of the old zone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_prepared_again_under_new_settings_is_not_shared() {
+    if skip_in_direct_mode("a_statement_prepared_again_under_new_settings_is_not_shared") {
+        return;
+    }
+    let proxy = Proxy::builder()
+        .pool_size(1)
+        .checkout_timeout("1s")
+        .general("server_prepared_statements = 1")
+        .start()
+        .await;
+    let epoch = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
+    let tokyo = 1_704_034_800_i64;
+    let a = connect(&proxy.url()).await.unwrap();
+    a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    let s = a.prepare(epoch).await.unwrap();
+    let v: i64 = a.query_one(&s, &[]).await.unwrap().get(0);
+    assert_eq!(v, tokyo);
+    // A second statement evicts the first from the one connection.
+    let other = a.prepare("SELECT 2::bigint").await.unwrap();
+    a.query_one(&other, &[]).await.unwrap();
+    a.batch_execute("SET TIME ZONE 'America/New_York'")
+        .await
+        .unwrap();
+    a.query_one(&s, &[]).await.unwrap();
+    let b = connect(&proxy.url()).await.unwrap();
+    b.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    let sb = b.prepare(epoch).await.unwrap();
+    let v: i64 = b.query_one(&sb, &[]).await.unwrap().get(0);
+    assert_eq!(v, tokyo);
+}
