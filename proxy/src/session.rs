@@ -430,6 +430,8 @@ struct Attached {
     /// and no such statement is queued, the client's `settings` do not say what a Parse
     /// will see, so its statements get names of their own (`Session::parse_key`).
     parse_unsure: bool,
+    /// The parse key while `server.conn.settings` is unknown (0: none drawn yet).
+    unknown_key: u64,
     /// A Sync went out after an unnamed Parse still in flight: if the server skips that
     /// Parse (an earlier message failed), its unnamed statement is still whatever it was,
     /// maybe another client's, so `conn.unnamed` is not to be trusted until it is answered.
@@ -1334,12 +1336,11 @@ impl Session {
                 match r.cstr() {
                     Some(name) if !name.is_empty() => {
                         let tail = &body(msg)[r.position()..];
+                        // Detached: the client's own settings are what a Parse will see.
                         let hasher = &self.app.process.statement_hasher;
-                        self.pools.is_known_statement(statement_hash(
-                            hasher,
-                            tail,
-                            self.parse_key(),
-                        ))
+                        let key = self.settings.parse_key();
+                        self.pools
+                            .is_known_statement(statement_hash(hasher, tail, key))
                     }
                     _ => false,
                 }
@@ -2029,23 +2030,33 @@ impl Session {
             return;
         }
         let settings = self.pools.intern_settings(self.settings.apply(&changes));
-        a.server.conn.settings = (!opaque).then(|| settings.clone());
+        // Settings that were unknown (a DO block earlier, to a client that kept the
+        // connection) stay unknown: the client's own changes do not say what else is set.
+        let known = a.server.conn.settings.is_some();
+        a.server.conn.settings = (!opaque && known).then(|| settings.clone());
         self.settings = settings;
     }
 
     /// The parse-time settings a Parse sent now will be parsed under, as a key
     /// (`Settings::parse_key`). While a statement of the current transaction (or one still
-    /// in flight) may have changed them, or the connection's settings are unknown (after a
-    /// DO block, to a pinned client), a key used once: such statements are never shared.
-    fn parse_key(&self) -> u64 {
-        match &self.attached {
-            Some(a) if a.parse_unsure || a.server.conn.settings.is_none() => {
-                let n = self
-                    .app
-                    .process
-                    .unshared_parses
-                    .fetch_add(1, Ordering::Relaxed);
-                self.app.process.statement_hasher.hash_one(n) | 1
+    /// in flight) may have changed them, a key used once; while the connection's settings
+    /// are unknown (after a DO block, to a pinned client), a key of that connection's
+    /// attachment alone: such statements are never shared.
+    fn parse_key(&mut self) -> u64 {
+        let process = &self.app.process;
+        let fresh = || {
+            let n = process.unshared_parses.fetch_add(1, Ordering::Relaxed);
+            process.statement_hasher.hash_one(n) | 1
+        };
+        match self.attached.as_deref_mut() {
+            Some(a) if a.parse_unsure => fresh(),
+            // Unknown for the rest of this attachment (a client that keeps its connection):
+            // one key for all of it, so its statements are still found again.
+            Some(a) if a.server.conn.settings.is_none() => {
+                if a.unknown_key == 0 {
+                    a.unknown_key = fresh();
+                }
+                a.unknown_key
             }
             _ => self.settings.parse_key(),
         }
@@ -2151,6 +2162,7 @@ impl Session {
                 server_waiting: false,
                 unnamed_in_flight: 0,
                 parse_unsure: false,
+                unknown_key: 0,
                 unnamed_unsure: false,
                 copy_in: false,
                 copy_end_seq: None,

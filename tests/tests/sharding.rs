@@ -2849,6 +2849,17 @@ async fn refuses_cross_shard_copy_without_2pc() {
     sdb.drop_db().await;
 }
 
+/// COPY of `data` in 4 KiB pieces, which must end with `tag` within a minute (a proxy that
+/// rescans a long row at every piece takes many).
+async fn copy_within_a_minute(raw: &mut RawConn, sql: &str, data: &str, tag: &str) {
+    let copy = copy_in(raw, sql, data.as_bytes(), 4096);
+    let a = tokio::time::timeout(Duration::from_secs(60), copy)
+        .await
+        .unwrap_or_else(|_| panic!("{sql}: {} bytes not copied within 60 s", data.len()))
+        .expect("copy");
+    ok(&a, sql, tag, 'I');
+}
+
 /// A row much longer than one CopyData message (a document, a big JSON value): the proxy
 /// scans each byte once while it waits for the row's end. It used to scan the row again
 /// from its start at every piece, which for 32 MiB in 4 KiB pieces took minutes.
@@ -2874,22 +2885,12 @@ async fn long_copy_rows_are_split_without_rescanning() {
     let body = "ab\n\"\"cd,".repeat(pieces);
     let data = format!("{},x\n{},\"{body}\"\n{},y\n", on0[0], on0[1], on0[2]);
     let sql = "COPY cl_t (id, body) FROM STDIN (FORMAT csv)";
-    let copy = copy_in(&mut raw, sql, data.as_bytes(), 4096);
-    let a = tokio::time::timeout(Duration::from_secs(60), copy)
-        .await
-        .expect("a 32 MiB CSV row copied within 60 s")
-        .expect("copy");
-    ok(&a, sql, "COPY 3", 'I');
+    copy_within_a_minute(&mut raw, sql, &data, "COPY 3").await;
     // Text: escaped newlines and tabs; each 8-byte piece holds 6 characters.
     let body = "ab\\n\\tcd".repeat(pieces);
     let data = format!("{}\t{body}\n", on0[3]);
     let sql = "COPY cl_t (id, body) FROM STDIN";
-    let copy = copy_in(&mut raw, sql, data.as_bytes(), 4096);
-    let a = tokio::time::timeout(Duration::from_secs(60), copy)
-        .await
-        .expect("a 32 MiB text row copied within 60 s")
-        .expect("copy");
-    ok(&a, sql, "COPY 1", 'I');
+    copy_within_a_minute(&mut raw, sql, &data, "COPY 1").await;
 
     let sql = "SELECT id, length(body) FROM cl_t ORDER BY id";
     let mut want = [

@@ -440,3 +440,30 @@ async fn a_statement_prepared_again_under_new_settings_is_not_shared() {
     let v: i64 = b.query_one(&sb, &[]).await.unwrap().get(0);
     assert_eq!(v, tokyo);
 }
+
+/// A client that keeps its connection (a session advisory lock) through a DO block and
+/// then commits a SET of its own: the connection's settings stay unknown, so the next
+/// client still gets them reset. The SET used to make them count as known again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_left_by_a_do_block_stay_unknown_after_a_later_set() {
+    if skip_in_direct_mode("settings_left_by_a_do_block_stay_unknown_after_a_later_set") {
+        return;
+    }
+    let proxy = one_connection_pool().await;
+    let default = default_of("work_mem").await;
+    let a = connect(&proxy.url()).await.unwrap();
+    let b = connect(&proxy.url()).await.unwrap();
+    a.batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .unwrap();
+    a.batch_execute("DO $$BEGIN SET work_mem = '7MB'; END$$")
+        .await
+        .unwrap();
+    a.batch_execute("SET search_path = public").await.unwrap();
+    assert_eq!(value(&a, "SHOW work_mem").await, "7MB");
+    a.batch_execute("SELECT pg_advisory_unlock_all()")
+        .await
+        .unwrap();
+    assert_eq!(value(&b, "SHOW work_mem").await, default);
+    assert_eq!(value(&a, "SHOW search_path").await, "public");
+}
