@@ -1403,12 +1403,18 @@ impl Session {
             self.skip_until_sync = false;
         }
         let cap = self.app.config.general.server_prepared_statements;
-        // The key a Parse sent now is parsed under; for a Bind or Describe, whether a
-        // statement prepared now may be shared (`share`).
-        let parse_key = match tag {
-            b'P' | b'B' | b'D' => self.parse_key(),
-            _ => 0,
+        // A Parse: the key it is prepared under. A Bind or Describe: whether a statement
+        // prepared for it now may be shared (the settings are known and its own).
+        let current = match tag {
+            b'P' | b'B' | b'D' => self.current_parse_key(),
+            _ => None,
         };
+        let parse_key = match current {
+            Some(key) => key,
+            None if tag == b'P' => unshared_parse_key(&self.app.process),
+            None => 0,
+        };
+        let share = |s: &Stmt| current == Some(s.parse_key);
         let Some(a) = self.attached.as_mut() else {
             return;
         };
@@ -1502,12 +1508,12 @@ impl Session {
                 }
                 let global = match stmt {
                     Some(s) if stmt_name.is_empty() && !p.unnamed_global => {
-                        ensure_unnamed(a, s, io, s.parse_key == parse_key);
+                        ensure_unnamed(a, s, io, share(s));
                         io.sout.extend_from_slice(msg);
                         None
                     }
                     Some(s) => {
-                        ensure_prepared(a, s, cap, io, s.parse_key == parse_key);
+                        ensure_prepared(a, s, cap, io, share(s));
                         protocol::write_msg(&mut io.sout, b'B', |o| {
                             protocol::put_cstr(o, portal);
                             protocol::put_cstr(o, &s.name);
@@ -1551,12 +1557,12 @@ impl Session {
                 }
                 let global = match stmt {
                     Some(s) if name.is_empty() && !p.unnamed_global => {
-                        ensure_unnamed(a, s, io, s.parse_key == parse_key);
+                        ensure_unnamed(a, s, io, share(s));
                         io.sout.extend_from_slice(msg);
                         None
                     }
                     Some(s) => {
-                        ensure_prepared(a, s, cap, io, s.parse_key == parse_key);
+                        ensure_prepared(a, s, cap, io, share(s));
                         protocol::write_msg(&mut io.sout, b'D', |o| {
                             o.put_u8(b'S');
                             protocol::put_cstr(o, &s.name);
@@ -2037,28 +2043,31 @@ impl Session {
         self.settings = settings;
     }
 
-    /// The parse-time settings a Parse sent now will be parsed under, as a key
-    /// (`Settings::parse_key`). While a statement of the current transaction (or one still
-    /// in flight) may have changed them, a key used once; while the connection's settings
-    /// are unknown (after a DO block, to a pinned client), a key of that connection's
-    /// attachment alone: such statements are never shared.
-    fn parse_key(&mut self) -> u64 {
-        let process = &self.app.process;
-        let fresh = || {
-            let n = process.unshared_parses.fetch_add(1, Ordering::Relaxed);
-            process.statement_hasher.hash_one(n) | 1
-        };
+    /// The parse-time settings a statement sent now meets, as a key
+    /// (`Settings::parse_key`); `None` while a statement of the current transaction (or
+    /// one still queued) may be changing them. While the connection's settings are
+    /// unknown (after a DO block, to a pinned client), a key of that attachment alone.
+    /// Statements under either are never shared with another client.
+    fn current_parse_key(&mut self) -> Option<u64> {
         match self.attached.as_deref_mut() {
-            Some(a) if a.parse_unsure => fresh(),
+            Some(a) if a.parse_unsure => None,
             // Unknown for the rest of this attachment (a client that keeps its connection):
             // one key for all of it, so its statements are still found again.
             Some(a) if a.server.conn.settings.is_none() => {
                 if a.unknown_key == 0 {
-                    a.unknown_key = fresh();
+                    a.unknown_key = unshared_parse_key(&self.app.process);
                 }
-                a.unknown_key
+                Some(a.unknown_key)
             }
-            _ => self.settings.parse_key(),
+            _ => Some(self.settings.parse_key()),
+        }
+    }
+
+    /// The key a Parse sent now is prepared under: `current_parse_key`, or one used once.
+    fn parse_key(&mut self) -> u64 {
+        match self.current_parse_key() {
+            Some(key) => key,
+            None => unshared_parse_key(&self.app.process),
         }
     }
 
@@ -2523,6 +2532,13 @@ fn stale_plan(msg: &[u8]) -> bool {
     let f = protocol::parse_error_fields(body(msg));
     f.code == sqlstate::FEATURE_NOT_SUPPORTED.as_bytes()
         && (f.routine == b"RevalidateCachedQuery" || f.message.starts_with(b"cached plan"))
+}
+
+/// A parse key no other statement has: for statements prepared while the settings are
+/// changing or unknown.
+fn unshared_parse_key(process: &crate::app::Process) -> u64 {
+    let n = process.unshared_parses.fetch_add(1, Ordering::Relaxed);
+    process.statement_hasher.hash_one(n) | 1
 }
 
 /// Makes the client's unnamed statement the connection's unnamed statement. `share`: the

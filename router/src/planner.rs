@@ -1344,9 +1344,10 @@ fn plan_copy(
                              send the data as UTF8"
                         )));
                     }
-                    info.key_force_not_null = extras.force_not_null.contains(&sh.key_column);
-                    info.key_force_null = extras.force_null.contains(&sh.key_column);
-                    d.plan.copy = Some(info.clone());
+                    if let Some(c) = d.plan.copy.as_mut() {
+                        c.key_force_not_null = extras.force_not_null.contains(&sh.key_column);
+                        c.key_force_null = extras.force_null.contains(&sh.key_column);
+                    }
                     let key_index = if info.columns.is_empty() {
                         None
                     } else {

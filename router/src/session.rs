@@ -432,8 +432,9 @@ fn classify_calls(stmt: &str, fx: &mut SessionEffects) {
             if !is_local_set_config(toks.clone()) {
                 fx.take(Pins::UNTRACKED);
             } else {
+                // A name that is not a literal may be any setting.
                 let name = set_config_name(toks.clone());
-                fx.local_parse_setting |= !name.is_some_and(|n| !is_parse_time_setting(&n));
+                fx.local_parse_setting |= name.map_or(true, |n| is_parse_time_setting(&n));
             }
         }
     }

@@ -18,6 +18,14 @@ async fn one_connection_pool() -> Proxy {
         .await
 }
 
+/// Two clients of `proxy`: on a one-connection pool, each gets the connection the other
+/// used last.
+async fn two_clients(proxy: &Proxy) -> (Client, Client) {
+    let a = connect(&proxy.url()).await.unwrap();
+    let b = connect(&proxy.url()).await.unwrap();
+    (a, b)
+}
+
 async fn value(c: &Client, sql: &str) -> String {
     simple_value(c, sql)
         .await
@@ -58,8 +66,7 @@ async fn role_survives_reset_all_but_never_reaches_another_client() {
             ],
         )
         .await;
-    let a = connect(&proxy.url()).await.unwrap();
-    let b = connect(&proxy.url()).await.unwrap();
+    let (a, b) = two_clients(&proxy).await;
     a.batch_execute(&format!("SET ROLE {role}")).await.unwrap();
     a.batch_execute("RESET ALL").await.unwrap();
     assert_eq!(value(&b, "SELECT current_user").await, "app");
@@ -74,8 +81,7 @@ async fn role_survives_reset_all_but_never_reaches_another_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn comment_after_a_set_value_does_not_break_the_restore() {
     let proxy = one_connection_pool().await;
-    let c = connect(&proxy.url()).await.unwrap();
-    let d = connect(&proxy.url()).await.unwrap();
+    let (c, d) = two_clients(&proxy).await;
     d.batch_execute("SET work_mem = '7MB'").await.unwrap();
     c.batch_execute("SET search_path = public -- the tenant's path")
         .await
@@ -92,8 +98,7 @@ async fn comment_after_a_set_value_does_not_break_the_restore() {
 async fn time_zone_resets_are_followed() {
     let proxy = one_connection_pool().await;
     let default = default_of("TimeZone").await;
-    let a = connect(&proxy.url()).await.unwrap();
-    let b = connect(&proxy.url()).await.unwrap();
+    let (a, b) = two_clients(&proxy).await;
     for reset in [
         "RESET TIME ZONE",
         "SET TIME ZONE LOCAL",
@@ -127,8 +132,7 @@ async fn time_zone_resets_are_followed() {
 async fn statements_before_a_failure_in_one_query_do_not_leak() {
     let proxy = one_connection_pool().await;
     let default_path = default_of("search_path").await;
-    let a = connect(&proxy.url()).await.unwrap();
-    let b = connect(&proxy.url()).await.unwrap();
+    let (a, b) = two_clients(&proxy).await;
     let e = a
         .batch_execute("BEGIN; SET search_path = pg_catalog; COMMIT; SELECT 1/0")
         .await
@@ -159,8 +163,7 @@ async fn lock_taken_before_a_failure_pins_the_client() {
         ),
     ] {
         let proxy = one_connection_pool().await;
-        let a = connect(&proxy.url()).await.unwrap();
-        let b = connect(&proxy.url()).await.unwrap();
+        let (a, b) = two_clients(&proxy).await;
         let e = if extended {
             a.query(sql.as_str(), &[]).await.expect_err(what)
         } else {
@@ -219,8 +222,7 @@ async fn temporary_tables_made_other_ways_pin_the_client() {
     ] {
         let proxy = one_connection_pool().await;
         let t = unique_name("e2e_tmp");
-        let a = connect(&proxy.url()).await.unwrap();
-        let b = connect(&proxy.url()).await.unwrap();
+        let (a, b) = two_clients(&proxy).await;
         a.batch_execute(&make.replace("{t}", &t)).await.unwrap();
         let seen = b.simple_query(&format!("SELECT s FROM {t}")).await;
         match seen {
@@ -246,8 +248,7 @@ async fn temporary_tables_made_other_ways_pin_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transaction_local_set_config_does_not_pin() {
     let proxy = one_connection_pool().await;
-    let a = connect(&proxy.url()).await.unwrap();
-    let b = connect(&proxy.url()).await.unwrap();
+    let (a, b) = two_clients(&proxy).await;
     a.batch_execute("BEGIN").await.unwrap();
     let got: Option<String> = a
         .query_one("SELECT set_config('e2e.tenant', $1, true)", &[&"42"])
@@ -325,8 +326,7 @@ async fn settings_changed_in_a_do_block_do_not_leak() {
     }
     let proxy = one_connection_pool().await;
     let default = default_of("work_mem").await;
-    let a = connect(&proxy.url()).await.unwrap();
-    let b = connect(&proxy.url()).await.unwrap();
+    let (a, b) = two_clients(&proxy).await;
     for block in [
         "DO $$BEGIN PERFORM set_config('work_mem', '7MB', false); END$$",
         "DO $$BEGIN SET work_mem = '7MB'; END$$",
@@ -343,6 +343,18 @@ async fn settings_changed_in_a_do_block_do_not_leak() {
     assert_eq!(value(&a, "SHOW work_mem").await, "3MB");
 }
 
+/// A timestamptz literal Postgres folds to a constant when it parses the statement, in
+/// the time zone of that moment; and its value in Tokyo and in New York.
+const EPOCH: &str = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
+const TOKYO_EPOCH: i64 = 1_704_034_800;
+const NEW_YORK_EPOCH: i64 = 1_704_085_200;
+
+/// `EPOCH` prepared by `c` (a named statement) and run.
+async fn prepared_epoch(c: &Client) -> i64 {
+    let s = c.prepare(EPOCH).await.unwrap();
+    c.query_one(&s, &[]).await.unwrap().get(0)
+}
+
 /// A prepared statement keeps what the settings of its Parse made of its text: a time
 /// literal is folded in the time zone of the moment, a table is found on the search path.
 /// Clients whose such settings differ must not share one server-side statement, also when
@@ -350,35 +362,28 @@ async fn settings_changed_in_a_do_block_do_not_leak() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_keep_the_settings_they_were_parsed_under() {
     let proxy = one_connection_pool().await;
-    let epoch = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
     let direct = connect(&Cluster::shared().primary_url(0, "app"))
         .await
         .unwrap();
-    let default: i64 = direct.query_one(epoch, &[]).await.unwrap().get(0);
-    let (tokyo, new_york) = (1_704_034_800_i64, 1_704_085_200_i64);
-    async fn prepared_value(c: &Client, sql: &str) -> i64 {
-        let s = c.prepare(sql).await.unwrap();
-        c.query_one(&s, &[]).await.unwrap().get(0)
-    }
-    let run = |c| prepared_value(c, epoch);
+    let default: i64 = direct.query_one(EPOCH, &[]).await.unwrap().get(0);
     let a = connect(&proxy.url()).await.unwrap();
     a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
-    assert_eq!(run(&a).await, tokyo);
+    assert_eq!(prepared_epoch(&a).await, TOKYO_EPOCH);
     let b = connect(&proxy.url()).await.unwrap();
     b.batch_execute("SET TIME ZONE 'America/New_York'")
         .await
         .unwrap();
-    assert_eq!(run(&b).await, new_york);
+    assert_eq!(prepared_epoch(&b).await, NEW_YORK_EPOCH);
     let c = connect(&proxy.url()).await.unwrap();
     c.batch_execute("BEGIN; SET LOCAL TIME ZONE 'Asia/Tokyo'")
         .await
         .unwrap();
-    assert_eq!(run(&c).await, tokyo);
+    assert_eq!(prepared_epoch(&c).await, TOKYO_EPOCH);
     c.batch_execute("COMMIT").await.unwrap();
     let d = connect(&proxy.url()).await.unwrap();
-    assert_eq!(run(&d).await, default);
-    assert_eq!(run(&c).await, default);
-    assert_eq!(run(&a).await, tokyo);
+    assert_eq!(prepared_epoch(&d).await, default);
+    assert_eq!(prepared_epoch(&c).await, default);
+    assert_eq!(prepared_epoch(&a).await, TOKYO_EPOCH);
 
     // Schema per tenant: the same text finds another table, with another column type.
     let (x, y) = (unique_name("e2e_tenant"), unique_name("e2e_tenant"));
@@ -420,13 +425,11 @@ async fn a_statement_prepared_again_under_new_settings_is_not_shared() {
         .general("server_prepared_statements = 1")
         .start()
         .await;
-    let epoch = "SELECT extract(epoch FROM '2024-01-01 00:00'::timestamptz)::bigint";
-    let tokyo = 1_704_034_800_i64;
     let a = connect(&proxy.url()).await.unwrap();
     a.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
-    let s = a.prepare(epoch).await.unwrap();
+    let s = a.prepare(EPOCH).await.unwrap();
     let v: i64 = a.query_one(&s, &[]).await.unwrap().get(0);
-    assert_eq!(v, tokyo);
+    assert_eq!(v, TOKYO_EPOCH);
     // A second statement evicts the first from the one connection.
     let other = a.prepare("SELECT 2::bigint").await.unwrap();
     a.query_one(&other, &[]).await.unwrap();
@@ -436,9 +439,7 @@ async fn a_statement_prepared_again_under_new_settings_is_not_shared() {
     a.query_one(&s, &[]).await.unwrap();
     let b = connect(&proxy.url()).await.unwrap();
     b.batch_execute("SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
-    let sb = b.prepare(epoch).await.unwrap();
-    let v: i64 = b.query_one(&sb, &[]).await.unwrap().get(0);
-    assert_eq!(v, tokyo);
+    assert_eq!(prepared_epoch(&b).await, TOKYO_EPOCH);
 }
 
 /// A client that keeps its connection (a session advisory lock) through a DO block and
@@ -451,8 +452,7 @@ async fn settings_left_by_a_do_block_stay_unknown_after_a_later_set() {
     }
     let proxy = one_connection_pool().await;
     let default = default_of("work_mem").await;
-    let a = connect(&proxy.url()).await.unwrap();
-    let b = connect(&proxy.url()).await.unwrap();
+    let (a, b) = two_clients(&proxy).await;
     a.batch_execute("SELECT pg_advisory_lock(4242)")
         .await
         .unwrap();
