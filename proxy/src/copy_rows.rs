@@ -23,7 +23,7 @@ pub struct CopyRows {
     /// Bytes of an incomplete row (text, CSV) or unit (binary).
     partial: Vec<u8>,
     /// Where the scan of the incomplete CSV row stands (what its bytes so far mean).
-    csv_state: CsvState,
+    row_state: RowState,
     /// The most bytes an incomplete row may hold (`MAX_ROW`; smaller in tests).
     max_row: usize,
     /// The `\.` end marker was seen: the rest is ignored (as the server does). Binary:
@@ -65,15 +65,17 @@ impl std::fmt::Display for RowTooLong {
     }
 }
 
-/// What the bytes of a CSV row seen so far mean for the next one. Kept between CopyData
+/// What the bytes of a row seen so far mean for the next one. Kept between CopyData
 /// messages, so a long row is scanned once, not again from its start at every piece.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-enum CsvState {
+enum RowState {
     #[default]
     Unquoted,
+    /// CSV: inside quotes.
     Quoted,
-    /// Inside quotes, just after the escape character: whether it escapes depends on the
-    /// next byte (with the default escape, `"` may also be the closing quote).
+    /// CSV: inside quotes, just after the escape character, whose meaning depends on the
+    /// next byte (with the default escape, `"` may also be the closing quote). Text: just
+    /// after a backslash, which quotes the next byte.
     AfterEscape,
 }
 
@@ -103,7 +105,7 @@ impl CopyRows {
             key_index,
             header_pending: info.header || binary,
             partial: Vec::new(),
-            csv_state: CsvState::Unquoted,
+            row_state: RowState::Unquoted,
             max_row: MAX_ROW,
             ended: false,
         }
@@ -121,9 +123,9 @@ impl CopyRows {
             return self.feed_binary(data, each);
         }
         while !data.is_empty() && !self.ended {
-            let mut state = self.csv_state;
+            let mut state = self.row_state;
             let end = self.row_end(data, &mut state);
-            self.csv_state = state;
+            self.row_state = state;
             let Some(e) = end else {
                 if self.partial.len() + data.len() > self.max_row {
                     return Err(RowTooLong);
@@ -132,7 +134,7 @@ impl CopyRows {
                 break;
             };
             let (head, rest) = data.split_at(e + 1);
-            self.csv_state = CsvState::Unquoted;
+            self.row_state = RowState::Unquoted;
             data = rest;
             if self.partial.is_empty() {
                 // A row complete within `data`: handled without copying it.
@@ -216,33 +218,30 @@ impl CopyRows {
 
     /// Index of the newline in `buf` that ends the current row, whose bytes before `buf`
     /// left the CSV scan in `state`; without one, `state` is left as at the end of `buf`.
-    fn row_end(&self, buf: &[u8], state: &mut CsvState) -> Option<usize> {
+    fn row_end(&self, buf: &[u8], state: &mut RowState) -> Option<usize> {
         if !self.csv {
-            // In text format a newline inside a value is always escaped (`\n`), so every
-            // raw newline ends a row. (An escaped raw newline, "\\\n", is not produced by
-            // Postgres and also ends the row there.)
-            return memchr::memchr(b'\n', buf);
+            return text_row_end(buf, state);
         }
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
             match *state {
-                CsvState::Unquoted if b == self.quote => *state = CsvState::Quoted,
-                CsvState::Unquoted if b == b'\n' => return Some(i),
-                CsvState::Unquoted => {}
-                CsvState::Quoted if b == self.escape => *state = CsvState::AfterEscape,
-                CsvState::Quoted if b == self.quote => *state = CsvState::Unquoted,
-                CsvState::Quoted => {}
-                CsvState::AfterEscape => {
+                RowState::Unquoted if b == self.quote => *state = RowState::Quoted,
+                RowState::Unquoted if b == b'\n' => return Some(i),
+                RowState::Unquoted => {}
+                RowState::Quoted if b == self.escape => *state = RowState::AfterEscape,
+                RowState::Quoted if b == self.quote => *state = RowState::Unquoted,
+                RowState::Quoted => {}
+                RowState::AfterEscape => {
                     if self.escapes(self.escape, Some(b)) {
-                        *state = CsvState::Quoted;
+                        *state = RowState::Quoted;
                     } else {
                         // Not an escape: with the default escape it was the closing quote,
                         // otherwise a plain character; `b` is read in that state.
                         *state = if self.escape == self.quote {
-                            CsvState::Unquoted
+                            RowState::Unquoted
                         } else {
-                            CsvState::Quoted
+                            RowState::Quoted
                         };
                         continue;
                     }
@@ -359,6 +358,32 @@ impl CopyRows {
             field += 1;
         }
     }
+}
+
+/// Text format: the newline that ends the row. A backslash quotes the byte after it, a
+/// raw newline too: Postgres reads `\` + newline as a newline inside the value, so that
+/// newline does not end the row (`AfterEscape`: the piece ended on a backslash).
+fn text_row_end(buf: &[u8], state: &mut RowState) -> Option<usize> {
+    let mut i = 0;
+    if *state == RowState::AfterEscape {
+        if buf.is_empty() {
+            return None;
+        }
+        *state = RowState::Unquoted;
+        i = 1;
+    }
+    while let Some(j) = memchr::memchr2(b'\n', b'\\', &buf[i..]) {
+        let k = i + j;
+        if buf[k] == b'\n' {
+            return Some(k);
+        }
+        if k + 1 == buf.len() {
+            *state = RowState::AfterEscape;
+            return None;
+        }
+        i = k + 2;
+    }
+    None
 }
 
 /// One unit at the start of binary COPY data.
@@ -564,6 +589,35 @@ mod tests {
             let got = split(&mut CopyRows::new(&with_escape(escape), 0), &bytes);
             assert_eq!(got, whole, "byte by byte");
         }
+    }
+
+    /// Text format: a backslash quotes the byte after it, a raw newline too (one row, as
+    /// Postgres reads it), wherever the CopyData boundaries fall.
+    #[test]
+    fn text_backslash_newline_stays_in_its_row() {
+        let data: &[u8] = b"1\tab\\\ncd\n2\tx\\\\\n3\t\\\\\\\ny\n";
+        let whole = split(
+            &mut CopyRows::new(&info(CopyFormat::Text, false), 0),
+            &[data],
+        );
+        let keys: Vec<_> = whole.iter().map(|(_, k)| k.clone()).collect();
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(keys, [s("1"), s("2"), s("3")], "{whole:?}");
+        assert_eq!(whole[0].0, "1\tab\\\ncd\n");
+        for at in 0..=data.len() {
+            let (a, b) = data.split_at(at);
+            let got = split(
+                &mut CopyRows::new(&info(CopyFormat::Text, false), 0),
+                &[a, b],
+            );
+            assert_eq!(got, whole, "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        let got = split(
+            &mut CopyRows::new(&info(CopyFormat::Text, false), 0),
+            &bytes,
+        );
+        assert_eq!(got, whole, "byte by byte");
     }
 
     /// A row that does not end within `max_row` bytes fails the COPY rather than being

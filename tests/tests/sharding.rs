@@ -2876,6 +2876,7 @@ async fn long_copy_rows_are_split_without_rescanning() {
     let sdb = ShardedDb::create(Cluster::shared(), "sg_copy_long", DDL, &TABLES).await;
     let c0 = sdb.direct(0).await;
     let on0 = keys_on_shard(&c0, sdb.shards(), 0, 1, 4).await;
+    let on1 = keys_on_shard(&c0, sdb.shards(), 1, 1, 1).await[0];
     let front = sdb.proxy(false, &[]).await;
     let mut raw = front.raw().await;
     let pieces = (32 << 20) / 8;
@@ -2910,7 +2911,20 @@ async fn long_copy_rows_are_split_without_rescanning() {
         on0[1]
     );
     assert_eq!(value_of(&mut raw, &sql).await, "1");
+    // Text: a backslash before a raw newline keeps the newline in the value (one row, as
+    // Postgres reads it), also when the pieces split the two. The key is on shard 1: a
+    // split row would leave "cd" for the first shard, whose server rejects it.
+    let data = format!("{on1}\tab\\\ncd\n");
+    let sql = "COPY cl_t (id, body) FROM STDIN";
+    let after_backslash = data.find('\\').map_or(1, |i| i + 1);
+    let a = copy_in(&mut raw, sql, data.as_bytes(), after_backslash)
+        .await
+        .expect("copy");
+    ok(&a, sql, "COPY 1", 'I');
+    let sql = format!("SELECT body = E'ab\\ncd' FROM cl_t WHERE id = {on1}");
+    assert_eq!(value_of(&mut raw, &sql).await, "t");
     assert_eq!(present(&sdb, 0, "cl_t", &on0).await, 4);
+    assert_eq!(present(&sdb, 1, "cl_t", &[on1]).await, 1);
     drop(front);
     sdb.drop_db().await;
 }
