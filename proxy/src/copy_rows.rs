@@ -526,6 +526,7 @@ mod tests {
             null: None,
             key_force_not_null: false,
             key_force_null: false,
+            encoding: None,
         }
     }
 

@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics::PoolMetrics;
 use crate::server::{Login, ServerConn, ServerError};
-use crate::settings::Settings;
+use crate::settings::{Reported, Settings};
 use crate::topology::{Host, ReadPolicy, ShardTopology};
 
 #[derive(Debug, thiserror::Error)]
@@ -568,7 +568,7 @@ const MAX_KNOWN_STATEMENTS: usize = 100_000;
 #[derive(Default)]
 struct Interned {
     settings: Option<Arc<Settings>>,
-    reported: Option<Arc<Vec<(String, String)>>>,
+    reported: Option<Arc<Reported>>,
 }
 
 impl UserPools {
@@ -705,7 +705,8 @@ impl UserPools {
         }
     }
 
-    pub fn intern_reported(&self, reported: Vec<(String, String)>) -> Arc<Vec<(String, String)>> {
+    pub fn intern_reported(&self, reported: Vec<(String, String)>) -> Arc<Reported> {
+        let reported = Reported::new(reported);
         let mut i = self.interned.lock().unwrap_or_else(|e| e.into_inner());
         match &i.reported {
             Some(r) if **r == reported => r.clone(),

@@ -229,7 +229,12 @@ pub const PARSE_COMPLETE: &[u8] = &[b'1', 0, 0, 0, 4];
 pub const CLOSE_COMPLETE: &[u8] = &[b'3', 0, 0, 0, 4];
 
 pub fn query(buf: &mut BytesMut, sql: &str) {
-    write_msg(buf, b'Q', |b| put_cstr(b, sql.as_bytes()));
+    query_bytes(buf, sql.as_bytes());
+}
+
+/// A Query of text in the client's encoding (not necessarily UTF-8).
+pub fn query_bytes(buf: &mut BytesMut, sql: &[u8]) {
+    write_msg(buf, b'Q', |b| put_cstr(b, sql));
 }
 
 /// Fields of an ErrorResponse or NoticeResponse body.

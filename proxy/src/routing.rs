@@ -4,13 +4,14 @@
 //! One `Routing` per database with more than one shard or with sharded tables; a database
 //! with neither never builds one and its sessions skip all of this.
 
+use std::borrow::Cow;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use shardgate_config::{Database, KeyColumnType};
 use shardgate_router::{
-    Catalog, KeyExpr, KeyType as RouterKeyType, KeyValue as RouterKey, Kind, Plan, PlanCache,
-    Refusal, SimplePlan, Target,
+    Catalog, ClientEncoding, KeyExpr, KeyType as RouterKeyType, KeyValue as RouterKey, Kind, Plan,
+    PlanCache, Refusal, SimplePlan, Target, TextReading, Unreadable,
 };
 use shardgate_shardmap::{KeyType, KeyValue, ShardMap, ShardSpec};
 
@@ -24,6 +25,8 @@ pub struct Routing {
     /// The live map, the cut-over gate and the per-slot counters (shared across reloads).
     pub state: Arc<ShardState>,
     pub two_phase_commit: bool,
+    /// A table, key column or function of the config is named with non-ASCII characters.
+    non_ascii_names: bool,
     cache: Mutex<PlanCache>,
 }
 
@@ -82,17 +85,44 @@ impl Routing {
             ));
         }
         let state = process.adopt_shard_state(&db.name, map, map_path);
+        let non_ascii_names = db
+            .sharded_tables
+            .iter()
+            .flat_map(|t| [&t.name, &t.column])
+            .chain(&db.reference_tables)
+            .chain(&db.write_functions)
+            .any(|n| !n.is_ascii());
         Ok(Some(Routing {
             database: db.name.clone(),
             catalog,
             state,
             two_phase_commit: db.two_phase_commit,
+            non_ascii_names,
             cache: Mutex::new(PlanCache::new(PLAN_CACHE_ENTRIES)),
         }))
     }
 
     pub fn shards(&self) -> usize {
         self.state.shard_count() as usize
+    }
+
+    /// The text to plan for a statement's bytes (see [`TextReading::statement_text`]). In
+    /// an encoding read through placeholders, a non-ASCII name cannot be matched against
+    /// the config's: refused when the config has such names.
+    pub fn statement_text<'a>(
+        &self,
+        bytes: &'a [u8],
+        reading: TextReading,
+    ) -> Result<Cow<'a, str>, Unreadable> {
+        let text = reading.statement_text(bytes)?;
+        if self.non_ascii_names && reading.stands_in(&text) {
+            return Err(Unreadable::Refused(Refusal::unsupported(
+                "this database has tables or columns named with non-ASCII characters, which \
+                 shardgate matches only in UTF8 and LATIN1 sessions; set client_encoding to \
+                 UTF8",
+            )));
+        }
+        Ok(text)
     }
 
     /// The map version to route with now.
@@ -152,9 +182,11 @@ impl Routing {
 
     /// During a cut-over: whether a simple-protocol statement touches the moving slots
     /// (by key, or by fanning out to every shard).
-    pub fn touches_moving_simple(&self, sp: &SimplePlan, sql: &str) -> bool {
+    pub fn touches_moving_simple(&self, sp: &SimplePlan, sql: &str, reading: TextReading) -> bool {
         self.touches_moving(&sp.plan, |k, ty| {
-            sp.key_value(sql, k, ty).map(|v| vec![self.slot_of(&v)])
+            sp.key_value(sql, k, ty)
+                .filter(|v| readable(reading, v))
+                .map(|v| vec![self.slot_of(&v)])
         })
     }
 
@@ -162,7 +194,8 @@ impl Routing {
     pub fn touches_moving_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> bool {
         let slots = self.state.map_ref().slots();
         self.touches_moving(plan, |k, ty| match k {
-            KeyExpr::Literal(v) => Some(vec![self.slot_of(v)]),
+            KeyExpr::Literal(v) if readable(bind.reading, v) => Some(vec![self.slot_of(v)]),
+            KeyExpr::Literal(_) => None,
             KeyExpr::Param(n) => match bind.key(*n, ty) {
                 Some(v) => Some(vec![v.slot(slots)]),
                 None if bind.is_null(*n) => Some(Vec::new()),
@@ -232,24 +265,39 @@ impl Routing {
     }
 
     /// The shards a simple-protocol statement runs on (sorted, distinct).
-    pub fn shards_simple(&self, sp: &SimplePlan, sql: &str) -> Result<Shards, Refusal> {
-        self.resolve(&sp.plan, |k, ty, found| match sp.key_value(sql, k, ty) {
-            Some(v) => {
+    pub fn shards_simple(
+        &self,
+        sp: &SimplePlan,
+        sql: &str,
+        reading: TextReading,
+    ) -> Result<Shards, Refusal> {
+        let mut unread: Option<Unread> = None;
+        let shards = self.resolve(&sp.plan, |k, ty, found| match sp.key_value(sql, k, ty) {
+            Some(v) if readable(reading, &v) => {
                 found.add(self.shard_of(&v));
                 true
             }
+            Some(_) => {
+                unread.get_or_insert(Unread::Encoding);
+                false
+            }
+            // A constant that is not a value of the key's type: every shard.
             None => false,
-        })
+        })?;
+        settle_unread(&sp.plan, unread, shards)
     }
 
     /// The shards an extended-protocol execution runs on, given its Bind.
     pub fn shards_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> Result<Shards, Refusal> {
-        let writes = matches!(plan.kind, Kind::Write | Kind::Copy);
-        let mut unreadable: Option<usize> = None;
+        let mut unread: Option<Unread> = None;
         let shards = self.resolve(plan, |k, ty, found| match k {
-            KeyExpr::Literal(v) => {
+            KeyExpr::Literal(v) if readable(bind.reading, v) => {
                 found.add(self.shard_of(v));
                 true
+            }
+            KeyExpr::Literal(_) => {
+                unread.get_or_insert(Unread::Encoding);
+                false
             }
             KeyExpr::Param(n) => match bind.key(*n, ty) {
                 Some(v) => {
@@ -264,7 +312,7 @@ impl Routing {
                 // A value shardgate cannot read as the key type (say a numeric 42.0 for an
                 // integer key, which Postgres compares equal to 42): every shard, for a read.
                 None => {
-                    unreadable.get_or_insert(*n);
+                    unread.get_or_insert(bind.why_unreadable(*n, ty));
                     false
                 }
             },
@@ -276,22 +324,12 @@ impl Routing {
                     true
                 }
                 None => {
-                    unreadable.get_or_insert(*n);
+                    unread.get_or_insert(bind.why_unreadable(*n, ty));
                     false
                 }
             },
         })?;
-        match unreadable {
-            Some(n) if writes => Err(Refusal::unsupported(format!(
-                "cannot route this write: parameter ${n} is not a shard key value shardgate can read (send the key as an integer, text or uuid of the key column's type)"
-            ))),
-            // A statement planned for one shard has no way to combine the answers of all
-            // (one count(*) row per shard): refused rather than answered wrongly.
-            Some(n) if plan.merge.is_none() => Err(Refusal::unsupported(format!(
-                "cannot route this statement: parameter ${n} is not a shard key value shardgate can read, and the statement cannot be answered from every shard (send the key as an integer, text or uuid of the key column's type)"
-            ))),
-            _ => Ok(shards),
-        }
+        settle_unread(plan, unread, shards)
     }
 
     /// The shards of a plan; `key_shards` adds each key's shards to `found`, or says false
@@ -350,9 +388,16 @@ impl Routing {
     }
 
     /// The shard of each VALUES row of a split INSERT, in order.
-    pub fn row_shards_simple(&self, sp: &SimplePlan, sql: &str) -> Option<Vec<u32>> {
+    pub fn row_shards_simple(
+        &self,
+        sp: &SimplePlan,
+        sql: &str,
+        reading: TextReading,
+    ) -> Option<Vec<u32>> {
         let vals = sp.key_values(sql)?;
-        Some(vals.iter().map(|v| self.shard_of(v)).collect())
+        vals.iter()
+            .map(|v| readable(reading, v).then(|| self.shard_of(v)))
+            .collect()
     }
 
     pub fn row_shards_bound(&self, plan: &Plan, bind: &BindValues<'_>) -> Option<Vec<u32>> {
@@ -361,7 +406,7 @@ impl Routing {
         };
         rows.iter()
             .map(|k| match k {
-                KeyExpr::Literal(v) => Some(self.shard_of(v)),
+                KeyExpr::Literal(v) => readable(bind.reading, v).then(|| self.shard_of(v)),
                 KeyExpr::Param(n) => bind.key(*n, *key_type).map(|v| self.shard_of_key(&v)),
                 KeyExpr::ParamArray(_) => None,
             })
@@ -389,6 +434,53 @@ impl Routing {
             .ok()
             .map(|v| self.state.map_ref().shard_of_key(&v))
     }
+}
+
+/// A key value from a statement's text is the server's unless it is a text key with
+/// characters the session's encoding does not let shardgate read.
+fn readable(reading: TextReading, v: &RouterKey) -> bool {
+    match v {
+        RouterKey::Text(s) => reading.reads_text_key(s),
+        _ => true,
+    }
+}
+
+/// Why a key could not be read.
+#[derive(Debug, Clone, Copy)]
+enum Unread {
+    /// Bind parameter `$n` does not decode as the key's type.
+    Param(usize),
+    /// A text key in characters of an encoding shardgate reads only as ASCII.
+    Encoding,
+}
+
+/// A statement with an unreadable key runs on every shard when it is a read whose answers
+/// merge; otherwise it is refused.
+fn settle_unread(plan: &Plan, unread: Option<Unread>, shards: Shards) -> Result<Shards, Refusal> {
+    let Some(unread) = unread else {
+        return Ok(shards);
+    };
+    let writes = matches!(plan.kind, Kind::Write | Kind::Copy);
+    if !writes && plan.merge.is_some() {
+        return Ok(shards);
+    }
+    let what = if writes { "write" } else { "statement" };
+    // A statement planned for one shard has no way to combine the answers of all (one
+    // count(*) row per shard): refused rather than answered wrongly.
+    let all = if writes {
+        ""
+    } else {
+        ", and the statement cannot be answered from every shard"
+    };
+    Err(Refusal::unsupported(match unread {
+        Unread::Param(n) => format!(
+            "cannot route this {what}: parameter ${n} is not a shard key value shardgate can read{all} (send the key as an integer, text or uuid of the key column's type)"
+        ),
+        Unread::Encoding => format!(
+            "cannot route this {what}: {}{all}",
+            TextReading::UNREADABLE_KEY
+        ),
+    }))
 }
 
 /// The shards a statement runs on.
@@ -461,12 +553,14 @@ pub struct BindValues<'a> {
     types: &'a [u8],
     /// The result-format section of the Bind, as sent.
     result_formats: &'a [u8],
+    /// How the client's session encodes text values.
+    reading: TextReading,
 }
 
 impl<'a> BindValues<'a> {
     /// From a Bind body after the portal and statement names (`rest`), and the statement's
     /// parameter types (see `param_types_at`).
-    pub fn parse(rest: &'a [u8], types: &'a [u8]) -> Option<BindValues<'a>> {
+    pub fn parse(rest: &'a [u8], types: &'a [u8], reading: TextReading) -> Option<BindValues<'a>> {
         let mut r = Reader::new(rest);
         let nf = usize::try_from(r.i16()?).ok()?;
         let formats = r.bytes(nf * 2)?;
@@ -486,6 +580,7 @@ impl<'a> BindValues<'a> {
             nparams: np,
             types,
             result_formats,
+            reading,
         })
     }
 
@@ -615,16 +710,55 @@ impl<'a> BindValues<'a> {
     /// not decode (the server then fails or matches nothing).
     pub fn key(&self, n: usize, ty: RouterKeyType) -> Option<KeyValue> {
         let (format, oid, value) = self.raw(n)?;
-        decode_key(format, oid, value, ty)
+        let value = self.text_key(ty, value)?;
+        decode_key(format, oid, &value, ty)
     }
 
     /// The n-th value as an array of keys (`key = ANY($n)`); `None` when it does not decode.
     pub fn key_array(&self, n: usize, ty: RouterKeyType) -> Option<Vec<KeyValue>> {
         let (format, _oid, value) = self.raw(n)?;
         if format == 0 {
-            parse_text_array(value, ty)
+            // Element boundaries are ASCII, read right in any encoding whose characters
+            // never contain ASCII bytes: find them, then read each element.
+            parse_text_array(&self.text_key(ty, value)?, ty)
         } else {
-            parse_binary_array(value, ty)
+            let mut elems = parse_binary_array(value, ty)?;
+            if ty == RouterKeyType::Text && self.reading.encoding != ClientEncoding::Utf8 {
+                for k in elems.iter_mut() {
+                    if let KeyValue::Text(t) = k {
+                        let converted = match self.reading.text_value(t)? {
+                            Cow::Owned(utf8) => Some(utf8),
+                            Cow::Borrowed(_) => None,
+                        };
+                        if let Some(utf8) = converted {
+                            *t = utf8;
+                        }
+                    }
+                }
+            }
+            Some(elems)
+        }
+    }
+
+    /// A text key's bytes in the server's encoding (Postgres converts text parameters, in
+    /// either format, from the client's); other keys' bytes as they are.
+    fn text_key<'v>(&self, ty: RouterKeyType, value: &'v [u8]) -> Option<Cow<'v, [u8]>> {
+        match ty {
+            RouterKeyType::Text => self.reading.text_value(value),
+            _ => Some(Cow::Borrowed(value)),
+        }
+    }
+
+    /// Why `$n` did not decode as a key of type `ty`.
+    fn why_unreadable(&self, n: usize, ty: RouterKeyType) -> Unread {
+        let in_encoding = ty == RouterKeyType::Text
+            && self
+                .raw(n)
+                .is_some_and(|(_, _, v)| self.reading.text_value(v).is_none());
+        if in_encoding {
+            Unread::Encoding
+        } else {
+            Unread::Param(n)
         }
     }
 }
@@ -820,11 +954,55 @@ mod tests {
         tail.extend_from_slice(&20i32.to_be_bytes());
         tail.extend_from_slice(&20i32.to_be_bytes());
         let types = &tail[param_types_at(&tail).expect("terminated text")];
-        let b = BindValues::parse(&rest, types).expect("parses");
+        let b = BindValues::parse(&rest, types, TextReading::default()).expect("parses");
         assert_eq!(b.key(1, RouterKeyType::Int), Some(KeyValue::Int(7)));
         assert_eq!(b.key(2, RouterKeyType::Int), None);
         assert_eq!(b.values(), vec![Some(&7i64.to_be_bytes()[..]), None]);
         assert_eq!(b.formats(), vec![1]);
         assert_eq!(b.key(3, RouterKeyType::Int), None);
+    }
+
+    /// A Bind of text-format values (no declared types).
+    fn text_bind(values: &[&[u8]]) -> Vec<u8> {
+        let mut rest = Vec::new();
+        rest.extend_from_slice(&0i16.to_be_bytes());
+        rest.extend_from_slice(&(values.len() as i16).to_be_bytes());
+        for v in values {
+            rest.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            rest.extend_from_slice(v);
+        }
+        rest.extend_from_slice(&0i16.to_be_bytes());
+        rest
+    }
+
+    #[test]
+    fn text_keys_are_read_in_the_sessions_encoding() {
+        let rest = text_bind(&[b"Jos\xe9", b"{\"Jos\xe9\",ana}", b"ana", b"{ana,bo}", b"7"]);
+        let text = |s: &str| KeyValue::Text(s.as_bytes().to_vec());
+        let ty = RouterKeyType::Text;
+
+        let latin1 = TextReading::new(Some("LATIN1"), None);
+        let b = BindValues::parse(&rest, &[], latin1).expect("parses");
+        assert_eq!(b.key(1, ty), Some(text("José")));
+        assert_eq!(b.key_array(2, ty), Some(vec![text("José"), text("ana")]));
+
+        let cyrillic = TextReading::new(Some("WIN1251"), None);
+        let b = BindValues::parse(&rest, &[], cyrillic).expect("parses");
+        assert_eq!(b.key(1, ty), None);
+        assert!(matches!(b.why_unreadable(1, ty), Unread::Encoding));
+        assert_eq!(b.key_array(2, ty), None);
+        assert!(matches!(b.why_unreadable(2, ty), Unread::Encoding));
+        // ASCII is itself; integer keys are not text.
+        assert_eq!(b.key(3, ty), Some(text("ana")));
+        assert_eq!(b.key_array(4, ty), Some(vec![text("ana"), text("bo")]));
+        assert_eq!(b.key(5, RouterKeyType::Int), Some(KeyValue::Int(7)));
+        assert!(matches!(
+            b.why_unreadable(5, RouterKeyType::Uuid),
+            Unread::Param(5)
+        ));
+
+        // A UTF-8 session's bytes are taken as they are.
+        let b = BindValues::parse(&rest, &[], TextReading::default()).expect("parses");
+        assert_eq!(b.key(1, ty), Some(KeyValue::Text(b"Jos\xe9".to_vec())));
     }
 }

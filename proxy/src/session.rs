@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use shardgate_router::{classify, Pins, Plan, Role, SessionEffects};
+use shardgate_router::{
+    classify, ClientEncoding, Kind, Pins, Plan, Role, SessionEffects, TextReading, Unreadable,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::App;
@@ -25,7 +27,7 @@ use crate::pool::{Checkout, UserPools, Want};
 use crate::protocol::{self, body, frame_len, sqlstate, Reader};
 use crate::routing::Routing;
 use crate::server::MAX_SERVER_MESSAGE;
-use crate::settings::Settings;
+use crate::settings::{Reported, Settings};
 use crate::stream::ClientStream;
 
 mod multi;
@@ -52,6 +54,11 @@ struct Stmt {
     /// Sharded databases: the text holds more than one statement, which Postgres refuses
     /// to prepare (42601); shardgate must not run it as its last statement alone.
     several: bool,
+    /// How the client's session read text when it sent this (part of `parse_key`).
+    reading: TextReading,
+    /// The text as planned when it is not the Parse's bytes as they are (another
+    /// client_encoding, `standard_conforming_strings = off`).
+    planned: Option<Box<str>>,
 }
 
 /// The key of a statement's server-side name. A prepared statement keeps what the settings
@@ -70,13 +77,28 @@ fn statement_hash(hasher: &RandomState, tail: &[u8], parse_key: u64) -> u64 {
 }
 
 impl Stmt {
-    fn new(tail: Bytes, hasher: &RandomState, parse_key: u64, routing: Option<&Routing>) -> Stmt {
+    fn new(
+        tail: Bytes,
+        hasher: &RandomState,
+        parse_key: u64,
+        routing: Option<&Routing>,
+        reading: TextReading,
+    ) -> Stmt {
         let hash = statement_hash(hasher, &tail, parse_key);
-        let text = Reader::new(&tail).cstr().unwrap_or_default();
-        let text = std::str::from_utf8(text).ok();
-        let effects = text.map(classify).filter(|fx| !fx.is_empty()).map(Arc::new);
-        let plan = match (routing, text) {
-            (Some(r), Some(t)) => Some(r.plan(t)),
+        let raw = Reader::new(&tail).cstr().unwrap_or_default();
+        let decoded = match routing {
+            Some(r) => r.statement_text(raw, reading),
+            None => reading.statement_text(raw),
+        };
+        let text = decoded.as_deref().ok();
+        let effects = text.and_then(|t| effects_of(t, reading));
+        let plan = match (routing, text, &decoded) {
+            (Some(_), _, Err(Unreadable::Refused(r))) => Some(Arc::new(Plan::refused(
+                Kind::Write,
+                Role::Primary,
+                r.clone(),
+            ))),
+            (Some(r), Some(t), _) => Some(r.plan(t)),
             _ => None,
         };
         let primary = match &plan {
@@ -86,6 +108,10 @@ impl Stmt {
         let types = crate::routing::param_types_at(&tail).map(|r| r.start as u32..r.end as u32);
         let several =
             plan.is_some() && text.is_some_and(shardgate_router::scan::several_statements);
+        let planned = match decoded {
+            Ok(std::borrow::Cow::Owned(t)) => Some(t.into_boxed_str()),
+            _ => None,
+        };
         Stmt {
             tail,
             hash,
@@ -96,6 +122,8 @@ impl Stmt {
             plan,
             types,
             several,
+            reading,
+            planned,
         }
     }
 
@@ -117,13 +145,39 @@ impl Stmt {
     /// A Bind's values (`rest`: the Bind body after portal and statement names) with this
     /// statement's parameter types; `None` for a malformed Bind or Parse.
     fn bind_values<'a>(&'a self, rest: &'a [u8]) -> Option<crate::routing::BindValues<'a>> {
-        crate::routing::BindValues::parse(rest, self.param_types()?)
+        crate::routing::BindValues::parse(rest, self.param_types()?, self.reading)
     }
 
+    /// The text as planned (empty when unreadable); send text built from it with
+    /// `self.reading.wire_bytes`.
     fn text(&self) -> &str {
+        if let Some(t) = &self.planned {
+            return t;
+        }
         let t = Reader::new(&self.tail).cstr().unwrap_or_default();
         std::str::from_utf8(t).unwrap_or_default()
     }
+}
+
+/// What a statement does to session state, `None` when nothing. A setting whose value has
+/// characters of another encoding than UTF-8 would be replayed as their UTF-8 bytes (the
+/// planned text's): such a client keeps its connection instead.
+fn effects_of(text: &str, reading: TextReading) -> Option<Arc<SessionEffects>> {
+    let mut fx = classify(text);
+    if fx.is_empty() {
+        return None;
+    }
+    if reading.encoding != ClientEncoding::Utf8 && !text.is_ascii() {
+        let before = fx.settings.len();
+        fx.settings.retain(|change| match change {
+            shardgate_router::SettingChange::Set { value, .. } => value.is_ascii(),
+            _ => true,
+        });
+        if fx.settings.len() != before {
+            fx.take(Pins::UNTRACKED);
+        }
+    }
+    Some(Arc::new(fx))
 }
 
 fn global_name(hash: u64) -> [u8; 18] {
@@ -158,8 +212,10 @@ impl Prepared {
     /// A recent unnamed statement with this text and types. Compared byte for byte, not by
     /// hash: the texts differ in length or early bytes, and a memcmp costs less than
     /// hashing the text.
-    fn recent_unnamed(&self, tail: &[u8]) -> Option<&Arc<Stmt>> {
-        self.recent.iter().find(|s| *s.tail == *tail)
+    fn recent_unnamed(&self, tail: &[u8], reading: TextReading) -> Option<&Arc<Stmt>> {
+        self.recent
+            .iter()
+            .find(|s| *s.tail == *tail && s.reading == reading)
     }
 
     /// The statement for an unnamed Parse: a recent one with the same text and types,
@@ -171,8 +227,10 @@ impl Prepared {
         hasher: &RandomState,
         parse_key: u64,
         routing: Option<&Routing>,
+        reading: TextReading,
     ) -> (Arc<Stmt>, bool) {
-        let same = |s: &&Arc<Stmt>| s.parse_key == parse_key && *s.tail == *tail;
+        let same =
+            |s: &&Arc<Stmt>| s.parse_key == parse_key && *s.tail == *tail && s.reading == reading;
         if let Some(s) = self.recent.iter().find(same) {
             return (s.clone(), true);
         }
@@ -181,6 +239,7 @@ impl Prepared {
             hasher,
             parse_key,
             routing,
+            reading,
         ));
         if self.recent.len() >= RECENT_UNNAMED {
             self.recent.remove(0);
@@ -630,7 +689,7 @@ pub struct Session {
     cancel: Arc<CancelSlot>,
     settings: Arc<Settings>,
     /// ParameterStatus values the client has seen.
-    reported: Arc<Vec<(String, String)>>,
+    reported: Arc<Reported>,
     /// Allocated on the first Parse: most idle clients never need it.
     prepared: Option<Box<Prepared>>,
     pins: Pins,
@@ -735,7 +794,7 @@ impl Session {
         pid: i32,
         cancel: Arc<CancelSlot>,
         settings: Arc<Settings>,
-        reported: Arc<Vec<(String, String)>>,
+        reported: Arc<Reported>,
     ) -> Session {
         app.metrics.clients.increment(1.0);
         Session {
@@ -1137,15 +1196,16 @@ impl Session {
                 }
                 let (effects, primary) = if msg[0] == b'Q' {
                     let text = Reader::new(body(&msg)).cstr().unwrap_or_default();
-                    match std::str::from_utf8(text) {
+                    let reading = self.reported.reading();
+                    match reading.statement_text(text) {
                         Ok(sql) => {
-                            let fx = classify(sql);
-                            let primary = !fx.pin.is_empty()
+                            let fx = effects_of(&sql, reading);
+                            let primary = fx.as_ref().is_some_and(|fx| !fx.pin.is_empty())
                                 || match routed {
                                     Some((p, _)) => p,
-                                    None => crate::roles::needs_primary(sql),
+                                    None => crate::roles::needs_primary(&sql),
                                 };
-                            ((!fx.is_empty()).then(|| Arc::new(fx)), primary)
+                            (fx, primary)
                         }
                         Err(_) => (None, true),
                     }
@@ -1295,14 +1355,14 @@ impl Session {
                     // The same unnamed text as last time (drivers re-send it every
                     // execution): its classification is already known.
                     if let (true, Some(p)) = (name.is_empty(), self.prepared.as_deref()) {
-                        if let Some(s) = p.recent_unnamed(tail) {
+                        if let Some(s) = p.recent_unnamed(tail, self.reported.reading()) {
                             return s.primary;
                         }
                     }
                     let text = r.cstr().unwrap_or_default();
-                    match std::str::from_utf8(text) {
+                    match self.reported.reading().statement_text(text) {
                         Ok(sql) => {
-                            crate::roles::needs_primary(sql) || !classify(sql).pin.is_empty()
+                            crate::roles::needs_primary(&sql) || !classify(&sql).pin.is_empty()
                         }
                         Err(_) => true,
                     }
@@ -1385,6 +1445,7 @@ impl Session {
                     &self.app.process.statement_hasher,
                     parse_key,
                     self.pools.routing.as_deref(),
+                    self.reported.reading(),
                 ));
                 p.named.insert(Bytes::copy_from_slice(name), stmt);
                 protocol::empty_msg(&mut io.cout, b'1');
@@ -1433,13 +1494,20 @@ impl Session {
                 if name.is_empty() {
                     let tail = &msg[tail_at..];
                     let again = match &p.unnamed {
-                        Some(s) if s.parse_key == parse_key && *s.tail == *tail => true,
+                        Some(s)
+                            if s.parse_key == parse_key
+                                && *s.tail == *tail
+                                && s.reading == self.reported.reading() =>
+                        {
+                            true
+                        }
                         _ => {
                             let (s, again) = p.unnamed_stmt(
                                 tail,
                                 &self.app.process.statement_hasher,
                                 parse_key,
                                 self.pools.routing.as_deref(),
+                                self.reported.reading(),
                             );
                             p.unnamed = Some(s);
                             again
@@ -1480,6 +1548,7 @@ impl Session {
                     &self.app.process.statement_hasher,
                     parse_key,
                     self.pools.routing.as_deref(),
+                    self.reported.reading(),
                 ));
                 let client_name = Bytes::copy_from_slice(name);
                 p.named.insert(client_name.clone(), stmt.clone());
@@ -2079,20 +2148,12 @@ impl Session {
         let (Some(name), Some(value)) = (r.cstr(), r.cstr()) else {
             return false;
         };
-        let seen = self
-            .reported
-            .iter()
-            .any(|(n, v)| n.as_bytes() == name && v.as_bytes() == value);
-        if seen {
+        if self.reported.has(name, value) {
             return false;
         }
         let name = String::from_utf8_lossy(name).into_owned();
         let value = String::from_utf8_lossy(value).into_owned();
-        let reported = Arc::make_mut(&mut self.reported);
-        match reported.iter_mut().find(|(n, _)| *n == name) {
-            Some((_, v)) => *v = value,
-            None => reported.push((name, value)),
-        }
+        Arc::make_mut(&mut self.reported).set(name, value);
         true
     }
 
@@ -2771,7 +2832,7 @@ mod footprint {
                 pid,
                 cancel,
                 Settings::empty(),
-                Arc::new(Vec::new()),
+                Arc::new(Reported::default()),
             );
             // A burst's future, which owns the session while it runs, is set up once per
             // transaction (see `SessionTask`): kept small by boxing the rare paths (fan-out,

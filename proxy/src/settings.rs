@@ -8,7 +8,7 @@ use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, OnceLock};
 
-use shardgate_router::{is_parse_time_setting, SettingChange, NOT_RESET_BY_ALL};
+use shardgate_router::{is_parse_time_setting, SettingChange, TextReading, NOT_RESET_BY_ALL};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -19,6 +19,72 @@ pub struct Settings {
     /// (`PARSE_TIME_SETTINGS`); 0 when there are none. Clients share a server-side
     /// prepared statement only when this is the same.
     parse_key: u64,
+}
+
+/// The ParameterStatus values a client has seen (as its servers reported them), and how
+/// they say to read its text: `client_encoding` and `standard_conforming_strings` are
+/// reported on every change, however made (SET, SET LOCAL and its end, `set_config`, a
+/// function, a role's default), so this is what the server reads the client's text as.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reported {
+    params: Vec<(String, String)>,
+    reading: TextReading,
+}
+
+impl Reported {
+    pub fn new(params: Vec<(String, String)>) -> Reported {
+        let mut r = Reported {
+            params,
+            reading: TextReading::default(),
+        };
+        r.reread();
+        r
+    }
+
+    pub fn reading(&self) -> TextReading {
+        self.reading
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        let (_, v) = self.params.iter().find(|(n, _)| n == name)?;
+        Some(v)
+    }
+
+    /// Whether the client has seen this value.
+    pub fn has(&self, name: &[u8], value: &[u8]) -> bool {
+        self.params
+            .iter()
+            .any(|(n, v)| n.as_bytes() == name && v.as_bytes() == value)
+    }
+
+    pub fn set(&mut self, name: String, value: String) {
+        let reading = matches!(
+            name.as_str(),
+            "client_encoding" | "standard_conforming_strings"
+        );
+        match self.params.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, v)) => *v = value,
+            None => self.params.push((name, value)),
+        }
+        if reading {
+            self.reread();
+        }
+    }
+
+    fn reread(&mut self) {
+        self.reading = TextReading::new(
+            self.get("client_encoding"),
+            self.get("standard_conforming_strings"),
+        );
+    }
+}
+
+/// A setting's SQL value text as plain text (quotes removed).
+fn unquote(v: &str) -> String {
+    match v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
+        Some(inner) => inner.replace("''", "'"),
+        None => v.to_string(),
+    }
 }
 
 /// Startup parameters that are not settings.
@@ -53,12 +119,7 @@ impl Settings {
     /// The value of a setting as plain text (quotes removed), if the session set it.
     pub fn get(&self, name: &str) -> Option<String> {
         let (_, v) = self.entries.iter().find(|(n, _)| n == name)?;
-        Some(
-            match v.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) {
-                Some(inner) => inner.replace("''", "'"),
-                None => v.clone(),
-            },
-        )
+        Some(unquote(v))
     }
 
     /// Settings a client asked for in its StartupMessage, including `-c name=value` pairs in
@@ -306,5 +367,24 @@ mod tests {
         // From a StartupMessage too (JDBC sends TimeZone and DateStyle).
         let jdbc = startup(&[("TimeZone", "Asia/Tokyo"), ("extra_float_digits", "3")]);
         assert_eq!(jdbc.parse_key(), tokyo.parse_key());
+    }
+
+    #[test]
+    fn reported_parameters_say_how_to_read_text() {
+        use shardgate_router::ClientEncoding;
+        let mut r = Reported::new(vec![
+            ("client_encoding".into(), "UTF8".into()),
+            ("standard_conforming_strings".into(), "on".into()),
+        ]);
+        assert!(r.reading().is_plain());
+        assert!(r.has(b"client_encoding", b"UTF8"));
+        r.set("client_encoding".into(), "LATIN1".into());
+        assert_eq!(r.reading().encoding, ClientEncoding::Latin1);
+        assert!(!r.has(b"client_encoding", b"UTF8"));
+        r.set("standard_conforming_strings".into(), "off".into());
+        assert!(r.reading().legacy_strings);
+        r.set("application_name".into(), "x".into());
+        assert_eq!(r.get("application_name"), Some("x"));
+        assert_eq!(r.reading().encoding, ClientEncoding::Latin1);
     }
 }

@@ -1239,7 +1239,11 @@ pub(crate) fn key_value(e: &Expr, ty: KeyType) -> Option<KeyExpr> {
         Expr::Nested(inner) => key_value(inner, ty),
         Expr::Value(v) => match &v.value {
             Value::Number(n, _) => key_from_lit(Lit::Number(n), ty).map(KeyExpr::Literal),
-            Value::SingleQuotedString(s) => key_from_lit(Lit::Str(s), ty).map(KeyExpr::Literal),
+            // `E'...'`: the parser decodes its escapes as Postgres does (and fails the text
+            // on those it does not, such as bytes that are not ASCII).
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
+                key_from_lit(Lit::Str(s), ty).map(KeyExpr::Literal)
+            }
             Value::Placeholder(p) => param_number(p).map(KeyExpr::Param),
             _ => None,
         },
@@ -1267,7 +1271,9 @@ pub(crate) fn key_value(e: &Expr, ty: KeyType) -> Option<KeyExpr> {
             _ => None,
         },
         Expr::TypedString(ts) if cast_keeps_key(&ts.data_type, ty) => match &ts.value.value {
-            Value::SingleQuotedString(s) => key_from_lit(Lit::Str(s), ty).map(KeyExpr::Literal),
+            Value::SingleQuotedString(s) | Value::EscapedStringLiteral(s) => {
+                key_from_lit(Lit::Str(s), ty).map(KeyExpr::Literal)
+            }
             _ => None,
         },
         _ => None,

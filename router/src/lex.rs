@@ -151,13 +151,16 @@ impl Iterator for Lexer<'_> {
                     &b""[..]
                 };
                 let escape = prefix.eq_ignore_ascii_case(b"e");
+                // `N'...'` and `type '...'` strings follow standard_conforming_strings as
+                // plain ones do; bit strings and `U&'...'` never take backslash escapes.
+                let bits = prefix.eq_ignore_ascii_case(b"b") || prefix.eq_ignore_ascii_case(b"x");
                 let unicode = self.prev_kind == Some(TokKind::Punct)
                     && self.prev_end == i
                     && i >= 2
                     && b[i - 1] == b'&'
                     && (b[i - 2] == b'u' || b[i - 2] == b'U');
                 let plain = !glued_word && !unicode;
-                let backslash = escape || (plain && self.backslash_quotes);
+                let backslash = escape || (self.backslash_quotes && !unicode && !bits);
                 let end = self.quoted_end(i, b'\'', backslash, plain);
                 let kind = if plain {
                     TokKind::Str

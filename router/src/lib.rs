@@ -46,6 +46,7 @@ mod analyze;
 mod cache;
 pub mod catalog;
 mod combine;
+pub mod encoding;
 mod fast;
 pub mod hint;
 mod keys;
@@ -61,9 +62,10 @@ pub mod types;
 pub use cache::{PlanCache, SimplePlan, MAX_CACHED_TEXT};
 pub use catalog::{Catalog, KeyType, ShardedTable};
 pub use combine::{ColumnInfo, MergeError, MergeParams, RowMerger};
+pub use encoding::{ClientEncoding, TextReading, Unreadable};
 pub use keys::parse_uuid;
 pub use normalize::{normalize, Literal, Normalized};
-pub use planner::{is_utf8_encoding, plan, plan_many, plan_with_hint, separate_statements};
+pub use planner::{plan, plan_many, plan_with_hint, separate_statements};
 pub use session::{
     classify, deallocated_name, is_parse_time_setting, Pins, SessionEffects, SettingChange,
     NOT_RESET_BY_ALL, PARSE_TIME_SETTINGS,

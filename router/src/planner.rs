@@ -1275,6 +1275,7 @@ fn plan_copy(
         null: None,
         key_force_not_null: false,
         key_force_null: false,
+        encoding: None,
     };
     let extras = copy_options(&mut info, options, legacy);
     let stdio = matches!(target, CopyTarget::Stdin | CopyTarget::Stdout);
@@ -1336,14 +1337,6 @@ fn plan_copy(
                         d.plan.merge = Some(MergePlan::default());
                         return d;
                     }
-                    if let Some(e) = extras.encoding.filter(|e| !is_utf8_encoding(e)) {
-                        // The key's bytes would be read as UTF-8 and hashed to another
-                        // shard than the server's value.
-                        return d.soft(Refusal::unsupported(format!(
-                            "COPY into sharded table {name} with ENCODING '{e}' is not supported; \
-                             send the data as UTF8"
-                        )));
-                    }
                     if let Some(c) = d.plan.copy.as_mut() {
                         c.key_force_not_null = extras.force_not_null.contains(&sh.key_column);
                         c.key_force_null = extras.force_null.contains(&sh.key_column);
@@ -1400,19 +1393,6 @@ struct CopyExtras {
     /// Column names (lower case) in `FORCE_NOT_NULL` / `FORCE_NULL`.
     force_not_null: Vec<String>,
     force_null: Vec<String>,
-    /// The `ENCODING` option: the data's encoding when it is not the client's.
-    encoding: Option<String>,
-}
-
-/// Whether an encoding name means UTF-8 (or SQL_ASCII, whose bytes are taken as they are),
-/// spelled any way Postgres accepts.
-pub fn is_utf8_encoding(name: &str) -> bool {
-    let n: String = name
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .map(|c| c.to_ascii_lowercase())
-        .collect();
-    matches!(n.as_str(), "utf8" | "unicode" | "sqlascii")
 }
 
 fn copy_options(
@@ -1439,7 +1419,7 @@ fn copy_options(
             CopyOption::Null(s) => info.null = Some(s.clone()),
             CopyOption::ForceNotNull(cols) => extras.force_not_null.extend(names(cols)),
             CopyOption::ForceNull(cols) => extras.force_null.extend(names(cols)),
-            CopyOption::Encoding(e) => extras.encoding = Some(e.clone()),
+            CopyOption::Encoding(e) => info.encoding = Some(e.clone()),
             _ => {}
         }
     }

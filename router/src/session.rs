@@ -110,7 +110,7 @@ impl SessionEffects {
     /// A session-bound thing is taken: it outlasts a release earlier in the same text
     /// (`UNLISTEN *; LISTEN a` still listens). A release after it stays in `unpin`, and
     /// `pin` keeps it too, for when the text fails before the release ran.
-    fn take(&mut self, p: Pins) {
+    pub fn take(&mut self, p: Pins) {
         self.pin = self.pin.with(p);
         self.unpin = self.unpin.without(p);
     }
@@ -353,6 +353,22 @@ fn classify_set(toks: &mut Tokens<'_>, fx: &mut SessionEffects) {
         }
         return;
     }
+    // `SET NAMES 'LATIN1'` is `SET client_encoding`, which routing reads text with.
+    if kw(t, "names") {
+        let value = toks.rest();
+        fx.settings
+            .push(if value.is_empty() || kw(value, "default") {
+                SettingChange::Reset {
+                    name: "client_encoding".into(),
+                }
+            } else {
+                SettingChange::Set {
+                    name: "client_encoding".into(),
+                    value: value.to_string(),
+                }
+            });
+        return;
+    }
     if kw(t, "role") {
         let value = toks.rest().to_string();
         fx.settings.push(SettingChange::Set {
@@ -563,6 +579,16 @@ mod tests {
         assert_eq!(fx.settings, vec![set("work_mem", "'64MB'")]);
         let fx = classify("SET ROLE app");
         assert_eq!(fx.settings, vec![set("role", "app")]);
+        let fx = classify("SET NAMES 'LATIN1'");
+        assert_eq!(fx.settings, vec![set("client_encoding", "'LATIN1'")]);
+        let reset = |n: &str| SettingChange::Reset { name: n.into() };
+        for sql in ["SET NAMES DEFAULT", "set names"] {
+            assert_eq!(
+                classify(sql).settings,
+                vec![reset("client_encoding")],
+                "{sql}"
+            );
+        }
     }
 
     #[test]

@@ -58,7 +58,8 @@ impl Plan {
         }
     }
 
-    pub(crate) fn refused(kind: Kind, role: Role, refusal: Refusal) -> Self {
+    /// A plan that answers `refusal` instead of running.
+    pub fn refused(kind: Kind, role: Role, refusal: Refusal) -> Self {
         let mut p = Plan::new(kind, role, Target::Default);
         p.refusal = Some(refusal);
         p
@@ -383,6 +384,8 @@ pub struct CopyInfo {
     /// CSV into a sharded table: `FORCE_NULL` names the shard key column (a quoted null
     /// string is NULL too).
     pub key_force_null: bool,
+    /// The `ENCODING` option: the data's encoding when it is not the session's.
+    pub encoding: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -2953,7 +2953,8 @@ async fn copy_options_that_change_the_key_are_read_as_postgres_reads_them() {
     let sql = format!("SELECT grp FROM rf_a WHERE id = {k}");
     assert_eq!(value_of(&mut raw, &sql).await, "3");
 
-    let sql = "COPY rf_a (id, grp) FROM STDIN (ENCODING 'LATIN1')";
+    // Rows in an encoding whose characters may hold ASCII bytes cannot be split safely.
+    let sql = "COPY rf_a (id, grp) FROM STDIN (ENCODING 'SJIS')";
     let a = copy_in(&mut raw, sql, b"1\t1\n", 1 << 20)
         .await
         .expect("copy");
@@ -3782,6 +3783,343 @@ async fn real_drivers_keep_rows_on_their_shards() {
             assert_eq!(held, total, "{}: {table} rows on all shards", driver.name());
         }
     }
+    drop(front);
+    sdb.drop_db().await;
+}
+
+// ---- sessions in other encodings and string rules ----------------------------------------
+
+/// A simple Query of raw bytes: text in the session's encoding, not necessarily UTF-8.
+async fn q_bytes(raw: &mut RawConn, sql: &[u8]) -> Answer {
+    use bytes::BufMut;
+    let buf = raw.buf();
+    buf.put_u8(b'Q');
+    buf.put_i32((4 + sql.len() + 1) as i32);
+    buf.put_slice(sql);
+    buf.put_u8(0);
+    let msgs = raw
+        .round_trip()
+        .await
+        .unwrap_or_else(|e| panic!("{}: connection failed: {e}", String::from_utf8_lossy(sql)));
+    Answer::from_msgs(&msgs)
+}
+
+/// Parse (unnamed) of raw `sql`, Bind of one text parameter of raw bytes, Execute, Sync.
+async fn extended_bytes(raw: &mut RawConn, sql: &[u8], param: &[u8]) -> Answer {
+    use bytes::BufMut;
+    let buf = raw.buf();
+    buf.put_u8(b'P');
+    buf.put_i32((4 + 1 + sql.len() + 1 + 2) as i32);
+    buf.put_u8(0);
+    buf.put_slice(sql);
+    buf.put_u8(0);
+    buf.put_i16(0);
+    buf.put_u8(b'B');
+    buf.put_i32((4 + 1 + 1 + 2 + 2 + 4 + param.len() + 2) as i32);
+    buf.put_slice(&[0, 0]);
+    buf.put_i16(0);
+    buf.put_i16(1);
+    buf.put_i32(param.len() as i32);
+    buf.put_slice(param);
+    buf.put_i16(0);
+    frontend::execute("", 0, buf).expect("encode Execute");
+    frontend::sync(buf);
+    let msgs = raw.round_trip().await.expect("extended round trip");
+    Answer::from_msgs(&msgs)
+}
+
+/// The shard owning text key `col` under the default map (DESIGN §4), in SQL.
+fn text_owner_sql(col: &str, shards: usize) -> String {
+    format!(
+        "(((hashtextextended({col}, 8816678312871386365) % 4096) + 4096 + 2275) % 4096) / {}",
+        SLOTS / shards
+    )
+}
+
+/// Keys `prefix || g` (UTF-8 text, as the server stores them) that Postgres puts on shard 1,
+/// each also satisfying `extra` (SQL over `k`), as Rust strings.
+async fn text_keys_on_1(
+    c: &Client,
+    shards: usize,
+    prefix: &str,
+    extra: &str,
+    n: usize,
+) -> Vec<String> {
+    let sql = format!(
+        "SELECT k FROM (SELECT {prefix} || g AS k FROM generate_series(1, 5000) g) s \
+         WHERE {} = 1 AND {extra} ORDER BY length(k), k LIMIT {n}",
+        text_owner_sql("k", shards)
+    );
+    let rows = c.query(&sql, &[]).await.expect("text keys");
+    let keys: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(keys.len(), n, "not enough text keys for {sql}");
+    keys
+}
+
+/// How many rows of `table` on each shard have `column = value` (value as UTF-8 text).
+async fn placement(sdb: &ShardedDb, table: &str, column: &str, value: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for shard in 0..sdb.shards() {
+        let c = sdb.direct(shard).await;
+        let sql = format!("SELECT count(*) FROM {table} WHERE {column} = $1");
+        let row = c.query_one(&sql, &[&value]).await.expect("placement");
+        out.push(row.get(0));
+    }
+    out
+}
+
+/// Statement text and key values of a session whose client_encoding is not UTF-8, or whose
+/// standard_conforming_strings is off, are read as Postgres reads them: LATIN1 text keys
+/// route exactly; other encodings route integer keys and ASCII text keys right and refuse a
+/// non-ASCII text key (0A000) rather than guess; a multibyte character ending in an ASCII
+/// byte (SJIS) is not read as SQL; a plain string with backslash escapes is read as one.
+/// Before, such text was routed to shard 0 (not valid UTF-8) or by the wrong bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
+    if skip_in_direct_mode("other_encodings_and_string_rules_route_as_the_server_reads_them") {
+        return;
+    }
+    const DDL: &str = "CREATE TABLE enc_t (name text PRIMARY KEY, n int NOT NULL);
+        CREATE TABLE enc_i (id bigint PRIMARY KEY, note text);";
+    let tables = [
+        Table {
+            name: "enc_t",
+            key: "name",
+        },
+        Table {
+            name: "enc_i",
+            key: "id",
+        },
+    ];
+    let sdb = ShardedDb::create(Cluster::shared(), "sg_encodings", DDL, &tables).await;
+    let c0 = sdb.direct(0).await;
+    let shards = sdb.shards();
+    // Keys whose UTF-8 form Postgres puts on shard 1 (shardgate used to send these LATIN1
+    // texts to shard 0).
+    let latin = text_keys_on_1(&c0, shards, "'Jos' || chr(233)", "true", 5).await;
+    let ints = keys_on_shard(&c0, shards, 1, 1, 3).await;
+    let latin1 = |s: &str| -> Vec<u8> { s.chars().map(|c| c as u32 as u8).collect() };
+    let config = sdb.config(false).replace(
+        "name = \"enc_t\"\ncolumn = \"name\"\ntype = \"bigint\"",
+        "name = \"enc_t\"\ncolumn = \"name\"\ntype = \"text\"",
+    );
+    let front = Front::new(Proxy::start_config_env(&config, &[]).await, &sdb);
+    let mut raw = front.raw().await;
+
+    // LATIN1: statements, parameters and COPY data decode exactly.
+    ok(
+        &q(&mut raw, "SET client_encoding = 'LATIN1'").await,
+        "SET",
+        "SET",
+        'I',
+    );
+    let sql = [
+        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
+        &latin1(&latin[0]),
+        b"', 1)",
+    ]
+    .concat();
+    ok(&q_bytes(&mut raw, &sql).await, &latin[0], "INSERT 0 1", 'I');
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[0]).await, [0, 1]);
+    let sql = [
+        &b"SELECT n FROM enc_t WHERE name = '"[..],
+        &latin1(&latin[0]),
+        b"'",
+    ]
+    .concat();
+    assert_eq!(
+        q_bytes(&mut raw, &sql).await.rows,
+        [[Some("1".to_string())]]
+    );
+    let a = extended_bytes(
+        &mut raw,
+        b"INSERT INTO enc_t (name, n) VALUES ($1, 2)",
+        &latin1(&latin[1]),
+    )
+    .await;
+    assert_eq!(a.error, None, "{}", a.short());
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[1]).await, [0, 1]);
+    let a = extended_bytes(
+        &mut raw,
+        b"SELECT n FROM enc_t WHERE name = $1",
+        &latin1(&latin[1]),
+    )
+    .await;
+    assert_eq!(a.rows, [[Some("2".to_string())]], "{}", a.short());
+    let sql = "COPY enc_t (name, n) FROM STDIN";
+    let data = [&latin1(&latin[2])[..], b"\t3\n"].concat();
+    ok(
+        &copy_in(&mut raw, sql, &data, 3).await.expect("copy"),
+        sql,
+        "COPY 1",
+        'I',
+    );
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[2]).await, [0, 1]);
+    // Postgres converts a text row before undoing its escapes: a non-ASCII key in a row
+    // with escapes is refused, nothing written.
+    let a = copy_in(&mut raw, sql, b"Jos\\351X\t3\n", 64)
+        .await
+        .expect("copy");
+    err(&a, sql, "0A000", 'I');
+    assert_eq!(placement(&sdb, "enc_t", "name", "JoséX").await, [0, 0]);
+    // An integer key with non-ASCII text beside it.
+    let sql = format!(
+        "INSERT INTO enc_i (id, note) VALUES ({}, 'caf\u{e9}')",
+        ints[0]
+    );
+    ok(
+        &q_bytes(&mut raw, &latin1(&sql)).await,
+        &sql,
+        "INSERT 0 1",
+        'I',
+    );
+    assert_eq!(placement(&sdb, "enc_i", "note", "café").await, [0, 1]);
+
+    // SET LOCAL changes how the server reads text until the transaction ends (shardgate
+    // follows the server's ParameterStatus): the key routes as LATIN1, to shard 1, where
+    // a transaction begun on shard 0 under a parse-time SET LOCAL may not spread.
+    ok(
+        &q(&mut raw, "SET client_encoding = 'UTF8'").await,
+        "SET",
+        "SET",
+        'I',
+    );
+    ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
+    let sql = "SET LOCAL client_encoding = 'LATIN1'";
+    ok(&q(&mut raw, sql).await, sql, "SET", 'T');
+    let sql = [
+        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
+        &latin1(&latin[4]),
+        b"', 1)",
+    ]
+    .concat();
+    err(&q_bytes(&mut raw, &sql).await, &latin[4], "0A000", 'E');
+    ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[4]).await, [0, 0]);
+    // Back in UTF-8 after the transaction: the same key as UTF-8 bytes.
+    let sql = format!("INSERT INTO enc_t (name, n) VALUES ('{}', 1)", latin[4]);
+    ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'I');
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[4]).await, [0, 1]);
+
+    // WIN1251: integer keys and ASCII text keys route; a Cyrillic text key is refused.
+    ok(
+        &q(&mut raw, "SET client_encoding = 'WIN1251'").await,
+        "SET",
+        "SET",
+        'I',
+    );
+    let ivan = b"\xc8\xe2\xe0\xed"; // "Иван"
+    let sql = [
+        format!("INSERT INTO enc_i (id, note) VALUES ({}, '", ints[1]).as_bytes(),
+        ivan,
+        b"')",
+    ]
+    .concat();
+    ok(
+        &q_bytes(&mut raw, &sql).await,
+        "enc_i Иван",
+        "INSERT 0 1",
+        'I',
+    );
+    assert_eq!(placement(&sdb, "enc_i", "note", "Иван").await, [0, 1]);
+    let sql = [
+        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
+        ivan,
+        b"', 4)",
+    ]
+    .concat();
+    err(&q_bytes(&mut raw, &sql).await, "enc_t Иван", "0A000", 'I');
+    let sql = [&b"SELECT n FROM enc_t WHERE name = '"[..], ivan, b"'"].concat();
+    err(&q_bytes(&mut raw, &sql).await, "SELECT Иван", "0A000", 'I');
+    let a = extended_bytes(
+        &mut raw,
+        b"INSERT INTO enc_t (name, n) VALUES ($1, 4)",
+        ivan,
+    )
+    .await;
+    assert_eq!(a.code(), Some("0A000"), "{}", a.short());
+    let a = copy_in(
+        &mut raw,
+        "COPY enc_t (name, n) FROM STDIN",
+        &[&ivan[..], b"\t4\n"].concat(),
+        64,
+    )
+    .await
+    .expect("copy");
+    assert_eq!(a.code(), Some("0A000"), "{}", a.short());
+    assert_eq!(placement(&sdb, "enc_t", "name", "Иван").await, [0, 0]);
+    let sql = format!("SELECT n FROM enc_t WHERE name = '{}'", "plain");
+    assert_eq!(q(&mut raw, &sql).await.error, None);
+
+    // SJIS: 0x95 0x5C is one character ("表") whose second byte is a backslash; in an E
+    // string it must not escape the closing quote.
+    ok(
+        &q(&mut raw, "SET client_encoding = 'SJIS'").await,
+        "SET",
+        "SET",
+        'I',
+    );
+    let sql = [
+        format!("INSERT INTO enc_i (id, note) VALUES ({}, E'", ints[2]).as_bytes(),
+        b"\x95\x5c')",
+    ]
+    .concat();
+    ok(
+        &q_bytes(&mut raw, &sql).await,
+        "enc_i 表",
+        "INSERT 0 1",
+        'I',
+    );
+    assert_eq!(placement(&sdb, "enc_i", "note", "表").await, [0, 1]);
+    let sql = "COPY enc_i (id, note) FROM STDIN";
+    let a = copy_in(&mut raw, sql, b"5\tx\n", 64).await.expect("copy");
+    err(&a, sql, "0A000", 'I');
+
+    // The ENCODING option of a UTF-8 session's COPY is the data's encoding.
+    ok(
+        &q(&mut raw, "SET client_encoding = 'UTF8'").await,
+        "SET",
+        "SET",
+        'I',
+    );
+    let sql = "COPY enc_t (name, n) FROM STDIN (ENCODING 'LATIN1')";
+    let data = [&latin1(&latin[3])[..], b"\t5\n"].concat();
+    ok(
+        &copy_in(&mut raw, sql, &data, 64).await.expect("copy"),
+        sql,
+        "COPY 1",
+        'I',
+    );
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[3]).await, [0, 1]);
+
+    // standard_conforming_strings = off: '...' reads backslash escapes. The key is `k…\` on
+    // shard 1; read as a standard string (`k…\\`) it would be on shard 0.
+    let slash = text_keys_on_1(
+        &c0,
+        shards,
+        "'k'",
+        &format!(
+            "{} = 1 AND {} = 0",
+            text_owner_sql("k || '\\'", shards),
+            text_owner_sql("k || '\\\\'", shards)
+        ),
+        1,
+    )
+    .await;
+    let key = format!("{}\\", slash[0]);
+    ok(
+        &q(&mut raw, "SET standard_conforming_strings = off").await,
+        "SET",
+        "SET",
+        'I',
+    );
+    let sql = format!("INSERT INTO enc_t (name, n) VALUES ('{}\\\\', 6)", slash[0]);
+    ok(&q(&mut raw, &sql).await, &sql, "INSERT 0 1", 'I');
+    assert_eq!(placement(&sdb, "enc_t", "name", &key).await, [0, 1]);
+    let sql = format!("SELECT n FROM enc_t WHERE name = '{}\\\\'", slash[0]);
+    assert_eq!(value_of(&mut raw, &sql).await, "6");
+    let sql = format!("SELECT n FROM enc_t WHERE name = N'{}\\\\'", slash[0]);
+    err(&q(&mut raw, &sql).await, &sql, "0A000", 'I');
     drop(front);
     sdb.drop_db().await;
 }

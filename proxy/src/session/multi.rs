@@ -21,8 +21,8 @@ use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use shardgate_router::{
-    scan, split_insert, ColumnInfo, Kind, MergeParams, Plan, Refusal, Role, RowMerger, SimplePlan,
-    Target, TxControl,
+    scan, split_insert, ClientEncoding, ColumnInfo, Kind, MergeParams, Plan, Refusal, Role,
+    RowMerger, SimplePlan, Target, TextReading, TxControl, Unreadable,
 };
 
 use super::{Buffers, Flow, Held, Session, Stmt};
@@ -137,20 +137,31 @@ impl Session {
         io: &mut Buffers,
     ) -> Result<Routed, Flow> {
         let text = Reader::new(body(msg)).cstr().unwrap_or_default();
-        let Ok(sql) = std::str::from_utf8(text) else {
-            let shard = self.attached.as_ref().map_or(0, |a| a.shard);
-            return Ok(Routed::Shard {
-                shard,
-                primary: true,
-                write: true,
-            });
+        let reading = self.reported.reading();
+        let (sql, unreadable) = match routing.statement_text(text, reading) {
+            Ok(sql) => (sql, None),
+            // Not UTF-8 in a UTF-8 session: the server rejects it wherever it goes.
+            Err(Unreadable::Invalid) => {
+                let shard = self.attached.as_ref().map_or(0, |a| a.shard);
+                return Ok(Routed::Shard {
+                    shard,
+                    primary: true,
+                    write: true,
+                });
+            }
+            Err(Unreadable::Refused(r)) => (Cow::Borrowed(""), Some(r)),
         };
-        let sp = match self.settings.get(SHARD_KEY_SETTING) {
-            Some(key) => SimplePlan {
+        let sql: &str = &sql;
+        let sp = match (unreadable, self.settings.get(SHARD_KEY_SETTING)) {
+            (Some(r), _) => SimplePlan {
+                plan: Arc::new(Plan::refused(Kind::Write, Role::Primary, r)),
+                literals: Vec::new(),
+            },
+            (None, Some(key)) => SimplePlan {
                 plan: routing.plan_hinted(sql, &key),
                 literals: Vec::new(),
             },
-            None => routing.plan_simple(sql),
+            (None, None) => routing.plan_simple(sql),
         };
         // A slot move's cut-over: new transactions touching the moving slots wait. A
         // request outside any transaction starts one: it takes a fresh ticket (a busy
@@ -162,7 +173,9 @@ impl Session {
             if self.ticket == 0 {
                 self.ticket = routing.state.enter();
             }
-            if !routing.state.must_wait(self.ticket) || !routing.touches_moving_simple(&sp, sql) {
+            if !routing.state.must_wait(self.ticket)
+                || !routing.touches_moving_simple(&sp, sql, reading)
+            {
                 break;
             }
             // Boxed: rare, and it would otherwise grow every burst's future.
@@ -182,7 +195,7 @@ impl Session {
                 return Ok(Routed::Done);
             }
         }
-        let shards = match routing.shards_simple(&sp, sql) {
+        let shards = match routing.shards_simple(&sp, sql, reading) {
             Ok(s) => Some(s),
             Err(r) => {
                 // Boxed: rare, and what it holds would otherwise grow every burst's future.
@@ -323,7 +336,7 @@ impl Session {
                     );
                 } else {
                     self.shard_tx = Some(Box::new(ShardTx {
-                        begin: Some(sql.to_string()),
+                        begin: Some(begin_text(self.reported.reading(), sql)),
                         read_only: *read_only && plan.role == Role::Replica,
                         ..Default::default()
                     }));
@@ -655,7 +668,8 @@ impl Session {
         io: &mut Buffers,
     ) -> Result<bool, Flow> {
         let plan = sp.plan.clone();
-        let shards = match routing.shards_simple(sp, sql) {
+        let reading = self.reported.reading();
+        let shards = match routing.shards_simple(sp, sql, reading) {
             Ok(s) => s,
             Err(r) => {
                 self.multi_error(&r, io);
@@ -679,7 +693,7 @@ impl Session {
         let split = match (&plan.target, list.len() > 1) {
             (Target::SplitInsert { .. }, true) => {
                 let parts = routing
-                    .row_shards_simple(sp, sql)
+                    .row_shards_simple(sp, sql, reading)
                     .and_then(|rows| split_insert(sql, &rows).ok());
                 match parts {
                     Some(p) => Some(p),
@@ -705,13 +719,19 @@ impl Session {
                 } else {
                     Cow::Borrowed(sql)
                 };
+                if let Some(r) = unsendable(reading, sql, &text) {
+                    self.multi_error(&r, io);
+                    return Ok(true);
+                }
                 list.iter().map(|s| (*s, text.clone())).collect()
             }
         };
         let literals: Vec<&str> = sp.literals.iter().map(|l| l.text(sql)).collect();
         let merge_params =
             MergeParams::literals(&literals).with_extra_float_digits(self.extra_float_digits());
-        let requests = |_: u32, text: &str, out: &mut BytesMut| protocol::query(out, text);
+        let requests = |_: u32, text: &str, out: &mut BytesMut| {
+            protocol::query_bytes(out, &reading.wire_bytes(text))
+        };
         let to = PerShard {
             row_shards: split.as_deref().map(row_shards),
             texts,
@@ -916,21 +936,35 @@ impl Session {
         }
         // A reference table gets every row on every shard: one copy's count is the answer.
         let each = plan.target == Target::Each;
+        let reading = self.reported.reading();
+        // Text and CSV data come in the ENCODING option's encoding when there is one;
+        // binary text values in the session's (the server converts them as parameters).
+        let data_reading = match &info.encoding {
+            Some(e) if info.format != shardgate_router::CopyFormat::Binary => {
+                TextReading::new(Some(e), None)
+            }
+            _ => TextReading {
+                legacy_strings: false,
+                ..reading
+            },
+        };
         let split = match &plan.target {
             Target::SplitCopy {
                 key_type,
                 key_index,
             } => {
-                let encoding = self.settings.get("client_encoding");
-                if let Some(e) = encoding.filter(|e| {
-                    *key_type == shardgate_router::KeyType::Text
-                        && !shardgate_router::is_utf8_encoding(e)
-                }) {
-                    // The key's bytes come in the client's encoding; hashed as UTF-8 they
-                    // would pick another shard than the server's value.
+                let binary = info.format == shardgate_router::CopyFormat::Binary;
+                if !binary && !data_reading.encoding.keeps_ascii() {
+                    // Rows are split at ASCII delimiters, quotes and escapes, which a
+                    // character of these encodings may contain.
                     let r = Refusal::unsupported(format!(
-                        "COPY into a sharded table with a text shard key needs client_encoding \
-                         UTF8 (the session has {e})"
+                        "COPY into sharded table {table} in encoding {} is not supported: its \
+                         characters may contain bytes shardgate would read as delimiters; \
+                         send the data as UTF8",
+                        info.encoding
+                            .as_deref()
+                            .or_else(|| self.reported.get("client_encoding"))
+                            .unwrap_or_default()
                     ));
                     return self.multi_refuse(&r, io).await;
                 }
@@ -972,7 +1006,7 @@ impl Session {
                 hidden = 1;
                 p.in_tx = true;
             }
-            protocol::query(&mut req, sql);
+            protocol::query_bytes(&mut req, &reading.wire_bytes(sql));
             if let Err(e) = p.server.conn.send(&req).await {
                 p.broken = true;
                 let m = format!("shard {shard}: {e}");
@@ -1060,11 +1094,12 @@ impl Session {
                     let data = body(&msg);
                     match &mut split {
                         Some((rows, key_type)) => {
+                            let mut unread = false;
                             let mut each = |line: CopyLine<'_>| {
-                                route_copy_line(
+                                unread |= !route_copy_line(
                                     line,
                                     routing,
-                                    *key_type,
+                                    (*key_type, data_reading),
                                     list,
                                     &mut got_rows,
                                     &mut outs,
@@ -1072,6 +1107,10 @@ impl Session {
                             };
                             if let Err(e) = rows.feed(data, &mut each) {
                                 client_failed = Some((e.to_string(), "54000"));
+                                break 'client;
+                            }
+                            if unread {
+                                client_failed = Some((unreadable_copy_key(), "0A000"));
                                 break 'client;
                             }
                         }
@@ -1112,10 +1151,19 @@ impl Session {
             return self.multi_unit_end(io, true).await;
         }
         if let Some((rows, key_type)) = &mut split {
+            let mut unread = false;
             let mut each = |line: CopyLine<'_>| {
-                route_copy_line(line, routing, *key_type, list, &mut got_rows, &mut outs)
+                let key = (*key_type, data_reading);
+                unread |= !route_copy_line(line, routing, key, list, &mut got_rows, &mut outs)
             };
             rows.finish(&mut each);
+            if unread {
+                let reason = unreadable_copy_key();
+                self.copy_abort(&parts, &copying, &reason).await;
+                self.fail_statement(&Refusal::unsupported(reason.clone()));
+                protocol::error_response(&mut io.cout, "ERROR", "0A000", &reason);
+                return self.multi_unit_end(io, true).await;
+            }
         }
         // Mark the writers; refuse a span of shards without two-phase commit (nothing has
         // committed: every shard's COPY runs in a transaction).
@@ -1538,7 +1586,7 @@ impl Session {
                     let recent = self
                         .prepared
                         .as_deref()
-                        .and_then(|p| p.recent_unnamed(tail));
+                        .and_then(|p| p.recent_unnamed(tail, self.reported.reading()));
                     // Only its plan is read here: the settings it is prepared under do not
                     // matter.
                     let stmt = recent.cloned().unwrap_or_else(|| {
@@ -1548,6 +1596,7 @@ impl Session {
                             hasher,
                             0,
                             Some(routing),
+                            self.reported.reading(),
                         ))
                     });
                     if name.is_empty() {
@@ -1637,7 +1686,13 @@ impl Session {
                     };
                     let tail = &body(m)[r.position()..];
                     let hasher = &self.app.process.statement_hasher;
-                    let stmt = Stmt::new(Bytes::copy_from_slice(tail), hasher, 0, Some(routing));
+                    let stmt = Stmt::new(
+                        Bytes::copy_from_slice(tail),
+                        hasher,
+                        0,
+                        Some(routing),
+                        self.reported.reading(),
+                    );
                     parsed.push((name, Arc::new(stmt)));
                 }
                 b'B' => {
@@ -1749,6 +1804,7 @@ impl Session {
     fn register_parse(&mut self, m: &[u8], io: &mut Buffers) {
         let routing = self.pools.routing.clone();
         let parse_key = self.parse_key();
+        let reading = self.reported.reading();
         let hasher = &self.app.process.statement_hasher;
         let p = self.prepared.get_or_insert_with(Default::default);
         let mut r = Reader::new(body(m));
@@ -1766,7 +1822,7 @@ impl Session {
             // Postgres drops the unnamed statement before it parses the new one.
             p.unnamed = None;
             p.unnamed_global = false;
-            p.unnamed_stmt(tail, hasher, parse_key, routing.as_deref())
+            p.unnamed_stmt(tail, hasher, parse_key, routing.as_deref(), reading)
                 .0
         } else {
             Arc::new(Stmt::new(
@@ -1774,6 +1830,7 @@ impl Session {
                 hasher,
                 parse_key,
                 routing.as_deref(),
+                reading,
             ))
         };
         if stmt.several {
@@ -2071,7 +2128,7 @@ impl Session {
             if let TxControl::Begin { read_only } = tx {
                 let t = self.shard_tx.get_or_insert_with(Default::default);
                 if t.begin.is_none() {
-                    t.begin = Some(stmt.text().to_string());
+                    t.begin = Some(begin_text(stmt.reading, stmt.text()));
                     t.read_only = *read_only && plan.role == Role::Replica;
                     protocol::command_complete(&mut io.cout, begin_tag(stmt.text()));
                     return Ok(());
@@ -2126,6 +2183,10 @@ impl Session {
             (Some(r), true) => Cow::Borrowed(r.as_str()),
             _ => Cow::Borrowed(sql),
         };
+        if let Some(r) = unsendable(stmt.reading, sql, &rewritten) {
+            self.multi_fail(io, r.sqlstate, &r.message);
+            return Ok(());
+        }
         let texts: Vec<(u32, Cow<'_, str>)> = match &split {
             Some(parts) => parts
                 .iter()
@@ -2144,6 +2205,7 @@ impl Session {
             _ => 0,
         };
         let build = |shard: u32, text: &str, out: &mut BytesMut| {
+            let text = &stmt.reading.wire_bytes(text);
             let params: Option<&Vec<usize>> = split
                 .as_ref()
                 .and_then(|parts| parts.iter().find(|p| p.shard == shard))
@@ -2430,22 +2492,26 @@ const SHARD_KEY_SETTING: &str = "shardgate.shard_key";
 /// Appends one line of COPY data to the buffer of the shard that owns its key (a header
 /// to every shard). A key that does not read as the key type goes to the first shard,
 /// whose server then rejects the row as the COPY would.
+/// Sends a row of COPY data to its key's shard (the header and trailer to every shard);
+/// false for a text key the data's encoding does not let shardgate read (not sent).
 fn route_copy_line(
     line: CopyLine<'_>,
     routing: &Routing,
-    key_type: shardgate_router::KeyType,
+    (key_type, reading): (shardgate_router::KeyType, TextReading),
     list: &[u32],
     got_rows: &mut [bool],
     outs: &mut [BytesMut],
-) {
-    // A row whose key is NULL or unreadable goes to the first shard, whose server rejects
-    // it (a shard key is NOT NULL in practice) or keeps it as Postgres would.
+) -> bool {
+    // A row whose key is NULL or does not parse as the key's type goes to the first shard,
+    // whose server rejects it (a shard key is NOT NULL in practice) or keeps it as Postgres
+    // would.
     let mut to_shard = |row: &[u8], shard: Option<u32>| {
         let shard = shard.unwrap_or(list[0]);
         let k = list.iter().position(|s| *s == shard).unwrap_or(0);
         got_rows[k] = true;
         outs[k].extend_from_slice(row);
     };
+    let text = key_type == shardgate_router::KeyType::Text;
     match line {
         CopyLine::All(l) => {
             for o in outs.iter_mut() {
@@ -2453,14 +2519,63 @@ fn route_copy_line(
             }
         }
         CopyLine::Row(l, key) => {
-            let shard = key.and_then(|k| routing.shard_of_text(key_type, &k));
+            let shard = match key {
+                // Postgres converts a text row before it undoes its backslash escapes; the
+                // key here is already unescaped, so a non-ASCII key in a row with escapes
+                // may not be the bytes Postgres converts.
+                Some(k)
+                    if text
+                        && reading.encoding != ClientEncoding::Utf8
+                        && !k.is_ascii()
+                        && l.contains(&b'\\') =>
+                {
+                    return false
+                }
+                Some(k) if text => match reading.text_value(&k) {
+                    Some(v) => routing.shard_of_text(key_type, &v),
+                    None => return false,
+                },
+                Some(k) => routing.shard_of_text(key_type, &k),
+                None => None,
+            };
             to_shard(l, shard);
         }
         CopyLine::Binary(t, key) => {
-            let shard = key.and_then(|k| routing.shard_of_binary(key_type, k));
+            let shard = match key {
+                Some(k) if text => match reading.text_value(k) {
+                    Some(v) => routing.shard_of_binary(key_type, &v),
+                    None => return false,
+                },
+                Some(k) => routing.shard_of_binary(key_type, k),
+                None => None,
+            };
             to_shard(t, shard);
         }
     }
+    true
+}
+
+/// A text shardgate rebuilt from the parse tree (a multi-shard rewrite) may hold characters
+/// the client never sent (an escape's: `E'\\u00e9'`), which the client's encoding cannot
+/// carry back; refused in sessions not in UTF-8 rather than sent changed.
+fn unsendable(reading: TextReading, planned: &str, text: &str) -> Option<Refusal> {
+    if reading.encoding == ClientEncoding::Utf8 || std::ptr::eq(planned, text) || text.is_ascii() {
+        return None;
+    }
+    let foreign = text.chars().any(|c| !c.is_ascii() && !planned.contains(c));
+    foreign.then(|| {
+        Refusal::unsupported(
+            "this statement cannot be sent across shards in the session's client_encoding \
+             (shardgate rewrote it with characters of an escape); use UTF8",
+        )
+    })
+}
+
+fn unreadable_copy_key() -> String {
+    format!(
+        "cannot route a row of this COPY: {}",
+        TextReading::UNREADABLE_KEY
+    )
 }
 
 /// CopyData is sent to a shard once this much is buffered for it.
@@ -2848,15 +2963,29 @@ impl<'p> Combiner<'p> {
     }
 }
 
-fn write_parse_text(out: &mut BytesMut, text: &str, types: &[u32]) {
+/// An unnamed Parse of `text` (in the client's encoding).
+fn write_parse_text(out: &mut BytesMut, text: &[u8], types: &[u32]) {
     protocol::write_msg(out, b'P', |o| {
         o.put_u8(0);
-        protocol::put_cstr(o, text.as_bytes());
+        protocol::put_cstr(o, text);
         o.put_i16(types.len() as i16);
         for t in types {
             o.put_u32(*t);
         }
     });
+}
+
+/// A BEGIN's text, kept to begin the transaction on each shard it reaches. Sent as UTF-8
+/// text, so in a session in another encoding its non-ASCII characters (in a comment: there
+/// is nowhere else for them) become spaces.
+fn begin_text(reading: TextReading, planned: &str) -> String {
+    if reading.encoding == ClientEncoding::Utf8 || planned.is_ascii() {
+        return planned.to_string();
+    }
+    planned
+        .chars()
+        .map(|c| if c.is_ascii() { c } else { ' ' })
+        .collect()
 }
 
 /// `BEGIN` or `START TRANSACTION`, as Postgres tags it.
