@@ -24,6 +24,9 @@ pub struct CopyRows {
     partial: Vec<u8>,
     /// Where the scan of the incomplete CSV row stands (what its bytes so far mean).
     row_state: RowState,
+    /// How rows end, as Postgres decides from the first one: `\n` (or `\r\n`, which
+    /// splits the same way) or a bare `\r`. Rows ending otherwise make the server fail.
+    eol: Eol,
     /// The most bytes an incomplete row may hold (`MAX_ROW`; smaller in tests).
     max_row: usize,
     /// The `\.` end marker was seen: the rest is ignored (as the server does). Binary:
@@ -63,6 +66,19 @@ impl std::fmt::Display for RowTooLong {
             "COPY row is too long: more than {MAX_ROW} bytes without a row end"
         )
     }
+}
+
+/// How rows end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eol {
+    /// Not seen yet: the first row's end decides.
+    Unknown,
+    Newline,
+    /// A bare carriage return (old Mac files).
+    Return,
+    /// The first row ended with `\r` as the last byte so far: a `\n` next makes it
+    /// `Newline`, anything else `Return` (the row then ended at that `\r`).
+    ReturnPending,
 }
 
 /// What the bytes of a row seen so far mean for the next one. Kept between CopyData
@@ -106,6 +122,7 @@ impl CopyRows {
             header_pending: info.header || binary,
             partial: Vec::new(),
             row_state: RowState::Unquoted,
+            eol: Eol::Unknown,
             max_row: MAX_ROW,
             ended: false,
         }
@@ -121,6 +138,17 @@ impl CopyRows {
     ) -> Result<(), RowTooLong> {
         if self.binary {
             return self.feed_binary(data, each);
+        }
+        if self.eol == Eol::ReturnPending && !data.is_empty() {
+            if data[0] == b'\n' {
+                // `\r\n`: the scan finds the row's end at the `\n`.
+                self.eol = Eol::Newline;
+            } else {
+                self.eol = Eol::Return;
+                let line = std::mem::take(&mut self.partial);
+                self.row_state = RowState::Unquoted;
+                self.line(&line, each);
+            }
         }
         while !data.is_empty() && !self.ended {
             let mut state = self.row_state;
@@ -218,16 +246,20 @@ impl CopyRows {
 
     /// Index of the newline in `buf` that ends the current row, whose bytes before `buf`
     /// left the CSV scan in `state`; without one, `state` is left as at the end of `buf`.
-    fn row_end(&self, buf: &[u8], state: &mut RowState) -> Option<usize> {
+    fn row_end(&mut self, buf: &[u8], state: &mut RowState) -> Option<usize> {
         if !self.csv {
-            return text_row_end(buf, state);
+            return text_row_end(buf, state, &mut self.eol);
         }
         let mut i = 0;
         while i < buf.len() {
             let b = buf[i];
             match *state {
                 RowState::Unquoted if b == self.quote => *state = RowState::Quoted,
-                RowState::Unquoted if b == b'\n' => return Some(i),
+                RowState::Unquoted if b == b'\n' || b == b'\r' => {
+                    if let Some(end) = line_end_at(buf, i, &mut self.eol) {
+                        return end;
+                    }
+                }
                 RowState::Unquoted => {}
                 RowState::Quoted if b == self.escape => *state = RowState::AfterEscape,
                 RowState::Quoted if b == self.quote => *state = RowState::Unquoted,
@@ -261,10 +293,19 @@ impl CopyRows {
     }
 
     fn line(&mut self, line: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
-        let content = trim_newline(line);
+        let mut content = trim_newline(line);
         if content == b"\\." {
             self.ended = true;
             return;
+        }
+        // Text format: `\.` ends the data anywhere in a line, what is before it being
+        // the last row (Postgres 15). That row goes to its key's shard whole, whose server
+        // stops there too; nothing after it goes anywhere.
+        if !self.csv {
+            if let Some(at) = text_end_marker(content) {
+                self.ended = true;
+                content = &content[..at];
+            }
         }
         if self.header_pending {
             self.header_pending = false;
@@ -363,7 +404,7 @@ impl CopyRows {
 /// Text format: the newline that ends the row. A backslash quotes the byte after it, a
 /// raw newline too: Postgres reads `\` + newline as a newline inside the value, so that
 /// newline does not end the row (`AfterEscape`: the piece ended on a backslash).
-fn text_row_end(buf: &[u8], state: &mut RowState) -> Option<usize> {
+fn text_row_end(buf: &[u8], state: &mut RowState, eol: &mut Eol) -> Option<usize> {
     let mut i = 0;
     if *state == RowState::AfterEscape {
         if buf.is_empty() {
@@ -372,10 +413,21 @@ fn text_row_end(buf: &[u8], state: &mut RowState) -> Option<usize> {
         *state = RowState::Unquoted;
         i = 1;
     }
-    while let Some(j) = memchr::memchr2(b'\n', b'\\', &buf[i..]) {
-        let k = i + j;
-        if buf[k] == b'\n' {
-            return Some(k);
+    loop {
+        let next = match *eol {
+            Eol::Newline => memchr::memchr2(b'\n', b'\\', &buf[i..]),
+            Eol::Return => memchr::memchr2(b'\r', b'\\', &buf[i..]),
+            Eol::Unknown | Eol::ReturnPending => memchr::memchr3(b'\n', b'\r', b'\\', &buf[i..]),
+        };
+        let k = i + next?;
+        if buf[k] != b'\\' {
+            match line_end_at(buf, k, eol) {
+                Some(end) => return end,
+                None => {
+                    i = k + 1;
+                    continue;
+                }
+            }
         }
         if k + 1 == buf.len() {
             *state = RowState::AfterEscape;
@@ -383,7 +435,38 @@ fn text_row_end(buf: &[u8], state: &mut RowState) -> Option<usize> {
         }
         i = k + 2;
     }
-    None
+}
+
+/// At a `\n` or `\r` outside quotes (`buf[k]`): `Some(end)` when it ends the row (`end`:
+/// the row's last byte, `None` for "not known before more data"), `None` when it is data.
+/// The first one seen decides how rows end, as in Postgres.
+fn line_end_at(buf: &[u8], k: usize, eol: &mut Eol) -> Option<Option<usize>> {
+    let nl = buf[k] == b'\n';
+    match *eol {
+        Eol::Newline if nl => Some(Some(k)),
+        Eol::Return if !nl => Some(Some(k)),
+        // The other kind: the server fails the row ("literal newline/carriage return
+        // found in data"); its bytes stay in the row.
+        Eol::Newline | Eol::Return => None,
+        Eol::Unknown | Eol::ReturnPending if nl => {
+            *eol = Eol::Newline;
+            Some(Some(k))
+        }
+        Eol::Unknown | Eol::ReturnPending => match buf.get(k + 1) {
+            Some(b'\n') => {
+                *eol = Eol::Newline;
+                Some(Some(k + 1))
+            }
+            Some(_) => {
+                *eol = Eol::Return;
+                Some(Some(k))
+            }
+            None => {
+                *eol = Eol::ReturnPending;
+                Some(None)
+            }
+        },
+    }
 }
 
 /// One unit at the start of binary COPY data.
@@ -457,6 +540,22 @@ fn binary_tuple(buf: &[u8], key_index: usize) -> Binary {
         pos += len;
     }
     Binary::Tuple(pos, key)
+}
+
+/// Where an (unescaped) `\.` starts in a text-format row.
+fn text_end_marker(row: &[u8]) -> Option<usize> {
+    let mut i = memchr::memchr(b'\\', row)?;
+    while i + 1 < row.len() {
+        if row[i] == b'\\' {
+            if row[i + 1] == b'.' {
+                return Some(i);
+            }
+            i += 2;
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 fn trim_newline(line: &[u8]) -> &[u8] {
@@ -619,6 +718,64 @@ mod tests {
             &bytes,
         );
         assert_eq!(got, whole, "byte by byte");
+    }
+
+    /// Rows split the same for every pair of pieces and byte by byte, as `whole` says.
+    fn same_for_every_split(
+        format: CopyFormat,
+        key: usize,
+        data: &[u8],
+    ) -> Vec<(String, Option<String>)> {
+        let new = || CopyRows::new(&info(format, false), key);
+        let whole = split(&mut new(), &[data]);
+        for at in 0..=data.len() {
+            let (a, b) = data.split_at(at);
+            assert_eq!(split(&mut new(), &[a, b]), whole, "split at {at}");
+        }
+        let bytes: Vec<&[u8]> = data.chunks(1).collect();
+        assert_eq!(split(&mut new(), &bytes), whole, "byte by byte");
+        whole
+    }
+
+    /// The first row's end says how rows end, as in Postgres: a bare `\r` (old Mac
+    /// files) ends every row then; `\r\n` splits at the `\n`. Escaped or quoted, a `\r`
+    /// is data.
+    #[test]
+    fn rows_ending_in_carriage_returns_split_as_postgres_splits_them() {
+        let s = |v: &str| Some(v.to_string());
+        let keys = |rows: &[(String, Option<String>)]| -> Vec<Option<String>> {
+            rows.iter().map(|(_, k)| k.clone()).collect()
+        };
+        let got = same_for_every_split(CopyFormat::Text, 0, b"1\ta\r2\tb\\\rc\r3\tc\r");
+        assert_eq!(keys(&got), [s("1"), s("2"), s("3")], "{got:?}");
+        assert_eq!(got[1].0, "2\tb\\\rc\r");
+        let got = same_for_every_split(CopyFormat::Text, 1, b"1\ta\r\n2\tb\r\n");
+        assert_eq!(keys(&got), [s("a"), s("b")], "{got:?}");
+        assert_eq!(got[0].0, "1\ta\r\n");
+        let got = same_for_every_split(CopyFormat::Csv, 1, b"1,a\r2,\"b\rc\"\r3,c");
+        assert_eq!(keys(&got), [s("a"), s("b\rc"), s("c")], "{got:?}");
+        // Newline rows: a bare `\r` later is data (the server rejects it).
+        let got = same_for_every_split(CopyFormat::Text, 0, b"1\ta\n2\tb\rc\n");
+        assert_eq!(keys(&got), [s("1"), s("2")], "{got:?}");
+    }
+
+    /// Text format: `\.` ends the data in mid-line too; what is before it on that line is
+    /// the last row, read for its key without the marker.
+    #[test]
+    fn text_end_marker_in_mid_line_ends_the_data() {
+        let s = |v: &str| Some(v.to_string());
+        let got = same_for_every_split(CopyFormat::Text, 1, b"1\ta\n2\tb\\.\n3\tc\n");
+        assert_eq!(
+            got,
+            [("1\ta\n".into(), s("a")), ("2\tb\\.\n".into(), s("b"))]
+        );
+        // An escaped backslash before a dot is data.
+        let got = same_for_every_split(CopyFormat::Text, 1, b"1\ta\\\\.\n2\tb\n");
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].1, s("a\\."));
+        // CSV: only a line of its own.
+        let got = same_for_every_split(CopyFormat::Csv, 1, b"1,a\\.\n2,b\n");
+        assert_eq!(got.len(), 2, "{got:?}");
     }
 
     /// A row that does not end within `max_row` bytes fails the COPY rather than being
