@@ -2205,7 +2205,7 @@ impl Session {
         let current = server.conn.settings.as_ref();
         let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
         if !same {
-            if let Some(sql) = self.settings.sync_sql(current.map(|c| &**c)) {
+            for sql in self.settings.sync_sql(current.map(|c| &**c)) {
                 query_to_server(&mut server.conn, io, &sql, Expect::HIDDEN_QUERY);
             }
             server.conn.settings = Some(self.settings.clone());

@@ -182,33 +182,56 @@ impl Settings {
         Settings::new(entries)
     }
 
-    /// SQL that takes a connection carrying `from` (`None`: unknown) to `self`, or `None`
-    /// when nothing needs to change.
-    pub fn sync_sql(&self, from: Option<&Settings>) -> Option<String> {
-        let mut sql = String::new();
+    /// The SQL messages (simple Queries, in order) that take a connection carrying `from`
+    /// (`None`: unknown) to `self`; none when nothing needs to change.
+    ///
+    /// Postgres converts a Query's text from the client_encoding the connection has when
+    /// the message arrives, and a client's values were recorded in the client's own
+    /// encoding: when a value is not ASCII, the client_encoding change goes first, in a
+    /// message of its own, so that the values are read in it.
+    pub fn sync_sql(&self, from: Option<&Settings>) -> Vec<String> {
+        const ENCODING: &str = "client_encoding";
+        let (mut head, mut body) = (String::new(), String::new());
+        let mut put = |name: &str, sql: String| {
+            if name == ENCODING {
+                head.push_str(&sql);
+            } else {
+                body.push_str(&sql);
+            }
+        };
         match from {
-            Some(from) if from == self => return None,
+            Some(from) if from == self => return Vec::new(),
             Some(from) => {
                 for (name, _) in &from.entries {
                     if !self.entries.iter().any(|(n, _)| n == name) {
-                        sql.push_str(&format!("RESET {name};"));
+                        put(name, format!("RESET {name};"));
                     }
                 }
                 for (name, value) in &self.entries {
                     if !from.entries.iter().any(|(n, v)| n == name && v == value) {
-                        sql.push_str(&format!("SET {name} = {value};"));
+                        put(name, format!("SET {name} = {value};"));
                     }
                 }
             }
             None => {
                 // RESET ALL alone would leave a role another client set (SET ROLE).
-                sql.push_str("RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;");
+                put(
+                    ENCODING,
+                    "RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;".into(),
+                );
                 for (name, value) in &self.entries {
-                    sql.push_str(&format!("SET {name} = {value};"));
+                    put(name, format!("SET {name} = {value};"));
                 }
             }
         }
-        Some(sql)
+        match (head.is_empty(), body.is_empty() || body.is_ascii()) {
+            (true, _) => vec![body],
+            (false, true) => vec![head + &body],
+            (false, false) => vec![head, body],
+        }
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .collect()
     }
 }
 
@@ -312,18 +335,42 @@ mod tests {
             name: "statement_timeout".into(),
             value: "1".into(),
         }]);
-        assert_eq!(a.sync_sql(Some(&a)), None);
+        assert!(a.sync_sql(Some(&a)).is_empty());
         assert_eq!(
-            b.sync_sql(Some(&a)).as_deref(),
-            Some("RESET search_path;SET statement_timeout = 1;")
+            b.sync_sql(Some(&a)),
+            ["RESET search_path;SET statement_timeout = 1;"]
+        );
+        assert_eq!(Settings::empty().sync_sql(Some(&a)), ["RESET search_path;"]);
+        assert_eq!(
+            a.sync_sql(None),
+            ["RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;SET search_path = x;"]
+        );
+        // A value that is not ASCII is read after the client_encoding change, which comes
+        // first in a message of its own; ASCII values share the message.
+        let set = |name: &str, value: &str| SettingChange::Set {
+            name: name.into(),
+            value: value.into(),
+        };
+        let latin = Settings::empty().apply(&[set("client_encoding", "'LATIN1'")]);
+        let cafe = Settings::empty().apply(&[set("application_name", "'café'")]);
+        assert_eq!(
+            cafe.sync_sql(Some(&latin)),
+            ["RESET client_encoding;", "SET application_name = 'café';"]
         );
         assert_eq!(
-            Settings::empty().sync_sql(Some(&a)).as_deref(),
-            Some("RESET search_path;")
+            cafe.sync_sql(None),
+            [
+                "RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;",
+                "SET application_name = 'café';"
+            ]
         );
         assert_eq!(
-            a.sync_sql(None).as_deref(),
-            Some("RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;SET search_path = x;")
+            b.sync_sql(Some(&latin)),
+            ["RESET client_encoding;SET statement_timeout = 1;"]
+        );
+        assert_eq!(
+            cafe.sync_sql(Some(&a)),
+            ["RESET search_path;SET application_name = 'café';"]
         );
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.apply(&[SettingChange::ResetAll]), *Settings::empty());

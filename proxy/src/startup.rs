@@ -182,7 +182,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
             return refuse(&mut stream, &code, &msg).await;
         }
     };
-    if let Some(sql) = settings.sync_sql(server.conn.settings.as_deref()) {
+    for sql in settings.sync_sql(server.conn.settings.as_deref()) {
         match server.conn.run(&sql).await {
             Ok(None) => server.conn.settings = Some(settings.clone()),
             Ok(Some((code, msg))) => {

@@ -494,7 +494,7 @@ impl Session {
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(c, &self.settings));
         if !same {
-            if let Some(sql) = self.settings.sync_sql(current.as_deref()) {
+            for sql in self.settings.sync_sql(current.as_deref()) {
                 match server.conn.run(&sql).await {
                     Ok(None) => {}
                     Ok(Some((code, message))) => {

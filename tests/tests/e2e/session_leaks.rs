@@ -467,3 +467,23 @@ async fn settings_left_by_a_do_block_stay_unknown_after_a_later_set() {
     assert_eq!(value(&b, "SHOW work_mem").await, default);
     assert_eq!(value(&a, "SHOW search_path").await, "public");
 }
+
+/// A client's non-ASCII setting is restored right on a connection another client left in
+/// another client_encoding: Postgres reads a Query's text in the encoding the connection
+/// has when the message arrives, so the encoding change goes first, in a message of its
+/// own. Before, both went in one message and the value was read as LATIN1 (`"cafÃ©"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settings_are_restored_in_the_clients_encoding() {
+    let proxy = one_connection_pool().await;
+    let (c, d) = two_clients(&proxy).await;
+    c.batch_execute("SET search_path = \"café\", public")
+        .await
+        .unwrap();
+    d.batch_execute("SET client_encoding = 'LATIN1'")
+        .await
+        .unwrap();
+    assert_eq!(value(&d, "SHOW client_encoding").await, "LATIN1");
+    assert_eq!(value(&c, "SHOW search_path").await, "\"café\", public");
+    assert_eq!(value(&c, "SHOW client_encoding").await, "UTF8");
+    assert_eq!(value(&d, "SHOW client_encoding").await, "LATIN1");
+}
