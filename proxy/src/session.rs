@@ -143,9 +143,14 @@ impl Stmt {
     }
 
     /// A Bind's values (`rest`: the Bind body after portal and statement names) with this
-    /// statement's parameter types; `None` for a malformed Bind or Parse.
-    fn bind_values<'a>(&'a self, rest: &'a [u8]) -> Option<crate::routing::BindValues<'a>> {
-        crate::routing::BindValues::parse(rest, self.param_types()?, self.reading)
+    /// statement's parameter types, text read as `reading` says (the session's when the
+    /// Bind comes: Postgres converts its values then); `None` for a malformed Bind or Parse.
+    fn bind_values<'a>(
+        &'a self,
+        rest: &'a [u8],
+        reading: TextReading,
+    ) -> Option<crate::routing::BindValues<'a>> {
+        crate::routing::BindValues::parse(rest, self.param_types()?, reading)
     }
 
     /// The text as planned (empty when unreadable); send text built from it with
@@ -2440,7 +2445,7 @@ fn log_bind(pid: i32, app: &App, stmt: &Stmt, rest: &[u8]) {
     if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
         return;
     }
-    let params = stmt.bind_values(rest);
+    let params = stmt.bind_values(rest, stmt.reading);
     let count = params.as_ref().map_or(0, |b| b.len());
     if app.config.general.log_parameters {
         let values: Vec<String> = params

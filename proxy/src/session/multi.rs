@@ -1641,7 +1641,7 @@ impl Session {
                     }
                     others = true;
                     let rest = &body(m)[r.position()..];
-                    let Some(bind) = stmt.bind_values(rest) else {
+                    let Some(bind) = stmt.bind_values(rest, self.reported.reading()) else {
                         continue;
                     };
                     let s = match routing.shards_bound(plan, &bind) {
@@ -1712,7 +1712,7 @@ impl Session {
                         return true;
                     };
                     let rest = &body(m)[r.position()..];
-                    match stmt.bind_values(rest) {
+                    match stmt.bind_values(rest, self.reported.reading()) {
                         Some(bind) if !routing.touches_moving_bound(&plan, &bind) => {}
                         _ => return true,
                     }
@@ -2100,7 +2100,7 @@ impl Session {
             self.multi_fail(io, "XX000", "statement has no plan");
             return Ok(());
         };
-        let Some(bind) = stmt.bind_values(&rest) else {
+        let Some(bind) = stmt.bind_values(&rest, self.reported.reading()) else {
             self.multi_fail(io, sqlstate::PROTOCOL_VIOLATION, "invalid Bind message");
             return Ok(());
         };
