@@ -186,9 +186,10 @@ impl Settings {
     /// (`None`: unknown) to `self`; none when nothing needs to change.
     ///
     /// Postgres converts a Query's text from the client_encoding the connection has when
-    /// the message arrives, and a client's values were recorded in the client's own
-    /// encoding: when a value is not ASCII, the client_encoding change goes first, in a
-    /// message of its own, so that the values are read in it.
+    /// the message arrives. Values are kept as UTF-8 text (a session in another encoding
+    /// that sets a non-ASCII value keeps its connection instead, see `effects_of`), so when
+    /// one is not ASCII the first message ends by setting client_encoding to UTF8 and the
+    /// second sets the values, then the client's own client_encoding.
     pub fn sync_sql(&self, from: Option<&Settings>) -> Vec<String> {
         const ENCODING: &str = "client_encoding";
         let (mut head, mut body) = (String::new(), String::new());
@@ -199,6 +200,7 @@ impl Settings {
                 body.push_str(&sql);
             }
         };
+        let mut resets = String::new();
         match from {
             Some(from) if from == self => return Vec::new(),
             Some(from) => {
@@ -215,23 +217,25 @@ impl Settings {
             }
             None => {
                 // RESET ALL alone would leave a role another client set (SET ROLE).
-                put(
-                    ENCODING,
-                    "RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;".into(),
-                );
+                resets.push_str("RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;");
                 for (name, value) in &self.entries {
                     put(name, format!("SET {name} = {value};"));
                 }
             }
         }
-        match (head.is_empty(), body.is_empty() || body.is_ascii()) {
-            (true, _) => vec![body],
-            (false, true) => vec![head + &body],
-            (false, false) => vec![head, body],
+        if body.is_ascii() {
+            let all = resets + &head + &body;
+            return if all.is_empty() {
+                Vec::new()
+            } else {
+                vec![all]
+            };
         }
-        .into_iter()
-        .filter(|s| !s.is_empty())
-        .collect()
+        let own = match self.entries.iter().find(|(n, _)| n == ENCODING) {
+            Some((_, v)) => format!("SET {ENCODING} = {v};"),
+            None => format!("RESET {ENCODING};"),
+        };
+        vec![resets + "SET client_encoding = 'UTF8';", body + &own]
     }
 }
 
@@ -345,8 +349,9 @@ mod tests {
             a.sync_sql(None),
             ["RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;SET search_path = x;"]
         );
-        // A value that is not ASCII is read after the client_encoding change, which comes
-        // first in a message of its own; ASCII values share the message.
+        // Values that are not ASCII (kept as UTF-8) arrive in a message of their own, read
+        // as UTF8; the client's own client_encoding follows them. ASCII values share one
+        // message.
         let set = |name: &str, value: &str| SettingChange::Set {
             name: name.into(),
             value: value.into(),
@@ -355,22 +360,31 @@ mod tests {
         let cafe = Settings::empty().apply(&[set("application_name", "'café'")]);
         assert_eq!(
             cafe.sync_sql(Some(&latin)),
-            ["RESET client_encoding;", "SET application_name = 'café';"]
+            [
+                "SET client_encoding = 'UTF8';",
+                "SET application_name = 'café';RESET client_encoding;"
+            ]
         );
         assert_eq!(
             cafe.sync_sql(None),
             [
-                "RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;",
-                "SET application_name = 'café';"
+                "RESET SESSION AUTHORIZATION;RESET ROLE;RESET ALL;SET client_encoding = 'UTF8';",
+                "SET application_name = 'café';RESET client_encoding;"
             ]
         );
+        let latin_cafe = latin.apply(&[set("search_path", "'café'")]);
+        for from in [Some(&latin), Some(&cafe), None] {
+            let sql = latin_cafe.sync_sql(from);
+            assert_eq!(sql.len(), 2, "{from:?}");
+            assert!(sql[0].ends_with("SET client_encoding = 'UTF8';"), "{sql:?}");
+            assert!(
+                sql[1].ends_with("SET search_path = 'café';SET client_encoding = 'LATIN1';"),
+                "{sql:?}"
+            );
+        }
         assert_eq!(
             b.sync_sql(Some(&latin)),
             ["RESET client_encoding;SET statement_timeout = 1;"]
-        );
-        assert_eq!(
-            cafe.sync_sql(Some(&a)),
-            ["RESET search_path;SET application_name = 'café';"]
         );
         assert_ne!(a.hash(), b.hash());
         assert_eq!(a.apply(&[SettingChange::ResetAll]), *Settings::empty());

@@ -486,4 +486,13 @@ async fn settings_are_restored_in_the_clients_encoding() {
     assert_eq!(value(&c, "SHOW search_path").await, "\"café\", public");
     assert_eq!(value(&c, "SHOW client_encoding").await, "UTF8");
     assert_eq!(value(&d, "SHOW client_encoding").await, "LATIN1");
+    // Kept as UTF-8, the value is read as UTF8 even for a client now in LATIN1 (whose
+    // client_encoding is then put back).
+    c.batch_execute("SET client_encoding = 'LATIN1'")
+        .await
+        .unwrap();
+    d.batch_execute("RESET client_encoding").await.unwrap();
+    let same = "SELECT current_setting('search_path') = U&'\"caf\\00e9\", public'";
+    assert_eq!(value(&c, same).await, "t");
+    assert_eq!(value(&c, "SHOW client_encoding").await, "LATIN1");
 }
