@@ -24,9 +24,11 @@ pub struct CopyRows {
     partial: Vec<u8>,
     /// Where the scan of the incomplete CSV row stands (what its bytes so far mean).
     row_state: RowState,
-    /// How rows end, as Postgres decides from the first one: `\n` (or `\r\n`, which
-    /// splits the same way) or a bare `\r`. Rows ending otherwise make the server fail.
+    /// How rows end, as Postgres decides from the first one: `\n`, `\r\n` or a bare `\r`.
     eol: Eol,
+    /// The row scanned so far ends in a `\r` that may end it: the next byte tells
+    /// (`Unknown` or `ReturnNewline` only).
+    cr_pending: bool,
     /// The most bytes an incomplete row may hold (`MAX_ROW`; smaller in tests).
     max_row: usize,
     /// The `\.` end marker was seen: the rest is ignored (as the server does). Binary:
@@ -55,30 +57,45 @@ const MAX_FIELD: usize = 0x3fff_ffff + 1;
 /// (54000); a binary tuple longer than that is refused here likewise.
 const MAX_ROW: usize = MAX_FIELD;
 
-/// A row grew past `MAX_ROW` before it ended: the COPY fails (54000).
+/// Data shardgate cannot split as Postgres would read it: the COPY fails.
 #[derive(Debug, PartialEq, Eq)]
-pub struct RowTooLong;
+pub enum BadData {
+    /// A row grew past `MAX_ROW` before it ended (54000).
+    RowTooLong,
+    /// A row ended otherwise than the first one did (22P04, Postgres's own message):
+    /// each shard would take the first row it gets as the rule, and read rows apart.
+    LineEnding(&'static str),
+}
 
-impl std::fmt::Display for RowTooLong {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "COPY row is too long: more than {MAX_ROW} bytes without a row end"
-        )
+impl BadData {
+    pub fn sqlstate(&self) -> &'static str {
+        match self {
+            BadData::RowTooLong => "54000",
+            BadData::LineEnding(_) => "22P04",
+        }
     }
 }
 
-/// How rows end.
+impl std::fmt::Display for BadData {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BadData::RowTooLong => write!(
+                f,
+                "COPY row is too long: more than {MAX_ROW} bytes without a row end"
+            ),
+            BadData::LineEnding(m) => f.write_str(m),
+        }
+    }
+}
+
+/// How rows end (Postgres's `eol_type`), decided by the first row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Eol {
-    /// Not seen yet: the first row's end decides.
     Unknown,
     Newline,
+    ReturnNewline,
     /// A bare carriage return (old Mac files).
     Return,
-    /// The first row ended with `\r` as the last byte so far: a `\n` next makes it
-    /// `Newline`, anything else `Return` (the row then ended at that `\r`).
-    ReturnPending,
 }
 
 /// What the bytes of a row seen so far mean for the next one. Kept between CopyData
@@ -123,6 +140,7 @@ impl CopyRows {
             partial: Vec::new(),
             row_state: RowState::Unquoted,
             eol: Eol::Unknown,
+            cr_pending: false,
             max_row: MAX_ROW,
             ended: false,
         }
@@ -135,28 +153,34 @@ impl CopyRows {
         &mut self,
         mut data: &[u8],
         each: &mut dyn FnMut(CopyLine<'_>),
-    ) -> Result<(), RowTooLong> {
+    ) -> Result<(), BadData> {
         if self.binary {
             return self.feed_binary(data, each);
         }
-        if self.eol == Eol::ReturnPending && !data.is_empty() {
+        if self.cr_pending && !data.is_empty() && !self.ended {
+            // The row in `partial` ends in a `\r`: a `\n` next ends it there, anything else
+            // ended it at the `\r` (bare `\r` rows), or is an error (`\r\n` rows).
+            self.cr_pending = false;
+            self.row_state = RowState::Unquoted;
+            let mut line = std::mem::take(&mut self.partial);
             if data[0] == b'\n' {
-                // `\r\n`: the scan finds the row's end at the `\n`.
-                self.eol = Eol::Newline;
-            } else {
+                self.eol = Eol::ReturnNewline;
+                line.push(b'\n');
+                data = &data[1..];
+            } else if self.eol == Eol::Unknown {
                 self.eol = Eol::Return;
-                let line = std::mem::take(&mut self.partial);
-                self.row_state = RowState::Unquoted;
-                self.line(&line, each);
+            } else {
+                return Err(literal_return(self.csv));
             }
+            self.line(&line, each);
         }
         while !data.is_empty() && !self.ended {
             let mut state = self.row_state;
-            let end = self.row_end(data, &mut state);
+            let end = self.row_end(data, &mut state)?;
             self.row_state = state;
             let Some(e) = end else {
                 if self.partial.len() + data.len() > self.max_row {
-                    return Err(RowTooLong);
+                    return Err(BadData::RowTooLong);
                 }
                 self.partial.extend_from_slice(data);
                 break;
@@ -183,7 +207,7 @@ impl CopyRows {
         &mut self,
         data: &[u8],
         each: &mut dyn FnMut(CopyLine<'_>),
-    ) -> Result<(), RowTooLong> {
+    ) -> Result<(), BadData> {
         if self.ended {
             each(CopyLine::All(data));
             return Ok(());
@@ -224,7 +248,7 @@ impl CopyRows {
         if self.partial.len() > self.max_row {
             // Still no whole tuple: every field is under 1 GiB (or the data would have
             // gone on as unreadable), but together they are more than a row may be.
-            return Err(RowTooLong);
+            return Err(BadData::RowTooLong);
         }
         Ok(())
     }
@@ -239,16 +263,21 @@ impl CopyRows {
             return;
         }
         if !self.partial.is_empty() && !self.ended {
+            if self.cr_pending && self.eol == Eol::Unknown {
+                // The data's only row ended in a bare `\r`.
+                self.eol = Eol::Return;
+            }
             let line = std::mem::take(&mut self.partial);
             self.line(&line, each);
         }
     }
 
-    /// Index of the newline in `buf` that ends the current row, whose bytes before `buf`
-    /// left the CSV scan in `state`; without one, `state` is left as at the end of `buf`.
-    fn row_end(&mut self, buf: &[u8], state: &mut RowState) -> Option<usize> {
+    /// Index of the last byte of the line ending that ends the current row, whose bytes
+    /// before `buf` left the scan in `state`; without one, `state` is left as at the end
+    /// of `buf`.
+    fn row_end(&mut self, buf: &[u8], state: &mut RowState) -> Result<Option<usize>, BadData> {
         if !self.csv {
-            return text_row_end(buf, state, &mut self.eol);
+            return text_row_end(buf, state, &mut self.eol, &mut self.cr_pending);
         }
         let mut i = 0;
         while i < buf.len() {
@@ -256,9 +285,7 @@ impl CopyRows {
             match *state {
                 RowState::Unquoted if b == self.quote => *state = RowState::Quoted,
                 RowState::Unquoted if b == b'\n' || b == b'\r' => {
-                    if let Some(end) = line_end_at(buf, i, &mut self.eol) {
-                        return end;
-                    }
+                    return line_end_at(buf, i, &mut self.eol, &mut self.cr_pending, true);
                 }
                 RowState::Unquoted => {}
                 RowState::Quoted if b == self.escape => *state = RowState::AfterEscape,
@@ -281,7 +308,7 @@ impl CopyRows {
             }
             i += 1;
         }
-        None
+        Ok(None)
     }
 
     /// Inside quotes, `b` followed by `next` is an escaped character (`""` when the
@@ -293,7 +320,13 @@ impl CopyRows {
     }
 
     fn line(&mut self, line: &[u8], each: &mut dyn FnMut(CopyLine<'_>)) {
-        let mut content = trim_newline(line);
+        let ending: &[u8] = match self.eol {
+            Eol::Newline => b"\n",
+            Eol::ReturnNewline => b"\r\n",
+            Eol::Return => b"\r",
+            Eol::Unknown => b"",
+        };
+        let mut content = line.strip_suffix(ending).unwrap_or(line);
         if content == b"\\." {
             self.ended = true;
             return;
@@ -404,69 +437,87 @@ impl CopyRows {
 /// Text format: the newline that ends the row. A backslash quotes the byte after it, a
 /// raw newline too: Postgres reads `\` + newline as a newline inside the value, so that
 /// newline does not end the row (`AfterEscape`: the piece ended on a backslash).
-fn text_row_end(buf: &[u8], state: &mut RowState, eol: &mut Eol) -> Option<usize> {
+fn text_row_end(
+    buf: &[u8],
+    state: &mut RowState,
+    eol: &mut Eol,
+    cr_pending: &mut bool,
+) -> Result<Option<usize>, BadData> {
     let mut i = 0;
     if *state == RowState::AfterEscape {
         if buf.is_empty() {
-            return None;
+            return Ok(None);
         }
         *state = RowState::Unquoted;
         i = 1;
     }
-    loop {
-        let next = match *eol {
-            Eol::Newline => memchr::memchr2(b'\n', b'\\', &buf[i..]),
-            Eol::Return => memchr::memchr2(b'\r', b'\\', &buf[i..]),
-            Eol::Unknown | Eol::ReturnPending => memchr::memchr3(b'\n', b'\r', b'\\', &buf[i..]),
-        };
-        let k = i + next?;
+    while let Some(j) = memchr::memchr3(b'\n', b'\r', b'\\', &buf[i..]) {
+        let k = i + j;
         if buf[k] != b'\\' {
-            match line_end_at(buf, k, eol) {
-                Some(end) => return end,
-                None => {
-                    i = k + 1;
-                    continue;
-                }
-            }
+            return line_end_at(buf, k, eol, cr_pending, false);
         }
         if k + 1 == buf.len() {
             *state = RowState::AfterEscape;
-            return None;
+            return Ok(None);
         }
         i = k + 2;
     }
+    Ok(None)
 }
 
-/// At a `\n` or `\r` outside quotes (`buf[k]`): `Some(end)` when it ends the row (`end`:
-/// the row's last byte, `None` for "not known before more data"), `None` when it is data.
-/// The first one seen decides how rows end, as in Postgres.
-fn line_end_at(buf: &[u8], k: usize, eol: &mut Eol) -> Option<Option<usize>> {
-    let nl = buf[k] == b'\n';
-    match *eol {
-        Eol::Newline if nl => Some(Some(k)),
-        Eol::Return if !nl => Some(Some(k)),
-        // The other kind: the server fails the row ("literal newline/carriage return
-        // found in data"); its bytes stay in the row.
-        Eol::Newline | Eol::Return => None,
-        Eol::Unknown | Eol::ReturnPending if nl => {
-            *eol = Eol::Newline;
-            Some(Some(k))
-        }
-        Eol::Unknown | Eol::ReturnPending => match buf.get(k + 1) {
-            Some(b'\n') => {
+/// At a `\n` or `\r` outside quotes and escapes (`buf[k]`): the index of the last byte of
+/// the line ending it starts, as the data's line ending says (the first one seen decides,
+/// as in Postgres); `None` when a `\r` ends `buf` and the next byte will tell; an error
+/// for a line ending of another kind, which Postgres rejects too.
+fn line_end_at(
+    buf: &[u8],
+    k: usize,
+    eol: &mut Eol,
+    cr_pending: &mut bool,
+    csv: bool,
+) -> Result<Option<usize>, BadData> {
+    if buf[k] == b'\n' {
+        return match *eol {
+            Eol::Unknown | Eol::Newline => {
                 *eol = Eol::Newline;
-                Some(Some(k + 1))
+                Ok(Some(k))
             }
-            Some(_) => {
-                *eol = Eol::Return;
-                Some(Some(k))
-            }
-            None => {
-                *eol = Eol::ReturnPending;
-                Some(None)
-            }
-        },
+            Eol::ReturnNewline | Eol::Return => Err(literal_newline(csv)),
+        };
     }
+    match (*eol, buf.get(k + 1)) {
+        (Eol::Newline, _) => Err(literal_return(csv)),
+        (Eol::Return, _) => Ok(Some(k)),
+        (_, Some(b'\n')) => {
+            *eol = Eol::ReturnNewline;
+            Ok(Some(k + 1))
+        }
+        (Eol::Unknown, Some(_)) => {
+            *eol = Eol::Return;
+            Ok(Some(k))
+        }
+        (Eol::ReturnNewline, Some(_)) => Err(literal_return(csv)),
+        (_, None) => {
+            *cr_pending = true;
+            Ok(None)
+        }
+    }
+}
+
+fn literal_newline(csv: bool) -> BadData {
+    BadData::LineEnding(if csv {
+        "unquoted newline found in data"
+    } else {
+        "literal newline found in data"
+    })
+}
+
+fn literal_return(csv: bool) -> BadData {
+    BadData::LineEnding(if csv {
+        "unquoted carriage return found in data"
+    } else {
+        "literal carriage return found in data"
+    })
 }
 
 /// One unit at the start of binary COPY data.
@@ -556,11 +607,6 @@ fn text_end_marker(row: &[u8]) -> Option<usize> {
         }
     }
     None
-}
-
-fn trim_newline(line: &[u8]) -> &[u8] {
-    let l = line.strip_suffix(b"\n").unwrap_or(line);
-    l.strip_suffix(b"\r").unwrap_or(l)
 }
 
 /// Text-format escapes: `\b \f \n \r \t \v`, octal `\ooo`, hex `\xhh`, else the character.
@@ -754,9 +800,45 @@ mod tests {
         assert_eq!(got[0].0, "1\ta\r\n");
         let got = same_for_every_split(CopyFormat::Csv, 1, b"1,a\r2,\"b\rc\"\r3,c");
         assert_eq!(keys(&got), [s("a"), s("b\rc"), s("c")], "{got:?}");
-        // Newline rows: a bare `\r` later is data (the server rejects it).
-        let got = same_for_every_split(CopyFormat::Text, 0, b"1\ta\n2\tb\rc\n");
-        assert_eq!(keys(&got), [s("1"), s("2")], "{got:?}");
+        // An escaped `\r` right before the newline is data, not part of the line ending.
+        let got = same_for_every_split(CopyFormat::Text, 1, b"1\tabc\\\r\n2\tx\n");
+        assert_eq!(keys(&got), [s("abc\r"), s("x")], "{got:?}");
+        // The first `\r` ends the data's only row.
+        let got = same_for_every_split(CopyFormat::Text, 1, b"1\tabc\r");
+        assert_eq!(keys(&got), [s("abc")], "{got:?}");
+    }
+
+    /// A row ending otherwise than the first fails the COPY, with Postgres's message:
+    /// each shard would take the first row it gets as the rule and read the rows apart.
+    #[test]
+    fn a_row_ending_unlike_the_first_fails_the_copy() {
+        let fails = |format: CopyFormat, data: &[u8]| -> BadData {
+            let outcome = |chunks: &[&[u8]]| {
+                let mut r = CopyRows::new(&info(format, false), 0);
+                let mut each = |_: CopyLine<'_>| {};
+                chunks
+                    .iter()
+                    .map(|c| r.feed(c, &mut each))
+                    .find(Result::is_err)
+                    .and_then(Result::err)
+            };
+            let whole = outcome(&[data]).expect("fails");
+            for at in 0..=data.len() {
+                let (a, b) = data.split_at(at);
+                assert_eq!(outcome(&[a, b]).as_ref(), Some(&whole), "split at {at}");
+            }
+            whole
+        };
+        let text = |d: &[u8]| fails(CopyFormat::Text, d).to_string();
+        let newline = "literal newline found in data";
+        let ret = "literal carriage return found in data";
+        assert_eq!(text(b"1\ta\r2\tb\n3\tc\n"), newline);
+        assert_eq!(text(b"1\ta\n2\tb\r3\tc\n"), ret);
+        assert_eq!(text(b"1\ta\r\n2\tb\n3\tc\n"), newline);
+        assert_eq!(text(b"1\ta\r\n2\tb\r3\tc\r\n"), ret);
+        let csv = fails(CopyFormat::Csv, b"1,a\r2,b\n3,c\n");
+        assert_eq!(csv.to_string(), "unquoted newline found in data");
+        assert_eq!(csv.sqlstate(), "22P04");
     }
 
     /// Text format: `\.` ends the data in mid-line too; what is before it on that line is
@@ -794,7 +876,7 @@ mod tests {
             assert_eq!(r.feed(b"1234567890", &mut each), Ok(()));
             assert_eq!(r.feed(b"123456\n", &mut each), Ok(()));
             assert_eq!(r.feed(b"12345678", &mut each), Ok(()));
-            assert_eq!(r.feed(b"123456789", &mut each), Err(RowTooLong));
+            assert_eq!(r.feed(b"123456789", &mut each), Err(BadData::RowTooLong));
             assert_eq!(rows, 2, "{format:?}");
         }
         let mut r = CopyRows::new(&info(CopyFormat::Binary, false), 0);
@@ -807,7 +889,7 @@ mod tests {
         data.extend_from_slice(&[b'x'; 60]);
         assert_eq!(r.feed(&data, &mut each), Ok(()));
         assert_eq!(r.feed(&[b'x'; 10], &mut each), Ok(()));
-        assert_eq!(r.feed(&[b'x'; 10], &mut each), Err(RowTooLong));
+        assert_eq!(r.feed(&[b'x'; 10], &mut each), Err(BadData::RowTooLong));
     }
 
     #[test]

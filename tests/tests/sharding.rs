@@ -2966,6 +2966,18 @@ async fn copy_options_that_change_the_key_are_read_as_postgres_reads_them() {
         .await
         .expect("copy");
     ok(&a, sql, "COPY 2", 'I');
+    // A row ending unlike the first fails the COPY, as on Postgres (22P04). Before, the
+    // second and third rows went to one shard as one `\r`-less "row", which that server
+    // read as two newline rows: the COPY succeeded, the third row on the wrong shard.
+    let b0 = keys_on_shard(&c0, sdb.shards(), 0, 2000, 2).await;
+    let b1 = keys_on_shard(&c0, sdb.shards(), 1, 2000, 1).await;
+    let data = format!("{}\t8\r{}\t9\n{}\t10\n", b0[0], b1[0], b0[1]);
+    let a = copy_in(&mut raw_2pc, sql, data.as_bytes(), 6)
+        .await
+        .expect("copy");
+    err(&a, sql, "22P04", 'I');
+    assert_eq!(present(&sdb, 0, "rf_a", &b0).await, 0);
+    assert_eq!(present(&sdb, 1, "rf_a", &b1).await, 0);
     drop(front_2pc);
     assert_eq!(present(&sdb, 0, "rf_a", &[a0[0]]).await, 1);
     assert_eq!(present(&sdb, 1, "rf_a", &[a1[0]]).await, 1);
@@ -3924,7 +3936,7 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
     let shards = sdb.shards();
     // Keys whose UTF-8 form Postgres puts on shard 1 (shardgate used to send these LATIN1
     // texts to shard 0).
-    let latin = text_keys_on_1(&c0, shards, "'Jos' || chr(233)", "true", 5).await;
+    let latin = text_keys_on_1(&c0, shards, "'Jos' || chr(233)", "true", 6).await;
     let ints = keys_on_shard(&c0, shards, 1, 1, 3).await;
     let latin1 = |s: &str| -> Vec<u8> { s.chars().map(|c| c as u32 as u8).collect() };
     let config = sdb.config(false).replace(
@@ -4002,6 +4014,31 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
         'I',
     );
     assert_eq!(placement(&sdb, "enc_i", "note", "café").await, [0, 1]);
+
+    // client_encoding as a startup parameter (psql with PGCLIENTENCODING, say).
+    let mut latin_raw = RawConn::connect(front.port).await.expect("connect");
+    let params = [
+        ("user", "app"),
+        ("database", sdb.db.as_str()),
+        ("client_encoding", "LATIN1"),
+    ];
+    latin_raw
+        .startup_with(&params, Some("app"))
+        .await
+        .expect("login");
+    let sql = [
+        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
+        &latin1(&latin[5]),
+        b"', 1)",
+    ]
+    .concat();
+    ok(
+        &q_bytes(&mut latin_raw, &sql).await,
+        &latin[5],
+        "INSERT 0 1",
+        'I',
+    );
+    assert_eq!(placement(&sdb, "enc_t", "name", &latin[5]).await, [0, 1]);
 
     // SET LOCAL changes how the server reads text until the transaction ends (shardgate
     // follows the server's ParameterStatus): the key routes as LATIN1, to shard 1, where

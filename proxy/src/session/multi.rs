@@ -1106,7 +1106,7 @@ impl Session {
                                 )
                             };
                             if let Err(e) = rows.feed(data, &mut each) {
-                                client_failed = Some((e.to_string(), "54000"));
+                                client_failed = Some((e.to_string(), e.sqlstate()));
                                 break 'client;
                             }
                             if unread {
