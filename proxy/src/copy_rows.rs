@@ -268,6 +268,17 @@ impl CopyRows {
                 self.eol = Eol::Return;
             }
             let line = std::mem::take(&mut self.partial);
+            if line == b"\\." {
+                // `\.` with no line ending after it, at the very end: CSV reads it as a
+                // value; text fails ("end-of-copy marker corrupt"), here on every shard.
+                if self.csv {
+                    let key = self.csv_field(&line);
+                    each(CopyLine::Row(&line, key));
+                } else {
+                    each(CopyLine::All(&line));
+                }
+                return;
+            }
             self.line(&line, each);
         }
     }
@@ -806,6 +817,19 @@ mod tests {
         // The first `\r` ends the data's only row.
         let got = same_for_every_split(CopyFormat::Text, 1, b"1\tabc\r");
         assert_eq!(keys(&got), [s("abc")], "{got:?}");
+    }
+
+    /// `\.` as the last bytes, with no line ending: a value in CSV; in text, every shard
+    /// gets it and fails the COPY as Postgres does. With a line ending it ends the data.
+    #[test]
+    fn an_end_marker_without_a_line_ending_is_left_to_postgres() {
+        let s = |v: &str| Some(v.to_string());
+        let got = same_for_every_split(CopyFormat::Csv, 0, b"a\n\\.");
+        assert_eq!(got, [("a\n".into(), s("a")), ("\\.".into(), s("\\."))]);
+        let got = same_for_every_split(CopyFormat::Text, 0, b"a\n\\.");
+        assert_eq!(got, [("a\n".into(), s("a")), ("\\.".into(), s("*"))]);
+        let got = same_for_every_split(CopyFormat::Csv, 0, b"a\n\\.\nb\n");
+        assert_eq!(got, [("a\n".into(), s("a"))]);
     }
 
     /// A row ending otherwise than the first fails the COPY, with Postgres's message:

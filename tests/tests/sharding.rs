@@ -2979,6 +2979,14 @@ async fn copy_options_that_change_the_key_are_read_as_postgres_reads_them() {
     assert_eq!(present(&sdb, 0, "rf_a", &b0).await, 0);
     assert_eq!(present(&sdb, 1, "rf_a", &b1).await, 0);
     drop(front_2pc);
+    // Text data ending in `\.` with no newline after it: Postgres fails the COPY ("end-of-
+    // copy marker corrupt"); before, shardgate took it for the end and the COPY succeeded.
+    let data = format!("{}\t11\n\\.", b1[0]);
+    let a = copy_in(&mut raw, sql, data.as_bytes(), 4)
+        .await
+        .expect("copy");
+    err(&a, sql, "22P04", 'I');
+    assert_eq!(present(&sdb, 1, "rf_a", &b1).await, 0);
     assert_eq!(present(&sdb, 0, "rf_a", &[a0[0]]).await, 1);
     assert_eq!(present(&sdb, 1, "rf_a", &[a1[0]]).await, 1);
     // `\.` in mid-line ends the data (Postgres 15 keeps what is before it as the last row):
