@@ -440,7 +440,7 @@ impl Routing {
 /// characters the session's encoding does not let shardgate read.
 fn readable(reading: TextReading, v: &RouterKey) -> bool {
     match v {
-        RouterKey::Text(s) => reading.reads_text_key(s),
+        RouterKey::Text(s) => !reading.stands_in(s),
         _ => true,
     }
 }

@@ -14,7 +14,7 @@
 //!   keys and the statement's structure read right. Each other byte is planned as a
 //!   placeholder letter (never equal to the character it stands for) that [`wire_bytes`]
 //!   turns back into the same byte when shardgate sends text it rewrote. A text key holding
-//!   such a character is not readable ([`TextReading::reads_text_key`]).
+//!   such a character is not readable ([`TextReading::stands_in`]).
 //! - SJIS, BIG5, GBK, UHC, GB18030 and JOHAB have multibyte characters whose later bytes may
 //!   be ASCII (`\`, `;`, letters): characters are measured with Postgres's own length rules
 //!   first, and such a byte becomes a placeholder too, so it is never read as SQL.
@@ -141,11 +141,6 @@ impl TextReading {
         }
     }
 
-    /// UTF-8 with standard strings: text is planned as it comes.
-    pub fn is_plain(&self) -> bool {
-        self.encoding == ClientEncoding::Utf8 && !self.legacy_strings
-    }
-
     /// The text to plan for a statement's bytes. Positions differ from the bytes' when it
     /// is owned; send text built from it with [`TextReading::wire_bytes`].
     pub fn statement_text<'a>(&self, bytes: &'a [u8]) -> Result<Cow<'a, str>, Unreadable> {
@@ -213,18 +208,10 @@ impl TextReading {
         )
     }
 
-    /// Whether planned `text` holds placeholders (characters that stand in for others).
+    /// Whether planned `text` (a statement, or a text key read from one) holds placeholders
+    /// (characters that stand in for others), so is not what the server reads.
     pub fn stands_in(&self, text: &str) -> bool {
         !matches!(self.encoding, ClientEncoding::Utf8 | ClientEncoding::Latin1) && !text.is_ascii()
-    }
-
-    /// Whether a text key read from this session's statement text is the value the server
-    /// sees (placeholders are not).
-    pub fn reads_text_key(&self, key: &str) -> bool {
-        match self.encoding {
-            ClientEncoding::Utf8 | ClientEncoding::Latin1 => true,
-            _ => key.is_ascii(),
-        }
     }
 
     /// A text value as the session sends it (a Bind parameter, a COPY field) in the
@@ -244,7 +231,7 @@ impl TextReading {
         }
     }
 
-    /// Why a text key [`TextReading::reads_text_key`] refuses cannot be routed.
+    /// Why a text key that [`TextReading::stands_in`] cannot be routed.
     pub const UNREADABLE_KEY: &'static str = "shardgate reads a text shard key with non-ASCII \
         characters only from a UTF8 or LATIN1 session (set client_encoding to UTF8)";
 }
@@ -393,7 +380,7 @@ mod tests {
     #[test]
     fn utf8_sessions_plan_their_text_as_it_is() {
         let r = TextReading::default();
-        assert!(r.is_plain());
+        assert_eq!(r, TextReading::default());
         let sql = "SELECT * FROM users WHERE name = 'é'";
         assert!(matches!(
             r.statement_text(sql.as_bytes()),
@@ -409,7 +396,7 @@ mod tests {
         let bytes = b"INSERT INTO users (id, name) VALUES (1, 'Jos\xe9 \x80\xff')";
         let text = planned(r, bytes);
         assert!(text.ends_with("'José \u{80}ÿ')"));
-        assert!(r.reads_text_key("José"));
+        assert!(!r.stands_in("José"));
         assert_eq!(&*r.wire_bytes(&text), &bytes[..]);
         assert_eq!(r.text_value(b"Jos\xe9").as_deref(), Some("José".as_bytes()));
     }
@@ -422,8 +409,8 @@ mod tests {
         assert!(text.starts_with("SELECT * FROM users WHERE id = 7 AND name = '"));
         let value = &text[text.find('\'').unwrap() + 1..text.len() - 1];
         assert_eq!(value.chars().count(), 4);
-        assert!(!r.reads_text_key(value));
-        assert!(r.reads_text_key("ivan"));
+        assert!(r.stands_in(value));
+        assert!(!r.stands_in("ivan"));
         assert_eq!(&*r.wire_bytes(&text), &bytes[..]);
         assert_eq!(r.text_value(b"ivan").as_deref(), Some(&b"ivan"[..]));
         assert_eq!(r.text_value(b"\xc8"), None);
@@ -479,13 +466,13 @@ mod tests {
             r.statement_text(b"SELECT '\xe9'"),
             Err(Unreadable::Refused(x)) if x.sqlstate == "0A000"
         ));
-        assert!(!r.reads_text_key("é"));
+        assert!(r.stands_in("é"));
     }
 
     #[test]
     fn legacy_strings_plan_as_escape_strings() {
         let r = TextReading::new(None, Some("off"));
-        assert!(!r.is_plain());
+        assert!(r.legacy_strings);
         let sql = r"SELECT * FROM users WHERE name = 'a\'b' OR id = 1";
         let text = planned(r, sql.as_bytes());
         assert_eq!(text, r"SELECT * FROM users WHERE name =  E'a\'b' OR id = 1");

@@ -3876,6 +3876,17 @@ async fn extended_bytes(raw: &mut RawConn, sql: &[u8], param: &[u8]) -> Answer {
     Answer::from_msgs(&msgs)
 }
 
+/// `INSERT INTO enc_t (name, n) VALUES ('<name>', <n>)`, the name's bytes as they are (in
+/// the session's encoding).
+fn enc_t_insert(name: &[u8], n: i32) -> Vec<u8> {
+    [
+        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
+        name,
+        format!("', {n})").as_bytes(),
+    ]
+    .concat()
+}
+
 /// The shard owning text key `col` under the default map (DESIGN §4), in SQL.
 fn text_owner_sql(col: &str, shards: usize) -> String {
     format!(
@@ -3961,12 +3972,7 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
         "SET",
         'I',
     );
-    let sql = [
-        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
-        &latin1(&latin[0]),
-        b"', 1)",
-    ]
-    .concat();
+    let sql = enc_t_insert(&latin1(&latin[0]), 1);
     ok(&q_bytes(&mut raw, &sql).await, &latin[0], "INSERT 0 1", 'I');
     assert_eq!(placement(&sdb, "enc_t", "name", &latin[0]).await, [0, 1]);
     let sql = [
@@ -4034,12 +4040,7 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
         .startup_with(&params, Some("app"))
         .await
         .expect("login");
-    let sql = [
-        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
-        &latin1(&latin[5]),
-        b"', 1)",
-    ]
-    .concat();
+    let sql = enc_t_insert(&latin1(&latin[5]), 1);
     ok(
         &q_bytes(&mut latin_raw, &sql).await,
         &latin[5],
@@ -4060,12 +4061,7 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
     ok(&q(&mut raw, "BEGIN").await, "BEGIN", "BEGIN", 'T');
     let sql = "SET LOCAL client_encoding = 'LATIN1'";
     ok(&q(&mut raw, sql).await, sql, "SET", 'T');
-    let sql = [
-        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
-        &latin1(&latin[4]),
-        b"', 1)",
-    ]
-    .concat();
+    let sql = enc_t_insert(&latin1(&latin[4]), 1);
     err(&q_bytes(&mut raw, &sql).await, &latin[4], "0A000", 'E');
     ok(&q(&mut raw, "ROLLBACK").await, "ROLLBACK", "ROLLBACK", 'I');
     assert_eq!(placement(&sdb, "enc_t", "name", &latin[4]).await, [0, 0]);
@@ -4095,12 +4091,7 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
         'I',
     );
     assert_eq!(placement(&sdb, "enc_i", "note", "Иван").await, [0, 1]);
-    let sql = [
-        &b"INSERT INTO enc_t (name, n) VALUES ('"[..],
-        ivan,
-        b"', 4)",
-    ]
-    .concat();
+    let sql = enc_t_insert(ivan, 4);
     err(&q_bytes(&mut raw, &sql).await, "enc_t Иван", "0A000", 'I');
     let sql = [&b"SELECT n FROM enc_t WHERE name = '"[..], ivan, b"'"].concat();
     err(&q_bytes(&mut raw, &sql).await, "SELECT Иван", "0A000", 'I');

@@ -1144,13 +1144,7 @@ impl Session {
                 }
             }
         }
-        if let Some((reason, code)) = client_failed {
-            self.copy_abort(&parts, &copying, &reason).await;
-            self.fail_statement(&Refusal::unsupported(reason.clone()));
-            protocol::error_response(&mut io.cout, "ERROR", code, &reason);
-            return self.multi_unit_end(io, true).await;
-        }
-        if let Some((rows, key_type)) = &mut split {
+        if let (None, Some((rows, key_type))) = (&client_failed, &mut split) {
             let mut unread = false;
             let mut each = |line: CopyLine<'_>| {
                 let key = (*key_type, data_reading);
@@ -1158,12 +1152,14 @@ impl Session {
             };
             rows.finish(&mut each);
             if unread {
-                let reason = unreadable_copy_key();
-                self.copy_abort(&parts, &copying, &reason).await;
-                self.fail_statement(&Refusal::unsupported(reason.clone()));
-                protocol::error_response(&mut io.cout, "ERROR", "0A000", &reason);
-                return self.multi_unit_end(io, true).await;
+                client_failed = Some((unreadable_copy_key(), "0A000"));
             }
+        }
+        if let Some((reason, code)) = client_failed {
+            self.copy_abort(&parts, &copying, &reason).await;
+            self.fail_statement(&Refusal::unsupported(reason.clone()));
+            protocol::error_response(&mut io.cout, "ERROR", code, &reason);
+            return self.multi_unit_end(io, true).await;
         }
         // Mark the writers; refuse a span of shards without two-phase commit (nothing has
         // committed: every shard's COPY runs in a transaction).
