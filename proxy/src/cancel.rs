@@ -1,16 +1,35 @@
 //! Query cancellation. Clients get proxy-issued BackendKeyData; a CancelRequest carrying it
-//! is forwarded to the server connection that client is using at that moment, if any.
+//! is forwarded to every server connection that client's statement runs on at that moment
+//! (one, or each shard of a transaction spanning shards). A client still waiting for a
+//! connection has its wait ended with 57014 instead, as Postgres cancels a query waiting
+//! for a lock.
+//!
+//! A cancel is a signal Postgres sends the backend some time after the cancel connection
+//! arrives. Had the client's query ended and its connection gone to another client in
+//! between, the signal would cancel that client's query. So a connection given up while a
+//! cancel of its client is on its way is closed, not pooled (`CancelSlot::in_flight`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use rand::Rng;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::protocol::CANCEL_REQUEST;
+
+/// How long a cancel may take to reach a server and be acted on. Past it the cancel is
+/// given up (the server is unreachable or stuck); the client's connections are pooled
+/// again as usual.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Postgres's message for a cancelled statement (57014), also given to a client whose wait
+/// for a server connection a cancel ended.
+pub const CANCELED_BY_USER: &str = "canceling statement due to user request";
 
 /// Where a client's running query can be cancelled: the server and its backend key.
 #[derive(Clone, Copy, Debug)]
@@ -26,30 +45,119 @@ pub struct CancelSlot {
     label: Arc<str>,
     /// The client's socket, so a draining proxy can end idle sessions (see `poke_idle`).
     fd: std::os::fd::RawFd,
-    /// The server connection the client attached to last; it still holds it while
-    /// `attached` is set. Kept when the client detaches, so that attaching to the same
-    /// connection again takes no lock.
-    target: Mutex<Option<CancelTarget>>,
-    /// `ServerConn::id` of `target`. Written only by the session, so a plain load and
-    /// store serve.
+    targets: Mutex<Targets>,
+    /// `ServerConn::id` of `Targets::server`. Written only by the session, so a plain load
+    /// and store serve.
     target_conn: AtomicU64,
     attached: AtomicBool,
+    /// Cancels of this client on their way: counted from before they look at what the
+    /// client holds until the server closed the cancel connection, which Postgres does
+    /// once it has signalled the backend. While non-zero, a connection the client gives up
+    /// is closed rather than pooled (see the module comment).
+    in_flight: AtomicU32,
     poked: AtomicBool,
 }
 
+#[derive(Default)]
+struct Targets {
+    /// The server connection the client attached to last; it still holds it while
+    /// `attached` is set. Kept when the client detaches, so that attaching to the same
+    /// connection again takes no lock.
+    server: Option<CancelTarget>,
+    /// The connections of a transaction spanning shards, by `ServerConn::id`.
+    parts: Vec<(u64, CancelTarget)>,
+    wait: Wait,
+}
+
+/// A client waiting for a server connection (or for a PAUSE to end), which a cancel ends.
+#[derive(Default)]
+enum Wait {
+    #[default]
+    None,
+    Waiting(Waker),
+    Cancelled,
+}
+
 impl CancelSlot {
+    fn lock(&self) -> MutexGuard<'_, Targets> {
+        self.targets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The client now holds server connection `conn` (`ServerConn::id`), reached at `target`.
     pub fn attach(&self, conn: u64, target: CancelTarget) {
         if self.target_conn.load(Ordering::Relaxed) != conn {
-            *self.target.lock().unwrap_or_else(|e| e.into_inner()) = Some(target);
+            self.lock().server = Some(target);
             self.target_conn.store(conn, Ordering::Relaxed);
         }
         self.attached.store(true, Ordering::Release);
     }
 
-    /// The client holds no server connection any more.
-    pub fn detach(&self) {
-        self.attached.store(false, Ordering::Release);
+    /// The client holds no server connection any more. True when a cancel of the client
+    /// may still be on its way: then the connection must be closed, not pooled.
+    ///
+    /// Paired with `CancelRegistry::cancel`, which counts itself in `in_flight` before it
+    /// reads `attached`: with both orders sequentially consistent, either the cancel sees
+    /// the client detached (and sends nothing there) or this sees the cancel.
+    pub fn detach(&self) -> bool {
+        self.attached.store(false, Ordering::SeqCst);
+        self.in_flight.load(Ordering::SeqCst) != 0
+    }
+
+    /// A connection of a transaction spanning shards now runs the client's statements.
+    pub fn add_part(&self, conn: u64, target: CancelTarget) {
+        self.lock().parts.push((conn, target));
+    }
+
+    /// The client gives up part connection `conn`; true when it must be closed, as for
+    /// `detach`. The lock orders this against a cancel reading the parts.
+    pub fn remove_part(&self, conn: u64) -> bool {
+        self.lock().parts.retain(|(c, _)| *c != conn);
+        self.in_flight.load(Ordering::SeqCst) != 0
+    }
+
+    /// Runs `wait` (a wait for a server connection, or for a PAUSE to end) unless a cancel
+    /// of the client ends it first: then `None`, and `wait` is dropped.
+    pub async fn unless_cancelled<F>(&self, wait: F) -> Option<F::Output>
+    where
+        F: std::future::Future,
+    {
+        struct Waiting<'a>(&'a CancelSlot);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.lock().wait = Wait::None;
+            }
+        }
+        let _waiting = Waiting(self);
+        let mut wait = std::pin::pin!(wait);
+        std::future::poll_fn(|cx| {
+            {
+                let mut t = self.lock();
+                match &mut t.wait {
+                    Wait::Cancelled => return Poll::Ready(None),
+                    Wait::Waiting(w) if w.will_wake(cx.waker()) => {}
+                    w => *w = Wait::Waiting(cx.waker().clone()),
+                }
+            }
+            wait.as_mut().poll(cx).map(Some)
+        })
+        .await
+    }
+
+    /// What a cancel arriving now stops: the connections the client's statement runs on,
+    /// or its wait for one (woken here).
+    fn stop_now(&self) -> Vec<CancelTarget> {
+        let mut t = self.lock();
+        let mut out = Vec::new();
+        if self.attached.load(Ordering::SeqCst) {
+            out.extend(t.server);
+        }
+        out.extend(t.parts.iter().map(|(_, p)| *p));
+        if matches!(t.wait, Wait::Waiting(_)) {
+            if let Wait::Waiting(w) = std::mem::replace(&mut t.wait, Wait::Cancelled) {
+                w.wake();
+            }
+        }
+        out
     }
 
     /// Where the client's running query can be cancelled, if it holds a server connection.
@@ -57,7 +165,23 @@ impl CancelSlot {
         if !self.attached.load(Ordering::Acquire) {
             return None;
         }
-        *self.target.lock().unwrap_or_else(|e| e.into_inner())
+        self.lock().server
+    }
+}
+
+/// A cancel on its way, counted in `CancelSlot::in_flight` until dropped.
+struct InFlight(Arc<CancelSlot>);
+
+impl InFlight {
+    fn enter(slot: Arc<CancelSlot>) -> InFlight {
+        slot.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(slot)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -85,9 +209,10 @@ impl CancelRegistry {
             secret,
             label,
             fd,
-            target: Mutex::new(None),
+            targets: Mutex::new(Targets::default()),
             target_conn: AtomicU64::new(0),
             attached: AtomicBool::new(false),
+            in_flight: AtomicU32::new(0),
             poked: Default::default(),
         });
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,31 +282,50 @@ impl CancelRegistry {
         }
     }
 
-    /// Forwards a cancel if (pid, secret) belongs to a client with a query on a server.
+    /// Cancels what the client with (pid, secret) is running or waiting for, if anything.
+    /// Returns once every server it went to has acted on it (or `CANCEL_TIMEOUT` passed).
     pub async fn cancel(&self, pid: i32, secret: i32) {
-        let target = {
+        let slot = {
             let slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
             match slots.get(&pid) {
-                Some(slot) if slot.secret == secret => slot.current(),
-                _ => None,
-            }
-        };
-        let Some(t) = target else {
-            tracing::debug!(pid, "cancel request for no running query");
-            return;
-        };
-        let mut msg = [0u8; 16];
-        msg[0..4].copy_from_slice(&16i32.to_be_bytes());
-        msg[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
-        msg[8..12].copy_from_slice(&t.pid.to_be_bytes());
-        msg[12..16].copy_from_slice(&t.secret.to_be_bytes());
-        match TcpStream::connect(t.addr).await {
-            Ok(mut s) => {
-                if let Err(e) = s.write_all(&msg).await {
-                    tracing::warn!(server = %t.addr, "forwarding cancel failed: {e}");
+                Some(slot) if slot.secret == secret => slot.clone(),
+                _ => {
+                    tracing::debug!(pid, "cancel request with an unknown key");
+                    return;
                 }
             }
-            Err(e) => tracing::warn!(server = %t.addr, "forwarding cancel failed: {e}"),
+        };
+        let _in_flight = InFlight::enter(slot.clone());
+        let targets = slot.stop_now();
+        if targets.is_empty() {
+            tracing::debug!(pid, "cancel request for no running query");
+            return;
+        }
+        futures_util::future::join_all(targets.iter().map(forward)).await;
+    }
+}
+
+/// Sends a CancelRequest for `t` and waits until the server closes the connection: Postgres
+/// closes it after it has signalled the backend (or found no such backend).
+async fn forward(t: &CancelTarget) {
+    let mut msg = [0u8; 16];
+    msg[0..4].copy_from_slice(&16i32.to_be_bytes());
+    msg[4..8].copy_from_slice(&CANCEL_REQUEST.to_be_bytes());
+    msg[8..12].copy_from_slice(&t.pid.to_be_bytes());
+    msg[12..16].copy_from_slice(&t.secret.to_be_bytes());
+    let sent = tokio::time::timeout(CANCEL_TIMEOUT, async {
+        let mut s = TcpStream::connect(t.addr).await?;
+        s.write_all(&msg).await?;
+        let mut rest = [0u8; 64];
+        while s.read(&mut rest).await? != 0 {}
+        Ok::<(), std::io::Error>(())
+    })
+    .await;
+    match sent {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(server = %t.addr, "forwarding cancel failed: {e}"),
+        Err(_) => {
+            tracing::warn!(server = %t.addr, "forwarding cancel: no answer in {CANCEL_TIMEOUT:?}")
         }
     }
 }

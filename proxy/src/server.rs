@@ -122,6 +122,15 @@ pub struct Login<'a> {
 }
 
 impl ServerConn {
+    /// Where a cancel of this connection's running query goes.
+    pub fn cancel_target(&self) -> crate::cancel::CancelTarget {
+        crate::cancel::CancelTarget {
+            addr: self.addr,
+            pid: self.backend_pid,
+            secret: self.backend_secret,
+        }
+    }
+
     pub async fn connect(addr: SocketAddr, login: &Login<'_>) -> Result<ServerConn, ServerError> {
         let stream = TcpStream::connect(addr)
             .await

@@ -22,7 +22,7 @@ use shardgate_router::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::app::App;
-use crate::cancel::{CancelSlot, CancelTarget};
+use crate::cancel::CancelSlot;
 use crate::pool::{Checkout, UserPools, Want};
 use crate::protocol::{self, body, frame_len, sqlstate, Reader};
 use crate::routing::Routing;
@@ -2171,8 +2171,16 @@ impl Session {
         // (see `UserPools::checkout_now`). The rare waits are boxed: inline, their futures
         // would make every burst's future (set up once per transaction) hundreds of bytes
         // bigger.
+        // A cancel ends either wait (57014), as Postgres cancels a query waiting for a lock.
         if self.app.process.is_paused(&self.pools.database) {
-            Box::pin(self.app.process.wait_unpaused(&self.pools.database)).await;
+            let unpaused = self.app.process.wait_unpaused(&self.pools.database);
+            if Box::pin(self.cancel.unless_cancelled(unpaused))
+                .await
+                .is_none()
+            {
+                cancelled_while_waiting(&mut io.cout);
+                return false;
+            }
         }
         let want = self.want(primary, shard);
         let ready = self
@@ -2181,31 +2189,27 @@ impl Session {
         let mut server = match ready {
             Ok(s) => s,
             Err(picked) => {
-                match Box::pin(
-                    self.pools
-                        .checkout(shard as usize, want, &self.settings, picked),
-                )
-                .await
-                {
-                    Ok(s) => s,
-                    Err(e) => {
+                let checkout = self
+                    .pools
+                    .checkout(shard as usize, want, &self.settings, picked);
+                match Box::pin(self.cancel.unless_cancelled(checkout)).await {
+                    Some(Ok(s)) => s,
+                    Some(Err(e)) => {
                         let (code, message) = e.client_error();
                         tracing::warn!(pool = %self.pools.name, "{message}");
                         protocol::error_response(&mut io.cout, "ERROR", &code, &message);
+                        return false;
+                    }
+                    None => {
+                        cancelled_while_waiting(&mut io.cout);
                         return false;
                     }
                 }
             }
         };
         server.host().metrics.transactions.increment();
-        self.cancel.attach(
-            server.conn.id,
-            CancelTarget {
-                addr: server.conn.addr,
-                pid: server.conn.backend_pid,
-                secret: server.conn.backend_secret,
-            },
-        );
+        self.cancel
+            .attach(server.conn.id, server.conn.cancel_target());
         debug_assert!(io.expects.is_empty());
         let current = server.conn.settings.as_ref();
         let same = current.is_some_and(|c| Arc::ptr_eq(c, &self.settings));
@@ -2298,11 +2302,12 @@ impl Session {
     fn detach(&mut self, clean: bool) {
         if let Some(a) = self.attached.take() {
             let a = Attached::unboxed(a);
-            self.cancel.detach();
+            // A cancel on its way could land on another client's query there.
+            let cancelling = self.cancel.detach();
             if let Some(p) = self.prepared.as_mut() {
                 p.portal_effects.clear();
             }
-            if clean {
+            if clean && !cancelling {
                 a.server.release();
             } else {
                 a.server.discard();
@@ -2517,6 +2522,16 @@ async fn read_plain(
 enum Side {
     Client(std::io::Result<usize>),
     Server(std::io::Result<usize>),
+}
+
+/// The answer to a statement cancelled while it waited for a server connection.
+fn cancelled_while_waiting(out: &mut BytesMut) {
+    protocol::error_response(
+        out,
+        "ERROR",
+        sqlstate::QUERY_CANCELED,
+        crate::cancel::CANCELED_BY_USER,
+    );
 }
 
 fn duplicate_statement(out: &mut BytesMut, name: &[u8]) {

@@ -4187,3 +4187,88 @@ async fn other_encodings_and_string_rules_route_as_the_server_reads_them() {
     drop(front);
     sdb.drop_db().await;
 }
+
+/// A cancel reaches every shard a statement runs on: a fan-out that sleeps on both shards
+/// fails with 57014 within a second, neither shard goes on running it, and the session
+/// goes on. (Before, a statement spanning shards could not be cancelled at all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_stops_a_statement_on_every_shard() {
+    if skip_in_direct_mode("cancel_stops_a_statement_on_every_shard") {
+        return;
+    }
+    let table = Table {
+        name: "cx",
+        key: "id",
+    };
+    let ddl = "CREATE TABLE cx (id bigint PRIMARY KEY, v int NOT NULL);";
+    let sdb = ShardedDb::create(Cluster::shared(), "sg_cancel", ddl, &[table]).await;
+    let shards = sdb.shards();
+    let c0 = sdb.direct(0).await;
+    for shard in 0..shards {
+        let key = keys_on_shard(&c0, shards, shard, 1, 1).await[0];
+        let c = sdb.direct(shard).await;
+        c.execute("INSERT INTO cx VALUES ($1, 1)", &[&key])
+            .await
+            .unwrap_or_else(|e| panic!("seed shard {shard}: {}", describe(&e)));
+    }
+    let front = sdb.proxy(false, &[]).await;
+    let client = front.client().await;
+    let token = client.cancel_token();
+    let sql = "SELECT count(*) FROM cx WHERE pg_sleep(10) IS NOT NULL /* cx_cancel */";
+    let run = tokio::spawn(async move {
+        let r = client.simple_query(sql).await;
+        (client, r, Instant::now())
+    });
+    let running = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE query LIKE '%cx\\_cancel%' AND state = 'active' AND pid <> pg_backend_pid()";
+    for shard in 0..shards {
+        let c = sdb.direct(shard).await;
+        wait_for(
+            &format!("the statement to run on shard {shard}"),
+            Duration::from_secs(5),
+            || async {
+                (c.query_one(running, &[]).await.ok()?.get::<_, i64>(0) == 1).then_some(())
+            },
+        )
+        .await;
+    }
+
+    let sent = Instant::now();
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("send cancel");
+    let (client, result, ended) = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("cancelled fan-out still running after 5 s")
+        .unwrap();
+    let err = result.expect_err("the fan-out was not cancelled");
+    assert_eq!(
+        err.code().map(|c| c.code()),
+        Some("57014"),
+        "{}",
+        describe(&err)
+    );
+    let took = ended.duration_since(sent);
+    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    for shard in 0..shards {
+        let c = sdb.direct(shard).await;
+        wait_for(
+            &format!("shard {shard} to stop the cancelled statement"),
+            Duration::from_secs(5),
+            || async {
+                (c.query_one(running, &[]).await.ok()?.get::<_, i64>(0) == 0).then_some(())
+            },
+        )
+        .await;
+    }
+    let rows = within(
+        "count after the cancel",
+        client.query_one("SELECT count(*) FROM cx", &[]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(rows.get::<_, i64>(0), shards as i64);
+    drop(front);
+    sdb.drop_db().await;
+}

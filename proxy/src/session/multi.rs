@@ -26,6 +26,7 @@ use shardgate_router::{
 };
 
 use super::{Buffers, Flow, Held, Session, Stmt};
+use crate::cancel::CancelSlot;
 use crate::copy_rows::{CopyLine, CopyRows};
 use crate::pool::Checkout;
 use crate::protocol::{self, body, sqlstate, Reader};
@@ -406,6 +407,9 @@ impl Session {
         self.settle(io).await?;
         let tx = self.shard_tx.get_or_insert_with(Default::default);
         if let Some(a) = self.attached.take() {
+            // Still the client's: a cancel goes on reaching it, now as a part.
+            self.cancel
+                .add_part(a.server.conn.id, a.server.conn.cancel_target());
             self.cancel.detach();
             let in_tx = a.status != b'I';
             if in_tx && tx.begin.is_none() {
@@ -469,24 +473,31 @@ impl Session {
             }
             // A replica connection (taken for a Describe, say) cannot run a write: swap it.
             let old = tx.parts.remove(i);
-            release_part(old);
+            release_part(old, &self.cancel);
         }
+        let cancelled = || {
+            let message = crate::cancel::CANCELED_BY_USER.to_string();
+            (sqlstate::QUERY_CANCELED.to_string(), message)
+        };
         if tx.parts.is_empty() && self.attached.is_none() {
             // A new transaction, as in `attach`: the newest configuration, and PAUSE holds it.
             self.follow_reload();
-            self.app.process.wait_unpaused(&self.pools.database).await;
+            let unpaused = self.app.process.wait_unpaused(&self.pools.database);
+            if self.cancel.unless_cancelled(unpaused).await.is_none() {
+                return Err(cancelled());
+            }
         }
         let want = self.want(primary, shard);
-        let mut server = match self
+        let checkout = self
             .pools
-            .checkout(shard as usize, want, &self.settings, None)
-            .await
-        {
-            Ok(s) => s,
-            Err(e) => {
+            .checkout(shard as usize, want, &self.settings, None);
+        let mut server = match self.cancel.unless_cancelled(checkout).await {
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
                 let (code, message) = e.client_error();
                 return Err((code, format!("shard {shard}: {message}")));
             }
+            None => return Err(cancelled()),
         };
         server.host().metrics.transactions.increment();
         let current = server.conn.settings.clone();
@@ -510,6 +521,8 @@ impl Session {
             }
             server.conn.settings = Some(self.settings.clone());
         }
+        self.cancel
+            .add_part(server.conn.id, server.conn.cancel_target());
         let tx = self.shard_tx.get_or_insert_with(Default::default);
         tx.parts.push(Part {
             shard,
@@ -1449,7 +1462,7 @@ impl Session {
             }
         }
         for p in parts {
-            release_part(p);
+            release_part(p, &self.cancel);
         }
         result
     }
@@ -1466,7 +1479,7 @@ impl Session {
             }
         }
         for p in parts {
-            release_part(p);
+            release_part(p, &self.cancel);
         }
         match error {
             Some(e) => Err(e),
@@ -2591,8 +2604,11 @@ pub(super) fn discard_parts(tx: ShardTx) {
 }
 
 /// Gives a part's connection back if it is clean, closes it otherwise.
-fn release_part(p: Part) {
-    if p.in_tx || p.broken || p.poisoned {
+/// Gives a part's connection back, or closes it when it is not clean or a cancel of the
+/// client may still land there (`CancelSlot::remove_part`).
+fn release_part(p: Part, cancel: &CancelSlot) {
+    let cancelling = cancel.remove_part(p.server.conn.id);
+    if p.in_tx || p.broken || p.poisoned || cancelling {
         p.server.discard();
     } else {
         p.server.release();
