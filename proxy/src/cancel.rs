@@ -64,9 +64,31 @@ struct Targets {
     /// `attached` is set. Kept when the client detaches, so that attaching to the same
     /// connection again takes no lock.
     server: Option<CancelTarget>,
+    /// Only while the client spans shards or waits: most clients never do, and every idle
+    /// byte counts.
+    busy: Option<Box<Busy>>,
+}
+
+#[derive(Default)]
+struct Busy {
     /// The connections of a transaction spanning shards, by `ServerConn::id`.
     parts: Vec<(u64, CancelTarget)>,
     wait: Wait,
+}
+
+impl Targets {
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    /// Frees `busy` once it holds nothing.
+    fn tidy(&mut self) {
+        if let Some(b) = &self.busy {
+            if b.parts.is_empty() && matches!(b.wait, Wait::None) {
+                self.busy = None;
+            }
+        }
+    }
 }
 
 /// A client waiting for a server connection (or for a PAUSE to end), which a cancel ends.
@@ -105,13 +127,19 @@ impl CancelSlot {
 
     /// A connection of a transaction spanning shards now runs the client's statements.
     pub fn add_part(&self, conn: u64, target: CancelTarget) {
-        self.lock().parts.push((conn, target));
+        self.lock().busy().parts.push((conn, target));
     }
 
     /// The client gives up part connection `conn`; true when it must be closed, as for
     /// `detach`. The lock orders this against a cancel reading the parts.
     pub fn remove_part(&self, conn: u64) -> bool {
-        self.lock().parts.retain(|(c, _)| *c != conn);
+        {
+            let mut t = self.lock();
+            if let Some(b) = t.busy.as_mut() {
+                b.parts.retain(|(c, _)| *c != conn);
+            }
+            t.tidy();
+        }
         self.in_flight.load(Ordering::SeqCst) != 0
     }
 
@@ -124,7 +152,11 @@ impl CancelSlot {
         struct Waiting<'a>(&'a CancelSlot);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                self.0.lock().wait = Wait::None;
+                let mut t = self.0.lock();
+                if let Some(b) = t.busy.as_mut() {
+                    b.wait = Wait::None;
+                }
+                t.tidy();
             }
         }
         let _waiting = Waiting(self);
@@ -132,7 +164,7 @@ impl CancelSlot {
         std::future::poll_fn(|cx| {
             {
                 let mut t = self.lock();
-                match &mut t.wait {
+                match &mut t.busy().wait {
                     Wait::Cancelled => return Poll::Ready(None),
                     Wait::Waiting(w) if w.will_wake(cx.waker()) => {}
                     w => *w = Wait::Waiting(cx.waker().clone()),
@@ -151,10 +183,12 @@ impl CancelSlot {
         if self.attached.load(Ordering::SeqCst) {
             out.extend(t.server);
         }
-        out.extend(t.parts.iter().map(|(_, p)| *p));
-        if matches!(t.wait, Wait::Waiting(_)) {
-            if let Wait::Waiting(w) = std::mem::replace(&mut t.wait, Wait::Cancelled) {
-                w.wake();
+        if let Some(b) = t.busy.as_mut() {
+            out.extend(b.parts.iter().map(|(_, p)| *p));
+            if matches!(b.wait, Wait::Waiting(_)) {
+                if let Wait::Waiting(w) = std::mem::replace(&mut b.wait, Wait::Cancelled) {
+                    w.wake();
+                }
             }
         }
         out
@@ -327,5 +361,45 @@ async fn forward(t: &CancelTarget) {
         Err(_) => {
             tracing::warn!(server = %t.addr, "forwarding cancel: no answer in {CANCEL_TIMEOUT:?}")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every client holds a slot for its whole life: it must stay small (the ≤ 1 KiB idle
+    /// client budget). Spanning shards or waiting allocates apart.
+    #[test]
+    fn a_slot_stays_small() {
+        let size = std::mem::size_of::<CancelSlot>();
+        assert!(size <= 96, "CancelSlot is {size} bytes");
+    }
+
+    /// A cancel of a waiting client ends the wait; a second cancel leaves it ended; the
+    /// slot frees its wait state afterwards.
+    #[tokio::test]
+    async fn a_cancel_ends_a_wait() {
+        let registry = CancelRegistry::default();
+        let (pid, secret, slot) = registry.register(-1, Arc::from("db/user"));
+        let waiting = {
+            let slot = slot.clone();
+            tokio::spawn(async move { slot.unless_cancelled(std::future::pending::<()>()).await })
+        };
+        // The wait registers on its first poll.
+        while !matches!(
+            slot.lock().busy.as_deref().map(|b| &b.wait),
+            Some(Wait::Waiting(_))
+        ) {
+            tokio::task::yield_now().await;
+        }
+        registry.cancel(pid, secret).await;
+        registry.cancel(pid, secret).await;
+        assert_eq!(waiting.await.ok(), Some(None));
+        assert!(slot.lock().busy.is_none());
+        // A wrong secret cancels nothing.
+        let done = slot.unless_cancelled(async { 7 });
+        registry.cancel(pid, secret ^ 1).await;
+        assert_eq!(done.await, Some(7));
     }
 }

@@ -545,8 +545,9 @@ pub struct UserPools {
     pub route: Arc<RouteOptions>,
     /// How statements find their shards; `None` for an unsharded single-shard database.
     pub routing: Option<Arc<crate::routing::Routing>>,
-    /// The latest login's settings and reported parameters: clients with equal ones share
-    /// one allocation, which keeps an idle client small.
+    /// Logins' settings and reported parameters: clients with equal ones share one
+    /// allocation, which keeps an idle client small, and a login that matches an earlier
+    /// one needs no server connection (`known_login`).
     interned: Mutex<Interned>,
     /// Hashes of statements (text + parameter types) that parsed without error on this
     /// database's servers as this user.
@@ -569,7 +570,14 @@ const MAX_KNOWN_STATEMENTS: usize = 100_000;
 struct Interned {
     settings: Option<Arc<Settings>>,
     reported: Option<Arc<Reported>>,
+    /// Startup settings that logged in here and what a server reported for them, newest
+    /// last (at most `LOGINS_KEPT`).
+    logins: Vec<(Arc<Settings>, Arc<Reported>)>,
 }
+
+/// How many distinct startup settings (drivers, application names) `Interned::logins`
+/// remembers.
+const LOGINS_KEPT: usize = 16;
 
 impl UserPools {
     pub fn new(
@@ -703,6 +711,32 @@ impl UserPools {
                 s
             }
         }
+    }
+
+    /// The settings and reported parameters of an earlier login with settings equal to
+    /// `settings`. Such a login is answered without a server connection, as PgBouncer
+    /// answers from its first one: a client can log in while every connection is busy,
+    /// and a login costs no server round trip. A server whose parameters changed since
+    /// (a restart with another configuration) is seen again by the next login with new
+    /// settings; a value that changes in a session reaches the client as usual.
+    pub fn known_login(&self, settings: &Settings) -> Option<(Arc<Settings>, Arc<Reported>)> {
+        let i = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+        i.logins
+            .iter()
+            .rev()
+            .find(|(s, _)| **s == *settings)
+            .cloned()
+    }
+
+    /// Remembers a login a server accepted, for `known_login`.
+    pub fn remember_login(&self, settings: &Arc<Settings>, reported: &Arc<Reported>) {
+        let mut i = self.interned.lock().unwrap_or_else(|e| e.into_inner());
+        i.logins
+            .retain(|(s, _)| !Arc::ptr_eq(s, settings) && **s != **settings);
+        if i.logins.len() >= LOGINS_KEPT {
+            i.logins.remove(0);
+        }
+        i.logins.push((settings.clone(), reported.clone()));
     }
 
     pub fn intern_reported(&self, reported: Vec<(String, String)>) -> Arc<Reported> {

@@ -41,6 +41,11 @@ impl Reported {
         r
     }
 
+    /// Every (name, value), in the order the server reported them.
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
     pub fn reading(&self) -> TextReading {
         self.reading
     }

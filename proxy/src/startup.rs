@@ -13,7 +13,7 @@ use crate::app::App;
 use crate::auth::{md5_matches, ScramServer};
 use crate::protocol::{self, sqlstate, Reader, StartupParams};
 use crate::session::Session;
-use crate::settings::Settings;
+use crate::settings::{Reported, Settings};
 use crate::stream::ClientStream;
 
 /// Why a login ended without a session. Errors the client should see were already sent.
@@ -157,52 +157,17 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
     let mut out = BytesMut::with_capacity(512);
     protocol::auth_request(&mut out, 0, &[]);
 
-    // Apply the client's startup settings on a real server and report what it reports, so
-    // values arrive normalised exactly as Postgres would send them.
-    let settings = pool.intern_settings(Settings::from_startup(&params.0));
-    let mut server = match pool
-        .checkout(
-            0,
-            crate::pool::Want::Replica { min_lsn: 0 },
-            &settings,
-            None,
-        )
-        .await
-    {
-        Ok(s) => s,
-        Err(e) => {
-            let (code, msg) = match &e {
-                crate::pool::PoolError::Server(se) => se.client_error(),
-                crate::pool::PoolError::Timeout { .. } => {
-                    (sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
-                }
-                other => (sqlstate::CONNECTION_FAILURE, other.to_string()),
-            };
-            let code = code.to_string();
-            return refuse(&mut stream, &code, &msg).await;
-        }
+    let startup = Settings::from_startup(&params.0);
+    let (settings, reported) = match pool.known_login(&startup) {
+        Some(known) => known,
+        None => match server_login(&pool, startup).await {
+            Ok(login) => login,
+            Err((code, msg)) => return refuse(&mut stream, &code, &msg).await,
+        },
     };
-    for sql in settings.sync_sql(server.conn.settings.as_deref()) {
-        match server.conn.run(&sql).await {
-            Ok(None) => server.conn.settings = Some(settings.clone()),
-            Ok(Some((code, msg))) => {
-                server.conn.settings = None;
-                server.release();
-                return refuse(&mut stream, &code, &msg).await;
-            }
-            Err(e) => {
-                server.discard();
-                let (code, msg) = e.client_error();
-                let code = code.to_string();
-                return refuse(&mut stream, &code, &msg).await;
-            }
-        }
-    }
-    for (name, value) in &server.conn.params {
+    for (name, value) in reported.params() {
         protocol::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
     }
-    let reported = pool.intern_reported(server.conn.params.clone());
-    server.release();
 
     let fd = match &stream {
         ClientStream::Plain(s) => std::os::fd::AsRawFd::as_raw_fd(s),
@@ -223,6 +188,49 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
         settings,
         reported,
     )))
+}
+
+/// Applies a client's startup settings on a real server and takes what it reports, so
+/// values arrive normalised exactly as Postgres would send them (and settings Postgres
+/// refuses refuse the login). Remembered for later logins with the same settings.
+async fn server_login(
+    pool: &crate::pool::UserPools,
+    startup: Settings,
+) -> Result<(Arc<Settings>, Arc<Reported>), (String, String)> {
+    let settings = pool.intern_settings(startup);
+    let replica = crate::pool::Want::Replica { min_lsn: 0 };
+    let mut server = match pool.checkout(0, replica, &settings, None).await {
+        Ok(s) => s,
+        Err(e) => {
+            let (code, msg) = match &e {
+                crate::pool::PoolError::Server(se) => se.client_error(),
+                crate::pool::PoolError::Timeout { .. } => {
+                    (sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
+                }
+                other => (sqlstate::CONNECTION_FAILURE, other.to_string()),
+            };
+            return Err((code.to_string(), msg));
+        }
+    };
+    for sql in settings.sync_sql(server.conn.settings.as_deref()) {
+        match server.conn.run(&sql).await {
+            Ok(None) => server.conn.settings = Some(settings.clone()),
+            Ok(Some((code, msg))) => {
+                server.conn.settings = None;
+                server.release();
+                return Err((code, msg));
+            }
+            Err(e) => {
+                server.discard();
+                let (code, msg) = e.client_error();
+                return Err((code.to_string(), msg));
+            }
+        }
+    }
+    let reported = pool.intern_reported(server.conn.params.clone());
+    server.release();
+    pool.remember_login(&settings, &reported);
+    Ok((settings, reported))
 }
 
 async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, LoginError> {

@@ -102,13 +102,12 @@ async fn cancel_ends_a_wait_for_a_server_connection() {
         .await;
     let mport = proxy.metrics_port().unwrap();
     let holder = connect(&proxy.url()).await.unwrap();
-    // Logged in first: a login takes a server connection for a moment too.
-    let waiter = connect(&proxy.url()).await.unwrap();
     holder.simple_query("BEGIN").await.unwrap();
     assert_eq!(
         simple_value(&holder, "SELECT 'held'").await.unwrap(),
         "held"
     );
+    let waiter = connect(&proxy.url()).await.unwrap();
 
     let token = waiter.cancel_token();
     let run = tokio::spawn(async move {

@@ -981,3 +981,74 @@ async fn sql_deallocate_of_a_protocol_statement() {
     assert_eq!(code.as_deref(), Some("26000"), "{r:?}");
     c.terminate().await;
 }
+
+/// A login needs no server connection once a login with the same startup settings was
+/// seen, as with PgBouncer: with the only connection held in a transaction, a client logs
+/// in at once and gets the same server parameters, and its query runs when the connection
+/// comes free. (Before, every login took a server connection, so it waited behind the
+/// transaction and failed at the login timeout.) Startup settings not seen before are
+/// still applied on a server first, so a value Postgres refuses refuses the login.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_log_in_while_every_connection_is_busy() {
+    if direct_mode() {
+        return;
+    }
+    let proxy = Proxy::builder()
+        .pool_size(1)
+        .checkout_timeout("30s")
+        .client_login_timeout("5s")
+        .start()
+        .await;
+    let login = || async {
+        let mut c = RawConn::connect(proxy.port()).await.expect("connect");
+        let r = c.startup("app", "app", Some("app")).await;
+        (c, r)
+    };
+    let (first, r) = login().await;
+    r.expect("first login");
+    assert!(
+        first.params.contains_key("server_version"),
+        "{:?}",
+        first.params
+    );
+
+    let holder = connect(&proxy.url()).await.unwrap();
+    holder.simple_query("BEGIN").await.unwrap();
+    assert_eq!(
+        simple_value(&holder, "SELECT 'held'").await.unwrap(),
+        "held"
+    );
+
+    let (mut second, r) = tokio::time::timeout(std::time::Duration::from_secs(3), login())
+        .await
+        .expect("a login waited for the busy connection");
+    r.unwrap_or_else(|e| panic!("login while the connection is busy: {e:?}"));
+    assert_eq!(
+        second.params, first.params,
+        "parameters of the second login"
+    );
+    let query = tokio::spawn(async move {
+        let msgs = second.simple_query("SELECT 'second'").await.expect("query");
+        Msg::rows(&msgs)
+    });
+    holder.simple_query("COMMIT").await.unwrap();
+    let rows = tokio::time::timeout(std::time::Duration::from_secs(10), query)
+        .await
+        .expect("the second client's query never ran")
+        .unwrap();
+    assert_eq!(rows, vec![vec![Some("second".to_string())]]);
+
+    let mut third = RawConn::connect(proxy.port()).await.expect("connect");
+    let refused = third
+        .startup_with(
+            &[
+                ("user", "app"),
+                ("database", "app"),
+                ("DateStyle", "nonsense"),
+            ],
+            Some("app"),
+        )
+        .await
+        .expect_err("a DateStyle Postgres refuses was accepted");
+    assert_eq!(refused.code().as_deref(), Some("22023"), "{refused:?}");
+}
