@@ -143,34 +143,52 @@ impl CancelSlot {
         self.in_flight.load(Ordering::SeqCst) != 0
     }
 
+    /// The client's statement spanning shards is over (its transaction ends): cancels no
+    /// longer reach its parts. They still count as the client's for `remove_part`.
+    pub fn clear_parts(&self) {
+        let mut t = self.lock();
+        if let Some(b) = t.busy.as_mut() {
+            b.parts.clear();
+        }
+        t.tidy();
+    }
+
     /// Runs `wait` (a wait for a server connection, or for a PAUSE to end) unless a cancel
-    /// of the client ends it first: then `None`, and `wait` is dropped.
+    /// of the client ends it first: then `None`, and `wait` is dropped. A wait that is over
+    /// at its first poll (a connection at hand) costs no lock.
     pub async fn unless_cancelled<F>(&self, wait: F) -> Option<F::Output>
     where
         F: std::future::Future,
     {
-        struct Waiting<'a>(&'a CancelSlot);
+        /// Set once the wait registered with the slot; its drop takes it off again.
+        struct Waiting<'a>(&'a CancelSlot, bool);
         impl Drop for Waiting<'_> {
             fn drop(&mut self) {
-                let mut t = self.0.lock();
-                if let Some(b) = t.busy.as_mut() {
-                    b.wait = Wait::None;
+                if self.1 {
+                    let mut t = self.0.lock();
+                    if let Some(b) = t.busy.as_mut() {
+                        b.wait = Wait::None;
+                    }
+                    t.tidy();
                 }
-                t.tidy();
             }
         }
-        let _waiting = Waiting(self);
+        let mut waiting = Waiting(self, false);
         let mut wait = std::pin::pin!(wait);
         std::future::poll_fn(|cx| {
-            {
-                let mut t = self.lock();
-                match &mut t.busy().wait {
-                    Wait::Cancelled => return Poll::Ready(None),
-                    Wait::Waiting(w) if w.will_wake(cx.waker()) => {}
-                    w => *w = Wait::Waiting(cx.waker().clone()),
+            if let Poll::Ready(out) = wait.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            waiting.1 = true;
+            let mut t = self.lock();
+            match &mut t.busy().wait {
+                Wait::Cancelled => Poll::Ready(None),
+                Wait::Waiting(w) if w.will_wake(cx.waker()) => Poll::Pending,
+                w => {
+                    *w = Wait::Waiting(cx.waker().clone());
+                    Poll::Pending
                 }
             }
-            wait.as_mut().poll(cx).map(Some)
         })
         .await
     }

@@ -570,10 +570,22 @@ const MAX_KNOWN_STATEMENTS: usize = 100_000;
 struct Interned {
     settings: Option<Arc<Settings>>,
     reported: Option<Arc<Reported>>,
-    /// Startup settings that logged in here and what a server reported for them, newest
-    /// last (at most `LOGINS_KEPT`).
-    logins: Vec<(Arc<Settings>, Arc<Reported>)>,
+    /// Startup settings that logged in here, what a server reported for them and when
+    /// (`clock::coarse_ms`), newest last (at most `LOGINS_KEPT`).
+    logins: Vec<(Arc<Settings>, Arc<Reported>, u64)>,
 }
+
+/// A login answered from an earlier one (`UserPools::known_login`).
+pub struct KnownLogin {
+    pub settings: Arc<Settings>,
+    pub reported: Arc<Reported>,
+    /// Asked of a server less than `LOGIN_FRESH_MS` ago.
+    pub fresh: bool,
+}
+
+/// After this long a login's reported parameters are asked of a server again when a
+/// connection is at hand (a restarted or failed-over server may report others).
+const LOGIN_FRESH_MS: u64 = 60_000;
 
 /// How many distinct startup settings (drivers, application names) `Interned::logins`
 /// remembers.
@@ -716,27 +728,29 @@ impl UserPools {
     /// The settings and reported parameters of an earlier login with settings equal to
     /// `settings`. Such a login is answered without a server connection, as PgBouncer
     /// answers from its first one: a client can log in while every connection is busy,
-    /// and a login costs no server round trip. A server whose parameters changed since
-    /// (a restart with another configuration) is seen again by the next login with new
-    /// settings; a value that changes in a session reaches the client as usual.
-    pub fn known_login(&self, settings: &Settings) -> Option<(Arc<Settings>, Arc<Reported>)> {
+    /// and a login costs no server round trip. Once not `fresh`, the caller asks a server
+    /// again if it has a connection at hand (a restart or a failover may have changed
+    /// `server_version` or `in_hot_standby`); a value that changes within a session
+    /// reaches the client as usual.
+    pub fn known_login(&self, settings: &Settings) -> Option<KnownLogin> {
         let i = self.interned.lock().unwrap_or_else(|e| e.into_inner());
-        i.logins
-            .iter()
-            .rev()
-            .find(|(s, _)| **s == *settings)
-            .cloned()
+        let (s, r, at) = i.logins.iter().rev().find(|(s, _, _)| **s == *settings)?;
+        Some(KnownLogin {
+            settings: s.clone(),
+            reported: r.clone(),
+            fresh: crate::clock::coarse_ms().saturating_sub(*at) < LOGIN_FRESH_MS,
+        })
     }
 
     /// Remembers a login a server accepted, for `known_login`.
     pub fn remember_login(&self, settings: &Arc<Settings>, reported: &Arc<Reported>) {
         let mut i = self.interned.lock().unwrap_or_else(|e| e.into_inner());
-        i.logins
-            .retain(|(s, _)| !Arc::ptr_eq(s, settings) && **s != **settings);
+        i.logins.retain(|(s, _, _)| **s != **settings);
         if i.logins.len() >= LOGINS_KEPT {
             i.logins.remove(0);
         }
-        i.logins.push((settings.clone(), reported.clone()));
+        let now = crate::clock::coarse_ms();
+        i.logins.push((settings.clone(), reported.clone(), now));
     }
 
     pub fn intern_reported(&self, reported: Vec<(String, String)>) -> Arc<Reported> {

@@ -1219,13 +1219,7 @@ impl Session {
                 };
                 let data_write = routed.is_none_or(|(_, w)| w);
                 if self.attached.is_none() && !self.attach(io, primary, shard).await {
-                    let status = match self.shard_tx.as_mut() {
-                        Some(t) if t.begin.is_some() => {
-                            t.failed = true;
-                            b'E'
-                        }
-                        _ => b'I',
-                    };
+                    let status = self.attach_failed();
                     protocol::ready_for_query(&mut io.cout, status);
                     return Ok(());
                 }
@@ -1306,8 +1300,9 @@ impl Session {
             if !self.attach(io, primary, shard).await {
                 let ends_with_sync = io.held.ends_with_sync();
                 io.held.clear();
+                let status = self.attach_failed();
                 if ends_with_sync {
-                    protocol::ready_for_query(&mut io.cout, b'I');
+                    protocol::ready_for_query(&mut io.cout, status);
                 } else {
                     self.skip_until_sync = true;
                 }
@@ -2250,6 +2245,19 @@ impl Session {
             .boxed(),
         );
         true
+    }
+
+    /// After `attach` failed (its error is written): the transaction status to report. A
+    /// transaction block not yet sent anywhere (sharded databases) has failed, as on
+    /// Postgres, and takes only ROLLBACK from here.
+    fn attach_failed(&mut self) -> u8 {
+        match self.shard_tx.as_mut() {
+            Some(t) if t.begin.is_some() => {
+                t.failed = true;
+                b'E'
+            }
+            _ => b'I',
+        }
     }
 
     /// Between transactions, moves the session to the newest configuration generation.

@@ -23,14 +23,14 @@ pub enum LoginError {
     Io(#[from] std::io::Error),
     #[error("refused: {0}")]
     Refused(String),
-    #[error("cancel request handled")]
-    Cancel,
 }
 
 /// A finished login: a client session, or an admin on the admin console.
 pub enum Accepted {
     Session(Session),
     Admin(ClientStream, String),
+    /// A CancelRequest for (pid, secret); its connection stays open until it is done.
+    Cancel(ClientStream, i32, i32),
 }
 
 /// A client's whole life: login within `client_login_timeout`, then the session loop in a
@@ -43,6 +43,12 @@ pub async fn serve_client(app: Arc<App>, tcp: TcpStream) {
         }
         // The console runs outside the login timeout, for as long as the admin stays.
         Some(Accepted::Admin(stream, user)) => crate::admin::serve(app, stream, user).await,
+        // Outside the login timeout too: cut short, the cancel would stop counting as on
+        // its way while Postgres may still act on it (see `crate::cancel`).
+        Some(Accepted::Cancel(stream, pid, secret)) => {
+            app.process.cancels.cancel(pid, secret).await;
+            drop(stream);
+        }
         None => {}
     }
 }
@@ -91,8 +97,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
             }
             protocol::CANCEL_REQUEST => {
                 let (pid, secret) = (r.i32().unwrap_or(0), r.i32().unwrap_or(0));
-                app.process.cancels.cancel(pid, secret).await;
-                return Err(LoginError::Cancel);
+                return Ok(Accepted::Cancel(stream, pid, secret));
             }
             code if code >> 16 == 3 => {
                 let params = StartupParams::parse(r.rest());
@@ -158,12 +163,25 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
     protocol::auth_request(&mut out, 0, &[]);
 
     let startup = Settings::from_startup(&params.0);
-    let (settings, reported) = match pool.known_login(&startup) {
-        Some(known) => known,
-        None => match server_login(&pool, startup).await {
-            Ok(login) => login,
-            Err((code, msg)) => return refuse(&mut stream, &code, &msg).await,
+    let replica = crate::pool::Want::Replica { min_lsn: 0 };
+    let login = match pool.known_login(&startup) {
+        Some(k) if k.fresh => Ok((k.settings, k.reported)),
+        // Asked a while ago: again if a connection is at hand, else what was reported then.
+        Some(k) => match pool.checkout_now(0, replica, &k.settings) {
+            Ok(server) => server_login(&pool, k.settings, server).await,
+            Err(_) => Ok((k.settings, k.reported)),
         },
+        None => {
+            let settings = pool.intern_settings(startup);
+            match pool.checkout(0, replica, &settings, None).await {
+                Ok(server) => server_login(&pool, settings, server).await,
+                Err(e) => Err(checkout_refusal(&e)),
+            }
+        }
+    };
+    let (settings, reported) = match login {
+        Ok(login) => login,
+        Err((code, msg)) => return refuse(&mut stream, &code, &msg).await,
     };
     for (name, value) in reported.params() {
         protocol::parameter_status(&mut out, name.as_bytes(), value.as_bytes());
@@ -190,28 +208,14 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
     )))
 }
 
-/// Applies a client's startup settings on a real server and takes what it reports, so
-/// values arrive normalised exactly as Postgres would send them (and settings Postgres
-/// refuses refuse the login). Remembered for later logins with the same settings.
+/// Applies a client's startup settings on `server` and takes what it reports, so values
+/// arrive normalised exactly as Postgres would send them (and settings Postgres refuses
+/// refuse the login). Remembered for later logins with the same settings.
 async fn server_login(
     pool: &crate::pool::UserPools,
-    startup: Settings,
+    settings: Arc<Settings>,
+    mut server: crate::pool::Checkout,
 ) -> Result<(Arc<Settings>, Arc<Reported>), (String, String)> {
-    let settings = pool.intern_settings(startup);
-    let replica = crate::pool::Want::Replica { min_lsn: 0 };
-    let mut server = match pool.checkout(0, replica, &settings, None).await {
-        Ok(s) => s,
-        Err(e) => {
-            let (code, msg) = match &e {
-                crate::pool::PoolError::Server(se) => se.client_error(),
-                crate::pool::PoolError::Timeout { .. } => {
-                    (sqlstate::TOO_MANY_CONNECTIONS, e.to_string())
-                }
-                other => (sqlstate::CONNECTION_FAILURE, other.to_string()),
-            };
-            return Err((code.to_string(), msg));
-        }
-    };
     for sql in settings.sync_sql(server.conn.settings.as_deref()) {
         match server.conn.run(&sql).await {
             Ok(None) => server.conn.settings = Some(settings.clone()),
@@ -231,6 +235,16 @@ async fn server_login(
     server.release();
     pool.remember_login(&settings, &reported);
     Ok((settings, reported))
+}
+
+/// What a client whose login found no server connection is told.
+fn checkout_refusal(e: &crate::pool::PoolError) -> (String, String) {
+    let (code, msg) = match e {
+        crate::pool::PoolError::Server(se) => se.client_error(),
+        crate::pool::PoolError::Timeout { .. } => (sqlstate::TOO_MANY_CONNECTIONS, e.to_string()),
+        other => (sqlstate::CONNECTION_FAILURE, other.to_string()),
+    };
+    (code.to_string(), msg)
 }
 
 async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, LoginError> {

@@ -4272,3 +4272,94 @@ async fn cancel_stops_a_statement_on_every_shard() {
     drop(front);
     sdb.drop_db().await;
 }
+
+/// A statement of a transaction block whose wait for a server connection is cancelled
+/// fails that transaction, as on Postgres, in both protocols: the client is told it is in
+/// a failed block (ReadyForQuery 'E'), the next statement gets 25P02, and ROLLBACK ends
+/// it. (Before, the extended protocol reported the block as ended, so the client's later
+/// statements ran outside the transaction it thought it was in.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_wait_fails_the_transaction_block() {
+    if skip_in_direct_mode("a_cancelled_wait_fails_the_transaction_block") {
+        return;
+    }
+    let table = Table {
+        name: "cw",
+        key: "id",
+    };
+    let ddl = "CREATE TABLE cw (id bigint PRIMARY KEY, v int NOT NULL);";
+    let sdb = ShardedDb::create(Cluster::shared(), "sg_cancel_wait", ddl, &[table]).await;
+    let config = sdb
+        .config(false)
+        .replacen("pool_size = 6", "pool_size = 1", 1)
+        .replacen(
+            "checkout_timeout = \"10s\"",
+            "checkout_timeout = \"30s\"",
+            1,
+        );
+    let front = Front::new(Proxy::start_config_env(&config, &[]).await, &sdb);
+    let holder = front.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .query("SELECT v FROM cw WHERE id = $1", &[&1i64])
+        .await
+        .unwrap();
+
+    let mut clients = Vec::new();
+    for extended in [false, true] {
+        let client = front.client().await;
+        let token = client.cancel_token();
+        client.batch_execute("BEGIN").await.unwrap();
+        let run = tokio::spawn(async move {
+            let r = if extended {
+                client
+                    .query("SELECT v FROM cw WHERE id = $1", &[&1i64])
+                    .await
+                    .map(|_| ())
+            } else {
+                client
+                    .simple_query("SELECT v FROM cw WHERE id = 1")
+                    .await
+                    .map(|_| ())
+            };
+            (client, r)
+        });
+        // Cancelled once it waits: until then a cancel finds nothing to stop.
+        wait_for(
+            "the statement to wait for the held connection and be cancelled",
+            Duration::from_secs(10),
+            || async {
+                token.cancel_query(tokio_postgres::NoTls).await.ok()?;
+                run.is_finished().then_some(())
+            },
+        )
+        .await;
+        let (client, r) = run.await.unwrap();
+        let err = r.expect_err("the waiting statement was not cancelled");
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("57014"),
+            "{}",
+            describe(&err)
+        );
+        let next = client.simple_query("SELECT 1").await;
+        let err = next.expect_err("a statement after the failure ran (extended {extended})");
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("25P02"),
+            "{}",
+            describe(&err)
+        );
+        client.batch_execute("ROLLBACK").await.unwrap();
+        clients.push(client);
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    // Outside any transaction now, both go on.
+    for client in &clients {
+        let rows = client.query("SELECT 'after'::text", &[]).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].get::<_, String>(0), "after");
+    }
+    drop(front);
+    sdb.drop_db().await;
+}

@@ -500,29 +500,29 @@ impl Session {
             None => return Err(cancelled()),
         };
         server.host().metrics.transactions.increment();
+        // The client's from here: a cancel reaches it (also the settings below).
+        self.cancel
+            .add_part(server.conn.id, server.conn.cancel_target());
         let current = server.conn.settings.clone();
         let same = current
             .as_ref()
             .is_some_and(|c| Arc::ptr_eq(c, &self.settings));
         if !same {
             for sql in self.settings.sync_sql(current.as_deref()) {
-                match server.conn.run(&sql).await {
-                    Ok(None) => {}
-                    Ok(Some((code, message))) => {
-                        server.discard();
-                        return Err((code, message));
-                    }
+                let failed = match server.conn.run(&sql).await {
+                    Ok(None) => continue,
+                    Ok(Some(error)) => error,
                     Err(e) => {
-                        server.discard();
                         let (c, m) = e.client_error();
-                        return Err((c.to_string(), m));
+                        (c.to_string(), m)
                     }
-                }
+                };
+                self.cancel.remove_part(server.conn.id);
+                server.discard();
+                return Err(failed);
             }
             server.conn.settings = Some(self.settings.clone());
         }
-        self.cancel
-            .add_part(server.conn.id, server.conn.cancel_target());
         let tx = self.shard_tx.get_or_insert_with(Default::default);
         tx.parts.push(Part {
             shard,
@@ -1407,6 +1407,10 @@ impl Session {
         };
         let mut parts = std::mem::take(&mut tx.parts);
         tx.portals.clear();
+        // The statement is over: a cancel from here would hit the COMMIT (or PREPARE and
+        // COMMIT PREPARED) of one part and not the others. Postgres does not cancel its
+        // own COMMIT either.
+        self.cancel.clear_parts();
         parts.sort_by_key(|p| p.shard);
         let writers = parts.iter().filter(|p| p.in_tx && p.wrote).count();
         let node = self.app.config.general.listen.port();
