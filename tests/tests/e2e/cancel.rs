@@ -10,7 +10,7 @@ use shardgate_e2e::{
     connect, http_get, simple_value, skip_in_direct_mode, sqlstate, timing, unique_name, wait_for,
     Cluster, Proxy,
 };
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, Error, NoTls, SimpleQueryMessage};
 
 /// Waits until a backend runs a query containing `marker`.
 pub async fn wait_running(observer: &Client, marker: &str) -> i32 {
@@ -31,6 +31,31 @@ pub async fn wait_running(observer: &Client, marker: &str) -> i32 {
         },
     )
     .await
+}
+
+/// Cancels with `token` the query `run` runs and asserts it fails with 57014 within a
+/// second; gives the client back.
+async fn cancel_within_a_second(
+    token: &tokio_postgres::CancelToken,
+    run: tokio::task::JoinHandle<(Client, Result<Vec<SimpleQueryMessage>, Error>, Instant)>,
+    what: &str,
+) -> Client {
+    let sent = Instant::now();
+    token.cancel_query(NoTls).await.expect("send cancel");
+    let (client, result, ended) = tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: still going 5 s after the cancel"))
+        .unwrap();
+    let Err(err) = result else {
+        panic!("{what} was not cancelled");
+    };
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{what}: {err}");
+    let took = ended.duration_since(sent);
+    assert!(
+        took < Duration::from_secs(1),
+        "{what}: cancel took {took:?}"
+    );
+    client
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -60,16 +85,7 @@ async fn cancel_stops_the_running_query() {
     });
     wait_running(&observer, &marker).await;
 
-    let sent = Instant::now();
-    token.cancel_query(NoTls).await.expect("send cancel");
-    let (client, result, ended) = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("cancelled query still running after 5 s")
-        .unwrap();
-    let err = result.expect_err("pg_sleep(10) was not cancelled");
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    let took = ended.duration_since(sent);
-    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    let client = cancel_within_a_second(&token, run, "pg_sleep(10)").await;
 
     // The client goes on; the other client's query was not cancelled.
     assert_eq!(
@@ -125,16 +141,7 @@ async fn cancel_ends_a_wait_for_a_server_connection() {
     )
     .await;
 
-    let sent = Instant::now();
-    token.cancel_query(NoTls).await.expect("send cancel");
-    let (waiter, result, ended) = tokio::time::timeout(Duration::from_secs(5), run)
-        .await
-        .expect("cancelled wait still going after 5 s")
-        .unwrap();
-    let err = result.expect_err("the waiting query was not cancelled");
-    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err}");
-    let took = ended.duration_since(sent);
-    assert!(took < Duration::from_secs(1), "cancel took {took:?}");
+    let waiter = cancel_within_a_second(&token, run, "the waiting query").await;
 
     // The holder's transaction goes on; once it ends, the cancelled client gets the
     // connection as usual.
