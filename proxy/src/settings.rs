@@ -442,7 +442,8 @@ mod tests {
             ("client_encoding".into(), "UTF8".into()),
             ("standard_conforming_strings".into(), "on".into()),
         ]);
-        assert_eq!(r.reading(), TextReading::default());
+        assert_eq!(r.reading().encoding, ClientEncoding::Utf8);
+        assert!(!r.reading().legacy_strings);
         assert!(r.has(b"client_encoding", b"UTF8"));
         r.set("client_encoding".into(), "LATIN1".into());
         assert_eq!(r.reading().encoding, ClientEncoding::Latin1);

@@ -175,7 +175,7 @@ pub async fn login(app: Arc<App>, tcp: TcpStream) -> Result<Accepted, LoginError
             let settings = pool.intern_settings(startup);
             match pool.checkout(0, replica, &settings, None).await {
                 Ok(server) => server_login(&pool, settings, server).await,
-                Err(e) => Err(checkout_refusal(&e)),
+                Err(e) => Err(e.client_error()),
             }
         }
     };
@@ -235,16 +235,6 @@ async fn server_login(
     server.release();
     pool.remember_login(&settings, &reported);
     Ok((settings, reported))
-}
-
-/// What a client whose login found no server connection is told.
-fn checkout_refusal(e: &crate::pool::PoolError) -> (String, String) {
-    let (code, msg) = match e {
-        crate::pool::PoolError::Server(se) => se.client_error(),
-        crate::pool::PoolError::Timeout { .. } => (sqlstate::TOO_MANY_CONNECTIONS, e.to_string()),
-        other => (sqlstate::CONNECTION_FAILURE, other.to_string()),
-    };
-    (code.to_string(), msg)
 }
 
 async fn read_startup_packet(stream: &mut ClientStream) -> Result<Vec<u8>, LoginError> {

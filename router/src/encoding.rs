@@ -231,7 +231,7 @@ impl TextReading {
         }
     }
 
-    /// Why a text key that [`TextReading::stands_in`] cannot be routed.
+    /// Why a text key holding placeholders ([`TextReading::stands_in`]) cannot be routed.
     pub const UNREADABLE_KEY: &'static str = "shardgate reads a text shard key with non-ASCII \
         characters only from a UTF8 or LATIN1 session (set client_encoding to UTF8)";
 }
@@ -380,7 +380,8 @@ mod tests {
     #[test]
     fn utf8_sessions_plan_their_text_as_it_is() {
         let r = TextReading::default();
-        assert_eq!(r, TextReading::default());
+        assert_eq!(r.encoding, ClientEncoding::Utf8);
+        assert!(!r.legacy_strings);
         let sql = "SELECT * FROM users WHERE name = 'é'";
         assert!(matches!(
             r.statement_text(sql.as_bytes()),

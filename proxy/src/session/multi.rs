@@ -2607,7 +2607,6 @@ pub(super) fn discard_parts(tx: ShardTx) {
     }
 }
 
-/// Gives a part's connection back if it is clean, closes it otherwise.
 /// Gives a part's connection back, or closes it when it is not clean or a cancel of the
 /// client may still land there (`CancelSlot::remove_part`).
 fn release_part(p: Part, cancel: &CancelSlot) {
