@@ -2221,6 +2221,17 @@ enum AggCol {
     AvgF8 { sum: usize, count: usize },
 }
 
+/// A sum added exactly (integers and numeric), or None.
+fn exact_sum(ty: Ty) -> Option<AggCol> {
+    match ty {
+        Ty::Int2 => Some(AggCol::SumInt(IntWidth::W2)),
+        Ty::Int4 => Some(AggCol::SumInt(IntWidth::W4)),
+        Ty::Int8 => Some(AggCol::SumInt(IntWidth::W8)),
+        Ty::Numeric => Some(AggCol::SumNum),
+        _ => None,
+    }
+}
+
 enum Acc {
     None,
     Int { sum: i128, any: bool },
@@ -2866,21 +2877,21 @@ impl RowMerger {
                     }
                     AggCol::Count
                 }
-                AggMerge::Sum => match c.ty {
-                    Ty::Int2 => AggCol::SumInt(IntWidth::W2),
-                    Ty::Int4 => AggCol::SumInt(IntWidth::W4),
-                    Ty::Int8 => AggCol::SumInt(IntWidth::W8),
-                    Ty::Numeric => AggCol::SumNum,
-                    Ty::Float8 => {
+                AggMerge::Sum => match (exact_sum(c.ty), c.ty) {
+                    (Some(a), _) => a,
+                    (None, Ty::Float8) => {
                         float_text(c)?;
                         AggCol::SumF8
                     }
-                    Ty::Float4 => {
+                    (None, Ty::Float4) => {
                         float_text(c)?;
                         AggCol::SumF4
                     }
                     _ => return Err(refuse("sum()", c)),
                 },
+                AggMerge::SumOrZero => {
+                    exact_sum(c.ty).ok_or_else(|| refuse("coalesce(sum(), 0)", c))?
+                }
                 AggMerge::Min | AggMerge::Max => {
                     c.need_comparable("min()/max() of")?;
                     if *m == AggMerge::Min {
@@ -4509,6 +4520,58 @@ f|4dad217b|3.6308157e+08
         )
         .unwrap_err();
         assert_eq!(e.sqlstate, "22003");
+    }
+
+    /// `coalesce(sum(x), 0)`: shards without rows return 0, which leaves a numeric total's
+    /// scale as it is; a float column is refused (an empty shard's 0 would turn -0 into 0).
+    #[test]
+    fn sum_or_zero_adds_exact_types_only() {
+        let plan = MergePlan {
+            aggregates: vec![AggMerge::SumOrZero, AggMerge::SumOrZero],
+            ..MergePlan::default()
+        };
+        let got = run(
+            &plan,
+            &[NUMERIC, INT8],
+            &[
+                vec![vec![Some("12.50"), Some("0")]],
+                vec![vec![Some("0"), Some("0")]],
+                vec![vec![Some("-2.5"), Some("9223372036854775807")]],
+            ],
+        )
+        .unwrap();
+        assert_eq!(got, vec![vec![s("10.00"), s("9223372036854775807")]]);
+        let got = run(
+            &plan,
+            &[NUMERIC, INT8],
+            &[
+                vec![vec![Some("0"), Some("0")]],
+                vec![vec![Some("0"), Some("0")]],
+            ],
+        )
+        .unwrap();
+        assert_eq!(got, vec![vec![s("0"), s("0")]]);
+        let e = run(
+            &plan,
+            &[NUMERIC, INT8],
+            &[
+                vec![vec![Some("0"), Some("9223372036854775807")]],
+                vec![vec![Some("0"), Some("1")]],
+            ],
+        )
+        .unwrap_err();
+        assert_eq!(e.sqlstate, "22003");
+        let one = MergePlan {
+            aggregates: vec![AggMerge::SumOrZero],
+            ..MergePlan::default()
+        };
+        let e = run(
+            &one,
+            &[FLOAT8],
+            &[vec![vec![Some("-0")]], vec![vec![Some("0")]]],
+        )
+        .unwrap_err();
+        assert_eq!(e.sqlstate, "0A000");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Supported: ORDER BY (positions, output names, expressions; keys not in the select list
 //! become hidden trailing columns), LIMIT/OFFSET/FETCH FIRST (pushed down as
 //! `LIMIT limit+offset`), DISTINCT, count/sum/min/max/avg (avg via hidden sum and count
-//! columns), GROUP BY (groups combined; group keys not in the select list become hidden
+//! columns; also `count(..)::int` and `coalesce(sum(..), 0)`, which add up), GROUP BY (groups combined; group keys not in the select list become hidden
 //! columns). Grouping by a shard key keeps every group on one shard, so then nothing needs
 //! combining and everything the shard computes (HAVING, DISTINCT aggregates, expressions
 //! over aggregates) is final.
@@ -19,9 +19,10 @@
 use std::ops::ControlFlow;
 
 use sqlparser::ast::{
-    BinaryOperator, CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function,
-    FunctionArguments, GroupByExpr, LimitClause, ObjectNamePart, Offset, OffsetRows, OrderByKind,
-    OrderBySort, Query, Select, SelectItem, SetExpr, Statement, Value, Visit, Visitor,
+    BinaryOperator, CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function, FunctionArg,
+    FunctionArgExpr, FunctionArguments, GroupByExpr, LimitClause, ObjectNamePart, Offset,
+    OffsetRows, OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr, Statement, Value,
+    Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
@@ -315,7 +316,7 @@ fn having_cond(
         _ => return Err(unsupported()),
     };
     let visible = items.len();
-    let column = if bare_aggregate(subject).is_some() {
+    let column = if bare_aggregate(subject).is_some() || coalesced_to_zero(subject).is_some() {
         match items.iter().position(|it| it.expr == Some(subject)) {
             Some(k) => ColumnRef::Visible(k),
             None => {
@@ -633,6 +634,9 @@ fn column_merge(
     if count_cast_to_integer(e) {
         return Ok(AggMerge::Count);
     }
+    if let Some(m) = coalesced_to_zero(e) {
+        return Ok(m);
+    }
     match bare_aggregate(e) {
         Some((AggKind::Count, _)) => Ok(AggMerge::Count),
         Some((AggKind::Sum, _)) => Ok(AggMerge::Sum),
@@ -686,6 +690,41 @@ fn count_cast_to_integer(e: &Expr) -> bool {
                 | DataType::BigInt(_)
                 | DataType::Int8(_)
         )
+}
+
+/// `coalesce(sum(x), 0)` (or of a count), the integer literal 0 as written: applications
+/// write it to get 0 rather than NULL when no row matches. Each shard returns its partial
+/// sum or 0, and those add up to the total or 0, as one server would answer. Not `0.0`:
+/// an empty shard's `0.0` would give a numeric total one more digit of scale than
+/// Postgres shows; not min/max: an empty shard's 0 would compete with the others' values.
+fn coalesced_to_zero(e: &Expr) -> Option<AggMerge> {
+    let Expr::Function(f) = e else { return None };
+    if function_name(f)? != "coalesce"
+        || f.over.is_some()
+        || f.filter.is_some()
+        || !f.within_group.is_empty()
+        || !matches!(f.parameters, FunctionArguments::None)
+    {
+        return None;
+    }
+    let FunctionArguments::List(list) = &f.args else {
+        return None;
+    };
+    if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
+        return None;
+    }
+    let [FunctionArg::Unnamed(FunctionArgExpr::Expr(agg)), FunctionArg::Unnamed(FunctionArgExpr::Expr(zero))] =
+        list.args.as_slice()
+    else {
+        return None;
+    };
+    let is_zero =
+        matches!(zero, Expr::Value(v) if matches!(&v.value, Value::Number(n, false) if n == "0"));
+    match bare_aggregate(agg)? {
+        (AggKind::Sum, _) if is_zero => Some(AggMerge::SumOrZero),
+        (AggKind::Count, _) if is_zero => Some(AggMerge::Count),
+        _ => None,
+    }
 }
 
 fn rename(f: &mut Function, name: &str) {

@@ -921,12 +921,7 @@ fn aggregates() {
         T::All,
         R::No("expression over aggregates"),
     );
-    case(
-        "SELECT coalesce(sum(x), 0) FROM users",
-        S,
-        T::All,
-        R::No("expression over aggregates"),
-    );
+    case("SELECT coalesce(sum(x), 0) FROM users", S, T::All, R::Ok);
     case(
         "SELECT string_agg(name, ',') FROM users",
         S,
@@ -1933,6 +1928,40 @@ fn merge_aggregates() {
     // A count cast to an integer type (node-postgres's count(*)::int) adds up as a count.
     let (m, _) = merge_of("SELECT city, count(*)::int AS n FROM users GROUP BY city");
     assert_eq!(m.aggregates, vec![AggMerge::None, AggMerge::Count]);
+    // coalesce(sum(x), 0): each shard's sum or 0 adds up to the total or 0.
+    let (m, rw) = merge_of(
+        "SELECT city, coalesce(sum(age), 0) AS total, coalesce(count(x), 0) FROM users GROUP BY city \
+         HAVING coalesce(sum(age), 0) > 10 ORDER BY COALESCE(SUM(x), 0) DESC",
+    );
+    assert_eq!(
+        m.aggregates,
+        vec![
+            AggMerge::None,
+            AggMerge::SumOrZero,
+            AggMerge::Count,
+            AggMerge::SumOrZero,
+        ]
+    );
+    assert_eq!(m.having.len(), 1);
+    assert_eq!(m.having[0].column, V(1));
+    assert_eq!(m.order_by, vec![key(H(0), true, true)]);
+    assert_eq!(
+        rw.as_deref(),
+        Some("SELECT city, coalesce(sum(age), 0) AS total, coalesce(count(x), 0), COALESCE(SUM(x), 0) FROM users GROUP BY city")
+    );
+    // Any other fallback, or min/max, would not add up: an empty shard's value would count.
+    for sql in [
+        "SELECT coalesce(sum(age), 0.0) FROM users",
+        "SELECT coalesce(sum(age), 1) FROM users",
+        "SELECT coalesce(sum(age), -0) FROM users",
+        "SELECT coalesce(max(age), 0) FROM users",
+        "SELECT coalesce(avg(age), 0) FROM users",
+        "SELECT coalesce(sum(age), 0, 1) FROM users",
+        "SELECT coalesce(0, sum(age)) FROM users",
+        "SELECT coalesce(sum(age), 0) + 1 FROM users",
+    ] {
+        case(sql, S, T::All, R::No("expression over aggregates"));
+    }
     // Group key not in the select list: hidden.
     let (m, rw) = merge_of("SELECT count(*) FROM posts GROUP BY title");
     assert_eq!(m.aggregates, vec![AggMerge::Count, AggMerge::None]);

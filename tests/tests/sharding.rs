@@ -1458,6 +1458,9 @@ impl Gen {
                     "sum(id)",
                     "min(id)",
                     "max(id)",
+                    "coalesce(sum(score), 0)",
+                    "coalesce(sum(balance), 0)",
+                    "coalesce(sum(id), 0)",
                 ],
             )
         } else {
@@ -1474,6 +1477,8 @@ impl Gen {
                     "min(body)",
                     "max(body)",
                     "sum(user_id)",
+                    "coalesce(sum(likes), 0)",
+                    "coalesce(count(body), 0)",
                 ],
             )
         };
@@ -1517,6 +1522,10 @@ impl Gen {
             let mut havings = vec![
                 "count(*) > 1".to_string(),
                 format!("sum(score) > {}", self.rng.gen_range(0..=200)),
+                format!(
+                    "coalesce(sum(balance), 0) < {}",
+                    self.rng.gen_range(-100..=100)
+                ),
                 "min(balance) < 0".into(),
                 "max(ts) >= '2024-02-01 00:00:00+00'".into(),
             ];
@@ -1536,6 +1545,7 @@ impl Gen {
                     "avg(score)",
                     "max(id)",
                     "count(balance)",
+                    "coalesce(sum(score), 0)",
                 ],
                 havings,
             )
@@ -1559,6 +1569,7 @@ impl Gen {
                     "max(likes)",
                     "avg(likes)",
                     "max(id)",
+                    "coalesce(sum(likes), 0)",
                 ],
                 havings,
             )
@@ -2524,6 +2535,46 @@ async fn refuses_cross_shard_constructs() {
     }
     // And a fan-out it can merge.
     assert_eq!(value_of(&mut raw, "SELECT count(*) FROM rf_a").await, "200");
+
+    // coalesce(sum(x), 0) across shards: an empty shard's 0 neither shows nor changes the
+    // total's scale (`id + 0 = 7` is no key, so every shard runs it and one finds a row).
+    let sum_or_zero = "SELECT coalesce(sum(CASE WHEN id = 7 THEN 2 ELSE 1.5 END), 0) FROM rf_a";
+    let direct = sdb.direct(0).await;
+    for (filter, want) in [
+        ("WHERE id + 0 = 7", "2"),
+        ("WHERE id + 0 = 8", "1.5"),
+        ("WHERE id < 0", "0"),
+        ("", "300.5"),
+    ] {
+        let sql = format!("{sum_or_zero} {filter}");
+        assert_eq!(value_of(&mut raw, &sql).await, want, "{sql}");
+        // Binary numeric carries the scale too.
+        let got: RawValue = within(&sql, client.query_one(sql.as_str(), &[]))
+            .await
+            .unwrap_or_else(|e| panic!("{sql} (extended): {}", describe(&e)))
+            .get(0);
+        let expected: RawValue = direct
+            .query_one(format!("SELECT {want}::numeric").as_str(), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{want}::numeric: {}", describe(&e)))
+            .get(0);
+        assert_eq!(hex(&got.0), hex(&expected.0), "{sql} (extended)");
+    }
+    let sql = "SELECT grp, coalesce(sum(id), 0) AS s FROM rf_a WHERE id <= 10 \
+               GROUP BY grp HAVING coalesce(sum(id), 0) > 8 ORDER BY coalesce(sum(id), 0) DESC";
+    let want: Vec<Vec<Option<String>>> = [("0", "15"), ("4", "13"), ("3", "11"), ("2", "9")]
+        .iter()
+        .map(|(g, s)| vec![Some(g.to_string()), Some(s.to_string())])
+        .collect();
+    assert_eq!(rows_of(&mut raw, sql).await, want, "{sql}");
+    // A float's 0 would turn a total of -0 into 0: refused by type.
+    expect_refusal(
+        &mut raw,
+        &client,
+        "SELECT coalesce(sum(v::float8), 0) FROM rf_a",
+        "coalesce(sum(), 0)",
+    )
+    .await;
     drop(front);
     sdb.drop_db().await;
     eprintln!("refuses_cross_shard_constructs: {:?}", started.elapsed());
