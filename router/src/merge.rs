@@ -3,7 +3,8 @@
 //! Supported: ORDER BY (positions, output names, expressions; keys not in the select list
 //! become hidden trailing columns), LIMIT/OFFSET/FETCH FIRST (pushed down as
 //! `LIMIT limit+offset`), DISTINCT, count/sum/min/max/avg (avg via hidden sum and count
-//! columns; also `count(..)::int` and `coalesce(sum(..), 0)`, which add up), GROUP BY (groups combined; group keys not in the select list become hidden
+//! columns; also `count(..)::int`, `coalesce(sum(..), 0)` and `round(avg(..), n)`),
+//! GROUP BY (groups combined; group keys not in the select list become hidden
 //! columns). Grouping by a shard key keeps every group on one shard, so then nothing needs
 //! combining and everything the shard computes (HAVING, DISTINCT aggregates, expressions
 //! over aggregates) is final.
@@ -165,12 +166,22 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
             let Some(e) = it.expr else {
                 return Err(refuse("SELECT * with GROUP BY or aggregates"));
             };
-            aggs.push(column_merge(e, items.len(), &mut hidden)?);
+            // Postgres casts only the groups HAVING keeps; the shards, which get no HAVING,
+            // cast every group's count, and a smallint overflows at 32768 rows. (An int4
+            // cast would need a dropped group of 2^31 rows: allowed.)
+            if sel.having.is_some()
+                && matches!(merged(e), Some(Merged::CountCast { smallint: true }))
+            {
+                return Err(refuse(
+                    "count(...)::smallint with HAVING (cast to int or bigint)",
+                ));
+            }
+            aggs.push(column_merge(e, &mut hidden)?);
         }
         for (g, k) in group_exprs.iter().zip(&group_items) {
             let col = match *k {
                 Some(k) => ColumnRef::Visible(k),
-                None => hidden_col(&mut hidden, g.clone(), AggMerge::None, items.len()),
+                None => hidden_col(&mut hidden, g.clone(), AggMerge::None),
             };
             plan.group_by.push(col);
         }
@@ -183,18 +194,24 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                         .expr
                         .cloned()
                         .unwrap_or(Expr::Value(Value::Null.into()));
-                    let m = column_merge(&e, items.len(), &mut hidden)?;
-                    hidden_col(&mut hidden, e, m, items.len())
+                    let m = column_merge(&e, &mut hidden)?;
+                    hidden_col(&mut hidden, e, m)
                 }
                 None => {
                     if let Some(pos) = group_exprs.iter().position(|g| g == &o.expr) {
                         plan.group_by[pos]
                     } else {
-                        let m = column_merge(&o.expr, items.len(), &mut hidden)?;
-                        hidden_col(&mut hidden, o.expr.clone(), m, items.len())
+                        let m = column_merge(&o.expr, &mut hidden)?;
+                        hidden_col(&mut hidden, o.expr.clone(), m)
                     }
                 }
             };
+            if distinct && matches!(col, ColumnRef::Hidden(_)) {
+                // Postgres: 42P10, ORDER BY expressions must appear in the select list.
+                return Err(refuse(
+                    "an ORDER BY expression that is not in the select list of a SELECT DISTINCT",
+                ));
+            }
             plan.order_by.push(SortKey {
                 column: col,
                 descending: desc,
@@ -231,7 +248,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                     if distinct {
                         return Err(refuse("this ORDER BY with SELECT DISTINCT"));
                     }
-                    hidden_col(&mut hidden, e, AggMerge::None, items.len())
+                    hidden_col(&mut hidden, e, AggMerge::None)
                 }
                 None => {
                     if distinct {
@@ -239,7 +256,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                             "an ORDER BY expression that is not in the select list of a SELECT DISTINCT",
                         ));
                     }
-                    hidden_col(&mut hidden, o.expr.clone(), AggMerge::None, items.len())
+                    hidden_col(&mut hidden, o.expr.clone(), AggMerge::None)
                 }
             };
             plan.order_by.push(SortKey {
@@ -315,13 +332,14 @@ fn having_cond(
         (Some(v), None) => (&**right, v, op.flipped()),
         _ => return Err(unsupported()),
     };
-    let visible = items.len();
-    let column = if bare_aggregate(subject).is_some() || coalesced_to_zero(subject).is_some() {
+    // Not a count cast: Postgres casts only the groups HAVING keeps, and a group it drops
+    // could overflow the cast.
+    let column = if matches!(merged(subject), Some(m) if !matches!(m, Merged::CountCast { .. })) {
         match items.iter().position(|it| it.expr == Some(subject)) {
             Some(k) => ColumnRef::Visible(k),
             None => {
-                let m = column_merge(subject, visible, hidden)?;
-                hidden_col(hidden, subject.clone(), m, visible)
+                let m = column_merge(subject, hidden)?;
+                hidden_col(hidden, subject.clone(), m)
             }
         }
     } else if let Some(pos) = group_exprs.iter().position(|g| g == subject) {
@@ -557,12 +575,7 @@ fn sort_options(o: &sqlparser::ast::OrderByExpr) -> Result<(bool, bool), Refusal
     Ok((desc, o.options.nulls_first.unwrap_or(desc)))
 }
 
-fn hidden_col(
-    hidden: &mut Vec<(Expr, AggMerge)>,
-    e: Expr,
-    m: AggMerge,
-    _visible: usize,
-) -> ColumnRef {
+fn hidden_col(hidden: &mut Vec<(Expr, AggMerge)>, e: Expr, m: AggMerge) -> ColumnRef {
     if let Some(i) = hidden.iter().position(|(h, hm)| *h == e && *hm == m) {
         return ColumnRef::Hidden(i);
     }
@@ -625,84 +638,128 @@ fn function_name(f: &Function) -> Option<String> {
         .map(|i| i.value.to_ascii_lowercase())
 }
 
-/// How column `e` of a grouped query combines; adds avg's hidden columns.
-fn column_merge(
-    e: &Expr,
-    visible: usize,
-    hidden: &mut Vec<(Expr, AggMerge)>,
-) -> Result<AggMerge, Refusal> {
-    if count_cast_to_integer(e) {
-        return Ok(AggMerge::Count);
-    }
-    if let Some(m) = coalesced_to_zero(e) {
-        return Ok(m);
-    }
-    match bare_aggregate(e) {
-        Some((AggKind::Count, _)) => Ok(AggMerge::Count),
-        Some((AggKind::Sum, _)) => Ok(AggMerge::Sum),
-        Some((AggKind::Min, _)) => Ok(AggMerge::Min),
-        Some((AggKind::Max, _)) => Ok(AggMerge::Max),
-        Some((AggKind::Avg, f)) => {
-            let mut sum = f.clone();
-            rename(&mut sum, "sum");
-            let mut count = f.clone();
-            rename(&mut count, "count");
-            let s = hidden_col(hidden, Expr::Function(sum), AggMerge::Sum, visible);
-            let c = hidden_col(hidden, Expr::Function(count), AggMerge::Count, visible);
-            Ok(AggMerge::Avg { sum: s, count: c })
-        }
-        None => {
-            let mut s = Scan::default();
-            s.expr(e);
-            if s.agg {
-                Err(refuse(
-                    "an expression over aggregates (e.g. sum(x)/count(*)) when groups span shards",
-                ))
-            } else {
-                Ok(AggMerge::None)
-            }
-        }
-    }
+/// An aggregate the merge can finish: standing alone, or inside a wrapper whose result
+/// the merge computes itself from the combined value.
+#[derive(Debug, Clone, Copy)]
+enum Merged<'a> {
+    Bare(AggKind, &'a Function),
+    /// `count(...)::int` (or `CAST(count(...) AS bigint)`, any integer type): node-postgres
+    /// users write it to get a JavaScript number rather than a bigint string. Each shard
+    /// casts its own count, and the sum of the casts is the cast of the sum: the merge adds
+    /// them in the column's type and fails with 22003, as Postgres does, when the total
+    /// does not fit. `smallint`: to int2, which a count of 32768 rows overflows.
+    CountCast {
+        smallint: bool,
+    },
+    /// `coalesce(sum(x), 0)` (or of a count), the integer literal 0 as written:
+    /// applications write it to get 0 rather than NULL when no row matches. Each shard
+    /// returns its partial sum or 0, and those add up to the total or 0, as one server
+    /// would answer. Not `0.0`: an empty shard's `0.0` would give a numeric total one more
+    /// digit of scale than Postgres shows; not min/max: an empty shard's 0 would compete
+    /// with the others' values.
+    OrZero(AggKind),
+    /// `round(avg(x))` or `round(avg(x), n)` with a literal `n` from 0 to 1000: the
+    /// shards' sums and counts give the average, which is then rounded as Postgres rounds
+    /// it. The avg() call, and the places.
+    RoundedAvg(&'a Function, u32),
 }
 
-/// `count(...)::int` (or `CAST(count(...) AS bigint)`, any integer type): node-postgres
-/// users write it to get a JavaScript number rather than a bigint string. Each shard casts
-/// its own count, and the sum of the casts is the cast of the sum: the merge adds them in
-/// the column's type and fails with 22003, as Postgres does, when the total does not fit.
-fn count_cast_to_integer(e: &Expr) -> bool {
-    let Expr::Cast {
+fn merged(e: &Expr) -> Option<Merged<'_>> {
+    if let Some(m) = bare_aggregate(e) {
+        return Some(Merged::Bare(m.0, m.1));
+    }
+    if let Expr::Cast {
         expr,
         data_type,
         format: None,
         ..
     } = e
-    else {
-        return false;
+    {
+        let smallint = match data_type {
+            DataType::SmallInt(_) | DataType::Int2(_) => true,
+            DataType::Int(_)
+            | DataType::Integer(_)
+            | DataType::Int4(_)
+            | DataType::BigInt(_)
+            | DataType::Int8(_) => false,
+            _ => return None,
+        };
+        return matches!(bare_aggregate(expr), Some((AggKind::Count, _)))
+            .then_some(Merged::CountCast { smallint });
+    }
+    if let Some([agg, zero]) = plain_call(e, "coalesce").as_deref() {
+        return match bare_aggregate(agg)? {
+            (kind @ (AggKind::Sum | AggKind::Count), _) if integer_literal(zero)? == 0 => {
+                Some(Merged::OrZero(kind))
+            }
+            _ => None,
+        };
+    }
+    let (agg, places) = match plain_call(e, "round").as_deref()? {
+        [agg] => (*agg, 0),
+        [agg, places] => (*agg, integer_literal(places).filter(|&p| p <= 1000)?),
+        _ => return None,
     };
-    matches!(bare_aggregate(expr), Some((AggKind::Count, _)))
-        && matches!(
-            data_type,
-            DataType::SmallInt(_)
-                | DataType::Int2(_)
-                | DataType::Int(_)
-                | DataType::Integer(_)
-                | DataType::Int4(_)
-                | DataType::BigInt(_)
-                | DataType::Int8(_)
-        )
+    match bare_aggregate(agg)? {
+        (AggKind::Avg, f) => Some(Merged::RoundedAvg(f, places)),
+        _ => None,
+    }
 }
 
-/// `coalesce(sum(x), 0)` (or of a count), the integer literal 0 as written: applications
-/// write it to get 0 rather than NULL when no row matches. Each shard returns its partial
-/// sum or 0, and those add up to the total or 0, as one server would answer. Not `0.0`:
-/// an empty shard's `0.0` would give a numeric total one more digit of scale than
-/// Postgres shows; not min/max: an empty shard's 0 would compete with the others' values.
-fn coalesced_to_zero(e: &Expr) -> Option<AggMerge> {
+/// How column `e` of a grouped query combines; adds avg's hidden columns.
+fn column_merge(e: &Expr, hidden: &mut Vec<(Expr, AggMerge)>) -> Result<AggMerge, Refusal> {
+    Ok(match merged(e) {
+        Some(Merged::Bare(AggKind::Count, _)) => AggMerge::Count,
+        Some(Merged::Bare(AggKind::Sum, _)) => AggMerge::Sum,
+        Some(Merged::Bare(AggKind::Min, _)) => AggMerge::Min,
+        Some(Merged::Bare(AggKind::Max, _)) => AggMerge::Max,
+        Some(Merged::Bare(AggKind::Avg, f)) => avg_merge(f, None, hidden),
+        Some(Merged::CountCast { .. }) => AggMerge::Count,
+        Some(Merged::OrZero(AggKind::Sum)) => AggMerge::SumOrZero,
+        Some(Merged::OrZero(_)) => AggMerge::Count,
+        Some(Merged::RoundedAvg(f, places)) => avg_merge(f, Some(places), hidden),
+        None => {
+            let mut s = Scan::default();
+            s.expr(e);
+            if s.agg {
+                return Err(refuse(
+                    "an expression over aggregates (e.g. sum(x)/count(*)) when groups span shards",
+                ));
+            }
+            AggMerge::None
+        }
+    })
+}
+
+/// avg(x) as hidden sum(x) and count(x), optionally rounded.
+fn avg_merge(f: &Function, round: Option<u32>, hidden: &mut Vec<(Expr, AggMerge)>) -> AggMerge {
+    let mut sum = f.clone();
+    rename(&mut sum, "sum");
+    let mut count = f.clone();
+    rename(&mut count, "count");
+    let sum = hidden_col(hidden, Expr::Function(sum), AggMerge::Sum);
+    let count = hidden_col(hidden, Expr::Function(count), AggMerge::Count);
+    AggMerge::Avg { sum, count, round }
+}
+
+/// The arguments of Postgres's own `name(args)` (unqualified or `pg_catalog.`), called
+/// plainly (no FILTER, OVER, DISTINCT or ORDER BY in the call), each an expression.
+fn plain_call<'a>(e: &'a Expr, name: &str) -> Option<Vec<&'a Expr>> {
     let Expr::Function(f) = e else { return None };
-    if function_name(f)? != "coalesce"
+    let builtin = match &f.name.0[..] {
+        [_] => true,
+        [schema, _] => schema
+            .as_ident()
+            .is_some_and(|i| i.value.eq_ignore_ascii_case("pg_catalog")),
+        _ => false,
+    };
+    if !builtin
+        || function_name(f)? != name
         || f.over.is_some()
         || f.filter.is_some()
         || !f.within_group.is_empty()
+        || f.null_treatment.is_some()
+        || f.uses_odbc_syntax
         || !matches!(f.parameters, FunctionArguments::None)
     {
         return None;
@@ -713,16 +770,22 @@ fn coalesced_to_zero(e: &Expr) -> Option<AggMerge> {
     if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
         return None;
     }
-    let [FunctionArg::Unnamed(FunctionArgExpr::Expr(agg)), FunctionArg::Unnamed(FunctionArgExpr::Expr(zero))] =
-        list.args.as_slice()
-    else {
-        return None;
-    };
-    let is_zero =
-        matches!(zero, Expr::Value(v) if matches!(&v.value, Value::Number(n, false) if n == "0"));
-    match bare_aggregate(agg)? {
-        (AggKind::Sum, _) if is_zero => Some(AggMerge::SumOrZero),
-        (AggKind::Count, _) if is_zero => Some(AggMerge::Count),
+    list.args
+        .iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => Some(x),
+            _ => None,
+        })
+        .collect()
+}
+
+/// An unsigned integer literal as written (`0`, `2`; not `0.0`, `-1` or `'2'`).
+fn integer_literal(e: &Expr) -> Option<u32> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, false) if n.bytes().all(|b| b.is_ascii_digit()) => n.parse().ok(),
+            _ => None,
+        },
         _ => None,
     }
 }

@@ -306,6 +306,9 @@ pub enum AggMerge {
     Avg {
         sum: ColumnRef,
         count: ColumnRef,
+        /// `round(avg(x), places)` (`round(avg(x))`: 0): the average rounded as Postgres's
+        /// `round(numeric, int)` does, half away from zero. Numeric averages only.
+        round: Option<u32>,
     },
 }
 

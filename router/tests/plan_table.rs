@@ -1897,7 +1897,8 @@ fn merge_aggregates() {
         vec![
             AggMerge::Avg {
                 sum: H(0),
-                count: H(1)
+                count: H(1),
+                round: None,
             },
             AggMerge::Sum,
             AggMerge::Count
@@ -1949,6 +1950,86 @@ fn merge_aggregates() {
         rw.as_deref(),
         Some("SELECT city, coalesce(sum(age), 0) AS total, coalesce(count(x), 0), COALESCE(SUM(x), 0) FROM users GROUP BY city")
     );
+    // round(avg(x), n): the combined average, rounded at the merge.
+    let (m, rw) = merge_of(
+        "SELECT city, round(avg(age), 2), round(avg(age)) FROM users GROUP BY city \
+         HAVING round(avg(age), 1) > 3 ORDER BY round(avg(age), 2)",
+    );
+    let avg = |round| AggMerge::Avg {
+        sum: H(0),
+        count: H(1),
+        round,
+    };
+    assert_eq!(
+        m.aggregates,
+        vec![
+            AggMerge::None,
+            avg(Some(2)),
+            avg(Some(0)),
+            AggMerge::Sum,
+            AggMerge::Count,
+            avg(Some(1)),
+        ]
+    );
+    assert_eq!(m.having[0].column, H(2));
+    assert_eq!(m.order_by, vec![key(V(1), false, false)]);
+    assert_eq!(
+        rw.as_deref(),
+        Some("SELECT city, round(avg(age), 2), round(avg(age)), sum(age), count(age), round(avg(age), 1) FROM users GROUP BY city")
+    );
+    let (m, _) = merge_of("SELECT pg_catalog.round(avg(age), 2) FROM users");
+    assert_eq!(m.aggregates[0], avg(Some(2)));
+    // A user's own round() or coalesce() is not Postgres's.
+    case(
+        "SELECT myschema.round(avg(age), 2) FROM users",
+        S,
+        T::All,
+        R::No("expression over aggregates"),
+    );
+    case(
+        "SELECT public.coalesce(sum(age), 0) FROM users",
+        S,
+        T::All,
+        R::No("expression over aggregates"),
+    );
+    // Postgres refuses (42P10) an ORDER BY of a SELECT DISTINCT that is not selected.
+    case(
+        "SELECT DISTINCT city FROM users GROUP BY city ORDER BY round(avg(age), 2)",
+        S,
+        T::All,
+        R::No("SELECT DISTINCT"),
+    );
+    // Postgres casts the counts of the groups HAVING keeps only: a smallint cast of a
+    // dropped group's count must not fail the query.
+    case(
+        "SELECT city, count(*)::int2 FROM users GROUP BY city HAVING count(*) < 10",
+        S,
+        T::All,
+        R::No("smallint with HAVING"),
+    );
+    case(
+        "SELECT city, count(*)::int FROM users GROUP BY city HAVING count(*) < 10",
+        S,
+        T::All,
+        R::Ok,
+    );
+    case(
+        "SELECT city FROM users GROUP BY city HAVING count(*)::int2 > 1",
+        S,
+        T::All,
+        R::No("HAVING condition"),
+    );
+    for sql in [
+        "SELECT round(avg(age), $1) FROM users",
+        "SELECT round(avg(age), -1) FROM users",
+        "SELECT round(avg(age), 2.0) FROM users",
+        "SELECT round(avg(age), 1001) FROM users",
+        "SELECT round(sum(age), 2) FROM users",
+        "SELECT round(avg(age) * 2, 2) FROM users",
+        "SELECT trunc(avg(age), 2) FROM users",
+    ] {
+        case(sql, S, T::All, R::No("expression over aggregates"));
+    }
     // Any other fallback, or min/max, would not add up: an empty shard's value would count.
     for sql in [
         "SELECT coalesce(sum(age), 0.0) FROM users",

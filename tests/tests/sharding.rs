@@ -1461,6 +1461,8 @@ impl Gen {
                     "coalesce(sum(score), 0)",
                     "coalesce(sum(balance), 0)",
                     "coalesce(sum(id), 0)",
+                    "round(avg(score), 2)",
+                    "round(avg(balance))",
                 ],
             )
         } else {
@@ -1479,6 +1481,7 @@ impl Gen {
                     "sum(user_id)",
                     "coalesce(sum(likes), 0)",
                     "coalesce(count(body), 0)",
+                    "round(avg(likes), 3)",
                 ],
             )
         };
@@ -1526,6 +1529,7 @@ impl Gen {
                     "coalesce(sum(balance), 0) < {}",
                     self.rng.gen_range(-100..=100)
                 ),
+                format!("round(avg(score), 1) >= {}", self.rng.gen_range(0..=100)),
                 "min(balance) < 0".into(),
                 "max(ts) >= '2024-02-01 00:00:00+00'".into(),
             ];
@@ -1546,6 +1550,7 @@ impl Gen {
                     "max(id)",
                     "count(balance)",
                     "coalesce(sum(score), 0)",
+                    "round(avg(balance), 1)",
                 ],
                 havings,
             )
@@ -2567,6 +2572,22 @@ async fn refuses_cross_shard_constructs() {
         .map(|(g, s)| vec![Some(g.to_string()), Some(s.to_string())])
         .collect();
     assert_eq!(rows_of(&mut raw, sql).await, want, "{sql}");
+    // round(avg(x), n): the average over every shard's rows, rounded.
+    assert_eq!(
+        value_of(
+            &mut raw,
+            "SELECT round(avg(id), 2) FROM rf_a WHERE id + 0 IN (1, 2, 4)"
+        )
+        .await,
+        "2.33"
+    );
+    expect_refusal(
+        &mut raw,
+        &client,
+        "SELECT round(avg(v::float8)) FROM rf_a",
+        "round(avg())",
+    )
+    .await;
     // A float's 0 would turn a total of -0 into 0: refused by type.
     expect_refusal(
         &mut raw,
