@@ -823,6 +823,17 @@ fn parse_int_lenient(s: &[u8]) -> Option<i64> {
     parse_int_strict(s)
 }
 
+/// Whether `s` is an integer as Postgres's integer input reads it, of any size:
+/// surrounding whitespace, an optional sign, digits.
+fn integer_syntax(s: &[u8]) -> bool {
+    let s = s.trim_ascii();
+    let digits = s
+        .strip_prefix(b"+")
+        .or_else(|| s.strip_prefix(b"-"))
+        .unwrap_or(s);
+    !digits.is_empty() && digits.iter().all(u8::is_ascii_digit)
+}
+
 /// float4out/float8out text.
 fn parse_float_out(raw: &[u8], f4: bool) -> Option<f64> {
     match raw {
@@ -2550,9 +2561,30 @@ fn having_value(
                     .and_then(Num::parse_lenient)
                     .ok_or_else(|| invalid(t))?,
             ),
-            Src::Text(t) => HavingValue::Num(Num::Fin(Dec::from_i128(
-                parse_int_lenient(t).ok_or_else(|| invalid(t))?.into(),
-            ))),
+            Src::Text(t) => {
+                let v = parse_int_lenient(t);
+                // As int2in/int4in/int8in read it: a well-formed integer the column's
+                // type cannot hold is 22003, not a comparison.
+                let fits = match (col.ty, v) {
+                    (_, None) => false,
+                    (Ty::Int2, Some(v)) => i16::try_from(v).is_ok(),
+                    (Ty::Int4, Some(v)) => i32::try_from(v).is_ok(),
+                    _ => true,
+                };
+                if !fits && integer_syntax(t) && col.ty != Ty::Oid {
+                    return Err(MergeError::data(
+                        "22003",
+                        format!(
+                            "value \"{}\" is out of range for type {}",
+                            preview(t),
+                            col.name()
+                        ),
+                    ));
+                }
+                HavingValue::Num(Num::Fin(Dec::from_i128(
+                    v.ok_or_else(|| invalid(t))?.into(),
+                )))
+            }
             Src::Binary(_) => unreachable_value()?,
         },
         Ty::Float4 | Ty::Float8 => match src {
@@ -3604,6 +3636,7 @@ mod tests {
     use proptest::prelude::*;
 
     const INT4: u32 = 23;
+    const INT2: u32 = 21;
     const INT8: u32 = 20;
     const TEXT: u32 = 25;
     const NUMERIC: u32 = 1700;
@@ -4960,6 +4993,51 @@ f|4dad217b|3.6308157e+08
         assert_eq!(e.sqlstate, "0A000");
         let e = run(&plan("yesterday", CmpOp::Eq), &[INT4, TSTZ], &shards).unwrap_err();
         assert_eq!(e.sqlstate, "0A000");
+    }
+
+    /// A text constant compared with an int2/int4 aggregate is read as that type, as
+    /// Postgres reads it: out of range is 22003 (`max(int4) > '3000000000'`), not rows.
+    #[test]
+    fn having_text_integers_must_fit_the_column() {
+        let plan = |value: &str| MergePlan {
+            aggregates: vec![AggMerge::None, AggMerge::Max],
+            group_by: vec![ColumnRef::Visible(0)],
+            having: vec![HavingCond {
+                column: ColumnRef::Visible(1),
+                op: CmpOp::Lt,
+                value: Constant::Text(value.into()),
+            }],
+            ..MergePlan::default()
+        };
+        let shards = vec![
+            vec![vec![Some("1"), Some("7")]],
+            vec![vec![Some("2"), Some("9")]],
+        ];
+        let cases: &[(u32, &str, Result<usize, &str>)] = &[
+            (INT4, "8", Ok(1)),
+            (INT4, " +2147483647 ", Ok(2)),
+            (INT4, "2147483648", Err("22003")),
+            (INT4, "-2147483649", Err("22003")),
+            (INT4, "99999999999999999999", Err("22003")),
+            (INT4, "1e3", Err("22P02")),
+            (INT2, "32767", Ok(2)),
+            (INT2, "32768", Err("22003")),
+            (INT8, "9223372036854775807", Ok(2)),
+            (INT8, "9223372036854775808", Err("22003")),
+        ];
+        for (oid, value, want) in cases {
+            let got = run(&plan(value), &[INT4, *oid], &shards);
+            match (want, got) {
+                (Ok(n), Ok(rows)) => assert_eq!(rows.len(), *n, "{value}"),
+                (Err(code), Err(e)) => {
+                    assert_eq!(e.sqlstate, *code, "{value}: {}", e.message);
+                    if *code == "22003" {
+                        assert!(e.message.contains("out of range for type"), "{}", e.message);
+                    }
+                }
+                (want, got) => panic!("{oid} < '{value}': want {want:?}, got {got:?}"),
+            }
+        }
     }
 
     #[test]
