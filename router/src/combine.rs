@@ -57,6 +57,9 @@
 //! input, as float8 for float8 input; `avg` of `real` is refused (the shards' float4 partial
 //! sums lose precision), as are sums and averages of other types.
 //!
+//! Expressions over aggregates (`AggMerge::Expr`) are computed from the combined values by
+//! [`calc`], after the HAVING conditions on plain columns and only for the groups they keep.
+//!
 //! HAVING constants are read as the column's type (numbers compare numerically: `count(*) >
 //! 2.5` works; date/time constants must be ISO, timestamptz ones with a UTC offset).
 //!
@@ -77,6 +80,9 @@ use std::fmt;
 use bytes::{BufMut, BytesMut};
 
 use crate::types::{AggMerge, CmpOp, ColumnRef, Constant, MergePlan, Refusal, RowCount};
+
+mod calc;
+use calc::{Calc, Scalar};
 
 /// Why rows cannot be merged: answer the client with this SQLSTATE and message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1649,6 +1655,22 @@ impl Num {
         }
     }
 
+    /// numeric_uminus (zero stays unsigned).
+    fn negated(&self) -> Num {
+        match self {
+            Num::NaN => Num::NaN,
+            Num::PInf => Num::NInf,
+            Num::NInf => Num::PInf,
+            Num::Fin(d) => Num::Fin(
+                Dec {
+                    neg: !d.neg,
+                    ..d.clone()
+                }
+                .normalized(),
+            ),
+        }
+    }
+
     /// numeric_round: to `places` decimals, half away from zero, shown with exactly that
     /// many.
     fn round(&self, places: u32) -> Num {
@@ -2274,6 +2296,8 @@ enum AggCol {
         sum: usize,
         count: usize,
     },
+    /// An expression over the other columns: `RowMerger::calcs[i]`.
+    Expr(usize),
 }
 
 /// A sum added exactly (integers and numeric), or None.
@@ -2326,6 +2350,7 @@ pub struct RowMerger {
     order: Vec<Key>,
     group_by: Vec<usize>,
     aggs: Vec<AggCol>,
+    calcs: Vec<Calc>,
     having: Vec<Having>,
     distinct: bool,
     limit: Option<u64>,
@@ -2866,8 +2891,8 @@ impl RowMerger {
             });
         }
 
-        let aggs = if plan.aggregates.is_empty() {
-            Vec::new()
+        let (aggs, calcs) = if plan.aggregates.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
             Self::plan_aggregates(plan, &cols, &index, params)?
         };
@@ -2892,6 +2917,7 @@ impl RowMerger {
             order,
             group_by,
             aggs,
+            calcs,
             having,
             distinct: plan.distinct,
             limit,
@@ -2916,7 +2942,7 @@ impl RowMerger {
         cols: &[Col],
         index: &dyn Fn(ColumnRef) -> Result<usize, MergeError>,
         params: &MergeParams<'_>,
-    ) -> Result<Vec<AggCol>, MergeError> {
+    ) -> Result<(Vec<AggCol>, Vec<Calc>), MergeError> {
         if plan.aggregates.len() != cols.len() {
             return Err(MergeError::protocol(format!(
                 "the merge plan combines {} columns but the shards described {}",
@@ -2940,6 +2966,7 @@ impl RowMerger {
             Ok(())
         };
         let mut out = Vec::with_capacity(cols.len());
+        let mut calcs = Vec::new();
         for (i, m) in plan.aggregates.iter().enumerate() {
             let c = &cols[i];
             let a = match *m {
@@ -3015,10 +3042,31 @@ impl RowMerger {
                         _ => return Err(refuse("avg()", c)),
                     }
                 }
+                AggMerge::Expr(k) => {
+                    let e = plan.expressions.get(k).ok_or_else(|| {
+                        MergeError::protocol("the merge plan lacks an expression it refers to")
+                    })?;
+                    let calc = Calc::compile(e, cols, &plan.aggregates, index)?;
+                    if calc::arith_type_of(c.ty) != Some(calc.ty) {
+                        return Err(MergeError::unsupported(format!(
+                            "an expression over aggregates that the shards describe as {} (the merge computes {}) is not supported across shards; add a shard key condition or a /* shardgate: shard=N */ hint",
+                            c.name(),
+                            calc.ty.pg_name()
+                        )));
+                    }
+                    if c.ty == Ty::Float8 || calc.reads_floats(cols) {
+                        float_text(c)?;
+                        for leaf in cols.iter().filter(|l| l.ty == Ty::Float8) {
+                            float_text(leaf)?;
+                        }
+                    }
+                    calcs.push(calc);
+                    AggCol::Expr(calcs.len() - 1)
+                }
             };
             out.push(a);
         }
-        Ok(out)
+        Ok((out, calcs))
     }
 
     /// Whether rows may be emitted before every shard finished.
@@ -3162,34 +3210,109 @@ impl RowMerger {
         Ok(true)
     }
 
+    /// Whether the row passes the HAVING conditions, but those on expression columns
+    /// (checked by `with_expressions`, which computes them).
     fn passes_having(
         &self,
         row: &[u8],
         spans: &[Option<(usize, usize)>],
     ) -> Result<bool, MergeError> {
         for h in &self.having {
-            let Some(raw) = span(row, spans, h.col) else {
-                return Ok(false);
-            };
-            let col = &self.cols[h.col];
-            let o = match &h.value {
-                HavingValue::Null => return Ok(false),
-                HavingValue::Num(c) => num_value(col, raw)?.cmp(c),
-                HavingValue::Float(c) => cmp_float(float_value(col, raw)?, *c),
-                HavingValue::Int(c) => match decode(col, raw)? {
-                    Val::Int(i) => i.cmp(c),
-                    _ => return Err(MergeError::protocol("unexpected HAVING value")),
-                },
-                HavingValue::Bytes(c) => match decode(col, raw)? {
-                    Val::Bytes(b) => b.cmp(c.as_slice()),
-                    _ => return Err(MergeError::protocol("unexpected HAVING value")),
-                },
-            };
-            if !apply_op(h.op, o) {
+            if matches!(self.aggs.get(h.col), Some(AggCol::Expr(_))) {
+                continue;
+            }
+            if !self.having_holds(h, span(row, spans, h.col))? {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    fn having_holds(&self, h: &Having, raw: Option<&[u8]>) -> Result<bool, MergeError> {
+        let Some(raw) = raw else {
+            return Ok(false);
+        };
+        let col = &self.cols[h.col];
+        let o = match &h.value {
+            HavingValue::Null => return Ok(false),
+            HavingValue::Num(c) => num_value(col, raw)?.cmp(c),
+            HavingValue::Float(c) => cmp_float(float_value(col, raw)?, *c),
+            HavingValue::Int(c) => match decode(col, raw)? {
+                Val::Int(i) => i.cmp(c),
+                _ => return Err(MergeError::protocol("unexpected HAVING value")),
+            },
+            HavingValue::Bytes(c) => match decode(col, raw)? {
+                Val::Bytes(b) => b.cmp(c.as_slice()),
+                _ => return Err(MergeError::protocol("unexpected HAVING value")),
+            },
+        };
+        Ok(apply_op(h.op, o))
+    }
+
+    /// A group's row (`plain`, its expression columns NULL) with its expression columns
+    /// computed, into `out`; false when a HAVING condition on an expression drops the
+    /// group. Postgres computes the select list only for the groups HAVING keeps, and
+    /// orders cheap HAVING conditions first: the plain ones were checked already, then
+    /// those on expressions in the order written, each computed when it is reached.
+    fn with_expressions(&self, plain: &[u8], out: &mut Vec<u8>) -> Result<bool, MergeError> {
+        let mut done: Vec<Option<Option<Vec<u8>>>> = vec![None; self.cols.len()];
+        for h in &self.having {
+            if let AggCol::Expr(k) = self.aggs[h.col] {
+                let v = self.compute(k, h.col, plain)?;
+                let holds = self.having_holds(h, v.as_deref())?;
+                done[h.col] = Some(v);
+                if !holds {
+                    return Ok(false);
+                }
+            }
+        }
+        out.clear();
+        out.extend_from_slice(&(self.cols.len() as i16).to_be_bytes());
+        for (i, agg) in self.aggs.iter().enumerate() {
+            let v = match (agg, done[i].take()) {
+                (AggCol::Expr(_), Some(v)) => v,
+                (AggCol::Expr(k), None) => self.compute(*k, i, plain)?,
+                _ => column(plain, i).map(<[u8]>::to_vec),
+            };
+            match v {
+                Some(v) => {
+                    let len = i32::try_from(v.len())
+                        .map_err(|_| MergeError::data("54000", "a merged value is too large"))?;
+                    out.extend_from_slice(&len.to_be_bytes());
+                    out.extend_from_slice(&v);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Expression `k`'s value for the group row `plain`, written as column `col` is sent.
+    fn compute(&self, k: usize, col: usize, plain: &[u8]) -> Result<Option<Vec<u8>>, MergeError> {
+        let read = |i: usize| -> Result<Option<Scalar>, MergeError> {
+            match column(plain, i) {
+                Some(raw) => Ok(Some(calc::scalar(&self.cols[i], raw)?)),
+                None => Ok(None),
+            }
+        };
+        let Some(v) = self.calcs[k].eval(&read)? else {
+            return Ok(None);
+        };
+        let c = &self.cols[col];
+        let mut out = Vec::new();
+        match v {
+            Scalar::Int(i) => {
+                let w = match c.ty {
+                    Ty::Int2 => IntWidth::W2,
+                    Ty::Int4 => IntWidth::W4,
+                    _ => IntWidth::W8,
+                };
+                write_int(c, w, i.into(), &mut out)?;
+            }
+            Scalar::Num(n) => write_num(c, &n, &mut out)?,
+            Scalar::F8(f) => write_f8(c, f, &mut out),
+        }
+        Ok(Some(out))
     }
 
     fn accumulate(
@@ -3212,7 +3335,10 @@ impl RowMerger {
                     .aggs
                     .iter()
                     .map(|a| match a {
-                        AggCol::First | AggCol::AvgNum { .. } | AggCol::AvgF8 { .. } => Acc::None,
+                        AggCol::First
+                        | AggCol::AvgNum { .. }
+                        | AggCol::AvgF8 { .. }
+                        | AggCol::Expr(_) => Acc::None,
                         AggCol::Count | AggCol::SumInt(_) => Acc::Int { sum: 0, any: false },
                         AggCol::SumNum => Acc::Num(None),
                         AggCol::SumF8 => Acc::F8(None),
@@ -3387,6 +3513,8 @@ impl RowMerger {
                         _ => false,
                     }
                 }
+                // Computed from the other columns once HAVING allows (`with_expressions`).
+                (AggCol::Expr(_), _) => false,
                 _ => return Err(MergeError::protocol("inconsistent aggregate state")),
             };
             if present {
@@ -3470,6 +3598,7 @@ impl RowMerger {
             self.groups = HashMap::new();
             let mut arena = Arena::default();
             let mut body = Vec::new();
+            let mut full = Vec::new();
             let mut spans = Vec::with_capacity(self.cols.len());
             for g in &groups {
                 body.clear();
@@ -3477,6 +3606,13 @@ impl RowMerger {
                 check_row(&body, self.cols.len(), self.visible, &mut spans)?;
                 if !self.passes_having(&body, &spans)? {
                     continue;
+                }
+                if !self.calcs.is_empty() {
+                    if !self.with_expressions(&body, &mut full)? {
+                        continue;
+                    }
+                    std::mem::swap(&mut body, &mut full);
+                    check_row(&body, self.cols.len(), self.visible, &mut spans)?;
                 }
                 if self.distinct && !self.first_seen(&body, &spans)? {
                     continue;

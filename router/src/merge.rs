@@ -9,28 +9,35 @@
 //! combining and everything the shard computes (HAVING, DISTINCT aggregates, expressions
 //! over aggregates) is final.
 //!
-//! HAVING on combined groups: a conjunction of `aggregate|group key <op> constant`, moved to
-//! the merge (aggregates not selected become hidden columns).
+//! HAVING on combined groups: a conjunction of `subject <op> constant`, the subject an
+//! aggregate, an expression over aggregates or a group key, moved to the merge (aggregates
+//! not selected become hidden columns).
 //!
-//! Refused (0A000): window functions, DISTINCT ON, other HAVING conditions and expressions
-//! over aggregates when groups must be combined, DISTINCT aggregates, other aggregates (string_agg, ...),
-//! GROUPING SETS/ROLLUP/CUBE, FETCH ... WITH TIES, ORDER BY ... USING, LIMIT expressions
-//! other than constants and parameters, set operations.
+//! Expressions over aggregates (`sum(x) / count(*)`, casts to numeric types) when groups
+//! are combined: `AggMerge::Expr`, computed by the merge; the shards return a typed NULL
+//! for the column and the aggregates it reads as hidden columns.
+//!
+//! Refused (0A000): window functions, DISTINCT ON, other HAVING conditions and other
+//! expressions over aggregates when groups must be combined, DISTINCT aggregates, other
+//! aggregates (string_agg, ...), GROUPING SETS/ROLLUP/CUBE, FETCH ... WITH TIES, ORDER BY
+//! ... USING, LIMIT expressions other than constants and parameters, set operations.
 
 use std::ops::ControlFlow;
 
+use sqlparser::ast::helpers::attached_token::AttachedToken;
 use sqlparser::ast::{
-    BinaryOperator, CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function, FunctionArg,
-    FunctionArgExpr, FunctionArguments, GroupByExpr, LimitClause, ObjectNamePart, Offset,
-    OffsetRows, OrderByKind, OrderBySort, Query, Select, SelectItem, SetExpr, Statement, Value,
-    Visit, Visitor,
+    BinaryOperator, CaseWhen, CastKind, DataType, Distinct, DuplicateTreatment, Expr, Function,
+    FunctionArg, FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, LimitClause,
+    ObjectNamePart, Offset, OffsetRows, OrderByKind, OrderBySort, Query, Select, SelectItem,
+    SetExpr, Statement, UnaryOperator, Value, Visit, Visitor,
 };
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
 use crate::analyze::{norm_ident, param_number};
 use crate::types::{
-    AggMerge, CmpOp, ColumnRef, Constant, HavingCond, MergePlan, Refusal, RowCount, SortKey,
+    AggExpr, AggMerge, ArithOp, ArithType, CmpOp, ColumnRef, Constant, HavingCond, MergePlan,
+    Refusal, RowCount, SortKey,
 };
 
 pub(crate) struct Merge {
@@ -65,7 +72,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
     check_clauses(q, sel)?;
 
     let mut nq = q.clone();
-    let mut hidden: Vec<(Expr, AggMerge)> = Vec::new();
+    let mut hidden = Helpers::default();
 
     let items = items(sel);
     let wildcard = items.iter().any(|i| i.expr.is_none());
@@ -176,12 +183,20 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                     "count(...)::smallint with HAVING (cast to int or bigint)",
                 ));
             }
-            aggs.push(column_merge(e, &mut hidden)?);
+            let m = hidden.merge_of(e)?;
+            if matches!(m, AggMerge::Expr(_)) {
+                if let SetExpr::Select(ns) = &mut *nq.body {
+                    if let Some(item) = ns.projection.get_mut(aggs.len()) {
+                        never_evaluated_item(item);
+                    }
+                }
+            }
+            aggs.push(m);
         }
         for (g, k) in group_exprs.iter().zip(&group_items) {
             let col = match *k {
                 Some(k) => ColumnRef::Visible(k),
-                None => hidden_col(&mut hidden, g.clone(), AggMerge::None),
+                None => hidden.column(g.clone(), AggMerge::None),
             };
             plan.group_by.push(col);
         }
@@ -194,15 +209,15 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                         .expr
                         .cloned()
                         .unwrap_or(Expr::Value(Value::Null.into()));
-                    let m = column_merge(&e, &mut hidden)?;
-                    hidden_col(&mut hidden, e, m)
+                    let m = hidden.merge_of(&e)?;
+                    hidden.column(e, m)
                 }
                 None => {
                     if let Some(pos) = group_exprs.iter().position(|g| g == &o.expr) {
                         plan.group_by[pos]
                     } else {
-                        let m = column_merge(&o.expr, &mut hidden)?;
-                        hidden_col(&mut hidden, o.expr.clone(), m)
+                        let m = hidden.merge_of(&o.expr)?;
+                        hidden.column(o.expr.clone(), m)
                     }
                 }
             };
@@ -233,7 +248,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
         nq.order_by = None;
         nq.limit_clause = None;
         nq.fetch = None;
-        aggs.extend(hidden.iter().map(|(_, m)| *m));
+        aggs.extend(hidden.columns.iter().map(|(_, m)| *m));
         plan.aggregates = aggs;
     } else {
         for o in &order {
@@ -248,7 +263,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                     if distinct {
                         return Err(refuse("this ORDER BY with SELECT DISTINCT"));
                     }
-                    hidden_col(&mut hidden, e, AggMerge::None)
+                    hidden.column(e, AggMerge::None)
                 }
                 None => {
                     if distinct {
@@ -256,7 +271,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
                             "an ORDER BY expression that is not in the select list of a SELECT DISTINCT",
                         ));
                     }
-                    hidden_col(&mut hidden, o.expr.clone(), AggMerge::None)
+                    hidden.column(o.expr.clone(), AggMerge::None)
                 }
             };
             plan.order_by.push(SortKey {
@@ -268,12 +283,13 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
         push_down_limit(&mut nq, limit, offset);
     }
 
-    plan.hidden_columns = hidden.len();
+    plan.hidden_columns = hidden.columns.len();
     if let SetExpr::Select(ns) = &mut *nq.body {
-        for (e, _) in &hidden {
+        for (e, _) in &hidden.columns {
             ns.projection.push(SelectItem::UnnamedExpr(e.clone()));
         }
     }
+    plan.expressions = hidden.exprs;
     let rewritten = if nq != *q {
         let text = nq.to_string();
         // The rewrite must read back as exactly the query we built.
@@ -310,7 +326,7 @@ fn having_cond(
     items: &[Item<'_>],
     group_exprs: &[Expr],
     group_cols: &[ColumnRef],
-    hidden: &mut Vec<(Expr, AggMerge)>,
+    hidden: &mut Helpers,
 ) -> Result<HavingCond, Refusal> {
     let unsupported = || {
         refuse("this HAVING condition (supported: aggregate or group key compared with a constant, joined by AND)")
@@ -334,12 +350,16 @@ fn having_cond(
     };
     // Not a count cast: Postgres casts only the groups HAVING keeps, and a group it drops
     // could overflow the cast.
-    let column = if matches!(merged(subject), Some(m) if !matches!(m, Merged::CountCast { .. })) {
+    let over_aggregates = match merged(subject) {
+        Some(m) => !matches!(m, Merged::CountCast { .. }),
+        None => has_aggregate(subject),
+    };
+    let column = if over_aggregates {
         match items.iter().position(|it| it.expr == Some(subject)) {
             Some(k) => ColumnRef::Visible(k),
             None => {
-                let m = column_merge(subject, hidden)?;
-                hidden_col(hidden, subject.clone(), m)
+                let m = hidden.merge_of(subject)?;
+                hidden.column(subject.clone(), m)
             }
         }
     } else if let Some(pos) = group_exprs.iter().position(|g| g == subject) {
@@ -575,14 +595,6 @@ fn sort_options(o: &sqlparser::ast::OrderByExpr) -> Result<(bool, bool), Refusal
     Ok((desc, o.options.nulls_first.unwrap_or(desc)))
 }
 
-fn hidden_col(hidden: &mut Vec<(Expr, AggMerge)>, e: Expr, m: AggMerge) -> ColumnRef {
-    if let Some(i) = hidden.iter().position(|(h, hm)| *h == e && *hm == m) {
-        return ColumnRef::Hidden(i);
-    }
-    hidden.push((e, m));
-    ColumnRef::Hidden(hidden.len() - 1)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AggKind {
     Count,
@@ -706,40 +718,221 @@ fn merged(e: &Expr) -> Option<Merged<'_>> {
     }
 }
 
-/// How column `e` of a grouped query combines; adds avg's hidden columns.
-fn column_merge(e: &Expr, hidden: &mut Vec<(Expr, AggMerge)>) -> Result<AggMerge, Refusal> {
-    Ok(match merged(e) {
-        Some(Merged::Bare(AggKind::Count, _)) => AggMerge::Count,
-        Some(Merged::Bare(AggKind::Sum, _)) => AggMerge::Sum,
-        Some(Merged::Bare(AggKind::Min, _)) => AggMerge::Min,
-        Some(Merged::Bare(AggKind::Max, _)) => AggMerge::Max,
-        Some(Merged::Bare(AggKind::Avg, f)) => avg_merge(f, None, hidden),
-        Some(Merged::CountCast { .. }) => AggMerge::Count,
-        Some(Merged::OrZero(AggKind::Sum)) => AggMerge::SumOrZero,
-        Some(Merged::OrZero(_)) => AggMerge::Count,
-        Some(Merged::RoundedAvg(f, places)) => avg_merge(f, Some(places), hidden),
-        None => {
-            let mut s = Scan::default();
-            s.expr(e);
-            if s.agg {
-                return Err(refuse(
-                    "an expression over aggregates (e.g. sum(x)/count(*)) when groups span shards",
-                ));
-            }
-            AggMerge::None
+/// What the rewrite adds for the merge of a grouped query: hidden columns, and the
+/// expressions of `AggMerge::Expr` columns.
+#[derive(Default)]
+struct Helpers {
+    columns: Vec<(Expr, AggMerge)>,
+    exprs: Vec<AggExpr>,
+}
+
+impl Helpers {
+    /// A hidden column computing `e` on the shards, combined by `m` (reused when present).
+    /// An expression column is a typed NULL on the shards (see `AggMerge::Expr`).
+    fn column(&mut self, e: Expr, m: AggMerge) -> ColumnRef {
+        let e = if matches!(m, AggMerge::Expr(_)) {
+            never_evaluated(e)
+        } else {
+            e
+        };
+        if let Some(i) = self.columns.iter().position(|(h, hm)| *h == e && *hm == m) {
+            return ColumnRef::Hidden(i);
         }
+        self.columns.push((e, m));
+        ColumnRef::Hidden(self.columns.len() - 1)
+    }
+
+    /// How column `e` of a grouped query combines; adds the hidden columns it reads.
+    fn merge_of(&mut self, e: &Expr) -> Result<AggMerge, Refusal> {
+        Ok(match merged(e) {
+            Some(Merged::Bare(AggKind::Count, _)) => AggMerge::Count,
+            Some(Merged::Bare(AggKind::Sum, _)) => AggMerge::Sum,
+            Some(Merged::Bare(AggKind::Min, _)) => AggMerge::Min,
+            Some(Merged::Bare(AggKind::Max, _)) => AggMerge::Max,
+            Some(Merged::Bare(AggKind::Avg, f)) => self.avg(f, None),
+            Some(Merged::CountCast { .. }) => AggMerge::Count,
+            Some(Merged::OrZero(AggKind::Sum)) => AggMerge::SumOrZero,
+            Some(Merged::OrZero(_)) => AggMerge::Count,
+            Some(Merged::RoundedAvg(f, places)) => self.avg(f, Some(places)),
+            None if has_aggregate(e) => {
+                let x = self.expression(e)?;
+                self.exprs.push(x);
+                AggMerge::Expr(self.exprs.len() - 1)
+            }
+            None => AggMerge::None,
+        })
+    }
+
+    /// avg(x) as hidden sum(x) and count(x), optionally rounded.
+    fn avg(&mut self, f: &Function, round: Option<u32>) -> AggMerge {
+        let mut sum = f.clone();
+        rename(&mut sum, "sum");
+        let mut count = f.clone();
+        rename(&mut count, "count");
+        let sum = self.column(Expr::Function(sum), AggMerge::Sum);
+        let count = self.column(Expr::Function(count), AggMerge::Count);
+        AggMerge::Avg { sum, count, round }
+    }
+
+    /// `e` as arithmetic over combined aggregates and number literals; its aggregates
+    /// become hidden columns.
+    fn expression(&mut self, e: &Expr) -> Result<AggExpr, Refusal> {
+        if let Some(n) = number_literal(e) {
+            return Ok(AggExpr::Number(n));
+        }
+        Ok(match e {
+            Expr::Nested(inner) => self.expression(inner)?,
+            // Before the aggregates: a count cast inside an expression is the merge's cast
+            // of the total, not a sum of the shards' casts.
+            Expr::Cast {
+                kind: CastKind::DoubleColon | CastKind::Cast,
+                expr,
+                data_type,
+                format: None,
+            } => match arith_type(data_type) {
+                Some(to) => AggExpr::Cast {
+                    to,
+                    expr: Box::new(self.expression(expr)?),
+                },
+                None => return Err(unsupported_expression()),
+            },
+            Expr::UnaryOp {
+                op: UnaryOperator::Minus,
+                expr,
+            } => AggExpr::Neg(Box::new(self.expression(expr)?)),
+            Expr::BinaryOp { left, op, right } => {
+                let op = match op {
+                    BinaryOperator::Plus => ArithOp::Add,
+                    BinaryOperator::Minus => ArithOp::Sub,
+                    BinaryOperator::Multiply => ArithOp::Mul,
+                    BinaryOperator::Divide => ArithOp::Div,
+                    _ => return Err(unsupported_expression()),
+                };
+                AggExpr::Arith {
+                    op,
+                    left: Box::new(self.expression(left)?),
+                    right: Box::new(self.expression(right)?),
+                }
+            }
+            _ => match merged(e) {
+                Some(_) => {
+                    let m = self.merge_of(e)?;
+                    AggExpr::Column(self.column(e.clone(), m))
+                }
+                None => return Err(unsupported_expression()),
+            },
+        })
+    }
+}
+
+fn unsupported_expression() -> Refusal {
+    refuse(
+        "this expression over aggregates when groups span shards (supported: + - * / over \
+         aggregates and numbers, casts to integer, numeric and double precision)",
+    )
+}
+
+/// A select-list expression over aggregates as the shards run it: a typed NULL, under the
+/// name Postgres gives the expression.
+fn never_evaluated_item(item: &mut SelectItem) {
+    match item {
+        SelectItem::UnnamedExpr(e) => {
+            let alias = Ident::with_quote('"', figured_name(e));
+            let expr = never_evaluated(e.clone());
+            *item = SelectItem::ExprWithAlias { expr, alias };
+        }
+        SelectItem::ExprWithAlias { expr, .. } | SelectItem::ExprWithAliases { expr, .. } => {
+            *expr = never_evaluated(expr.clone());
+        }
+        SelectItem::Wildcard(_) | SelectItem::QualifiedWildcard(..) => {}
+    }
+}
+
+fn has_aggregate(e: &Expr) -> bool {
+    let mut s = Scan::default();
+    s.expr(e);
+    s.agg
+}
+
+/// `CASE WHEN false THEN e END`: a NULL of `e`'s type that Postgres never computes (the
+/// planner drops the branch without simplifying it, so not even its constants fold).
+fn never_evaluated(e: Expr) -> Expr {
+    Expr::Case {
+        case_token: AttachedToken::empty(),
+        end_token: AttachedToken::empty(),
+        operand: None,
+        conditions: vec![CaseWhen {
+            condition: Expr::Value(Value::Boolean(false).into()),
+            result: e,
+        }],
+        else_result: None,
+    }
+}
+
+/// A number literal with its sign folded in, as Postgres's grammar folds a minus into a
+/// constant (`-5`, `-(5)`, `- -5`): digits with at most one point, no exponent.
+fn number_literal(e: &Expr) -> Option<String> {
+    match e {
+        Expr::Nested(inner) => number_literal(inner),
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, false)
+                if n.bytes().any(|b| b.is_ascii_digit())
+                    && n.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+                    && n.bytes().filter(|&b| b == b'.').count() <= 1 =>
+            {
+                Some(n.clone())
+            }
+            _ => None,
+        },
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => {
+            let n = number_literal(expr)?;
+            Some(match n.strip_prefix('-') {
+                Some(positive) => positive.to_string(),
+                None => format!("-{n}"),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The type a cast in an expression over aggregates converts to (no type modifiers).
+fn arith_type(t: &DataType) -> Option<ArithType> {
+    use sqlparser::ast::ExactNumberInfo;
+    Some(match t {
+        DataType::SmallInt(None) | DataType::Int2(None) => ArithType::Int2,
+        DataType::Int(None) | DataType::Integer(None) | DataType::Int4(None) => ArithType::Int4,
+        DataType::BigInt(None) | DataType::Int8(None) => ArithType::Int8,
+        DataType::Numeric(ExactNumberInfo::None)
+        | DataType::Decimal(ExactNumberInfo::None)
+        | DataType::Dec(ExactNumberInfo::None) => ArithType::Numeric,
+        DataType::DoublePrecision | DataType::Float8 | DataType::Float(ExactNumberInfo::None) => {
+            ArithType::Float8
+        }
+        _ => return None,
     })
 }
 
-/// avg(x) as hidden sum(x) and count(x), optionally rounded.
-fn avg_merge(f: &Function, round: Option<u32>, hidden: &mut Vec<(Expr, AggMerge)>) -> AggMerge {
-    let mut sum = f.clone();
-    rename(&mut sum, "sum");
-    let mut count = f.clone();
-    rename(&mut count, "count");
-    let sum = hidden_col(hidden, Expr::Function(sum), AggMerge::Sum);
-    let count = hidden_col(hidden, Expr::Function(count), AggMerge::Count);
-    AggMerge::Avg { sum, count, round }
+/// The name Postgres gives an unaliased select-list expression over aggregates
+/// (FigureColname): a function's name, through casts; else a cast's type name; else
+/// `?column?`.
+fn figured_name(e: &Expr) -> String {
+    fn figure(e: &Expr) -> (u8, Option<String>) {
+        match e {
+            Expr::Nested(inner) => figure(inner),
+            Expr::Function(f) => (2, function_name(f)),
+            Expr::Cast {
+                expr, data_type, ..
+            } => match figure(expr) {
+                (2, name) => (2, name),
+                _ => (1, arith_type(data_type).map(|t| t.pg_name().to_string())),
+            },
+            _ => (0, None),
+        }
+    }
+    figure(e).1.unwrap_or_else(|| "?column?".to_string())
 }
 
 /// The arguments of Postgres's own `name(args)` (unqualified or `pg_catalog.`), called

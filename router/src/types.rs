@@ -192,6 +192,8 @@ pub struct MergePlan {
     pub distinct: bool,
     /// Trailing helper columns in the shard rows, removed before the client sees them.
     pub hidden_columns: usize,
+    /// The expressions of `AggMerge::Expr` columns.
+    pub expressions: Vec<AggExpr>,
 }
 
 impl MergePlan {
@@ -310,6 +312,65 @@ pub enum AggMerge {
         /// `round(numeric, int)` does, half away from zero. Numeric averages only.
         round: Option<u32>,
     },
+    /// An expression over combined aggregates (`sum(x) / count(*)`, `max(x) - min(x)`,
+    /// `sum(x)::float8`): `MergePlan::expressions[i]`, computed by the merge once the
+    /// aggregates it reads are combined. The shards return a typed NULL in this column
+    /// (for the RowDescription): computed per shard, the expression could fail where the
+    /// total does not (a partial sum of 0 as a divisor).
+    Expr(usize),
+}
+
+/// An expression over a group's combined aggregates, as Postgres would evaluate it on one
+/// server: the merge checks that its result type is the one the shards describe.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum AggExpr {
+    /// A combined aggregate (never another `Expr` column).
+    Column(ColumnRef),
+    /// A numeric literal as written, its sign folded in as Postgres folds it (`2`, `-1`,
+    /// `100.0`; no exponent): an integer is int4 when it fits, else int8, else numeric.
+    Number(String),
+    Neg(Box<AggExpr>),
+    Arith {
+        op: ArithOp,
+        left: Box<AggExpr>,
+        right: Box<AggExpr>,
+    },
+    Cast {
+        to: ArithType,
+        expr: Box<AggExpr>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ArithOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+/// The types an `AggExpr` computes in, in the order Postgres promotes them (an operator
+/// over two of them computes in the later one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ArithType {
+    Int2,
+    Int4,
+    Int8,
+    Numeric,
+    Float8,
+}
+
+impl ArithType {
+    /// Postgres's name for the type (what names an unaliased cast column).
+    pub fn pg_name(self) -> &'static str {
+        match self {
+            ArithType::Int2 => "int2",
+            ArithType::Int4 => "int4",
+            ArithType::Int8 => "int8",
+            ArithType::Numeric => "numeric",
+            ArithType::Float8 => "float8",
+        }
+    }
 }
 
 /// Transaction control.

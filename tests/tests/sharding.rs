@@ -1485,16 +1485,37 @@ impl Gen {
                 ],
             )
         };
-        let expressions = self.chance(0.15);
+        // Expressions over aggregates, computed by the merge: integer, numeric and float
+        // arithmetic, casts, and the errors of an empty input (`/ count(*)` over no rows).
+        let expressions = self.chance(0.25);
         if expressions {
             list = if users {
                 vec![
-                    "sum(score) / nullif(count(score), 0)",
+                    "sum(score) / count(*)",
                     "max(score) - min(score)",
                     "count(*) * 2",
+                    "sum(balance) / count(balance)",
+                    "100.0 * count(score) / count(*)",
+                    "(max(balance) - min(balance))::float8",
+                    "sum(score)::float8 / count(*)",
+                    "avg(score) * 2",
+                    "-sum(balance)",
+                    "round(avg(balance), 1) + 1",
+                    "count(*)::int + 1",
+                    "sum(id) / 3",
+                    "coalesce(sum(score), 0) * 3 - 1",
+                    "avg(balance)::float8",
+                    "max(score)::numeric / 7",
                 ]
             } else {
-                vec!["sum(likes) + count(*)", "max(likes) - min(likes)"]
+                vec![
+                    "sum(likes) + count(*)",
+                    "max(likes) - min(likes)",
+                    "sum(likes)::numeric / count(*)",
+                    "avg(likes)::float8",
+                    "count(body) * 100 / count(*)",
+                    "(sum(likes) * 1.5)::int",
+                ]
             };
         }
         list.shuffle(&mut self.rng);
@@ -1510,11 +1531,21 @@ impl Gen {
         } else {
             self.where_clause(users, 0.5)
         };
-        Stmt::simple(
-            format!("SELECT {} FROM {table}{filter}", list[..n].join(", ")),
-            true,
-        )
-        .refusable(expressions)
+        let sql = format!("SELECT {} FROM {table}{filter}", list[..n].join(", "));
+        if expressions && self.chance(0.5) {
+            // Binary results: the merge writes numeric, float8 and integers in binary.
+            Stmt {
+                sql,
+                via: Via::Binary {
+                    params: Vec::new(),
+                    returns_rows: true,
+                },
+                ordered: true,
+                may_refuse: false,
+            }
+        } else {
+            Stmt::simple(sql, true)
+        }
     }
 
     fn group_by(&mut self) -> Stmt {
@@ -1530,6 +1561,11 @@ impl Gen {
                     self.rng.gen_range(-100..=100)
                 ),
                 format!("round(avg(score), 1) >= {}", self.rng.gen_range(0..=100)),
+                format!("sum(score) / count(*) > {}", self.rng.gen_range(0..=100)),
+                format!(
+                    "max(balance) - min(balance) >= {}",
+                    self.rng.gen_range(0..=100)
+                ),
                 "min(balance) < 0".into(),
                 "max(ts) >= '2024-02-01 00:00:00+00'".into(),
             ];
@@ -1551,6 +1587,10 @@ impl Gen {
                     "count(balance)",
                     "coalesce(sum(score), 0)",
                     "round(avg(balance), 1)",
+                    "sum(score) / count(*)",
+                    "max(balance) - min(balance)",
+                    "sum(balance) * 2 / count(*)",
+                    "(max(score) - min(score))::float8 / 2",
                 ],
                 havings,
             )
@@ -1560,6 +1600,7 @@ impl Gen {
                 "count(*) > 1".to_string(),
                 format!("sum(likes) > {}", self.rng.gen_range(0..=150)),
                 format!("avg(likes) > {}", self.rng.gen_range(0..=100)),
+                format!("sum(likes) - count(*) < {}", self.rng.gen_range(0..=150)),
             ];
             if group == "likes" {
                 havings.push(format!("likes < {}", self.rng.gen_range(0..=100)));
@@ -1575,6 +1616,8 @@ impl Gen {
                     "avg(likes)",
                     "max(id)",
                     "coalesce(sum(likes), 0)",
+                    "sum(likes) - count(*)",
+                    "max(likes)::numeric / 3",
                 ],
                 havings,
             )
@@ -2572,6 +2615,92 @@ async fn refuses_cross_shard_constructs() {
         .map(|(g, s)| vec![Some(g.to_string()), Some(s.to_string())])
         .collect();
     assert_eq!(rows_of(&mut raw, sql).await, want, "{sql}");
+    // Expressions over aggregates, computed once the partials are combined: the same
+    // answer as one Postgres over the same rows, in text and in binary.
+    let plain = |sql: &str| {
+        sql.replace(
+            "FROM rf_a",
+            "FROM (SELECT k::bigint AS id, (k % 5)::int AS grp, 0 AS v \
+             FROM generate_series(1, 200) k) rf_a",
+        )
+    };
+    let on_shard0 = sdb.count(0, "SELECT count(*) FROM rf_a").await;
+    let same = [
+        "SELECT grp, sum(id) / count(*), (max(id) - min(id))::float8 / 3 AS third, \
+         100.0 * count(*) / 7, -sum(id), avg(id) * 2 FROM rf_a GROUP BY grp \
+         ORDER BY sum(id) / count(*) DESC"
+            .to_string(),
+        // Computed per shard, this would divide by zero on shard 0.
+        format!("SELECT sum(id) / (count(*) - {on_shard0}) FROM rf_a"),
+        // HAVING drops the group whose expression would divide by zero.
+        "SELECT grp, 100 / (sum(id) - 4100) FROM rf_a GROUP BY grp HAVING sum(id) <> 4100 \
+         ORDER BY grp"
+            .to_string(),
+        "SELECT grp, count(*) FROM rf_a GROUP BY grp HAVING sum(id) / count(*) > 100 ORDER BY 1"
+            .to_string(),
+    ];
+    for sql in &same {
+        let want = shardgate_e2e::simple_rows(&direct, &plain(sql))
+            .await
+            .unwrap_or_else(|e| panic!("{sql} on Postgres: {}", describe(&e)));
+        assert_eq!(rows_of(&mut raw, sql).await, want, "{sql}");
+        let got = within(sql, client.query(sql.as_str(), &[]))
+            .await
+            .unwrap_or_else(|e| panic!("{sql} (extended): {}", describe(&e)));
+        let expected = direct
+            .query(plain(sql).as_str(), &[])
+            .await
+            .unwrap_or_else(|e| panic!("{sql} on Postgres: {}", describe(&e)));
+        assert_eq!(got.len(), expected.len(), "{sql} (extended)");
+        for (g, e) in got.iter().zip(&expected) {
+            let shape = |r: &tokio_postgres::Row| -> Vec<(String, u32)> {
+                r.columns()
+                    .iter()
+                    .map(|c| (c.name().to_string(), c.type_().oid()))
+                    .collect()
+            };
+            assert_eq!(shape(g), shape(e), "{sql} (extended): columns");
+            for i in 0..g.len() {
+                let a: Option<RawValue> = g.get(i);
+                let b: Option<RawValue> = e.get(i);
+                assert_eq!(
+                    a.map(|v| hex(&v.0)),
+                    b.map(|v| hex(&v.0)),
+                    "{sql} (extended): column {i}"
+                );
+            }
+        }
+    }
+    // Errors as on one Postgres: a constant that fails fails without any row (Postgres
+    // folds it when planning), and a division by a total of zero.
+    for (sql, code) in [
+        (
+            "SELECT sum(id) * (1 / 0) FROM rf_a WHERE id < 0 GROUP BY grp",
+            "22012",
+        ),
+        ("SELECT sum(id) / (count(*) - 200) FROM rf_a", "22012"),
+        (
+            "SELECT (sum(id) * 1000000000000000)::int FROM rf_a",
+            "22003",
+        ),
+    ] {
+        let want = direct
+            .simple_query(&plain(sql))
+            .await
+            .err()
+            .and_then(|e| e.code().map(|c| c.code().to_string()));
+        assert_eq!(want.as_deref(), Some(code), "{sql} on Postgres");
+        err(&q(&mut raw, sql).await, sql, code, 'I');
+    }
+    // An aggregate the merge does not compute with: refused, not answered.
+    expect_refusal(
+        &mut raw,
+        &client,
+        "SELECT max(now()) - min(now()) FROM rf_a",
+        "expression over an aggregate of type timestamp with time zone",
+    )
+    .await;
+
     // round(avg(x), n): the average over every shard's rows, rounded.
     assert_eq!(
         value_of(
