@@ -3210,17 +3210,13 @@ impl RowMerger {
         Ok(true)
     }
 
-    /// Whether the row passes the HAVING conditions, but those on expression columns
-    /// (checked by `with_expressions`, which computes them).
+    /// Whether a row of the non-aggregating modes passes the HAVING conditions.
     fn passes_having(
         &self,
         row: &[u8],
         spans: &[Option<(usize, usize)>],
     ) -> Result<bool, MergeError> {
         for h in &self.having {
-            if matches!(self.aggs.get(h.col), Some(AggCol::Expr(_))) {
-                continue;
-            }
             if !self.having_holds(h, span(row, spans, h.col))? {
                 return Ok(false);
             }
@@ -3249,29 +3245,52 @@ impl RowMerger {
         Ok(apply_op(h.op, o))
     }
 
-    /// A group's row (`plain`, its expression columns NULL) with its expression columns
-    /// computed, into `out`; false when a HAVING condition on an expression drops the
-    /// group. Postgres computes the select list only for the groups HAVING keeps, and
-    /// orders cheap HAVING conditions first: the plain ones were checked already, then
-    /// those on expressions in the order written, each computed when it is reached.
-    fn with_expressions(&self, plain: &[u8], out: &mut Vec<u8>) -> Result<bool, MergeError> {
-        let mut done: Vec<Option<Option<Vec<u8>>>> = vec![None; self.cols.len()];
+    /// Whether a combined group (`plain`, its expression columns NULL) passes HAVING; the
+    /// conditions on expressions compute them. Postgres checks the conditions in an order
+    /// of its own (by estimated cost) and stops at the first that is not true: when one
+    /// fails with an error and another is not true, whether Postgres answers depends on
+    /// that order, so the statement is refused. An error every order meets is the answer.
+    fn group_having(
+        &self,
+        plain: &[u8],
+        spans: &[Option<(usize, usize)>],
+    ) -> Result<bool, MergeError> {
+        let mut keep = true;
+        let mut error: Option<MergeError> = None;
         for h in &self.having {
-            if let AggCol::Expr(k) = self.aggs[h.col] {
-                let v = self.compute(k, h.col, plain)?;
-                let holds = self.having_holds(h, v.as_deref())?;
-                done[h.col] = Some(v);
-                if !holds {
-                    return Ok(false);
-                }
-            }
+            let holds = match self.aggs[h.col] {
+                AggCol::Expr(k) => match self.compute(k, h.col, plain) {
+                    Ok(v) => self.having_holds(h, v.as_deref())?,
+                    Err(e) => {
+                        match &error {
+                            Some(first) if first.sqlstate != e.sqlstate => {
+                                return Err(having_order_refusal())
+                            }
+                            Some(_) => {}
+                            None => error = Some(e),
+                        }
+                        continue;
+                    }
+                },
+                _ => self.having_holds(h, span(plain, spans, h.col))?,
+            };
+            keep &= holds;
         }
+        match error {
+            None => Ok(keep),
+            Some(e) if keep => Err(e),
+            Some(_) => Err(having_order_refusal()),
+        }
+    }
+
+    /// A group's row (`plain`, its expression columns NULL) with its expression columns
+    /// computed, into `out`.
+    fn with_expressions(&self, plain: &[u8], out: &mut Vec<u8>) -> Result<(), MergeError> {
         out.clear();
         out.extend_from_slice(&(self.cols.len() as i16).to_be_bytes());
         for (i, agg) in self.aggs.iter().enumerate() {
-            let v = match (agg, done[i].take()) {
-                (AggCol::Expr(_), Some(v)) => v,
-                (AggCol::Expr(k), None) => self.compute(*k, i, plain)?,
+            let v = match agg {
+                AggCol::Expr(k) => self.compute(*k, i, plain)?,
                 _ => column(plain, i).map(<[u8]>::to_vec),
             };
             match v {
@@ -3284,7 +3303,7 @@ impl RowMerger {
                 None => out.extend_from_slice(&(-1i32).to_be_bytes()),
             }
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Expression `k`'s value for the group row `plain`, written as column `col` is sent.
@@ -3593,6 +3612,17 @@ impl RowMerger {
     }
 
     fn drain_buffered(&mut self, out: &mut BytesMut) -> Result<usize, MergeError> {
+        // Expression columns are computed before sorting when DISTINCT or a sort key needs
+        // them; else only for the rows OFFSET and LIMIT reach, as Postgres computes the
+        // select list only for the rows its Limit pulls (`10 / sum(x) ... LIMIT 1` answers
+        // when a group beyond the limit has a sum of 0).
+        let lazy = !self.calcs.is_empty()
+            && !self.distinct
+            && !self
+                .order
+                .iter()
+                .any(|k| matches!(self.aggs.get(k.col), Some(AggCol::Expr(_))));
+        let eager = !self.calcs.is_empty() && !lazy;
         let rows = if self.mode == Mode::Aggregate {
             let groups = std::mem::take(&mut self.group_rows);
             self.groups = HashMap::new();
@@ -3604,13 +3634,11 @@ impl RowMerger {
                 body.clear();
                 self.group_row(g, &mut body)?;
                 check_row(&body, self.cols.len(), self.visible, &mut spans)?;
-                if !self.passes_having(&body, &spans)? {
+                if !self.group_having(&body, &spans)? {
                     continue;
                 }
-                if !self.calcs.is_empty() {
-                    if !self.with_expressions(&body, &mut full)? {
-                        continue;
-                    }
+                if eager {
+                    self.with_expressions(&body, &mut full)?;
                     std::mem::swap(&mut body, &mut full);
                     check_row(&body, self.cols.len(), self.visible, &mut spans)?;
                 }
@@ -3655,10 +3683,20 @@ impl RowMerger {
             .limit
             .map_or(usize::MAX, |l| usize::try_from(l).unwrap_or(usize::MAX));
         let mut written = 0;
-        for &i in idx[start..].iter().take(take) {
-            let row = rows.get(i);
-            let end = column_start(row, self.visible);
-            put_row(out, self.visible, row.get(2..end).unwrap_or_default())?;
+        let mut full = Vec::new();
+        let end = start.saturating_add(take).min(n);
+        for (pos, &i) in idx[..end].iter().enumerate() {
+            let mut row = rows.get(i);
+            if lazy {
+                // Also for the rows OFFSET skips: Postgres computes them before skipping.
+                self.with_expressions(row, &mut full)?;
+                row = &full;
+            }
+            if pos < start {
+                continue;
+            }
+            let cut = column_start(row, self.visible);
+            put_row(out, self.visible, row.get(2..cut).unwrap_or_default())?;
             written += 1;
         }
         self.emitted = written as u64;
@@ -3696,6 +3734,12 @@ impl RowMerger {
         out.put_slice(body);
         Ok(())
     }
+}
+
+fn having_order_refusal() -> MergeError {
+    MergeError::unsupported(
+        "a HAVING condition that fails with an error for a group another condition drops is not supported across shards (Postgres's answer depends on the order it checks them in); add a shard key condition or a /* shardgate: shard=N */ hint",
+    )
 }
 
 fn overflow() -> MergeError {
@@ -3768,7 +3812,7 @@ fn write_f8(col: &Col, v: f64, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{HavingCond, SortKey};
+    use crate::types::{AggExpr, ArithOp, HavingCond, SortKey};
     use proptest::prelude::*;
 
     const INT4: u32 = 23;
@@ -4221,6 +4265,93 @@ f|4dad217b|3.6308157e+08
         )
         .unwrap_err();
         assert_eq!(e.sqlstate, "0A000");
+    }
+
+    /// `SELECT g, 10 / sum(y) FROM t GROUP BY g ...` with group 1's sum 0: the
+    /// expression is computed after HAVING and only for the rows LIMIT reaches (as
+    /// Postgres computes the select list), and a HAVING whose answer would depend on the
+    /// order Postgres checks its conditions in is refused.
+    #[test]
+    fn expressions_follow_having_and_limit() {
+        let ten_over_sum = AggExpr::Arith {
+            op: ArithOp::Div,
+            left: Box::new(AggExpr::Number("10".into())),
+            right: Box::new(AggExpr::Column(ColumnRef::Hidden(0))),
+        };
+        let base = MergePlan {
+            aggregates: vec![AggMerge::None, AggMerge::Expr(0), AggMerge::Sum],
+            group_by: vec![ColumnRef::Visible(0)],
+            hidden_columns: 1,
+            expressions: vec![ten_over_sum],
+            ..MergePlan::default()
+        };
+        let shards = [
+            vec![
+                vec![Some("1"), None, Some("0")],
+                vec![Some("2"), None, Some("2")],
+            ],
+            vec![
+                vec![Some("3"), None, Some("5")],
+                vec![Some("2"), None, Some("3")],
+            ],
+        ];
+        let go = |plan: &MergePlan| run(plan, &[INT4, INT8, INT8], &shards);
+        assert_eq!(go(&base).map_err(|e| e.sqlstate), Err("22012"));
+        // ORDER BY g DESC LIMIT 1: group 1 is never computed.
+        let limited = MergePlan {
+            order_by: vec![desc(0)],
+            limit: Some(RowCount::Value(2)),
+            ..base.clone()
+        };
+        assert_eq!(
+            go(&limited).ok(),
+            Some(vec![vec![s("3"), s("2")], vec![s("2"), s("2")]])
+        );
+        // OFFSET: the skipped rows are computed too.
+        let offset = MergePlan {
+            order_by: vec![asc(0)],
+            offset: Some(RowCount::Value(1)),
+            ..base.clone()
+        };
+        assert_eq!(go(&offset).map_err(|e| e.sqlstate), Err("22012"));
+        // Sorting by the expression needs every group's value.
+        let by_value = MergePlan {
+            order_by: vec![asc(1)],
+            limit: Some(RowCount::Value(1)),
+            ..base.clone()
+        };
+        assert_eq!(go(&by_value).map_err(|e| e.sqlstate), Err("22012"));
+        let having = |conds: Vec<(ColumnRef, CmpOp, &str)>| MergePlan {
+            having: conds
+                .into_iter()
+                .map(|(column, op, v)| HavingCond {
+                    column,
+                    op,
+                    value: Constant::Number(v.into()),
+                })
+                .collect(),
+            order_by: vec![asc(0)],
+            ..base.clone()
+        };
+        // HAVING sum(y) <> 0 drops group 1 before its expression is computed.
+        let h = having(vec![(ColumnRef::Hidden(0), CmpOp::Ne, "0")]);
+        assert_eq!(
+            go(&h).ok(),
+            Some(vec![vec![s("2"), s("2")], vec![s("3"), s("2")]])
+        );
+        // HAVING 10 / sum(y) > 1 AND sum(y) < 100: group 1 fails in every order.
+        let h = having(vec![
+            (ColumnRef::Visible(1), CmpOp::Gt, "1"),
+            (ColumnRef::Hidden(0), CmpOp::Lt, "100"),
+        ]);
+        assert_eq!(go(&h).map_err(|e| e.sqlstate), Err("22012"));
+        // HAVING 10 / sum(y) > 1 AND sum(y) > 1: Postgres errs or drops group 1 depending
+        // on its order: refused.
+        let h = having(vec![
+            (ColumnRef::Visible(1), CmpOp::Gt, "1"),
+            (ColumnRef::Hidden(0), CmpOp::Gt, "1"),
+        ]);
+        assert_eq!(go(&h).map_err(|e| e.sqlstate), Err("0A000"));
     }
 
     /// `sum|count|sum/count` computed by Postgres 15's numeric division (avg's final step),

@@ -202,7 +202,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
         }
         for o in &order {
             let (desc, nulls_first) = sort_options(o)?;
-            let col = match order_target(&o.expr, &items) {
+            let col = match order_target(&o.expr, &items)? {
                 Some(OrderTarget::Visible(k)) => ColumnRef::Visible(k),
                 Some(OrderTarget::CopyOf(k)) => {
                     let e = items[k]
@@ -253,7 +253,7 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
     } else {
         for o in &order {
             let (desc, nulls_first) = sort_options(o)?;
-            let col = match order_target(&o.expr, &items) {
+            let col = match order_target(&o.expr, &items)? {
                 Some(OrderTarget::Visible(k)) => ColumnRef::Visible(k),
                 Some(OrderTarget::CopyOf(k)) => {
                     let e = items[k]
@@ -481,17 +481,35 @@ fn items(sel: &Select) -> Vec<Item<'_>> {
 
 /// The column name Postgres gives an unaliased expression, where it is a name.
 fn output_name(e: &Expr) -> Option<String> {
+    figure_name(e).map(|(_, name)| name)
+}
+
+/// Postgres's FigureColname where the router can tell: a column's or function's name
+/// (strength 2), through casts; else the name of the type a cast converts to (strength 1,
+/// the types of expressions over aggregates); `?column?` for operators and constants
+/// (strength 0). None for expression kinds it does not name here.
+fn figure_name(e: &Expr) -> Option<(u8, String)> {
     match e {
-        Expr::Identifier(id) => Some(norm_ident(id)),
-        Expr::CompoundIdentifier(parts) => parts.last().map(norm_ident),
-        Expr::Cast { expr, .. } => output_name(expr),
-        Expr::Nested(inner) => output_name(inner),
+        Expr::Identifier(id) => Some((2, norm_ident(id))),
+        Expr::CompoundIdentifier(parts) => parts.last().map(|p| (2, norm_ident(p))),
+        Expr::Nested(inner) => figure_name(inner),
         Expr::Function(f) => f
             .name
             .0
             .last()
             .and_then(ObjectNamePart::as_ident)
-            .map(norm_ident),
+            .map(|i| (2, norm_ident(i))),
+        Expr::Cast {
+            expr, data_type, ..
+        } => match figure_name(expr)? {
+            (2, name) => Some((2, name)),
+            _ => arith_type(data_type).map(|t| (1, t.pg_name().to_string())),
+        },
+        Expr::BinaryOp { .. } | Expr::UnaryOp { .. } => Some((0, "?column?".to_string())),
+        Expr::Value(v) => match &v.value {
+            Value::Number(..) | Value::SingleQuotedString(_) => Some((0, "?column?".to_string())),
+            _ => None,
+        },
         _ => None,
     }
 }
@@ -504,11 +522,12 @@ enum OrderTarget {
 }
 
 /// Postgres's ORDER BY rules: a constant integer is a position; a bare name is an output
-/// column name first; anything else is matched against the select-list expressions.
-fn order_target(e: &Expr, items: &[Item<'_>]) -> Option<OrderTarget> {
+/// column name first (two output columns of that name: 42702, as on Postgres); anything
+/// else is matched against the select-list expressions.
+fn order_target(e: &Expr, items: &[Item<'_>]) -> Result<Option<OrderTarget>, Refusal> {
     if let Some(p) = position(e) {
         // Positions count output columns, `*` expanded: the index is p-1 either way.
-        return Some(OrderTarget::Visible(p - 1));
+        return Ok(Some(OrderTarget::Visible(p - 1)));
     }
     if let Expr::Identifier(id) = e {
         let name = norm_ident(id);
@@ -516,20 +535,25 @@ fn order_target(e: &Expr, items: &[Item<'_>]) -> Option<OrderTarget> {
             .filter(|&k| items[k].name.as_deref() == Some(name.as_str()))
             .collect();
         if let [k] = hits.as_slice() {
-            return Some(match items[*k].index {
+            return Ok(Some(match items[*k].index {
                 Some(i) => OrderTarget::Visible(i),
                 None => OrderTarget::CopyOf(*k),
-            });
+            }));
         }
         if hits.len() > 1 {
-            return None; // ambiguous: the server decides (and errs) on the shards
+            return Err(Refusal {
+                sqlstate: "42702",
+                message: format!("ORDER BY \"{name}\" is ambiguous"),
+            });
         }
     }
-    let k = items.iter().position(|it| it.expr == Some(e))?;
-    Some(match items[k].index {
+    let Some(k) = items.iter().position(|it| it.expr == Some(e)) else {
+        return Ok(None);
+    };
+    Ok(Some(match items[k].index {
         Some(i) => OrderTarget::Visible(i),
         None => OrderTarget::CopyOf(k),
-    })
+    }))
 }
 
 /// GROUP BY rules: a position, an expression equal to an item, or a bare name, which
@@ -915,24 +939,9 @@ fn arith_type(t: &DataType) -> Option<ArithType> {
     })
 }
 
-/// The name Postgres gives an unaliased select-list expression over aggregates
-/// (FigureColname): a function's name, through casts; else a cast's type name; else
-/// `?column?`.
+/// The name Postgres gives an unaliased select-list expression over aggregates.
 fn figured_name(e: &Expr) -> String {
-    fn figure(e: &Expr) -> (u8, Option<String>) {
-        match e {
-            Expr::Nested(inner) => figure(inner),
-            Expr::Function(f) => (2, function_name(f)),
-            Expr::Cast {
-                expr, data_type, ..
-            } => match figure(expr) {
-                (2, name) => (2, name),
-                _ => (1, arith_type(data_type).map(|t| t.pg_name().to_string())),
-            },
-            _ => (0, None),
-        }
-    }
-    figure(e).1.unwrap_or_else(|| "?column?".to_string())
+    output_name(e).unwrap_or_else(|| "?column?".to_string())
 }
 
 /// The arguments of Postgres's own `name(args)` (unqualified or `pg_catalog.`), called

@@ -2101,6 +2101,27 @@ fn merge_aggregates() {
         m.order_by,
         vec![key(V(1), true, true), key(H(5), false, false)]
     );
+    // ORDER BY an output name Postgres gives an expression: `?column?`, a cast's type.
+    let (m, _) = merge_of(
+        "SELECT city, sum(age) / count(*) FROM users GROUP BY city ORDER BY \"?column?\" DESC",
+    );
+    assert_eq!(m.order_by, vec![key(V(1), true, true)]);
+    let (m, _) =
+        merge_of("SELECT city, (max(age) - min(age))::int FROM users GROUP BY city ORDER BY int4");
+    assert_eq!(m.order_by, vec![key(V(1), false, false)]);
+    // Two output columns of that name: 42702 as on Postgres (the shards, which get no
+    // ORDER BY, would not see it).
+    for sql in [
+        "SELECT city AS n, count(*) AS n FROM users GROUP BY city ORDER BY n",
+        "SELECT sum(age) + 1, count(*) - 1 FROM users GROUP BY city ORDER BY \"?column?\"",
+    ] {
+        let refusal = p(sql).refusal;
+        assert_eq!(
+            refusal.as_ref().map(|r| r.sqlstate),
+            Some("42702"),
+            "{sql}: {refusal:?}"
+        );
+    }
     // A count cast inside an expression is the merge's cast of the total.
     let (m, _) = merge_of("SELECT count(*)::int2 + 1 FROM users");
     assert_eq!(

@@ -2692,6 +2692,18 @@ async fn refuses_cross_shard_constructs() {
         assert_eq!(want.as_deref(), Some(code), "{sql} on Postgres");
         err(&q(&mut raw, sql).await, sql, code, 'I');
     }
+    // Two output columns of the ORDER BY name: 42702, as on Postgres.
+    let sql = "SELECT grp AS n, count(*) AS n FROM rf_a GROUP BY grp ORDER BY n";
+    err(&q(&mut raw, sql).await, sql, "42702", 'I');
+    // Group 0 (sum 4100) fails the first condition and the second drops it: Postgres's
+    // answer depends on the order it checks them in.
+    expect_refusal(
+        &mut raw,
+        &client,
+        "SELECT grp FROM rf_a GROUP BY grp HAVING 100 / (sum(id) - 4100) > 0 AND sum(id) > 4100",
+        "having condition that fails",
+    )
+    .await;
     // An aggregate the merge does not compute with: refused, not answered.
     expect_refusal(
         &mut raw,
