@@ -2992,9 +2992,6 @@ impl RowMerger {
                     }
                     _ => return Err(refuse("sum()", c)),
                 },
-                AggMerge::SumOrZero => {
-                    exact_sum(c.ty).ok_or_else(|| refuse("coalesce(sum(), 0)", c))?
-                }
                 AggMerge::Min | AggMerge::Max => {
                     c.need_comparable("min()/max() of")?;
                     if *m == AggMerge::Min {
@@ -4944,58 +4941,6 @@ f|4dad217b|3.6308157e+08
         )
         .unwrap_err();
         assert_eq!(e.sqlstate, "22003");
-    }
-
-    /// `coalesce(sum(x), 0)`: shards without rows return 0, which leaves a numeric total's
-    /// scale as it is; a float column is refused (an empty shard's 0 would turn -0 into 0).
-    #[test]
-    fn sum_or_zero_adds_exact_types_only() {
-        let plan = MergePlan {
-            aggregates: vec![AggMerge::SumOrZero, AggMerge::SumOrZero],
-            ..MergePlan::default()
-        };
-        let got = run(
-            &plan,
-            &[NUMERIC, INT8],
-            &[
-                vec![vec![Some("12.50"), Some("0")]],
-                vec![vec![Some("0"), Some("0")]],
-                vec![vec![Some("-2.5"), Some("9223372036854775807")]],
-            ],
-        )
-        .unwrap();
-        assert_eq!(got, vec![vec![s("10.00"), s("9223372036854775807")]]);
-        let got = run(
-            &plan,
-            &[NUMERIC, INT8],
-            &[
-                vec![vec![Some("0"), Some("0")]],
-                vec![vec![Some("0"), Some("0")]],
-            ],
-        )
-        .unwrap();
-        assert_eq!(got, vec![vec![s("0"), s("0")]]);
-        let e = run(
-            &plan,
-            &[NUMERIC, INT8],
-            &[
-                vec![vec![Some("0"), Some("9223372036854775807")]],
-                vec![vec![Some("0"), Some("1")]],
-            ],
-        )
-        .unwrap_err();
-        assert_eq!(e.sqlstate, "22003");
-        let one = MergePlan {
-            aggregates: vec![AggMerge::SumOrZero],
-            ..MergePlan::default()
-        };
-        let e = run(
-            &one,
-            &[FLOAT8],
-            &[vec![vec![Some("-0")]], vec![vec![Some("0")]]],
-        )
-        .unwrap_err();
-        assert_eq!(e.sqlstate, "0A000");
     }
 
     #[test]

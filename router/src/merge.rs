@@ -3,7 +3,7 @@
 //! Supported: ORDER BY (positions, output names, expressions; keys not in the select list
 //! become hidden trailing columns), LIMIT/OFFSET/FETCH FIRST (pushed down as
 //! `LIMIT limit+offset`), DISTINCT, count/sum/min/max/avg (avg via hidden sum and count
-//! columns; also `count(..)::int`, `coalesce(sum(..), 0)` and `round(avg(..), n)`),
+//! columns; also `round(avg(..), n)`),
 //! GROUP BY (groups combined; group keys not in the select list become hidden
 //! columns). Grouping by a shard key keeps every group on one shard, so then nothing needs
 //! combining and everything the shard computes (HAVING, DISTINCT aggregates, expressions
@@ -13,7 +13,8 @@
 //! aggregate, an expression over aggregates or a group key, moved to the merge (aggregates
 //! not selected become hidden columns).
 //!
-//! Expressions over aggregates (`sum(x) / count(*)`, casts to numeric types) when groups
+//! Expressions over aggregates (`sum(x) / count(*)`, `count(*)::int`, `coalesce(sum(x),
+//! 0)`, `nullif`) when groups
 //! are combined: `AggMerge::Expr`, computed by the merge; the shards return a typed NULL
 //! for the column and the aggregates it reads as hidden columns.
 //!
@@ -173,16 +174,6 @@ pub(crate) fn plan_merge(q: &Query, is_key: &dyn Fn(&Expr) -> bool) -> Result<Me
             let Some(e) = it.expr else {
                 return Err(refuse("SELECT * with GROUP BY or aggregates"));
             };
-            // Postgres casts only the groups HAVING keeps; the shards, which get no HAVING,
-            // cast every group's count, and a smallint overflows at 32768 rows. (An int4
-            // cast would need a dropped group of 2^31 rows: allowed.)
-            if sel.having.is_some()
-                && matches!(merged(e), Some(Merged::CountCast { smallint: true }))
-            {
-                return Err(refuse(
-                    "count(...)::smallint with HAVING (cast to int or bigint)",
-                ));
-            }
             let m = hidden.merge_of(e)?;
             if matches!(m, AggMerge::Expr(_)) {
                 if let SetExpr::Select(ns) = &mut *nq.body {
@@ -348,13 +339,7 @@ fn having_cond(
         (Some(v), None) => (&**right, v, op.flipped()),
         _ => return Err(unsupported()),
     };
-    // Not a count cast: Postgres casts only the groups HAVING keeps, and a group it drops
-    // could overflow the cast.
-    let over_aggregates = match merged(subject) {
-        Some(m) => !matches!(m, Merged::CountCast { .. }),
-        None => has_aggregate(subject),
-    };
-    let column = if over_aggregates {
+    let column = if has_aggregate(subject) {
         match items.iter().position(|it| it.expr == Some(subject)) {
             Some(k) => ColumnRef::Visible(k),
             None => {
@@ -675,25 +660,11 @@ fn function_name(f: &Function) -> Option<String> {
 }
 
 /// An aggregate the merge can finish: standing alone, or inside a wrapper whose result
-/// the merge computes itself from the combined value.
+/// the merge computes itself from the combined value. (Casts, `coalesce(sum(x), 0)` and
+/// arithmetic around aggregates are expressions: `Helpers::expression`.)
 #[derive(Debug, Clone, Copy)]
 enum Merged<'a> {
     Bare(AggKind, &'a Function),
-    /// `count(...)::int` (or `CAST(count(...) AS bigint)`, any integer type): node-postgres
-    /// users write it to get a JavaScript number rather than a bigint string. Each shard
-    /// casts its own count, and the sum of the casts is the cast of the sum: the merge adds
-    /// them in the column's type and fails with 22003, as Postgres does, when the total
-    /// does not fit. `smallint`: to int2, which a count of 32768 rows overflows.
-    CountCast {
-        smallint: bool,
-    },
-    /// `coalesce(sum(x), 0)` (or of a count), the integer literal 0 as written:
-    /// applications write it to get 0 rather than NULL when no row matches. Each shard
-    /// returns its partial sum or 0, and those add up to the total or 0, as one server
-    /// would answer. Not `0.0`: an empty shard's `0.0` would give a numeric total one more
-    /// digit of scale than Postgres shows; not min/max: an empty shard's 0 would compete
-    /// with the others' values.
-    OrZero(AggKind),
     /// `round(avg(x))` or `round(avg(x), n)` with a literal `n` from 0 to 1000: the
     /// shards' sums and counts give the average, which is then rounded as Postgres rounds
     /// it. The avg() call, and the places.
@@ -703,33 +674,6 @@ enum Merged<'a> {
 fn merged(e: &Expr) -> Option<Merged<'_>> {
     if let Some(m) = bare_aggregate(e) {
         return Some(Merged::Bare(m.0, m.1));
-    }
-    if let Expr::Cast {
-        expr,
-        data_type,
-        format: None,
-        ..
-    } = e
-    {
-        let smallint = match data_type {
-            DataType::SmallInt(_) | DataType::Int2(_) => true,
-            DataType::Int(_)
-            | DataType::Integer(_)
-            | DataType::Int4(_)
-            | DataType::BigInt(_)
-            | DataType::Int8(_) => false,
-            _ => return None,
-        };
-        return matches!(bare_aggregate(expr), Some((AggKind::Count, _)))
-            .then_some(Merged::CountCast { smallint });
-    }
-    if let Some([agg, zero]) = plain_call(e, "coalesce").as_deref() {
-        return match bare_aggregate(agg)? {
-            (kind @ (AggKind::Sum | AggKind::Count), _) if integer_literal(zero)? == 0 => {
-                Some(Merged::OrZero(kind))
-            }
-            _ => None,
-        };
     }
     let (agg, places) = match plain_call(e, "round").as_deref()? {
         [agg] => (*agg, 0),
@@ -774,9 +718,6 @@ impl Helpers {
             Some(Merged::Bare(AggKind::Min, _)) => AggMerge::Min,
             Some(Merged::Bare(AggKind::Max, _)) => AggMerge::Max,
             Some(Merged::Bare(AggKind::Avg, f)) => self.avg(f, None),
-            Some(Merged::CountCast { .. }) => AggMerge::Count,
-            Some(Merged::OrZero(AggKind::Sum)) => AggMerge::SumOrZero,
-            Some(Merged::OrZero(_)) => AggMerge::Count,
             Some(Merged::RoundedAvg(f, places)) => self.avg(f, Some(places)),
             None if has_aggregate(e) => {
                 let x = self.expression(e)?;
@@ -838,13 +779,27 @@ impl Helpers {
                     right: Box::new(self.expression(right)?),
                 }
             }
-            _ => match merged(e) {
-                Some(_) => {
-                    let m = self.merge_of(e)?;
-                    AggExpr::Column(self.column(e.clone(), m))
+            _ if merged(e).is_some() => {
+                let m = self.merge_of(e)?;
+                AggExpr::Column(self.column(e.clone(), m))
+            }
+            _ => {
+                if let Some([a, b]) = plain_call(e, "nullif").as_deref() {
+                    AggExpr::NullIf(Box::new(self.expression(a)?), Box::new(self.expression(b)?))
+                } else if let Some([a, b]) = plain_call(e, "coalesce").as_deref() {
+                    // Only a literal fallback: coalesce does not evaluate the arguments
+                    // after the first non-NULL one, which a fold here would.
+                    let Some(fallback) = number_literal(b) else {
+                        return Err(unsupported_expression());
+                    };
+                    AggExpr::Coalesce(
+                        Box::new(self.expression(a)?),
+                        Box::new(AggExpr::Number(fallback)),
+                    )
+                } else {
+                    return Err(unsupported_expression());
                 }
-                None => return Err(unsupported_expression()),
-            },
+            }
         })
     }
 }
@@ -852,7 +807,8 @@ impl Helpers {
 fn unsupported_expression() -> Refusal {
     refuse(
         "this expression over aggregates when groups span shards (supported: + - * / over \
-         aggregates and numbers, casts to integer, numeric and double precision)",
+         aggregates and numbers, nullif, coalesce with a number, casts to integer, numeric \
+         and double precision)",
     )
 }
 

@@ -295,10 +295,6 @@ pub enum AggMerge {
     Count,
     /// sum(...): add, ignoring NULLs (all NULL: NULL). Keeps the column's type.
     Sum,
-    /// `coalesce(sum(...), 0)`: each shard's value is its partial sum or 0, and they add up
-    /// to the total or 0, as on one server. Integer and numeric columns only: a float
-    /// shard's 0 would turn a total of -0 into 0.
-    SumOrZero,
     Min,
     Max,
     /// avg(...): this column shows avg(x) per shard (right type and name for the
@@ -339,6 +335,10 @@ pub enum AggExpr {
         to: ArithType,
         expr: Box<AggExpr>,
     },
+    /// `nullif(a, b)`: NULL when a equals b, else a.
+    NullIf(Box<AggExpr>, Box<AggExpr>),
+    /// `coalesce(a, b)`, b a number literal: a, or b when a is NULL.
+    Coalesce(Box<AggExpr>, Box<AggExpr>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1911,10 +1911,21 @@ fn merge_aggregates() {
         rw.as_deref(),
         Some("SELECT city, count(*) FROM users GROUP BY city")
     );
-    // A count cast to an integer type (node-postgres's count(*)::int) adds up as a count.
+    // A count cast to an integer type (node-postgres's count(*)::int): the merge casts the
+    // combined count.
     let (m, _) = merge_of("SELECT city, count(*)::int AS n FROM users GROUP BY city");
-    assert_eq!(m.aggregates, vec![AggMerge::None, AggMerge::Count]);
-    // coalesce(sum(x), 0): each shard's sum or 0 adds up to the total or 0.
+    assert_eq!(
+        m.aggregates,
+        vec![AggMerge::None, AggMerge::Expr(0), AggMerge::Count]
+    );
+    assert_eq!(
+        m.expressions,
+        vec![AggExpr::Cast {
+            to: ArithType::Int4,
+            expr: Box::new(AggExpr::Column(H(0))),
+        }]
+    );
+    // coalesce(sum(x), 0): the combined sum, or 0.
     let (m, rw) = merge_of(
         "SELECT city, coalesce(sum(age), 0) AS total, coalesce(count(x), 0) FROM users GROUP BY city \
          HAVING coalesce(sum(age), 0) > 10 ORDER BY COALESCE(SUM(x), 0) DESC",
@@ -1923,17 +1934,31 @@ fn merge_aggregates() {
         m.aggregates,
         vec![
             AggMerge::None,
-            AggMerge::SumOrZero,
+            AggMerge::Expr(0),
+            AggMerge::Expr(1),
+            AggMerge::Sum,
             AggMerge::Count,
-            AggMerge::SumOrZero,
+            AggMerge::Sum,
+            AggMerge::Expr(2),
         ]
+    );
+    assert_eq!(
+        m.expressions[0],
+        AggExpr::Coalesce(
+            Box::new(AggExpr::Column(H(0))),
+            Box::new(AggExpr::Number("0".into()))
+        )
     );
     assert_eq!(m.having.len(), 1);
     assert_eq!(m.having[0].column, V(1));
-    assert_eq!(m.order_by, vec![key(H(0), true, true)]);
+    assert_eq!(m.order_by, vec![key(H(3), true, true)]);
     assert_eq!(
         rw.as_deref(),
-        Some("SELECT city, coalesce(sum(age), 0) AS total, coalesce(count(x), 0), COALESCE(SUM(x), 0) FROM users GROUP BY city")
+        Some(
+            "SELECT city, CASE WHEN false THEN coalesce(sum(age), 0) END AS total, \
+             CASE WHEN false THEN coalesce(count(x), 0) END AS \"coalesce\", sum(age), count(x), \
+             SUM(x), CASE WHEN false THEN COALESCE(SUM(x), 0) END FROM users GROUP BY city"
+        )
     );
     // round(avg(x), n): the combined average, rounded at the merge.
     let (m, rw) = merge_of(
@@ -1984,26 +2009,15 @@ fn merge_aggregates() {
         T::All,
         R::No("SELECT DISTINCT"),
     );
-    // Postgres casts the counts of the groups HAVING keeps only: a smallint cast of a
-    // dropped group's count must not fail the query.
-    case(
+    // Casts are the merge's, after HAVING: a smallint cast of a dropped group's count
+    // never runs, as on Postgres.
+    for sql in [
         "SELECT city, count(*)::int2 FROM users GROUP BY city HAVING count(*) < 10",
-        S,
-        T::All,
-        R::No("smallint with HAVING"),
-    );
-    case(
         "SELECT city, count(*)::int FROM users GROUP BY city HAVING count(*) < 10",
-        S,
-        T::All,
-        R::Ok,
-    );
-    case(
         "SELECT city FROM users GROUP BY city HAVING count(*)::int2 > 1",
-        S,
-        T::All,
-        R::No("HAVING condition"),
-    );
+    ] {
+        case(sql, S, T::All, R::Ok);
+    }
     for sql in [
         "SELECT round(avg(age), $1) FROM users",
         "SELECT round(avg(age), -1) FROM users",
@@ -2016,12 +2030,17 @@ fn merge_aggregates() {
         case(sql, S, T::All, R::No("expression over aggregates"));
     }
     // Any other fallback, or min/max, would not add up: an empty shard's value would count.
+    // coalesce of a combined aggregate with any number: the merge's, after combining.
     for sql in [
         "SELECT coalesce(sum(age), 0.0) FROM users",
         "SELECT coalesce(sum(age), 1) FROM users",
         "SELECT coalesce(sum(age), -0) FROM users",
         "SELECT coalesce(max(age), 0) FROM users",
         "SELECT coalesce(avg(age), 0) FROM users",
+    ] {
+        case(sql, S, T::All, R::Ok);
+    }
+    for sql in [
         "SELECT coalesce(sum(age), 0, 1) FROM users",
         "SELECT coalesce(0, sum(age)) FROM users",
     ] {
@@ -2135,7 +2154,32 @@ fn merge_aggregates() {
             num("1")
         )]
     );
+    // nullif around a divisor, coalesce with a number literal.
+    let (m, rw) =
+        merge_of("SELECT coalesce(sum(age) / nullif(count(x), 0), -1) FROM users GROUP BY city");
+    assert_eq!(
+        m.expressions,
+        vec![AggExpr::Coalesce(
+            Box::new(arith(
+                ArithOp::Div,
+                col(H(0)),
+                AggExpr::NullIf(Box::new(col(H(1))), Box::new(num("0")))
+            )),
+            Box::new(num("-1"))
+        )]
+    );
+    assert_eq!(
+        rw.as_deref(),
+        Some(
+            "SELECT CASE WHEN false THEN coalesce(sum(age) / nullif(count(x), 0), -1) END AS \
+             \"coalesce\", sum(age), count(x), city FROM users GROUP BY city"
+        )
+    );
     for sql in [
+        "SELECT coalesce(sum(age) / count(*), max(age)) FROM users",
+        "SELECT coalesce(sum(age) / count(*), 0, 1) FROM users",
+        "SELECT nullif(sum(age), 0, 1) FROM users",
+        "SELECT myschema.nullif(sum(age), 0) FROM users",
         "SELECT sum(age) % 2 FROM users",
         "SELECT sum(age) * $1 FROM users",
         "SELECT abs(sum(age)) FROM users",

@@ -16,8 +16,8 @@
 use std::cmp::Ordering;
 
 use super::{
-    dec_round, div_scale, float_value, int_value, mag_add, mag_cmp, mag_sub, num_value, overflow,
-    Col, Dec, MergeError, Num, Ty,
+    cmp_float, dec_round, div_scale, float_value, int_value, mag_add, mag_cmp, mag_sub, num_value,
+    overflow, Col, Dec, MergeError, Num, Ty,
 };
 use crate::types::{AggExpr, AggMerge, ArithOp, ArithType, ColumnRef};
 
@@ -45,6 +45,10 @@ enum Node {
     Arith(ArithOp, Box<Calc>, Box<Calc>),
     /// To the `Calc`'s type.
     Cast(Box<Calc>),
+    /// NULL when the first equals the second, else the first (in the `Calc`'s type).
+    NullIf(Box<Calc>, Box<Calc>),
+    /// The first, or the second (a constant of the `Calc`'s type) when it is NULL.
+    Coalesce(Box<Calc>, Box<Calc>),
 }
 
 /// The `ArithType` of a column type.
@@ -106,6 +110,31 @@ impl Calc {
                     node: Node::Arith(*op, Box::new(coerced(l, ty)?), Box::new(coerced(r, ty)?)),
                 }
             }
+            AggExpr::NullIf(a, b) => {
+                let a = Calc::compile(a, cols, aggregates, index)?;
+                let b = Calc::compile(b, cols, aggregates, index)?;
+                // nullif is `a = b`'s operator: integers compare across widths as they
+                // are (int48eq, ...), other mixes convert the first argument too.
+                let ty = if is_int(a.ty) && is_int(b.ty) {
+                    a.ty
+                } else {
+                    a.ty.max(b.ty)
+                };
+                Calc {
+                    ty,
+                    node: Node::NullIf(Box::new(a), Box::new(b)),
+                }
+            }
+            AggExpr::Coalesce(a, b) => {
+                let a = Calc::compile(a, cols, aggregates, index)?;
+                let b = Calc::compile(b, cols, aggregates, index)?;
+                // select_common_type: among these types, the widest.
+                let ty = a.ty.max(b.ty);
+                Calc {
+                    ty,
+                    node: Node::Coalesce(Box::new(a), Box::new(coerced(b, ty)?)),
+                }
+            }
             AggExpr::Cast { to, expr } => {
                 let x = Calc::compile(expr, cols, aggregates, index)?;
                 if x.ty == *to {
@@ -125,8 +154,8 @@ impl Calc {
         };
         // Fold a constant subexpression.
         let constant = match &calc.node {
-            Node::Neg(x) | Node::Cast(x) => x.is_const(),
-            Node::Arith(_, l, r) => l.is_const() && r.is_const(),
+            Node::Neg(x) | Node::Cast(x) | Node::Coalesce(x, _) => x.is_const(),
+            Node::Arith(_, l, r) | Node::NullIf(l, r) => l.is_const() && r.is_const(),
             _ => false,
         };
         if constant {
@@ -151,7 +180,9 @@ impl Calc {
             Node::Column(i) => cols[*i].ty == Ty::Float8,
             Node::Const(_) => false,
             Node::Neg(x) | Node::Cast(x) => x.reads_floats(cols),
-            Node::Arith(_, l, r) => l.reads_floats(cols) || r.reads_floats(cols),
+            Node::Arith(_, l, r) | Node::NullIf(l, r) | Node::Coalesce(l, r) => {
+                l.reads_floats(cols) || r.reads_floats(cols)
+            }
         }
     }
 
@@ -171,6 +202,30 @@ impl Calc {
             Node::Cast(x) => match x.eval(column)? {
                 Some(v) => Some(convert(v, x.ty, self.ty)?),
                 None => None,
+            },
+            Node::NullIf(l, r) => match (l.eval(column)?, r.eval(column)?) {
+                (None, _) => None,
+                (Some(a), None) => Some(convert(a, l.ty, self.ty)?),
+                (Some(a), Some(b)) => {
+                    let equal = match (&a, &b) {
+                        (Scalar::Int(x), Scalar::Int(y)) => x == y,
+                        _ => {
+                            let common = l.ty.max(r.ty);
+                            let x = convert(a.clone(), l.ty, common)?;
+                            let y = convert(b, r.ty, common)?;
+                            equals(&x, &y)
+                        }
+                    };
+                    if equal {
+                        None
+                    } else {
+                        Some(convert(a, l.ty, self.ty)?)
+                    }
+                }
+            },
+            Node::Coalesce(l, r) => match l.eval(column)? {
+                Some(a) => Some(convert(a, l.ty, self.ty)?),
+                None => r.eval(column)?,
             },
             Node::Arith(op, l, r) => {
                 let a = l.eval(column)?;
@@ -197,6 +252,21 @@ fn coerced(x: Calc, ty: ArithType) -> Result<Calc, MergeError> {
             node: Node::Const(convert(v, x.ty, ty)?),
         }),
         node => Ok(Calc { ty: x.ty, node }),
+    }
+}
+
+fn is_int(ty: ArithType) -> bool {
+    matches!(ty, ArithType::Int2 | ArithType::Int4 | ArithType::Int8)
+}
+
+/// Postgres's `=` for two values of one type: numeric by value (NaN equals NaN), float8
+/// with NaN equal to NaN and -0 to 0.
+fn equals(a: &Scalar, b: &Scalar) -> bool {
+    match (a, b) {
+        (Scalar::Int(x), Scalar::Int(y)) => x == y,
+        (Scalar::Num(x), Scalar::Num(y)) => x.cmp(y) == Ordering::Equal,
+        (Scalar::F8(x), Scalar::F8(y)) => cmp_float(*x, *y) == Ordering::Equal,
+        _ => false,
     }
 }
 
@@ -565,6 +635,14 @@ mod tests {
         }
     }
 
+    fn nullif(a: AggExpr, b: AggExpr) -> AggExpr {
+        AggExpr::NullIf(Box::new(a), Box::new(b))
+    }
+
+    fn coalesce(a: AggExpr, b: AggExpr) -> AggExpr {
+        AggExpr::Coalesce(Box::new(a), Box::new(b))
+    }
+
     fn col(i: usize) -> AggExpr {
         AggExpr::Column(ColumnRef::Visible(i))
     }
@@ -671,6 +749,18 @@ mod tests {
             ),
             (op(cast(Int2, n("7")), '+', cast(Int2, n("1"))), Int2, "8"),
             (op(n("2147483648"), '-', n("1")), Int8, "2147483647"),
+            (nullif(cast(Int4, n("1")), n("1.5")), Numeric, "1"),
+            (
+                nullif(cast(Int2, n("2")), cast(Float8, n("3"))),
+                Float8,
+                "2",
+            ),
+            (
+                nullif(n("2147483648"), cast(Int4, n("1"))),
+                Int8,
+                "2147483648",
+            ),
+            (coalesce(cast(Int4, n("7")), n("0.5")), Numeric, "7"),
         ];
         for (e, ty, want) in &cases {
             assert_eq!(constant(e).ok(), Some((*ty, want.to_string())), "{e:?}");
@@ -817,6 +907,27 @@ mod tests {
             ratio.eval(&values(Some(7), 0)).map_err(|e| e.sqlstate),
             Err("22012")
         );
+        // sum / nullif(count, 0): NULL instead of a division by zero; coalesce of that
+        // with a literal takes the widest type (here int8 with int4 0).
+        let safe = compile(&coalesce(op(col(0), '/', nullif(col(1), n("0"))), n("0")))
+            .map_err(|e| e.message);
+        let Ok(safe) = safe else { panic!("{safe:?}") };
+        assert_eq!(safe.ty, Int8);
+        assert_eq!(
+            safe.eval(&values(Some(7), 0)).ok(),
+            Some(Some(Scalar::Int(0)))
+        );
+        assert_eq!(
+            safe.eval(&values(Some(7), 2)).ok(),
+            Some(Some(Scalar::Int(3)))
+        );
+        // nullif(int4, int8) stays int4 (int48eq); NaN equals NaN, -0 equals 0.
+        assert_eq!(
+            compile(&nullif(col(2), col(1))).map(|c| c.ty).ok(),
+            Some(Int4)
+        );
+        assert!(equals(&Scalar::F8(f64::NAN), &Scalar::F8(f64::NAN)));
+        assert!(equals(&Scalar::F8(-0.0), &Scalar::F8(0.0)));
         // max(int4) * 1.0 is numeric; a text aggregate is refused.
         assert_eq!(
             compile(&op(col(2), '*', n("1.0"))).map(|c| c.ty).ok(),
